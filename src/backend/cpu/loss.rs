@@ -1,0 +1,36 @@
+//! Fused cross-entropy (loss and gradient in one pass per row), the reference for the CUDA kernel.
+
+use anyhow::{bail, ensure, Result};
+use rayon::prelude::*;
+
+use super::{check_len, Elem};
+use crate::backend::IGNORE_INDEX;
+
+pub fn cross_entropy<T: Elem>(logits: &[T], targets: &[i32], vocab: usize, scale: f32, dlogits: &mut [T]) -> Result<f64> {
+    ensure!(vocab > 0, "cross_entropy: empty vocabulary");
+    let rows = targets.len();
+    check_len("cross_entropy logits", logits.len(), rows * vocab)?;
+    check_len("cross_entropy dlogits", dlogits.len(), rows * vocab)?;
+    if let Some((r, &t)) = targets.iter().enumerate().find(|(_, &t)| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab)) {
+        bail!("cross_entropy: target {t} at row {r} is outside the vocabulary of {vocab}");
+    }
+    let scale = T::of(scale as f64);
+    let total = dlogits
+        .par_chunks_mut(vocab)
+        .zip(logits.par_chunks(vocab))
+        .zip(targets.par_iter())
+        .map(|((d, z), &t)| {
+            if t == IGNORE_INDEX {
+                d.iter_mut().for_each(|v| *v = T::zero());
+                return 0.0;
+            }
+            let max = z.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+            let sum = z.iter().map(|&v| (v - max).exp()).sum::<T>();
+            let lse = max + sum.ln();
+            d.iter_mut().zip(z).for_each(|(d, &v)| *d = scale * (v - lse).exp());
+            d[t as usize] = d[t as usize] - scale;
+            (lse - z[t as usize]).f64()
+        })
+        .sum::<f64>();
+    Ok(total)
+}

@@ -1,0 +1,325 @@
+//! The CPU backend: plain Rust, generic over the element type (f32 to run, f64 for gradient checks,
+//! where f32 central differences drown in rounding noise). It is the reference every other backend
+//! is tested against, so it favours clarity; the hot loops still use both cores (rayon row loops and
+//! threaded `matrixmultiply` GEMMs).
+
+mod attention;
+mod elementwise;
+mod loss;
+mod norm;
+
+use std::marker::PhantomData;
+
+use anyhow::{ensure, Result};
+use num_traits::{Float, FromPrimitive, ToPrimitive};
+
+use super::{AdamWStep, AttnShape, Backend, Gemm};
+
+/// Element types the CPU backend computes in.
+pub trait Elem:
+    Float + FromPrimitive + ToPrimitive + Default + Send + Sync + std::fmt::Debug + std::iter::Sum + 'static
+{
+    /// Strided GEMM (`matrixmultiply` argument order: `C[m,n] = α·A[m,k]·B[k,n] + β·C`).
+    ///
+    /// # Safety
+    /// The pointers and strides must describe valid, non-overlapping matrices of the given sizes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        beta: Self,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    );
+    fn of(x: f64) -> Self {
+        Self::from_f64(x).unwrap_or_else(Self::nan)
+    }
+    fn f64(self) -> f64 {
+        self.to_f64().unwrap_or(f64::NAN)
+    }
+}
+
+impl Elem for f32 {
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+        csc: isize,
+    ) {
+        matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+    }
+}
+
+impl Elem for f64 {
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f64,
+        a: *const f64,
+        rsa: isize,
+        csa: isize,
+        b: *const f64,
+        rsb: isize,
+        csb: isize,
+        beta: f64,
+        c: *mut f64,
+        rsc: isize,
+        csc: isize,
+    ) {
+        matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+    }
+}
+
+/// The CPU backend over element type `T`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend<T: Elem>(PhantomData<T>);
+
+impl<T: Elem> CpuBackend<T> {
+    pub fn new() -> Self {
+        CpuBackend(PhantomData)
+    }
+}
+
+/// Length checks shared by every op: a mismatch is a bug in the caller, reported rather than
+/// allowed to read out of bounds.
+fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    ensure!(got == want, "cpu backend: {what} has {got} elements, expected {want}");
+    Ok(())
+}
+
+impl<T: Elem> Backend for CpuBackend<T> {
+    type Buf = Vec<T>;
+
+    fn name(&self) -> String {
+        format!("cpu ({}, {} threads)", std::any::type_name::<T>(), rayon::current_num_threads())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::zero(); len])
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Vec<T>> {
+        Ok(data.iter().map(|&x| T::of(x as f64)).collect())
+    }
+
+    fn download(&self, buf: &Vec<T>) -> Result<Vec<f32>> {
+        Ok(buf.iter().map(|x| x.f64() as f32).collect())
+    }
+
+    fn len(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+
+    fn fill_zero(&self, buf: &mut Vec<T>) -> Result<()> {
+        buf.iter_mut().for_each(|x| *x = T::zero());
+        Ok(())
+    }
+
+    fn copy_range(
+        &self,
+        src: &Vec<T>,
+        src_off: usize,
+        dst: &mut Vec<T>,
+        dst_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        ensure!(
+            src_off + len <= src.len() && dst_off + len <= dst.len(),
+            "cpu backend: copy of {len} elements out of range (src {src_off}/{}, dst {dst_off}/{})",
+            src.len(),
+            dst.len()
+        );
+        dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+        Ok(())
+    }
+
+    fn gemm(&self, g: Gemm, a: &Vec<T>, b: &Vec<T>, c: &mut Vec<T>) -> Result<()> {
+        check_len("gemm A", a.len(), g.m * g.k)?;
+        check_len("gemm B", b.len(), g.k * g.n)?;
+        check_len("gemm C", c.len(), g.m * g.n)?;
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let (rsa, csa) = if g.trans_a { (1, g.m as isize) } else { (g.k as isize, 1) };
+        let (rsb, csb) = if g.trans_b { (1, g.k as isize) } else { (g.n as isize, 1) };
+        // SAFETY: lengths checked above; A, B and C are distinct Vecs (C is &mut).
+        unsafe {
+            T::gemm_raw(
+                g.m,
+                g.k,
+                g.n,
+                T::of(g.alpha as f64),
+                a.as_ptr(),
+                rsa,
+                csa,
+                b.as_ptr(),
+                rsb,
+                csb,
+                T::of(g.beta as f64),
+                c.as_mut_ptr(),
+                g.n as isize,
+                1,
+            )
+        }
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut Vec<T>, bias: &Vec<T>, rows: usize) -> Result<()> {
+        elementwise::add_bias(x, bias, rows)
+    }
+
+    fn bias_grad(&self, dy: &Vec<T>, dbias: &mut Vec<T>, rows: usize) -> Result<()> {
+        elementwise::bias_grad(dy, dbias, rows)
+    }
+
+    fn add_assign(&self, dst: &mut Vec<T>, src: &Vec<T>) -> Result<()> {
+        check_len("add_assign source", src.len(), dst.len())?;
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = *d + s);
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Vec<T>, s: f32) -> Result<()> {
+        let s = T::of(s as f64);
+        x.iter_mut().for_each(|v| *v = *v * s);
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &Vec<T>) -> Result<f64> {
+        Ok(x.iter().map(|v| v.f64() * v.f64()).sum())
+    }
+
+    fn embedding(&self, table: &Vec<T>, ids: &[u32], dim: usize, out: &mut Vec<T>) -> Result<()> {
+        elementwise::embedding(table, ids, dim, out)
+    }
+
+    fn embedding_backward(
+        &self,
+        dout: &Vec<T>,
+        ids: &[u32],
+        dim: usize,
+        dtable: &mut Vec<T>,
+    ) -> Result<()> {
+        elementwise::embedding_backward(dout, ids, dim, dtable)
+    }
+
+    fn rmsnorm(
+        &self,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        eps: f32,
+        out: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+    ) -> Result<()> {
+        norm::rmsnorm(x, w, eps, out, rstd)
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dout: &Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        rstd: &Vec<T>,
+        dx: &mut Vec<T>,
+        dw: &mut Vec<T>,
+    ) -> Result<()> {
+        norm::rmsnorm_backward(dout, x, w, rstd, dx, dw)
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<T>,
+        positions: &[u32],
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) -> Result<()> {
+        elementwise::rope(x, positions, head_dim, theta, inverse)
+    }
+
+    fn attention(
+        &self,
+        shape: AttnShape,
+        seq_lens: &[usize],
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        out: &mut Vec<T>,
+        lse: &mut Vec<T>,
+    ) -> Result<()> {
+        attention::forward(shape, seq_lens, q, k, v, out, lse)
+    }
+
+    fn attention_backward(
+        &self,
+        shape: AttnShape,
+        seq_lens: &[usize],
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        out: &Vec<T>,
+        lse: &Vec<T>,
+        dout: &Vec<T>,
+        dq: &mut Vec<T>,
+        dk: &mut Vec<T>,
+        dv: &mut Vec<T>,
+    ) -> Result<()> {
+        attention::backward(shape, seq_lens, q, k, v, out, lse, dout, dq, dk, dv)
+    }
+
+    fn swiglu(&self, gate: &Vec<T>, up: &Vec<T>, out: &mut Vec<T>) -> Result<()> {
+        elementwise::swiglu(gate, up, out)
+    }
+
+    fn swiglu_backward(
+        &self,
+        gate: &Vec<T>,
+        up: &Vec<T>,
+        dout: &Vec<T>,
+        dgate: &mut Vec<T>,
+        dup: &mut Vec<T>,
+    ) -> Result<()> {
+        elementwise::swiglu_backward(gate, up, dout, dgate, dup)
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &Vec<T>,
+        targets: &[i32],
+        vocab: usize,
+        scale: f32,
+        dlogits: &mut Vec<T>,
+    ) -> Result<f64> {
+        loss::cross_entropy(logits, targets, vocab, scale, dlogits)
+    }
+
+    fn adamw(
+        &self,
+        h: AdamWStep,
+        param: &mut Vec<T>,
+        grad: &Vec<T>,
+        m: &mut Vec<T>,
+        v: &mut Vec<T>,
+    ) -> Result<()> {
+        elementwise::adamw(h, param, grad, m, v)
+    }
+}

@@ -1,0 +1,234 @@
+//! The backend boundary: every numerical op the model, the losses and the optimizer use.
+//!
+//! Model code is written once, generic over [`Backend`]; the CPU backend (`cpu`, generic over f32
+//! and f64) is the reference every other backend is tested against. Buffers are flat and row-major;
+//! shapes travel as explicit dimensions (llm.c style), so a backend can keep device memory in a few
+//! large allocations. Small index arrays (token ids, positions, labels, sequence lengths) are passed
+//! as host slices: they are tiny next to the activations and every backend can stage them itself.
+//!
+//! Conventions shared by all ops:
+//! - "accumulate" outputs are added to (`+=`), so gradients of shared weights and of tensors used
+//!   twice sum up without extra buffers; all other outputs are overwritten.
+//! - Token-major layouts: activations are `[T, features]`, attention heads are interleaved as
+//!   `[T, heads, head_dim]`, sequences are packed back to back (`seq_lens`), so padding costs
+//!   nothing and influences nothing.
+
+pub mod cpu;
+
+use anyhow::Result;
+
+/// The label value that marks a position without a cross-entropy target.
+pub const IGNORE_INDEX: i32 = -100;
+
+/// `C[m,n] = alpha · op(A) · op(B) + beta · C`, row-major, `op(X) = Xᵀ` when `trans_*` is set.
+/// A is `[m,k]` (`[k,m]` when transposed), B is `[k,n]` (`[n,k]` when transposed): weights stored
+/// as Hugging Face does, `[out, in]`, are used as `x · Wᵀ` with `trans_b = true`.
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl Gemm {
+    /// `C = A · Bᵀ`: a linear layer's forward with `[out, in]` weights.
+    pub fn linear(rows: usize, out: usize, inp: usize) -> Self {
+        Gemm { m: rows, n: out, k: inp, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 }
+    }
+    /// `C (+)= A · B`: the input gradient of a linear layer (`dX = dY · W`).
+    pub fn linear_input_grad(rows: usize, out: usize, inp: usize, accumulate: bool) -> Self {
+        Gemm {
+            m: rows,
+            n: inp,
+            k: out,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            beta: if accumulate { 1.0 } else { 0.0 },
+        }
+    }
+    /// `C += Aᵀ · B`: the weight gradient of a linear layer (`dW += dYᵀ · X`), always accumulated.
+    pub fn linear_weight_grad(rows: usize, out: usize, inp: usize) -> Self {
+        Gemm { m: out, n: inp, k: rows, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 }
+    }
+}
+
+/// Shape of an attention call over packed sequences.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+}
+
+/// One AdamW update's hyper-parameters (PyTorch `AdamW` semantics, decoupled weight decay).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step count, for bias correction.
+    pub step: u64,
+    /// Multiplies the gradient before use (global-norm clipping coefficient).
+    pub grad_scale: f32,
+}
+
+/// The op set. Every op that anything trains through has a backward.
+pub trait Backend: Send + Sync {
+    /// A flat buffer of the backend's storage type.
+    type Buf: Send + Sync;
+
+    fn name(&self) -> String;
+
+    // ---- memory ----
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// Host f32 → buffer (converting to the storage type).
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// Buffer → host f32.
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
+    /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]`.
+    fn copy_range(
+        &self,
+        src: &Self::Buf,
+        src_off: usize,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        len: usize,
+    ) -> Result<()>;
+
+    // ---- linear algebra ----
+    fn gemm(&self, g: Gemm, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<()>;
+    /// `x[r, :] += bias` for each of `rows` rows of width `bias.len()`.
+    fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize) -> Result<()>;
+    /// Accumulate: `dbias += Σ_r dy[r, :]`.
+    fn bias_grad(&self, dy: &Self::Buf, dbias: &mut Self::Buf, rows: usize) -> Result<()>;
+    /// Accumulate: `dst += src` (residual adds and gradient sums).
+    fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
+    /// `x *= s`.
+    fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()>;
+    /// Σ x², accumulated in f64 (for the global gradient norm).
+    fn sum_squares(&self, x: &Self::Buf) -> Result<f64>;
+
+    // ---- embeddings ----
+    /// `out[t, :] = table[ids[t], :]`; an id ≥ rows of the table is an error.
+    fn embedding(&self, table: &Self::Buf, ids: &[u32], dim: usize, out: &mut Self::Buf) -> Result<()>;
+    /// Accumulate: `dtable[ids[t], :] += dout[t, :]`.
+    fn embedding_backward(
+        &self,
+        dout: &Self::Buf,
+        ids: &[u32],
+        dim: usize,
+        dtable: &mut Self::Buf,
+    ) -> Result<()>;
+
+    // ---- normalisation ----
+    /// RMSNorm (statistics in f32 or better): `out = x · rsqrt(mean(x²) + eps) · w`; saves `rstd[rows]`.
+    fn rmsnorm(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        eps: f32,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Writes `dx` (overwritten) and accumulates `dw`.
+    fn rmsnorm_backward(
+        &self,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+    ) -> Result<()>;
+
+    // ---- positions ----
+    /// Rotary embedding in Hugging Face's rotate-half convention, in place on `x [T, heads, head_dim]`,
+    /// angle `pos · theta^(−2i/head_dim)`. `inverse` applies the transposed rotation (the backward).
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        positions: &[u32],
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) -> Result<()>;
+
+    // ---- attention ----
+    /// Scaled dot-product attention over packed sequences with GQA. `q [T, H·D]`, `k, v [T, Hkv·D]`,
+    /// `out [T, H·D]`, `lse [T, H]` (log-sum-exp of each softmax row, saved for the backward).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        shape: AttnShape,
+        seq_lens: &[usize],
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Writes (overwrites) `dq`, `dk`, `dv`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        shape: AttnShape,
+        seq_lens: &[usize],
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        dout: &Self::Buf,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+    ) -> Result<()>;
+
+    // ---- activations ----
+    /// `out = silu(gate) · up`.
+    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
+    /// Writes `dgate`, `dup`.
+    fn swiglu_backward(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dout: &Self::Buf,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+    ) -> Result<()>;
+
+    // ---- losses ----
+    /// Fused cross-entropy over `logits [rows, vocab]` with one target per row (`IGNORE_INDEX` = no
+    /// target). Returns Σ over targeted rows of −log softmax(row)[target] (unscaled), and writes
+    /// `dlogits = scale · (softmax − onehot)` on targeted rows and 0 elsewhere; `scale` is
+    /// 1 / (targets in the whole optimizer step), so means span micro-batches.
+    fn cross_entropy(
+        &self,
+        logits: &Self::Buf,
+        targets: &[i32],
+        vocab: usize,
+        scale: f32,
+        dlogits: &mut Self::Buf,
+    ) -> Result<f64>;
+
+    // ---- optimizer ----
+    /// One AdamW update of `param` from `grad` with moments `m`, `v` (PyTorch semantics).
+    fn adamw(
+        &self,
+        h: AdamWStep,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+    ) -> Result<()>;
+}

@@ -1,0 +1,84 @@
+//! The `kd-engine` command line.
+
+mod forward;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "kd-engine", version, about = "Distil large multimodal LLMs into small ones with LLaVA-KD")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where to compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// CUDA when a device is present, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a decoder LLM on one sequence of token ids and write its logits (f32 [T, V]).
+    Forward {
+        /// Hugging Face model folder (config.json + safetensors, single or sharded).
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids, e.g. 1,5,42.
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        input_ids: Vec<String>,
+        /// Output safetensors file; holds the tensor `logits`.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+    },
+    /// Run the vision tower on one image and write its features (not built yet).
+    EncodeImage,
+    /// Train with a LLaVA-KD recipe (not built yet).
+    Train,
+    /// Generate an answer for an image and a prompt (not built yet).
+    Generate,
+    /// Score a model on a benchmark-style question set (not built yet).
+    Eval,
+    /// Side-by-side answers of several models as an HTML report (not built yet).
+    Compare,
+    /// Write a randomly initialised model of a real shape (not built yet).
+    Init,
+    /// Benchmark the CUDA kernels against the hardware ceilings (not built yet).
+    BenchKernels,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Forward { model, input_ids, out, device } => forward::run(&model, &input_ids, &out, device),
+        other => bail!("`{}` is not built yet in this version of kd-engine", command_name(&other)),
+    }
+}
+
+fn command_name(c: &Command) -> &'static str {
+    match c {
+        Command::Forward { .. } => "forward",
+        Command::EncodeImage => "encode-image",
+        Command::Train => "train",
+        Command::Generate => "generate",
+        Command::Eval => "eval",
+        Command::Compare => "compare",
+        Command::Init => "init",
+        Command::BenchKernels => "bench-kernels",
+    }
+}
+
+/// Resolves `--device`: only the CPU backend exists in this build.
+pub fn resolve_device(d: Device) -> Result<Device> {
+    match d {
+        Device::Cpu | Device::Auto => Ok(Device::Cpu),
+        Device::Cuda => bail!("--device cuda: this build of kd-engine has no CUDA backend yet; use --device cpu"),
+    }
+}

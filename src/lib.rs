@@ -1,0 +1,12 @@
+//! kd-engine: LLaVA-KD distillation on hand-written kernels.
+//!
+//! The layout mirrors the pipeline: `data` → `model` (vision, projector, LLM) → `loss` → `optim` →
+//! `train`, with `weights` (safetensors I/O) beside them and the backends (`backend::cpu`, later
+//! `backend::cuda`) below them.
+
+pub mod backend;
+pub mod cli;
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod weights;

@@ -1,0 +1,341 @@
+//! The decoder LLM (Qwen2 and LLaMA families): pre-norm blocks of RMSNorm → GQA attention with
+//! RoPE → residual, RMSNorm → SwiGLU MLP → residual; final RMSNorm; LM head (tied or not).
+//!
+//! The forward saves what the hand-written backward needs. The backward starts from the gradient
+//! of the final normed hidden state (the LM head is separate, so the losses can run it on the rows
+//! they use, chunk by chunk) and returns the gradient of the input embeddings, which DPT needs even
+//! when no LLM weight trains: weight gradients are skipped when no gradient set is given.
+
+use anyhow::{ensure, Result};
+
+use super::config::LlmConfig;
+use super::params::{ParamId, ParamSet, ParamSpec};
+use crate::backend::{AttnShape, Backend, Gemm};
+
+/// Packed sequences: per-token positions (for RoPE) and per-sequence lengths (for attention).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqLayout {
+    pub positions: Vec<u32>,
+    pub seq_lens: Vec<usize>,
+}
+
+impl SeqLayout {
+    /// Sequences of the given lengths packed back to back, positions restarting at 0 in each.
+    pub fn from_lens(seq_lens: &[usize]) -> Self {
+        let positions = seq_lens.iter().flat_map(|&n| 0..n as u32).collect();
+        SeqLayout { positions, seq_lens: seq_lens.to_vec() }
+    }
+    pub fn tokens(&self) -> usize {
+        self.positions.len()
+    }
+}
+
+struct LayerIds {
+    ln1: ParamId,
+    wq: ParamId,
+    bq: Option<ParamId>,
+    wk: ParamId,
+    bk: Option<ParamId>,
+    wv: ParamId,
+    bv: Option<ParamId>,
+    wo: ParamId,
+    bo: Option<ParamId>,
+    ln2: ParamId,
+    gate: ParamId,
+    up: ParamId,
+    down: ParamId,
+}
+
+/// What one block's backward needs from its forward.
+struct LayerActs<Buf> {
+    x_in: Buf,
+    rstd1: Buf,
+    h1: Buf,
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    attn: Buf,
+    lse: Buf,
+    x_mid: Buf,
+    rstd2: Buf,
+    h2: Buf,
+    gate: Buf,
+    up: Buf,
+    act: Buf,
+}
+
+/// Saved state of one forward pass.
+pub struct LlmActs<Buf> {
+    layers: Vec<LayerActs<Buf>>,
+    x_final: Buf,
+    rstd_final: Buf,
+    /// The final normed hidden state `[T, hidden]`: the LM head's input.
+    pub hidden: Buf,
+    layout: SeqLayout,
+}
+
+pub struct Llm {
+    pub cfg: LlmConfig,
+    pub specs: Vec<ParamSpec>,
+    embed: ParamId,
+    layers: Vec<LayerIds>,
+    norm: ParamId,
+    lm_head: ParamId,
+}
+
+impl Llm {
+    pub fn new(cfg: LlmConfig) -> Self {
+        let mut specs = Vec::new();
+        let mut add = |s: ParamSpec| {
+            specs.push(s);
+            ParamId(specs.len() - 1)
+        };
+        let (h, i, d) = (cfg.hidden, cfg.intermediate, cfg.head_dim);
+        let (qd, kvd) = (cfg.heads * d, cfg.kv_heads * d);
+        let embed = add(ParamSpec::matrix("model.embed_tokens.weight".into(), cfg.vocab, h));
+        let layers = (0..cfg.layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}.");
+                let mut bias = |name: &str, len: usize, on: bool| {
+                    on.then(|| add(ParamSpec::vector(format!("{p}self_attn.{name}.bias"), len)))
+                };
+                let bq = bias("q_proj", qd, cfg.qkv_bias);
+                let bk = bias("k_proj", kvd, cfg.qkv_bias);
+                let bv = bias("v_proj", kvd, cfg.qkv_bias);
+                let bo = bias("o_proj", h, cfg.o_bias);
+                LayerIds {
+                    ln1: add(ParamSpec::vector(format!("{p}input_layernorm.weight"), h)),
+                    wq: add(ParamSpec::matrix(format!("{p}self_attn.q_proj.weight"), qd, h)),
+                    bq,
+                    wk: add(ParamSpec::matrix(format!("{p}self_attn.k_proj.weight"), kvd, h)),
+                    bk,
+                    wv: add(ParamSpec::matrix(format!("{p}self_attn.v_proj.weight"), kvd, h)),
+                    bv,
+                    wo: add(ParamSpec::matrix(format!("{p}self_attn.o_proj.weight"), h, qd)),
+                    bo,
+                    ln2: add(ParamSpec::vector(format!("{p}post_attention_layernorm.weight"), h)),
+                    gate: add(ParamSpec::matrix(format!("{p}mlp.gate_proj.weight"), i, h)),
+                    up: add(ParamSpec::matrix(format!("{p}mlp.up_proj.weight"), i, h)),
+                    down: add(ParamSpec::matrix(format!("{p}mlp.down_proj.weight"), h, i)),
+                }
+            })
+            .collect();
+        let norm = add(ParamSpec::vector("model.norm.weight".into(), h));
+        let lm_head = if cfg.tie_embeddings {
+            embed
+        } else {
+            add(ParamSpec::matrix("lm_head.weight".into(), cfg.vocab, h))
+        };
+        Llm { cfg, specs, embed, layers, norm, lm_head }
+    }
+
+    fn attn_shape(&self) -> AttnShape {
+        AttnShape { n_heads: self.cfg.heads, n_kv_heads: self.cfg.kv_heads, head_dim: self.cfg.head_dim, causal: true }
+    }
+
+    /// Token embeddings `[T, hidden]`.
+    pub fn embed<B: Backend>(&self, be: &B, w: &ParamSet<B::Buf>, ids: &[u32]) -> Result<B::Buf> {
+        let mut x = be.zeros(ids.len() * self.cfg.hidden)?;
+        be.embedding(w.get(self.embed), ids, self.cfg.hidden, &mut x)?;
+        Ok(x)
+    }
+
+    /// Accumulates the input-embedding gradient into the embedding table's gradient.
+    pub fn embed_backward<B: Backend>(&self, be: &B, grads: &mut ParamSet<B::Buf>, ids: &[u32], dx: &B::Buf) -> Result<()> {
+        be.embedding_backward(dx, ids, self.cfg.hidden, grads.get_mut(self.embed))
+    }
+
+    /// Runs the blocks and the final norm on input embeddings `x [T, hidden]`.
+    pub fn forward<B: Backend>(&self, be: &B, w: &ParamSet<B::Buf>, x: B::Buf, layout: &SeqLayout) -> Result<LlmActs<B::Buf>> {
+        let c = &self.cfg;
+        let t = layout.tokens();
+        ensure!(be.len(&x) == t * c.hidden, "llm forward: {} input values for {t} tokens of width {}", be.len(&x), c.hidden);
+        ensure!(layout.seq_lens.iter().sum::<usize>() == t, "llm forward: sequence lengths do not add up to {t} tokens");
+        let (h, im, qd, kvd) = (c.hidden, c.intermediate, c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let mut layers = Vec::with_capacity(c.layers);
+        let mut x = x;
+        for ids in &self.layers {
+            let mut rstd1 = be.zeros(t)?;
+            let mut h1 = be.zeros(t * h)?;
+            be.rmsnorm(&x, w.get(ids.ln1), c.rms_eps, &mut h1, &mut rstd1)?;
+            let linear = |wt: ParamId, b: Option<ParamId>, inp: &B::Buf, din: usize, dout: usize| -> Result<B::Buf> {
+                let mut y = be.zeros(t * dout)?;
+                be.gemm(Gemm::linear(t, dout, din), inp, w.get(wt), &mut y)?;
+                if let Some(b) = b {
+                    be.add_bias(&mut y, w.get(b), t)?;
+                }
+                Ok(y)
+            };
+            let mut q = linear(ids.wq, ids.bq, &h1, h, qd)?;
+            let mut k = linear(ids.wk, ids.bk, &h1, h, kvd)?;
+            let v = linear(ids.wv, ids.bv, &h1, h, kvd)?;
+            be.rope(&mut q, &layout.positions, c.head_dim, c.rope_theta, false)?;
+            be.rope(&mut k, &layout.positions, c.head_dim, c.rope_theta, false)?;
+            let mut attn = be.zeros(t * qd)?;
+            let mut lse = be.zeros(t * c.heads)?;
+            be.attention(self.attn_shape(), &layout.seq_lens, &q, &k, &v, &mut attn, &mut lse)?;
+            let o = linear(ids.wo, ids.bo, &attn, qd, h)?;
+            let x_in = x;
+            let mut x_mid = o;
+            be.add_assign(&mut x_mid, &x_in)?;
+
+            let mut rstd2 = be.zeros(t)?;
+            let mut h2 = be.zeros(t * h)?;
+            be.rmsnorm(&x_mid, w.get(ids.ln2), c.rms_eps, &mut h2, &mut rstd2)?;
+            let gate = linear(ids.gate, None, &h2, h, im)?;
+            let up = linear(ids.up, None, &h2, h, im)?;
+            let mut act = be.zeros(t * im)?;
+            be.swiglu(&gate, &up, &mut act)?;
+            let mut x_out = linear(ids.down, None, &act, im, h)?;
+            be.add_assign(&mut x_out, &x_mid)?;
+            x = x_out;
+            layers.push(LayerActs { x_in, rstd1, h1, q, k, v, attn, lse, x_mid, rstd2, h2, gate, up, act });
+        }
+        let mut rstd_final = be.zeros(t)?;
+        let mut hidden = be.zeros(t * h)?;
+        be.rmsnorm(&x, w.get(self.norm), c.rms_eps, &mut hidden, &mut rstd_final)?;
+        Ok(LlmActs { layers, x_final: x, rstd_final, hidden, layout: layout.clone() })
+    }
+
+    /// Logits `[rows, vocab]` of hidden states `[rows, hidden]`.
+    pub fn lm_head<B: Backend>(&self, be: &B, w: &ParamSet<B::Buf>, hidden: &B::Buf) -> Result<B::Buf> {
+        let rows = be.len(hidden) / self.cfg.hidden;
+        let mut logits = be.zeros(rows * self.cfg.vocab)?;
+        be.gemm(Gemm::linear(rows, self.cfg.vocab, self.cfg.hidden), hidden, w.get(self.lm_head), &mut logits)?;
+        Ok(logits)
+    }
+
+    /// Backward of [`Llm::lm_head`]: returns `dhidden`, accumulates the head's weight gradient.
+    pub fn lm_head_backward<B: Backend>(
+        &self,
+        be: &B,
+        w: &ParamSet<B::Buf>,
+        hidden: &B::Buf,
+        dlogits: &B::Buf,
+        grads: Option<&mut ParamSet<B::Buf>>,
+    ) -> Result<B::Buf> {
+        let (hd, v) = (self.cfg.hidden, self.cfg.vocab);
+        let rows = be.len(hidden) / hd;
+        let mut dh = be.zeros(rows * hd)?;
+        be.gemm(Gemm::linear_input_grad(rows, v, hd, false), dlogits, w.get(self.lm_head), &mut dh)?;
+        if let Some(g) = grads {
+            be.gemm(Gemm::linear_weight_grad(rows, v, hd), dlogits, hidden, g.get_mut(self.lm_head))?;
+        }
+        Ok(dh)
+    }
+
+    /// Backward from `dhidden` (gradient of [`LlmActs::hidden`]) to the input embeddings. Weight
+    /// gradients are accumulated into `grads` when given (a frozen LLM passes `None`).
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        w: &ParamSet<B::Buf>,
+        acts: &LlmActs<B::Buf>,
+        dhidden: &B::Buf,
+        mut grads: Option<&mut ParamSet<B::Buf>>,
+    ) -> Result<B::Buf> {
+        let c = &self.cfg;
+        let t = acts.layout.tokens();
+        let (h, im, qd, kvd) = (c.hidden, c.intermediate, c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let mut dx = be.zeros(t * h)?;
+        let mut dnorm = be.zeros(h)?;
+        be.rmsnorm_backward(dhidden, &acts.x_final, w.get(self.norm), &acts.rstd_final, &mut dx, &mut dnorm)?;
+        if let Some(g) = grads.as_deref_mut() {
+            be.add_assign(g.get_mut(self.norm), &dnorm)?;
+        }
+        let mut tmp_h = be.zeros(t * h)?;
+        for (ids, a) in self.layers.iter().zip(&acts.layers).rev() {
+            // Linear layer backward: dX (+)= dY·W, and (when training) dW += dYᵀ·X, db += Σ dY.
+            let linear_back = |grads: &mut Option<&mut ParamSet<B::Buf>>,
+                                   wt: ParamId,
+                                   b: Option<ParamId>,
+                                   dy: &B::Buf,
+                                   x: &B::Buf,
+                                   dx: &mut B::Buf,
+                                   din: usize,
+                                   dout: usize,
+                                   accumulate: bool|
+             -> Result<()> {
+                be.gemm(Gemm::linear_input_grad(t, dout, din, accumulate), dy, w.get(wt), dx)?;
+                if let Some(g) = grads.as_deref_mut() {
+                    be.gemm(Gemm::linear_weight_grad(t, dout, din), dy, x, g.get_mut(wt))?;
+                    if let Some(b) = b {
+                        be.bias_grad(dy, g.get_mut(b), t)?;
+                    }
+                }
+                Ok(())
+            };
+            // MLP branch; dx is the gradient of the block's output.
+            let mut dact = be.zeros(t * im)?;
+            linear_back(&mut grads, ids.down, None, &dx, &a.act, &mut dact, im, h, false)?;
+            let mut dgate = be.zeros(t * im)?;
+            let mut dup = be.zeros(t * im)?;
+            be.swiglu_backward(&a.gate, &a.up, &dact, &mut dgate, &mut dup)?;
+            let mut dh2 = be.zeros(t * h)?;
+            linear_back(&mut grads, ids.gate, None, &dgate, &a.h2, &mut dh2, h, im, false)?;
+            linear_back(&mut grads, ids.up, None, &dup, &a.h2, &mut dh2, h, im, true)?;
+            let mut dln = be.zeros(h)?;
+            be.rmsnorm_backward(&dh2, &a.x_mid, w.get(ids.ln2), &a.rstd2, &mut tmp_h, &mut dln)?;
+            be.add_assign(&mut dx, &tmp_h)?;
+            if let Some(g) = grads.as_deref_mut() {
+                be.add_assign(g.get_mut(ids.ln2), &dln)?;
+            }
+            // Attention branch; dx is now the gradient of x_mid.
+            let mut dattn = be.zeros(t * qd)?;
+            linear_back(&mut grads, ids.wo, ids.bo, &dx, &a.attn, &mut dattn, qd, h, false)?;
+            let mut dq = be.zeros(t * qd)?;
+            let mut dk = be.zeros(t * kvd)?;
+            let mut dv = be.zeros(t * kvd)?;
+            be.attention_backward(
+                self.attn_shape(),
+                &acts.layout.seq_lens,
+                &a.q,
+                &a.k,
+                &a.v,
+                &a.attn,
+                &a.lse,
+                &dattn,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            )?;
+            be.rope(&mut dq, &acts.layout.positions, c.head_dim, c.rope_theta, true)?;
+            be.rope(&mut dk, &acts.layout.positions, c.head_dim, c.rope_theta, true)?;
+            let mut dh1 = be.zeros(t * h)?;
+            linear_back(&mut grads, ids.wq, ids.bq, &dq, &a.h1, &mut dh1, h, qd, false)?;
+            linear_back(&mut grads, ids.wk, ids.bk, &dk, &a.h1, &mut dh1, h, kvd, true)?;
+            linear_back(&mut grads, ids.wv, ids.bv, &dv, &a.h1, &mut dh1, h, kvd, true)?;
+            be.fill_zero(&mut dln)?;
+            be.rmsnorm_backward(&dh1, &a.x_in, w.get(ids.ln1), &a.rstd1, &mut tmp_h, &mut dln)?;
+            be.add_assign(&mut dx, &tmp_h)?;
+            if let Some(g) = grads.as_deref_mut() {
+                be.add_assign(g.get_mut(ids.ln1), &dln)?;
+            }
+        }
+        Ok(dx)
+    }
+}
+
+/// A decoder with its weights on a backend.
+pub struct LoadedLlm<Buf> {
+    pub model: Llm,
+    pub weights: ParamSet<Buf>,
+}
+
+impl<Buf> LoadedLlm<Buf> {
+    /// Loads `dir/config.json` and the checkpoint's safetensors (tensor names under `prefix`).
+    pub fn load<B: Backend<Buf = Buf>>(be: &B, dir: &std::path::Path, prefix: &str) -> Result<Self> {
+        let model = Llm::new(LlmConfig::from_dir(dir)?);
+        let source = crate::weights::WeightSource::open(dir)?;
+        let weights = ParamSet::load(be, &model.specs, &source, prefix)?;
+        Ok(LoadedLlm { model, weights })
+    }
+
+    /// Logits `[T, vocab]` of one sequence of token ids (ids are checked against the vocabulary).
+    pub fn logits<B: Backend<Buf = Buf>>(&self, be: &B, ids: &[u32]) -> Result<Buf> {
+        ensure!(!ids.is_empty(), "no input ids: at least one token is needed");
+        let x = self.model.embed(be, &self.weights, ids)?;
+        let acts = self.model.forward(be, &self.weights, x, &SeqLayout::from_lens(&[ids.len()]))?;
+        self.model.lm_head(be, &self.weights, &acts.hidden)
+    }
+}

@@ -1,0 +1,5 @@
+//! Optimizers and learning-rate schedules.
+
+pub mod adamw;
+
+pub use adamw::{AdamW, AdamWConfig, StepReport};
