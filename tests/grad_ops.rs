@@ -1,0 +1,293 @@
+//! Finite-difference gradient checks, in f64, of every op of the CPU backend that anything trains
+//! through. Each check uses f(inputs) = Σ R ∘ op(inputs) with a random R, so dL/dout = R.
+
+mod common;
+
+use common::{check_grad, TestRng};
+use kd_engine::backend::cpu::CpuBackend;
+use kd_engine::backend::{AttnShape, Backend, Gemm, IGNORE_INDEX};
+
+type B = CpuBackend<f64>;
+const TOL: f64 = 1e-6;
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn linear_layer_forward_and_both_gradients() {
+    let be = B::new();
+    let mut rng = TestRng(1);
+    let (t, din, dout) = (5, 7, 3);
+    let x = rng.vec(t * din, 1.0);
+    let w = rng.vec(dout * din, 1.0);
+    let r = rng.vec(t * dout, 1.0);
+    let fwd = |x: &[f64], w: &[f64]| {
+        let mut y = vec![0.0; t * dout];
+        be.gemm(Gemm::linear(t, dout, din), &x.to_vec(), &w.to_vec(), &mut y).unwrap();
+        y
+    };
+    // Forward against a naive triple loop.
+    let y = fwd(&x, &w);
+    for i in 0..t {
+        for o in 0..dout {
+            let want: f64 = (0..din).map(|k| x[i * din + k] * w[o * din + k]).sum();
+            assert!((y[i * dout + o] - want).abs() < 1e-12);
+        }
+    }
+    let mut dx = vec![0.0; t * din];
+    be.gemm(Gemm::linear_input_grad(t, dout, din, false), &r, &w, &mut dx).unwrap();
+    let mut dw = vec![0.0; dout * din];
+    be.gemm(Gemm::linear_weight_grad(t, dout, din), &r, &x, &mut dw).unwrap();
+    check_grad("linear dX", &x, &dx, 100, TOL, &mut |x| dot(&fwd(x, &w), &r));
+    check_grad("linear dW", &w, &dw, 100, TOL, &mut |w| dot(&fwd(&x, w), &r));
+}
+
+#[test]
+fn gemm_all_transpose_combinations_match_naive() {
+    let be = B::new();
+    let mut rng = TestRng(2);
+    let (m, n, k) = (4, 5, 3);
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let a = rng.vec(m * k, 1.0);
+        let b = rng.vec(k * n, 1.0);
+        let c0 = rng.vec(m * n, 1.0);
+        let mut c = c0.clone();
+        be.gemm(Gemm { m, n, k, trans_a: ta, trans_b: tb, alpha: 2.0, beta: 0.5 }, &a, &b, &mut c).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k)
+                    .map(|p| {
+                        let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                        let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                        av * bv
+                    })
+                    .sum();
+                assert!((c[i * n + j] - (2.0 * s + 0.5 * c0[i * n + j])).abs() < 1e-12, "ta={ta} tb={tb}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bias_add_and_residual_add_gradients() {
+    let be = B::new();
+    let mut rng = TestRng(3);
+    let (rows, cols) = (6, 4);
+    let x = rng.vec(rows * cols, 1.0);
+    let b = rng.vec(cols, 1.0);
+    let r = rng.vec(rows * cols, 1.0);
+    let f = |x: &[f64], b: &[f64]| {
+        let mut y = x.to_vec();
+        be.add_bias(&mut y, &b.to_vec(), rows).unwrap();
+        let mut z = y.clone();
+        be.add_assign(&mut z, &x.to_vec()).unwrap(); // residual: z = (x + b) + x
+        dot(&z, &r)
+    };
+    let mut db = vec![0.0; cols];
+    be.bias_grad(&r, &mut db, rows).unwrap();
+    check_grad("bias", &b, &db, 100, TOL, &mut |b| f(&x, b));
+    let dx: Vec<f64> = r.iter().map(|v| 2.0 * v).collect();
+    check_grad("residual", &x, &dx, 100, TOL, &mut |x| f(x, &b));
+}
+
+#[test]
+fn embedding_gather_and_scatter_add_with_repeated_ids() {
+    let be = B::new();
+    let mut rng = TestRng(4);
+    let (rows, dim) = (9, 3);
+    let ids = [3u32, 0, 3, 8, 3, 1];
+    let table = rng.vec(rows * dim, 1.0);
+    let r = rng.vec(ids.len() * dim, 1.0);
+    let f = |table: &[f64]| {
+        let mut out = vec![0.0; ids.len() * dim];
+        be.embedding(&table.to_vec(), &ids, dim, &mut out).unwrap();
+        dot(&out, &r)
+    };
+    let mut dtable = vec![0.0; rows * dim];
+    be.embedding_backward(&r, &ids, dim, &mut dtable).unwrap();
+    check_grad("embedding", &table, &dtable, 100, TOL, &mut |t| f(t));
+    let mut out = vec![0.0; 2 * dim];
+    let err = be.embedding(&table, &[1, 9], dim, &mut out).unwrap_err().to_string();
+    assert!(err.contains("token id 9") && err.contains("position 1"), "{err}");
+}
+
+#[test]
+fn rmsnorm_gradients() {
+    let be = B::new();
+    let mut rng = TestRng(5);
+    let (rows, dim) = (4, 10);
+    let x = rng.vec(rows * dim, 2.0);
+    let w = rng.vec(dim, 1.0);
+    let r = rng.vec(rows * dim, 1.0);
+    let f = |x: &[f64], w: &[f64]| {
+        let mut out = vec![0.0; rows * dim];
+        let mut rstd = vec![0.0; rows];
+        be.rmsnorm(&x.to_vec(), &w.to_vec(), 1e-6, &mut out, &mut rstd).unwrap();
+        (out, rstd)
+    };
+    let (out, rstd) = f(&x, &w);
+    // Forward against the definition.
+    for i in 0..rows {
+        let row = &x[i * dim..][..dim];
+        let ms = row.iter().map(|v| v * v).sum::<f64>() / dim as f64;
+        for j in 0..dim {
+            assert!((out[i * dim + j] - row[j] / (ms + 1e-6).sqrt() * w[j]).abs() < 1e-12);
+        }
+    }
+    let mut dx = vec![0.0; rows * dim];
+    let mut dw = vec![0.0; dim];
+    be.rmsnorm_backward(&r, &x, &w, &rstd, &mut dx, &mut dw).unwrap();
+    check_grad("rmsnorm dx", &x, &dx, 100, TOL, &mut |x| dot(&f(x, &w).0, &r));
+    check_grad("rmsnorm dw", &w, &dw, 100, TOL, &mut |w| dot(&f(&x, w).0, &r));
+}
+
+#[test]
+fn rope_matches_rotate_half_definition_and_inverse_is_its_gradient() {
+    let be = B::new();
+    let mut rng = TestRng(6);
+    let (t, heads, d) = (5, 3, 8);
+    let theta = 10000.0;
+    let pos = [0u32, 1, 7, 2, 30];
+    let x = rng.vec(t * heads * d, 1.0);
+    let r = rng.vec(t * heads * d, 1.0);
+    let f = |x: &[f64]| {
+        let mut y = x.to_vec();
+        be.rope(&mut y, &pos, d, theta, false).unwrap();
+        y
+    };
+    let y = f(&x);
+    // HF: q·cos + rotate_half(q)·sin with cos = cat(cos(f), cos(f)).
+    for (ti, &p) in pos.iter().enumerate() {
+        for h in 0..heads {
+            let base = (ti * heads + h) * d;
+            for i in 0..d {
+                let freq = (p as f64) * theta.powf(-((2 * (i % (d / 2))) as f64) / d as f64);
+                let rot = if i < d / 2 { -x[base + i + d / 2] } else { x[base + i - d / 2] };
+                let want = x[base + i] * freq.cos() + rot * freq.sin();
+                assert!((y[base + i] - want).abs() < 1e-12);
+            }
+        }
+    }
+    let mut dx = r.clone();
+    be.rope(&mut dx, &pos, d, theta, true).unwrap();
+    check_grad("rope", &x, &dx, 200, TOL, &mut |x| dot(&f(x), &r));
+}
+
+#[test]
+fn swiglu_gradients() {
+    let be = B::new();
+    let mut rng = TestRng(7);
+    let n = 30;
+    let g = rng.vec(n, 3.0);
+    let u = rng.vec(n, 1.0);
+    let r = rng.vec(n, 1.0);
+    let f = |g: &[f64], u: &[f64]| {
+        let mut o = vec![0.0; n];
+        be.swiglu(&g.to_vec(), &u.to_vec(), &mut o).unwrap();
+        dot(&o, &r)
+    };
+    let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+    be.swiglu_backward(&g, &u, &r, &mut dg, &mut du).unwrap();
+    check_grad("swiglu dgate", &g, &dg, 100, TOL, &mut |g| f(g, &u));
+    check_grad("swiglu dup", &u, &du, 100, TOL, &mut |u| f(&g, u));
+}
+
+/// Naive attention, written independently from the definition (softmax(QKᵀ/√d + mask)·V).
+fn naive_attention(shape: AttnShape, lens: &[usize], q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
+    let (h, hkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    let t: usize = lens.iter().sum();
+    let mut out = vec![0.0; t * h * d];
+    let mut start = 0;
+    for &len in lens {
+        for i in 0..len {
+            for head in 0..h {
+                let kh = head / (h / hkv);
+                let qi = &q[((start + i) * h + head) * d..][..d];
+                let keys: Vec<usize> = (0..len).filter(|&j| !shape.causal || j <= i).collect();
+                let s: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| dot(qi, &k[((start + j) * hkv + kh) * d..][..d]) / (d as f64).sqrt())
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for (&j, sj) in keys.iter().zip(&s) {
+                    let p = (sj - m).exp() / z;
+                    for c in 0..d {
+                        out[((start + i) * h + head) * d + c] += p * v[((start + j) * hkv + kh) * d + c];
+                    }
+                }
+            }
+        }
+        start += len;
+    }
+    out
+}
+
+fn check_attention(causal: bool) {
+    let be = B::new();
+    let mut rng = TestRng(if causal { 8 } else { 9 });
+    let shape = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 6, causal };
+    let lens = [5usize, 1, 7];
+    let t: usize = lens.iter().sum();
+    let (qd, kvd) = (4 * 6, 2 * 6);
+    let q = rng.vec(t * qd, 1.0);
+    let k = rng.vec(t * kvd, 1.0);
+    let v = rng.vec(t * kvd, 1.0);
+    let r = rng.vec(t * qd, 1.0);
+    let fwd = |q: &[f64], k: &[f64], v: &[f64]| {
+        let mut out = vec![0.0; t * qd];
+        let mut lse = vec![0.0; t * 4];
+        be.attention(shape, &lens, &q.to_vec(), &k.to_vec(), &v.to_vec(), &mut out, &mut lse).unwrap();
+        (out, lse)
+    };
+    let (out, lse) = fwd(&q, &k, &v);
+    let want = naive_attention(shape, &lens, &q, &k, &v);
+    assert!(out.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-12), "attention forward vs naive");
+    let (mut dq, mut dk, mut dv) = (vec![0.0; t * qd], vec![0.0; t * kvd], vec![0.0; t * kvd]);
+    be.attention_backward(shape, &lens, &q, &k, &v, &out, &lse, &r, &mut dq, &mut dk, &mut dv).unwrap();
+    check_grad("attention dq", &q, &dq, 150, TOL, &mut |q| dot(&fwd(q, &k, &v).0, &r));
+    check_grad("attention dk", &k, &dk, 150, TOL, &mut |k| dot(&fwd(&q, k, &v).0, &r));
+    check_grad("attention dv", &v, &dv, 150, TOL, &mut |v| dot(&fwd(&q, &k, v).0, &r));
+}
+
+#[test]
+fn causal_gqa_attention_over_packed_sequences_gradients() {
+    check_attention(true);
+}
+
+#[test]
+fn bidirectional_attention_gradients() {
+    check_attention(false);
+}
+
+#[test]
+fn cross_entropy_with_ignored_rows_value_and_gradient() {
+    let be = B::new();
+    let mut rng = TestRng(10);
+    let (rows, vocab) = (5, 11);
+    let logits = rng.vec(rows * vocab, 3.0);
+    let targets = [3, IGNORE_INDEX, 10, 0, IGNORE_INDEX];
+    let scale = 1.0 / 3.0;
+    let f = |z: &[f64]| {
+        let mut d = vec![0.0; rows * vocab];
+        be.cross_entropy(&z.to_vec(), &targets, vocab, scale as f32, &mut d).unwrap() * scale
+    };
+    // Value against −log softmax written out.
+    let mut want = 0.0;
+    for (r, &t) in targets.iter().enumerate() {
+        if t == IGNORE_INDEX {
+            continue;
+        }
+        let row = &logits[r * vocab..][..vocab];
+        let lse = row.iter().map(|x| x.exp()).sum::<f64>().ln();
+        want += lse - row[t as usize];
+    }
+    assert!((f(&logits) - want * scale).abs() < 1e-12);
+    let mut d = vec![0.0; rows * vocab];
+    be.cross_entropy(&logits, &targets, vocab, scale as f32, &mut d).unwrap();
+    assert!(d[vocab..2 * vocab].iter().all(|&x| x == 0.0), "ignored rows get no gradient");
+    check_grad("cross_entropy", &logits, &d, 200, TOL, &mut |z| f(z));
+    let err = be.cross_entropy(&logits, &[3, 11, 0, 0, 0], vocab, 1.0, &mut d).unwrap_err().to_string();
+    assert!(err.contains("target 11") && err.contains("row 1"), "{err}");
+}
