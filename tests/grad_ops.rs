@@ -291,3 +291,57 @@ fn cross_entropy_with_ignored_rows_value_and_gradient() {
     let err = be.cross_entropy(&logits, &[3, 11, 0, 0, 0], vocab, 1.0, &mut d).unwrap_err().to_string();
     assert!(err.contains("target 11") && err.contains("row 1"), "{err}");
 }
+
+#[test]
+fn gelu_erf_and_tanh_values_and_gradients() {
+    use kd_engine::backend::GeluKind;
+    let be = B::new();
+    // Reference values: x·Φ(x) with erf from tables (erf(1/√2) = 0.6826894921370859,
+    // erf(√2) = 0.9544997361036416, erf(3/√2) = 0.9973002039367398).
+    let x = vec![1.0, 2.0, -3.0, 0.0];
+    let mut y = vec![0.0; 4];
+    be.gelu(&x, &mut y, GeluKind::Erf).unwrap();
+    let want = [0.5 * (1.0 + 0.6826894921370859), 1.0 * (1.0 + 0.9544997361036416), -1.5 * (1.0 - 0.9973002039367398), 0.0];
+    for (g, w) in y.iter().zip(want) {
+        assert!((g - w).abs() < 1e-14, "gelu erf {g} vs {w}");
+    }
+    be.gelu(&x, &mut y, GeluKind::Tanh).unwrap();
+    for (&xi, &g) in x.iter().zip(&y) {
+        let w = 0.5 * xi * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xi + 0.044715 * xi.powi(3))).tanh());
+        assert!((g - w).abs() < 1e-14, "gelu tanh {g} vs {w}");
+    }
+    let mut rng = TestRng(11);
+    let x = rng.vec(40, 4.0);
+    let r = rng.vec(40, 1.0);
+    for kind in [GeluKind::Erf, GeluKind::Tanh] {
+        let f = |x: &[f64]| {
+            let mut y = vec![0.0; x.len()];
+            be.gelu(&x.to_vec(), &mut y, kind).unwrap();
+            dot(&y, &r)
+        };
+        let mut dx = vec![0.0; 40];
+        be.gelu_backward(&x, &r, &mut dx, kind).unwrap();
+        check_grad(&format!("gelu {kind:?}"), &x, &dx, 40, TOL, &mut |x| f(x));
+    }
+}
+
+#[test]
+fn layernorm_matches_definition() {
+    let be = B::new();
+    let mut rng = TestRng(12);
+    let (rows, dim) = (3, 9);
+    let x = rng.vec(rows * dim, 3.0);
+    let w = rng.vec(dim, 1.0);
+    let b = rng.vec(dim, 1.0);
+    let mut out = vec![0.0; rows * dim];
+    be.layernorm(&x, &w, &b, 1e-6, &mut out).unwrap();
+    for i in 0..rows {
+        let row = &x[i * dim..][..dim];
+        let mean = row.iter().sum::<f64>() / dim as f64;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / dim as f64;
+        for j in 0..dim {
+            let want = (row[j] - mean) / (var + 1e-6).sqrt() * w[j] + b[j];
+            assert!((out[i * dim + j] - want).abs() < 1e-12);
+        }
+    }
+}

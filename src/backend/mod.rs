@@ -66,6 +66,25 @@ pub struct AttnShape {
     pub causal: bool,
 }
 
+/// Which GELU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GeluKind {
+    /// `x·Φ(x)` with the exact normal CDF (PyTorch `gelu`, the projector's `mlp2x_gelu`).
+    Erf,
+    /// The tanh approximation (`gelu_pytorch_tanh`, SigLIP's MLP).
+    Tanh,
+}
+
+/// Logit layouts of a distillation loss: row strides of the student and teacher logits, and how
+/// many leading columns are distilled (`min(V_s, V_t)`), with the softmax temperature.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KlShape {
+    pub student_vocab: usize,
+    pub teacher_vocab: usize,
+    pub kept: usize,
+    pub temperature: f32,
+}
+
 /// One AdamW update's hyper-parameters (PyTorch `AdamW` semantics, decoupled weight decay).
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWStep {
@@ -151,6 +170,9 @@ pub trait Backend: Send + Sync {
         dw: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// LayerNorm forward (the frozen vision tower): `out = (x − mean) · rstd · w + b` per row.
+    fn layernorm(&self, x: &Self::Buf, w: &Self::Buf, b: &Self::Buf, eps: f32, out: &mut Self::Buf) -> Result<()>;
+
     // ---- positions ----
     /// Rotary embedding in Hugging Face's rotate-half convention, in place on `x [T, heads, head_dim]`,
     /// angle `pos · theta^(−2i/head_dim)`. `inverse` applies the transposed rotation (the backward).
@@ -207,6 +229,11 @@ pub trait Backend: Send + Sync {
         dup: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// `out = gelu(x)`, exact (erf) or the tanh approximation (`gelu_pytorch_tanh`).
+    fn gelu(&self, x: &Self::Buf, out: &mut Self::Buf, kind: GeluKind) -> Result<()>;
+    /// Writes `dx = dout · gelu'(x)`.
+    fn gelu_backward(&self, x: &Self::Buf, dout: &Self::Buf, dx: &mut Self::Buf, kind: GeluKind) -> Result<()>;
+
     // ---- losses ----
     /// Fused cross-entropy over `logits [rows, vocab]` with one target per row (`IGNORE_INDEX` = no
     /// target). Returns Σ over targeted rows of −log softmax(row)[target] (unscaled), and writes
@@ -219,6 +246,34 @@ pub trait Backend: Send + Sync {
         vocab: usize,
         scale: f32,
         dlogits: &mut Self::Buf,
+    ) -> Result<f64>;
+
+    /// Fused softmax-KL distillation over the rows `rows` of student and teacher logits.
+    /// Student rows have stride `s.vocab`, teacher rows `t.vocab`; only the first `kept` columns of
+    /// both take part (vocabulary-mismatch rule, SPEC §1). With p = softmax(z/τ) over those columns,
+    /// returns Σ_rows τ²·KL(p_t‖p_s) (unscaled) and **accumulates** `scale · ∂/∂z_s` of that sum
+    /// into `dstudent` (so a cross-entropy gradient written first on the same rows is kept).
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_kl(
+        &self,
+        student: &Self::Buf,
+        teacher: &Self::Buf,
+        shape: KlShape,
+        rows: &[u32],
+        scale: f32,
+        dstudent: &mut Self::Buf,
+    ) -> Result<f64>;
+    /// Relation distillation (RDist): for each image `(start_row, n)`, Z = the n consecutive rows
+    /// from `start_row` (first `kept` columns), R = Z·Zᵀ; returns Σ_images (1 − cos(vec R_s,
+    /// vec R_t)) and **accumulates** `scale · ∂/∂Z_s` into `dstudent`.
+    fn relation_loss(
+        &self,
+        student: &Self::Buf,
+        teacher: &Self::Buf,
+        shape: KlShape,
+        images: &[(u32, u32)],
+        scale: f32,
+        dstudent: &mut Self::Buf,
     ) -> Result<f64>;
 
     // ---- optimizer ----

@@ -4,7 +4,7 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::{check_len, Elem};
-use crate::backend::AdamWStep;
+use crate::backend::{AdamWStep, GeluKind};
 
 /// Rows shorter than this are not worth a rayon task each.
 const PAR_MIN_LEN: usize = 1 << 14;
@@ -118,6 +118,82 @@ pub fn swiglu_backward<T: Elem>(gate: &[T], up: &[T], dout: &[T], dgate: &mut [T
             *dg = dout[i] * up[i] * sig * (T::one() + g * (T::one() - sig));
             *du = dout[i] * g * sig;
         });
+    Ok(())
+}
+
+/// erf, evaluated in f64 whatever the element type.
+fn erf<T: Elem>(x: T) -> T {
+    T::of(libm_erf(x.f64()))
+}
+
+/// erf in f64 to full double precision (Abramowitz–Stegun is too coarse for f64 checks), by the
+/// series for small |x| and the continued fraction of erfc for large |x|.
+fn libm_erf(x: f64) -> f64 {
+    let ax = x.abs();
+    let r = if ax < 2.5 {
+        // Maclaurin series: erf x = 2/√π Σ (−1)^n x^(2n+1) / (n! (2n+1)).
+        let (mut term, mut sum, x2) = (ax, ax, ax * ax);
+        let mut n = 0.0;
+        while term.abs() > 1e-17 * sum.abs() {
+            n += 1.0;
+            term *= -x2 / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * std::f64::consts::FRAC_2_SQRT_PI
+    } else {
+        // erfc x = exp(−x²)/√π · 1/(x + 1/2/(x + 1/(x + 3/2/(x + ...)))) (Lentz-free, 60 terms).
+        let mut f = ax;
+        for k in (1..60).rev() {
+            f = ax + (k as f64 / 2.0) / f;
+        }
+        1.0 - (-ax * ax).exp() / (std::f64::consts::PI.sqrt() * f)
+    };
+    r.copysign(x)
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+
+fn gelu_value<T: Elem>(x: T, kind: GeluKind) -> T {
+    let half = T::of(0.5);
+    match kind {
+        GeluKind::Erf => half * x * (T::one() + erf(x / T::of(std::f64::consts::SQRT_2))),
+        GeluKind::Tanh => {
+            let inner = T::of(SQRT_2_OVER_PI) * (x + T::of(0.044715) * x * x * x);
+            half * x * (T::one() + inner.tanh())
+        }
+    }
+}
+
+fn gelu_derivative<T: Elem>(x: T, kind: GeluKind) -> T {
+    let half = T::of(0.5);
+    match kind {
+        GeluKind::Erf => {
+            let cdf = half * (T::one() + erf(x / T::of(std::f64::consts::SQRT_2)));
+            let pdf = (-(x * x) * half).exp() * T::of(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+            cdf + x * pdf
+        }
+        GeluKind::Tanh => {
+            let c = T::of(SQRT_2_OVER_PI);
+            let k = T::of(0.044715);
+            let th = (c * (x + k * x * x * x)).tanh();
+            half * (T::one() + th) + half * x * (T::one() - th * th) * c * (T::one() + T::of(3.0) * k * x * x)
+        }
+    }
+}
+
+pub fn gelu<T: Elem>(x: &[T], out: &mut [T], kind: GeluKind) -> Result<()> {
+    check_len("gelu output", out.len(), x.len())?;
+    out.par_iter_mut().with_min_len(PAR_MIN_LEN).zip(x.par_iter()).for_each(|(o, &v)| *o = gelu_value(v, kind));
+    Ok(())
+}
+
+pub fn gelu_backward<T: Elem>(x: &[T], dout: &[T], dx: &mut [T], kind: GeluKind) -> Result<()> {
+    check_len("gelu_backward gradient", dout.len(), x.len())?;
+    check_len("gelu_backward dx", dx.len(), x.len())?;
+    dx.par_iter_mut()
+        .with_min_len(PAR_MIN_LEN)
+        .zip(x.par_iter().zip(dout.par_iter()))
+        .for_each(|(d, (&v, &g))| *d = g * gelu_derivative(v, kind));
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! threaded `matrixmultiply` GEMMs).
 
 mod attention;
+mod distill;
 mod elementwise;
 mod loss;
 mod norm;
@@ -13,7 +14,7 @@ use std::marker::PhantomData;
 use anyhow::{ensure, Result};
 use num_traits::{Float, FromPrimitive, ToPrimitive};
 
-use super::{AdamWStep, AttnShape, Backend, Gemm};
+use super::{AdamWStep, AttnShape, Backend, Gemm, GeluKind, KlShape};
 
 /// Element types the CPU backend computes in.
 pub trait Elem:
@@ -245,6 +246,10 @@ impl<T: Elem> Backend for CpuBackend<T> {
         norm::rmsnorm_backward(dout, x, w, rstd, dx, dw)
     }
 
+    fn layernorm(&self, x: &Vec<T>, w: &Vec<T>, b: &Vec<T>, eps: f32, out: &mut Vec<T>) -> Result<()> {
+        norm::layernorm(x, w, b, eps, out)
+    }
+
     fn rope(
         &self,
         x: &mut Vec<T>,
@@ -299,6 +304,38 @@ impl<T: Elem> Backend for CpuBackend<T> {
         dup: &mut Vec<T>,
     ) -> Result<()> {
         elementwise::swiglu_backward(gate, up, dout, dgate, dup)
+    }
+
+    fn gelu(&self, x: &Vec<T>, out: &mut Vec<T>, kind: GeluKind) -> Result<()> {
+        elementwise::gelu(x, out, kind)
+    }
+
+    fn gelu_backward(&self, x: &Vec<T>, dout: &Vec<T>, dx: &mut Vec<T>, kind: GeluKind) -> Result<()> {
+        elementwise::gelu_backward(x, dout, dx, kind)
+    }
+
+    fn softmax_kl(
+        &self,
+        student: &Vec<T>,
+        teacher: &Vec<T>,
+        shape: KlShape,
+        rows: &[u32],
+        scale: f32,
+        dstudent: &mut Vec<T>,
+    ) -> Result<f64> {
+        distill::softmax_kl(student, teacher, shape, rows, scale, dstudent)
+    }
+
+    fn relation_loss(
+        &self,
+        student: &Vec<T>,
+        teacher: &Vec<T>,
+        shape: KlShape,
+        images: &[(u32, u32)],
+        scale: f32,
+        dstudent: &mut Vec<T>,
+    ) -> Result<f64> {
+        distill::relation_loss(student, teacher, shape, images, scale, dstudent)
     }
 
     fn cross_entropy(

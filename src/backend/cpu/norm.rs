@@ -47,3 +47,19 @@ pub fn rmsnorm_backward<T: Elem>(dout: &[T], x: &[T], w: &[T], rstd: &[T], dx: &
     }
     Ok(())
 }
+
+/// LayerNorm forward (biased variance, as PyTorch): only the frozen vision tower uses it.
+pub fn layernorm<T: Elem>(x: &[T], w: &[T], b: &[T], eps: f32, out: &mut [T]) -> Result<()> {
+    let dim = w.len();
+    ensure!(dim > 0 && x.len() % dim == 0, "layernorm: {} elements are not rows of {dim}", x.len());
+    check_len("layernorm bias", b.len(), dim)?;
+    check_len("layernorm output", out.len(), x.len())?;
+    let (eps, n) = (T::of(eps as f64), T::of(dim as f64));
+    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, xr)| {
+        let mean = xr.iter().copied().sum::<T>() / n;
+        let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
+        let rstd = T::one() / (var + eps).sqrt();
+        o.iter_mut().zip(xr).zip(w.iter().zip(b)).for_each(|((o, &xv), (&wv, &bv))| *o = (xv - mean) * rstd * wv + bv);
+    });
+    Ok(())
+}
