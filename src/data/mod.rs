@@ -1,0 +1,29 @@
+//! Data: images, templates, datasets.
+//!
+//! * [`image`]: decoding files into RGB exactly as PIL's `open(..).convert("RGB")`;
+//! * [`resample`]: Pillow-exact resizing; [`processor`]: the SigLIP image processor;
+//! * [`template`]: chat templates, tokenisation and per-position groups;
+//! * [`dataset`]: the LLaVA JSON/JSONL reader with validation and skip accounting;
+//! * [`batch`]: packing samples into one unpadded batch; [`rng`]: the seeded shuffle.
+
+pub mod batch;
+pub mod dataset;
+pub mod image;
+pub mod processor;
+pub mod resample;
+pub mod rng;
+pub mod template;
+
+pub use batch::{collate, PackedBatch};
+pub use dataset::{
+    Dataset, DatasetOptions, ImageCheck, LoadedBatch, Sample, SampleEncoder, SkipReason,
+    SkipReport, SkippedSample, DEFAULT_MAX_SKIP_FRACTION,
+};
+pub use image::{decode_rgb, load_rgb, RgbImage};
+pub use processor::{preprocess, ImageProcessorConfig, PREPROCESSOR_CONFIG_FILE};
+pub use resample::{resize, Resample};
+pub use rng::{shuffled_indices, SplitMix64};
+pub use template::{
+    default_visual_placeholder, load_tokenizer, EncodeError, EncodeErrorKind, EncodeOptions,
+    EncodedSample, Group, Role, Template, Turn, DEFAULT_MAX_LEN, IMAGE_TAG,
+};
