@@ -26,11 +26,11 @@ fn adamw_with_clipping_matches_torch_trajectory() {
     let specs = vec![ParamSpec::matrix("w".into(), nw, 1), ParamSpec::vector("b".into(), nb)];
     let mut params = ParamSet { specs: specs.clone(), bufs: vec![w0, b0] };
     let cfg = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
-    let mut opt = AdamW::new(&be, &params, cfg).unwrap();
+    let mut opt = AdamW::new(&be, &[&params], cfg).unwrap();
     let mut clipped = 0;
     for s in 0..norms.len() {
         let grads = ParamSet { specs: specs.clone(), bufs: vec![gw[s * nw..][..nw].to_vec(), gb[s * nb..][..nb].to_vec()] };
-        let rep = opt.step(&be, &mut params, &grads, 1e-2).unwrap();
+        let rep = opt.step(&be, &mut [&mut params], &[&grads], 1e-2).unwrap();
         assert!(!rep.skipped);
         assert!((rep.grad_norm - norms[s] as f64).abs() <= 1e-6 * norms[s] as f64, "step {s}: norm {}", rep.grad_norm);
         clipped += (rep.clip_coef < 1.0) as usize;
@@ -48,9 +48,9 @@ fn adamw_skips_a_step_with_non_finite_gradients() {
     let be = CpuBackend::<f32>::new();
     let specs = vec![ParamSpec::vector("b".into(), 3)];
     let mut params = ParamSet { specs: specs.clone(), bufs: vec![vec![1.0, 2.0, 3.0]] };
-    let mut opt = AdamW::new(&be, &params, AdamWConfig::default()).unwrap();
+    let mut opt = AdamW::new(&be, &[&params], AdamWConfig::default()).unwrap();
     let grads = ParamSet { specs, bufs: vec![vec![0.1, f32::NAN, 0.2]] };
-    let rep = opt.step(&be, &mut params, &grads, 1e-2).unwrap();
+    let rep = opt.step(&be, &mut [&mut params], &[&grads], 1e-2).unwrap();
     assert!(rep.skipped);
     assert_eq!(params.bufs[0], vec![1.0, 2.0, 3.0]);
     assert_eq!(opt.step, 0);
@@ -85,7 +85,7 @@ fn a_few_adamw_steps_lower_a_tiny_decoders_loss() {
     let ids: Vec<u32> = (0..24).map(|i| [3u32, 17, 29, 41][i % 4]).collect();
     let targets: Vec<i32> = (0..24).map(|i| if i + 1 < 24 { ids[i + 1] as i32 } else { IGNORE_INDEX }).collect();
     let layout = SeqLayout::from_lens(&[24]);
-    let mut opt = AdamW::new(&be, &w, AdamWConfig::default()).unwrap();
+    let mut opt = AdamW::new(&be, &[&w], AdamWConfig::default()).unwrap();
     let mut grads = ParamSet::zeros(&be, &model.specs).unwrap();
     let mut losses = Vec::new();
     for _ in 0..15 {
@@ -99,7 +99,7 @@ fn a_few_adamw_steps_lower_a_tiny_decoders_loss() {
         let dh = model.lm_head_backward(&be, &w, &acts.hidden, &dl, Some(&mut grads)).unwrap();
         let dx = model.backward(&be, &w, &acts, &dh, Some(&mut grads)).unwrap();
         model.embed_backward(&be, &mut grads, &ids, &dx).unwrap();
-        opt.step(&be, &mut w, &grads, 1e-2).unwrap();
+        opt.step(&be, &mut [&mut w], &[&grads], 1e-2).unwrap();
     }
     println!("losses: {losses:?}");
     assert!(losses[0] > 3.5, "starts near ln(50): {}", losses[0]);

@@ -98,7 +98,7 @@ impl Case {
         // both count), the embedding-table gradient completed by the scatter-add.
         self.model.embed_backward(&be, &mut grads, &self.ids, &dx).unwrap();
         for (i, spec) in w.specs.iter().enumerate() {
-            let mut wp = ParamSet { specs: w.specs.clone(), bufs: w.bufs.clone() };
+            let mut wp = w.clone();
             check_grad(&spec.name, &w.bufs[i], &grads.bufs[i], 25, 1e-5, &mut |v| {
                 wp.bufs[i] = v.to_vec();
                 let x = self.model.embed(&be, &wp, &self.ids).unwrap();

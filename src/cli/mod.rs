@@ -1,5 +1,6 @@
 //! The `kd-engine` command line.
 
+mod encode_image;
 mod forward;
 
 use std::path::PathBuf;
@@ -39,25 +40,60 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
     },
-    /// Run the vision tower on one image and write its features (not built yet).
-    EncodeImage,
+    /// Run the vision tower on one image and write pixel_values, hidden_states[K] and
+    /// last_hidden_state (f32).
+    EncodeImage {
+        /// SigLIP checkpoint folder (SiglipVisionModel or dual-tower SiglipModel).
+        #[arg(long)]
+        vision: PathBuf,
+        /// Image file (PNG, JPEG, GIF: first frame).
+        #[arg(long)]
+        image: PathBuf,
+        /// HF `hidden_states` index to write as `hidden`: 0 = embeddings, negative from the end.
+        #[arg(long, default_value_t = -2, allow_negative_numbers = true)]
+        layer: i64,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+    },
     /// Train with a LLaVA-KD recipe (not built yet).
-    Train,
+    Train {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
     /// Generate an answer for an image and a prompt (not built yet).
-    Generate,
+    Generate {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
     /// Score a model on a benchmark-style question set (not built yet).
-    Eval,
+    Eval {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
     /// Side-by-side answers of several models as an HTML report (not built yet).
-    Compare,
+    Compare {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
     /// Write a randomly initialised model of a real shape (not built yet).
-    Init,
+    Init {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
     /// Benchmark the CUDA kernels against the hardware ceilings (not built yet).
-    BenchKernels,
+    BenchKernels {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Forward { model, input_ids, out, device } => forward::run(&model, &input_ids, &out, device),
+        Command::EncodeImage { vision, image, layer, out, device } => encode_image::run(&vision, &image, layer, &out, device),
         other => bail!("`{}` is not built yet in this version of kd-engine", command_name(&other)),
     }
 }
@@ -65,13 +101,13 @@ pub fn run(cli: Cli) -> Result<()> {
 fn command_name(c: &Command) -> &'static str {
     match c {
         Command::Forward { .. } => "forward",
-        Command::EncodeImage => "encode-image",
-        Command::Train => "train",
-        Command::Generate => "generate",
-        Command::Eval => "eval",
-        Command::Compare => "compare",
-        Command::Init => "init",
-        Command::BenchKernels => "bench-kernels",
+        Command::EncodeImage { .. } => "encode-image",
+        Command::Train { .. } => "train",
+        Command::Generate { .. } => "generate",
+        Command::Eval { .. } => "eval",
+        Command::Compare { .. } => "compare",
+        Command::Init { .. } => "init",
+        Command::BenchKernels { .. } => "bench-kernels",
     }
 }
 

@@ -2,10 +2,14 @@
 
 pub mod config;
 pub mod llm;
+pub mod mllm;
 pub mod params;
+pub mod projector;
 pub mod vision;
 
 pub use config::{Arch, LlmConfig};
 pub use llm::{Llm, LlmActs, LoadedLlm, SeqLayout};
+pub use mllm::{FeatureSelect, Mllm, MllmActs, MllmGrads, MllmWeights};
 pub use params::{ParamId, ParamSet, ParamSpec};
+pub use projector::Projector;
 pub use vision::{LoadedVision, VisionConfig, VisionOutput, VisionTower};

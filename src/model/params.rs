@@ -32,6 +32,7 @@ impl ParamSpec {
 pub struct ParamId(pub usize);
 
 /// Buffers laid out as a list of specs.
+#[derive(Clone)]
 pub struct ParamSet<Buf> {
     pub specs: Vec<ParamSpec>,
     pub bufs: Vec<Buf>,

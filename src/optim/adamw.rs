@@ -35,30 +35,46 @@ pub struct StepReport {
     pub skipped: bool,
 }
 
-/// AdamW state over one parameter set.
+/// AdamW state over the trainable parameter sets of a stage (e.g. projector and LLM): the
+/// gradient norm for clipping is global over all of them, as `clip_grad_norm_` over
+/// `model.parameters()` is.
 pub struct AdamW<Buf> {
     pub cfg: AdamWConfig,
-    pub m: ParamSet<Buf>,
-    pub v: ParamSet<Buf>,
+    pub m: Vec<ParamSet<Buf>>,
+    pub v: Vec<ParamSet<Buf>>,
     /// Updates applied so far (the next one is `step + 1`).
     pub step: u64,
 }
 
 impl<Buf> AdamW<Buf> {
-    pub fn new<B: Backend<Buf = Buf>>(be: &B, params: &ParamSet<Buf>, cfg: AdamWConfig) -> Result<Self> {
-        Ok(AdamW { cfg, m: ParamSet::zeros(be, &params.specs)?, v: ParamSet::zeros(be, &params.specs)?, step: 0 })
+    pub fn new<B: Backend<Buf = Buf>>(be: &B, params: &[&ParamSet<Buf>], cfg: AdamWConfig) -> Result<Self> {
+        let zeros = || params.iter().map(|p| ParamSet::zeros(be, &p.specs)).collect::<Result<Vec<_>>>();
+        Ok(AdamW { cfg, m: zeros()?, v: zeros()?, step: 0 })
     }
 
-    /// Clips and applies one update with learning rate `lr`. A non-finite gradient norm skips the
-    /// update (SPEC §6) and says so in the report.
+    /// Clips and applies one update with learning rate `lr` to `params[i]` from `grads[i]`. A
+    /// non-finite gradient norm skips the update (SPEC §6) and says so in the report.
     pub fn step<B: Backend<Buf = Buf>>(
         &mut self,
         be: &B,
-        params: &mut ParamSet<Buf>,
-        grads: &ParamSet<Buf>,
+        params: &mut [&mut ParamSet<Buf>],
+        grads: &[&ParamSet<Buf>],
         lr: f32,
     ) -> Result<StepReport> {
-        let grad_norm = grads.bufs.iter().map(|g| be.sum_squares(g)).sum::<Result<f64>>()?.sqrt();
+        anyhow::ensure!(
+            params.len() == self.m.len() && grads.len() == self.m.len(),
+            "adamw: {} parameter sets and {} gradient sets for an optimizer over {}",
+            params.len(),
+            grads.len(),
+            self.m.len()
+        );
+        let mut sq = 0.0;
+        for g in grads {
+            for b in &g.bufs {
+                sq += be.sum_squares(b)?;
+            }
+        }
+        let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
             return Ok(StepReport { grad_norm, clip_coef: 0.0, skipped: true });
         }
@@ -67,17 +83,19 @@ impl<Buf> AdamW<Buf> {
             None => 1.0,
         };
         self.step += 1;
-        for (i, spec) in params.specs.iter().enumerate() {
-            let h = AdamWStep {
-                lr,
-                beta1: self.cfg.beta1,
-                beta2: self.cfg.beta2,
-                eps: self.cfg.eps,
-                weight_decay: if spec.decay { self.cfg.weight_decay } else { 0.0 },
-                step: self.step,
-                grad_scale: clip_coef as f32,
-            };
-            be.adamw(h, &mut params.bufs[i], &grads.bufs[i], &mut self.m.bufs[i], &mut self.v.bufs[i])?;
+        for (s, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            for (i, spec) in g.specs.iter().enumerate() {
+                let h = AdamWStep {
+                    lr,
+                    beta1: self.cfg.beta1,
+                    beta2: self.cfg.beta2,
+                    eps: self.cfg.eps,
+                    weight_decay: if spec.decay { self.cfg.weight_decay } else { 0.0 },
+                    step: self.step,
+                    grad_scale: clip_coef as f32,
+                };
+                be.adamw(h, &mut p.bufs[i], &g.bufs[i], &mut self.m[s].bufs[i], &mut self.v[s].bufs[i])?;
+            }
         }
         Ok(StepReport { grad_norm, clip_coef, skipped: false })
     }

@@ -1,0 +1,179 @@
+//! The multimodal model: frozen vision tower → projector → visual rows spliced into the token
+//! embeddings → decoder LLM. The LLM input of each sample is `[prompt prefix] [visual tokens]
+//! [rest of prompt] [response]`; the data pipeline marks the visual positions (group `Visual`)
+//! and this module replaces their embeddings by the projected image features.
+
+use anyhow::{ensure, Result};
+
+use super::llm::{Llm, LlmActs, SeqLayout};
+use super::params::ParamSet;
+use super::projector::{Projector, ProjectorActs};
+use super::vision::VisionTower;
+use crate::backend::Backend;
+use crate::data::{Group, PackedBatch};
+
+/// Which vision tokens reach the projector (LLaVA's `mm_vision_select_feature`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeatureSelect {
+    /// Drop the first token (upstream's "patch"; HF Llava's "default"): 729 → 728 for so400m.
+    Patch,
+    /// Keep every token.
+    Full,
+}
+
+/// The three parts' weights.
+#[derive(Clone)]
+pub struct MllmWeights<Buf> {
+    pub vision: ParamSet<Buf>,
+    pub projector: ParamSet<Buf>,
+    pub llm: ParamSet<Buf>,
+}
+
+/// Gradient sets of the trainable parts; `None` = frozen (no weight gradients computed).
+pub struct MllmGrads<'a, Buf> {
+    pub projector: Option<&'a mut ParamSet<Buf>>,
+    pub llm: Option<&'a mut ParamSet<Buf>>,
+}
+
+pub struct Mllm {
+    pub vision: VisionTower,
+    pub projector: Projector,
+    pub llm: Llm,
+    /// Resolved HF `hidden_states` index of the features (e.g. layers − 1 for −2).
+    pub feature_layer: usize,
+    pub select: FeatureSelect,
+}
+
+/// Saved state of one forward pass.
+pub struct MllmActs<Buf> {
+    pub llm: LlmActs<Buf>,
+    projector: Option<ProjectorActs<Buf>>,
+    /// Per image in the batch: first row of its visual block in the packed sequence.
+    pub visual_starts: Vec<usize>,
+    ids: Vec<u32>,
+}
+
+impl Mllm {
+    pub fn new(vision: VisionTower, llm: Llm, feature_layer: i64, select: FeatureSelect) -> Result<Self> {
+        let feature_layer = vision.resolve_layer(feature_layer)?;
+        let projector = Projector::new(vision.cfg.hidden, llm.cfg.hidden);
+        Ok(Mllm { vision, projector, llm, feature_layer, select })
+    }
+
+    /// Visual tokens each image contributes to the LLM sequence.
+    pub fn visual_tokens(&self) -> usize {
+        self.vision.cfg.tokens() - usize::from(self.select == FeatureSelect::Patch)
+    }
+
+    /// Vision features of `images` at the feature layer, after token selection:
+    /// `[images · visual_tokens, D_v]`. Frozen: nothing is saved. A teacher that shares the tower
+    /// reuses this result.
+    pub fn encode_images<B: Backend>(&self, be: &B, w: &ParamSet<B::Buf>, images: &[Vec<f32>]) -> Result<B::Buf> {
+        let refs: Vec<&[f32]> = images.iter().map(Vec::as_slice).collect();
+        let out = self.vision.forward(be, w, &refs, self.feature_layer)?;
+        let feats = out.hidden_states.into_iter().last().expect("forward returns hidden_states[0..=upto]");
+        let (n, d) = (self.vision.cfg.tokens(), self.vision.cfg.hidden);
+        match self.select {
+            FeatureSelect::Full => Ok(feats),
+            FeatureSelect::Patch => {
+                let keep = n - 1;
+                let mut sel = be.zeros(images.len() * keep * d)?;
+                for i in 0..images.len() {
+                    be.copy_range(&feats, (i * n + 1) * d, &mut sel, i * keep * d, keep * d)?;
+                }
+                Ok(sel)
+            }
+        }
+    }
+
+    /// First row of each image's visual block, in image order, checking that every image-bearing
+    /// sequence has exactly one contiguous block of `visual_tokens` and text-only ones have none.
+    pub fn visual_starts(&self, batch: &PackedBatch) -> Result<Vec<usize>> {
+        let nv = self.visual_tokens();
+        let mut starts = vec![usize::MAX; batch.pixel_values.len()];
+        let mut offset = 0;
+        for (s, (&len, image)) in batch.seq_lens.iter().zip(&batch.images).enumerate() {
+            let groups = &batch.groups[offset..offset + len];
+            let first = groups.iter().position(|&g| g == Group::Visual);
+            let count = groups.iter().filter(|&&g| g == Group::Visual).count();
+            match (image, first) {
+                (Some(img), Some(f)) => {
+                    ensure!(
+                        count == nv && groups[f..f + nv].iter().all(|&g| g == Group::Visual),
+                        "sequence {s}: its visual block has {count} positions, the vision tower gives {nv} tokens per image"
+                    );
+                    starts[*img] = offset + f;
+                }
+                (None, None) => {}
+                (Some(_), None) => anyhow::bail!("sequence {s} has an image but no visual positions"),
+                (None, Some(_)) => anyhow::bail!("sequence {s} has visual positions but no image"),
+            }
+            offset += len;
+        }
+        ensure!(starts.iter().all(|&s| s != usize::MAX), "an image of the batch belongs to no sequence");
+        Ok(starts)
+    }
+
+    /// Forward to the final normed hidden state. `features` are [`Mllm::encode_images`] of the
+    /// batch's images (computed once and shared with the teacher when the tower is the same).
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        w: &MllmWeights<B::Buf>,
+        batch: &PackedBatch,
+        features: Option<B::Buf>,
+    ) -> Result<MllmActs<B::Buf>> {
+        let starts = self.visual_starts(batch)?;
+        let h = self.llm.cfg.hidden;
+        let nv = self.visual_tokens();
+        let mut x = self.llm.embed(be, &w.llm, &batch.ids)?;
+        let projector = match features {
+            Some(f) if !starts.is_empty() => {
+                let (visual, acts) = self.projector.forward(be, &w.projector, f)?;
+                for (i, &start) in starts.iter().enumerate() {
+                    be.copy_range(&visual, i * nv * h, &mut x, start * h, nv * h)?;
+                }
+                Some(acts)
+            }
+            None if !starts.is_empty() => anyhow::bail!("the batch has {} images but no vision features were given", starts.len()),
+            _ => None,
+        };
+        let layout = SeqLayout { positions: batch.positions.clone(), seq_lens: batch.seq_lens.clone() };
+        let llm = self.llm.forward(be, &w.llm, x, &layout)?;
+        Ok(MllmActs { llm, projector, visual_starts: starts, ids: batch.ids.clone() })
+    }
+
+    /// Backward from the gradient of the final normed hidden state: weight gradients of the
+    /// trainable parts. Gradients reach the projector through the LLM even when it is frozen.
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        w: &MllmWeights<B::Buf>,
+        acts: &MllmActs<B::Buf>,
+        dhidden: &B::Buf,
+        grads: MllmGrads<'_, B::Buf>,
+    ) -> Result<()> {
+        let MllmGrads { projector: gproj, llm: mut gllm } = grads;
+        if gproj.is_none() && gllm.is_none() {
+            return Ok(());
+        }
+        let mut dx = self.llm.backward(be, &w.llm, &acts.llm, dhidden, gllm.as_deref_mut())?;
+        let (h, nv) = (self.llm.cfg.hidden, self.visual_tokens());
+        if let (Some(g), Some(pacts)) = (gproj, &acts.projector) {
+            let mut dvisual = be.zeros(acts.visual_starts.len() * nv * h)?;
+            for (i, &start) in acts.visual_starts.iter().enumerate() {
+                be.copy_range(&dx, start * h, &mut dvisual, i * nv * h, nv * h)?;
+            }
+            self.projector.backward(be, &w.projector, pacts, &dvisual, g)?;
+        }
+        if let Some(g) = gllm {
+            // Visual rows came from the projector, not the embedding table: no gradient there.
+            let zeros = be.zeros(nv * h)?;
+            for &start in &acts.visual_starts {
+                be.copy_range(&zeros, 0, &mut dx, start * h, nv * h)?;
+            }
+            self.llm.embed_backward(be, g, &acts.ids, &dx)?;
+        }
+        Ok(())
+    }
+}

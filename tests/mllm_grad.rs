@@ -1,0 +1,158 @@
+//! Finite-difference check (f64) from the loss back to the projector weights through a frozen
+//! decoder with spliced visual tokens, and to the LLM weights when it trains too.
+
+mod common;
+
+use common::{check_grad, TestRng};
+use kd_engine::backend::cpu::CpuBackend;
+use kd_engine::backend::{Backend, IGNORE_INDEX};
+use kd_engine::data::{Group, PackedBatch};
+use kd_engine::model::{Arch, FeatureSelect, Llm, LlmConfig, Mllm, MllmGrads, MllmWeights, ParamSet, VisionConfig, VisionTower};
+use kd_engine::backend::GeluKind;
+
+type B = CpuBackend<f64>;
+
+fn model() -> Mllm {
+    let vision = VisionTower::new(VisionConfig {
+        hidden: 8,
+        intermediate: 12,
+        layers: 2,
+        heads: 2,
+        channels: 3,
+        image_size: 8,
+        patch_size: 4,
+        ln_eps: 1e-6,
+        act: GeluKind::Tanh,
+    });
+    let llm = Llm::new(LlmConfig {
+        arch: Arch::Qwen2,
+        hidden: 12,
+        intermediate: 16,
+        layers: 2,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 6,
+        vocab: 23,
+        rms_eps: 1e-6,
+        rope_theta: 1e4,
+        tie_embeddings: true,
+        qkv_bias: true,
+        o_bias: false,
+    });
+    Mllm::new(vision, llm, -2, FeatureSelect::Patch).unwrap()
+}
+
+fn batch(rng: &mut TestRng) -> PackedBatch {
+    use Group::*;
+    // Sequence 0: 2 prompt tokens, 3 visual (4 patches minus the first), 2 prompt, 3 response.
+    // Sequence 1: text only.
+    let groups = [
+        vec![Prompt, Prompt, Visual, Visual, Visual, Prompt, Prompt, Response, Response, Response],
+        vec![Prompt, Prompt, Response, Response],
+    ];
+    let mut b = PackedBatch::default();
+    for (i, g) in groups.iter().enumerate() {
+        b.positions.extend(0..g.len() as u32);
+        b.seq_lens.push(g.len());
+        b.ids.extend(g.iter().map(|&k| if k == Visual { 22 } else { rng.below(22) as u32 }));
+        b.groups.extend_from_slice(g);
+        b.images.push((i == 0).then_some(0));
+    }
+    b.pixel_values.push(rng.vec(3 * 8 * 8, 1.0).into_iter().map(|x| x as f32).collect());
+    b
+}
+
+fn targets(b: &PackedBatch) -> Vec<i32> {
+    // Row j predicts token j+1 of the same sequence when that token is a response token.
+    let mut t = vec![IGNORE_INDEX; b.ids.len()];
+    let mut start = 0;
+    for &len in &b.seq_lens {
+        for j in start..start + len - 1 {
+            if b.groups[j + 1] == Group::Response {
+                t[j] = b.ids[j + 1] as i32;
+            }
+        }
+        start += len;
+    }
+    t
+}
+
+fn init(be: &B, specs: &[kd_engine::model::ParamSpec], seed: u64) -> ParamSet<Vec<f64>> {
+    let mut rng = TestRng(seed);
+    ParamSet::from_fn(be, specs, |s| {
+        let base = if s.name.contains("norm") { 1.0 } else { 0.0 };
+        (0..s.numel()).map(|_| (base + rng.uniform() * 0.5) as f32).collect()
+    })
+    .unwrap()
+}
+
+fn loss(m: &Mllm, be: &B, w: &MllmWeights<Vec<f64>>, b: &PackedBatch, t: &[i32]) -> (f64, Vec<f64>, kd_engine::model::MllmActs<Vec<f64>>) {
+    let feats = m.encode_images(be, &w.vision, &b.pixel_values).unwrap();
+    let acts = m.forward(be, w, b, Some(feats)).unwrap();
+    let logits = m.llm.lm_head(be, &w.llm, &acts.llm.hidden).unwrap();
+    let n = t.iter().filter(|&&x| x != IGNORE_INDEX).count();
+    let mut d = vec![0.0; logits.len()];
+    let l = be.cross_entropy(&logits, t, m.llm.cfg.vocab, 1.0 / n as f32, &mut d).unwrap() / n as f64;
+    (l, d, acts)
+}
+
+#[test]
+fn projector_gradients_through_a_frozen_decoder_with_spliced_visual_tokens() {
+    let be = B::new();
+    let m = model();
+    assert_eq!(m.visual_tokens(), 3);
+    let mut rng = TestRng(5);
+    let b = batch(&mut rng);
+    let t = targets(&b);
+    let w = MllmWeights { vision: init(&be, &m.vision.specs, 1), projector: init(&be, &m.projector.specs, 2), llm: init(&be, &m.llm.specs, 3) };
+    let (_, dlogits, acts) = loss(&m, &be, &w, &b, &t);
+    let dh = m.llm.lm_head_backward(&be, &w.llm, &acts.llm.hidden, &dlogits, None).unwrap();
+    let mut gproj = ParamSet::zeros(&be, &m.projector.specs).unwrap();
+    m.backward(&be, &w, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: None }).unwrap();
+    assert!(gproj.bufs.iter().all(|g| g.iter().any(|&x| x != 0.0)), "every projector tensor gets a gradient");
+    for (i, spec) in m.projector.specs.iter().enumerate() {
+        let mut wp = w.clone();
+        check_grad(&spec.name, &w.projector.bufs[i], &gproj.bufs[i], 40, 1e-5, &mut |v| {
+            wp.projector.bufs[i] = v.to_vec();
+            loss(&m, &be, &wp, &b, &t).0
+        });
+    }
+}
+
+#[test]
+fn llm_and_projector_gradients_when_both_train() {
+    let be = B::new();
+    let m = model();
+    let mut rng = TestRng(6);
+    let b = batch(&mut rng);
+    let t = targets(&b);
+    let w = MllmWeights { vision: init(&be, &m.vision.specs, 1), projector: init(&be, &m.projector.specs, 2), llm: init(&be, &m.llm.specs, 3) };
+    let (_, dlogits, acts) = loss(&m, &be, &w, &b, &t);
+    let mut gllm = ParamSet::zeros(&be, &m.llm.specs).unwrap();
+    let mut gproj = ParamSet::zeros(&be, &m.projector.specs).unwrap();
+    let dh = m.llm.lm_head_backward(&be, &w.llm, &acts.llm.hidden, &dlogits, Some(&mut gllm)).unwrap();
+    m.backward(&be, &w, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: Some(&mut gllm) }).unwrap();
+    // The embedding table is tied to the head and its placeholder row (22) is overwritten at the
+    // visual positions: finite differences check that only the head's use of that row counts.
+    for name in ["model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight"] {
+        let i = w.llm.specs.iter().position(|s| s.name == name).unwrap();
+        let mut wp = w.clone();
+        check_grad(name, &w.llm.bufs[i], &gllm.bufs[i], 40, 1e-5, &mut |v| {
+            wp.llm.bufs[i] = v.to_vec();
+            loss(&m, &be, &wp, &b, &t).0
+        });
+    }
+}
+
+#[test]
+fn visual_block_must_match_the_towers_token_count() {
+    let be = B::new();
+    let m = model();
+    let mut rng = TestRng(7);
+    let mut b = batch(&mut rng);
+    b.groups[4] = Group::Prompt; // a 2-token visual block for a 3-token tower
+    let w = MllmWeights { vision: init(&be, &m.vision.specs, 1), projector: init(&be, &m.projector.specs, 2), llm: init(&be, &m.llm.specs, 3) };
+    let feats = m.encode_images(&be, &w.vision, &b.pixel_values).unwrap();
+    let err = m.forward(&be, &w, &b, Some(feats)).err().unwrap().to_string();
+    assert!(err.contains("sequence 0") && err.contains("2 positions") && err.contains("3 tokens"), "{err}");
+}
