@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod cli;
 pub mod data;
+pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod weights;

@@ -1,14 +1,198 @@
 //! Distillation losses of the CPU backend: fused softmax-KL and the Gram-matrix relation loss.
+//!
+//! Both are the references the CUDA kernels are tested against. Row statistics (max, sums, the KL
+//! and the cosine) are accumulated in f64 whatever the element type, so the f32 backend is as close
+//! to the exact value as its inputs allow; the Gram matrices use the element type's GEMM.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
+use rayon::prelude::*;
 
-use super::Elem;
+use super::{check_len, Elem};
 use crate::backend::KlShape;
 
-pub fn softmax_kl<T: Elem>(_s: &[T], _t: &[T], _shape: KlShape, _rows: &[u32], _scale: f32, _ds: &mut [T]) -> Result<f64> {
-    bail!("softmax_kl: being written")
+/// Checks a [`KlShape`] against the buffers and returns the number of rows of the logits.
+fn check_shape<T>(what: &str, s: &[T], t: &[T], shape: KlShape, ds: &[T]) -> Result<usize> {
+    let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
+    ensure!(vs > 0 && vt > 0, "{what}: empty vocabulary (student {vs}, teacher {vt})");
+    ensure!(
+        kept > 0 && kept <= vs && kept <= vt,
+        "{what}: {kept} kept columns, but it must be in 1..=min(student vocabulary {vs}, teacher vocabulary {vt})"
+    );
+    ensure!(
+        s.len() % vs == 0,
+        "{what}: student logits have {} elements, not a multiple of the student vocabulary {vs}",
+        s.len()
+    );
+    let rows = s.len() / vs;
+    check_len(&format!("{what} teacher logits ({rows} rows of {vt})"), t.len(), rows * vt)?;
+    check_len(&format!("{what} student gradient"), ds.len(), s.len())?;
+    Ok(rows)
 }
 
-pub fn relation_loss<T: Elem>(_s: &[T], _t: &[T], _shape: KlShape, _images: &[(u32, u32)], _scale: f32, _ds: &mut [T]) -> Result<f64> {
-    bail!("relation_loss: being written")
+/// Per buffer row, whether it is listed; errors on a row out of range or listed twice (the rows'
+/// gradients are written in parallel, and a repeated row is a bug in the caller's selection).
+fn listed_rows(what: &str, rows: &[u32], n_rows: usize) -> Result<Vec<bool>> {
+    let mut listed = vec![false; n_rows];
+    for (i, &r) in rows.iter().enumerate() {
+        let r = r as usize;
+        ensure!(r < n_rows, "{what}: row {r} (entry {i} of the row list) is outside the {n_rows} rows of the logits");
+        ensure!(!listed[r], "{what}: row {r} is listed twice");
+        listed[r] = true;
+    }
+    Ok(listed)
+}
+
+/// log-sum-exp of `z[..] / tau`, in f64.
+fn lse_scaled<T: Elem>(z: &[T], inv_tau: f64) -> f64 {
+    let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.f64() * inv_tau));
+    if max == f64::NEG_INFINITY || !max.is_finite() {
+        // All −∞ (no probability mass anywhere) or a +∞/NaN logit: propagate as a non-finite loss.
+        return max;
+    }
+    let sum: f64 = z.iter().map(|&v| (v.f64() * inv_tau - max).exp()).sum();
+    max + sum.ln()
+}
+
+/// Fused softmax-KL over the listed rows; see [`crate::backend::Backend::softmax_kl`].
+///
+/// Per listed row r, with z_s = `s[r, ..kept] / τ`, z_t = `t[r, ..kept] / τ`, p = softmax(z):
+/// loss_r = τ²·Σ_v p_t(v)·(log p_t(v) − log p_s(v)) (a zero teacher probability contributes 0,
+/// the convention 0·log 0 = 0). Returns Σ_r loss_r and accumulates `scale · τ · (p_s − p_t)` (the
+/// derivative of τ²·KL with respect to the raw student logits) into `ds[r, ..kept]`; columns from
+/// `kept` on and rows not listed are left untouched.
+pub fn softmax_kl<T: Elem>(s: &[T], t: &[T], shape: KlShape, rows: &[u32], scale: f32, ds: &mut [T]) -> Result<f64> {
+    const WHAT: &str = "softmax_kl";
+    let n_rows = check_shape(WHAT, s, t, shape, ds)?;
+    let tau = shape.temperature as f64;
+    ensure!(tau.is_finite() && tau > 0.0, "{WHAT}: temperature must be positive and finite, got {tau}");
+    let listed = listed_rows(WHAT, rows, n_rows)?;
+    let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
+    let inv_tau = 1.0 / tau;
+    let g_scale = scale as f64 * tau;
+    // Per-row losses are collected in order and summed sequentially, so the result does not
+    // depend on how rayon splits the rows (runs and resumed runs reproduce losses bit for bit).
+    let per_row: Vec<f64> = ds
+        .par_chunks_mut(vs)
+        .zip(s.par_chunks(vs))
+        .zip(t.par_chunks(vt))
+        .zip(listed.par_iter())
+        .map(|(((d, zs), zt), &on)| {
+            if !on {
+                return 0.0;
+            }
+            let (zs, zt, d) = (&zs[..kept], &zt[..kept], &mut d[..kept]);
+            let lse_s = lse_scaled(zs, inv_tau);
+            let lse_t = lse_scaled(zt, inv_tau);
+            let mut kl = 0.0;
+            for ((d, &a), &b) in d.iter_mut().zip(zs).zip(zt) {
+                let log_ps = a.f64() * inv_tau - lse_s;
+                let log_pt = b.f64() * inv_tau - lse_t;
+                let pt = log_pt.exp();
+                let ps = log_ps.exp();
+                if pt > 0.0 {
+                    kl += pt * (log_pt - log_ps);
+                } else if pt.is_nan() {
+                    kl = f64::NAN;
+                }
+                *d = *d + T::of(g_scale * (ps - pt));
+            }
+            tau * tau * kl
+        })
+        .collect();
+    Ok(per_row.iter().sum())
+}
+
+/// Relation distillation; see [`crate::backend::Backend::relation_loss`].
+///
+/// For each image `(start, n)`: Z_s = `s[start..start+n, ..kept]`, Z_t likewise from `t`,
+/// R = Z·Zᵀ (n×n, computed with the element type's GEMM), loss = 1 − ⟨R_s, R_t⟩ / (‖R_s‖·‖R_t‖)
+/// (Frobenius). Returns Σ_images loss and accumulates `scale · 2·G·Z_s` into `ds` on the image's
+/// rows and first `kept` columns, where G = ∂loss/∂R_s = −(R_t − (⟨R_s,R_t⟩/‖R_s‖²)·R_s)/(‖R_s‖·‖R_t‖)
+/// is symmetric. When either Gram matrix is zero the cosine is taken as 0 (loss 1) with zero
+/// gradient, as PyTorch's `cosine_similarity` (norms clamped to ε) gives in that case.
+///
+/// The relation loss has no temperature: `shape.temperature` is ignored (upstream LLaVA-KD takes
+/// the Gram matrices of the raw logits).
+pub fn relation_loss<T: Elem>(s: &[T], t: &[T], shape: KlShape, images: &[(u32, u32)], scale: f32, ds: &mut [T]) -> Result<f64> {
+    const WHAT: &str = "relation_loss";
+    let n_rows = check_shape(WHAT, s, t, shape, ds)?;
+    let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
+    // Ranges in bounds, non-empty and disjoint (the gradient GEMM writes each image's rows).
+    let mut sorted: Vec<(usize, usize, usize)> =
+        images.iter().enumerate().map(|(i, &(a, n))| (a as usize, n as usize, i)).collect();
+    sorted.sort_unstable();
+    for (k, &(start, n, i)) in sorted.iter().enumerate() {
+        ensure!(n > 0, "{WHAT}: image {i} has no visual rows");
+        ensure!(
+            start + n <= n_rows,
+            "{WHAT}: image {i} covers rows {start}..{} but the logits have {n_rows} rows",
+            start + n
+        );
+        if k > 0 {
+            let (ps, pn, pi) = sorted[k - 1];
+            if ps + pn > start {
+                bail!("{WHAT}: images {pi} (rows {ps}..{}) and {i} (rows {start}..{}) overlap", ps + pn, start + n);
+            }
+        }
+    }
+    let mut total = 0.0;
+    let mut rs: Vec<T> = Vec::new();
+    let mut rt: Vec<T> = Vec::new();
+    for &(start, n) in images {
+        let (start, n) = (start as usize, n as usize);
+        rs.clear();
+        rs.resize(n * n, T::zero());
+        rt.clear();
+        rt.resize(n * n, T::zero());
+        let zs = &s[start * vs..];
+        let zt = &t[start * vt..];
+        // SAFETY: Z_s spans rows start..start+n of `s` (row stride vs, kept ≤ vs columns), inside
+        // `s` as checked above; likewise Z_t in `t`; R_s/R_t are fresh n×n buffers.
+        unsafe {
+            T::gemm_raw(n, kept, n, T::one(), zs.as_ptr(), vs as isize, 1, zs.as_ptr(), 1, vs as isize, T::zero(), rs.as_mut_ptr(), n as isize, 1);
+            T::gemm_raw(n, kept, n, T::one(), zt.as_ptr(), vt as isize, 1, zt.as_ptr(), 1, vt as isize, T::zero(), rt.as_mut_ptr(), n as isize, 1);
+        }
+        let (mut dot, mut ss, mut tt) = (0.0f64, 0.0f64, 0.0f64);
+        for (&a, &b) in rs.iter().zip(&rt) {
+            let (a, b) = (a.f64(), b.f64());
+            dot += a * b;
+            ss += a * a;
+            tt += b * b;
+        }
+        let (ns, nt) = (ss.sqrt(), tt.sqrt());
+        if ns == 0.0 || nt == 0.0 {
+            total += 1.0;
+            continue;
+        }
+        total += 1.0 - dot / (ns * nt);
+        // G = −(R_t − (dot/‖R_s‖²)·R_s)/(‖R_s‖‖R_t‖), written over R_s.
+        let c_t = -1.0 / (ns * nt);
+        let c_s = dot / (ss * ns * nt);
+        for (g, &b) in rs.iter_mut().zip(&rt) {
+            *g = T::of(c_t * b.f64() + c_s * g.f64());
+        }
+        let d = &mut ds[start * vs..];
+        // ds[rows, ..kept] += (2·scale)·G·Z_s.
+        // SAFETY: G is n×n contiguous; Z_s as above; the destination spans rows start..start+n
+        // of `ds` (same layout as `s`, a distinct buffer), first `kept` columns.
+        unsafe {
+            T::gemm_raw(
+                n,
+                n,
+                kept,
+                T::of(2.0 * scale as f64),
+                rs.as_ptr(),
+                n as isize,
+                1,
+                zs.as_ptr(),
+                vs as isize,
+                1,
+                T::one(),
+                d.as_mut_ptr(),
+                vs as isize,
+                1,
+            );
+        }
+    }
+    Ok(total)
 }

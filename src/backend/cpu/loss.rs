@@ -15,7 +15,9 @@ pub fn cross_entropy<T: Elem>(logits: &[T], targets: &[i32], vocab: usize, scale
         bail!("cross_entropy: target {t} at row {r} is outside the vocabulary of {vocab}");
     }
     let scale = T::of(scale as f64);
-    let total = dlogits
+    // Per-row losses are collected in order and summed sequentially: a rayon reduction would
+    // associate differently from run to run, and resumed runs must reproduce losses bit for bit.
+    let per_row: Vec<f64> = dlogits
         .par_chunks_mut(vocab)
         .zip(logits.par_chunks(vocab))
         .zip(targets.par_iter())
@@ -31,6 +33,6 @@ pub fn cross_entropy<T: Elem>(logits: &[T], targets: &[i32], vocab: usize, scale
             d[t as usize] = d[t as usize] - scale;
             (lse - z[t as usize]).f64()
         })
-        .sum::<f64>();
-    Ok(total)
+        .collect();
+    Ok(per_row.iter().sum())
 }

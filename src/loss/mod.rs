@@ -1,0 +1,298 @@
+//! The LLaVA-KD objective (SPEC §1) on top of the backend's fused losses:
+//!
+//! total = L_ce + α·(L_res + L_prompt) + β·L_vis + γ·L_rel
+//!
+//! * L_ce: next-token cross-entropy over the student's full vocabulary;
+//! * L_res, L_prompt, L_vis: τ²·KL(p_t‖p_s) with p = softmax(logits/τ) over the first
+//!   min(V_s, V_t) columns, on the rows [`select`] describes (L_prompt is the text-side KL of the
+//!   prompt tokens, off by default, and shares α with L_res);
+//! * L_rel: per image, 1 − cos(vec Z_s·Z_sᵀ, vec Z_t·Z_tᵀ) over the image's visual rows (same
+//!   kept columns, no temperature).
+//!
+//! Each term is a mean over its rows (images for L_rel) in the **whole optimizer step**: the
+//! caller passes the step-wide [`LossCounts`] (the sum of [`LossCounts::of`] over the step's
+//! micro-batches), each micro-batch contributes Σ(its rows)/count, and the gradients and reported
+//! values of the micro-batches add up to those of the step. A term with no rows in the whole step
+//! is 0 with no gradient.
+
+pub mod select;
+
+pub use select::{visual_ranges, LossCounts, LossInputs, SelectedRows};
+
+use anyhow::{bail, ensure, Result};
+
+use crate::backend::{Backend, KlShape};
+
+/// Which rows the KL part of MDist distils (paper Table A6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KlTargets {
+    /// L_res: rows predicting a response token.
+    pub response: bool,
+    /// L_prompt: rows predicting a prompt-text token.
+    pub prompt: bool,
+    /// L_vis: rows at the visual positions.
+    pub visual: bool,
+}
+
+impl Default for KlTargets {
+    /// Response and visual, as LLaVA-KD distils.
+    fn default() -> Self {
+        KlTargets { response: true, prompt: false, visual: true }
+    }
+}
+
+/// The objective of one stage: weights, which terms are on, and the KL temperature.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DistillConfig {
+    /// Weight of L_res (and of L_prompt).
+    pub alpha: f32,
+    /// Weight of L_vis.
+    pub beta: f32,
+    /// Weight of L_rel.
+    pub gamma: f32,
+    /// Which KL targets MDist uses.
+    pub targets: KlTargets,
+    /// Multimodal distillation (the KL terms) on or off (paper Table A5).
+    pub mdist: bool,
+    /// Relation distillation (L_rel) on or off (paper Table A5).
+    pub rdist: bool,
+    /// Softmax temperature τ of the KL terms (each is multiplied by τ²); 1 by default.
+    pub temperature: f32,
+}
+
+impl Default for DistillConfig {
+    /// The DPT/DFT defaults: α = β = 1, γ = 0.5 (paper Table A4 row 1), response + visual KL,
+    /// MDist and RDist on, τ = 1.
+    fn default() -> Self {
+        DistillConfig {
+            alpha: 1.0,
+            beta: 1.0,
+            gamma: 0.5,
+            targets: KlTargets::default(),
+            mdist: true,
+            rdist: true,
+            temperature: 1.0,
+        }
+    }
+}
+
+impl DistillConfig {
+    /// Cross-entropy only (the PT and SFT stages): no teacher needed.
+    pub fn ce_only() -> Self {
+        DistillConfig { mdist: false, rdist: false, ..Self::default() }
+    }
+
+    pub fn response_on(&self) -> bool {
+        self.mdist && self.targets.response
+    }
+    pub fn prompt_on(&self) -> bool {
+        self.mdist && self.targets.prompt
+    }
+    pub fn visual_on(&self) -> bool {
+        self.mdist && self.targets.visual
+    }
+    pub fn relation_on(&self) -> bool {
+        self.rdist
+    }
+
+    /// Whether any distillation term is on (then teacher logits are required).
+    pub fn needs_teacher(&self) -> bool {
+        self.response_on() || self.prompt_on() || self.visual_on() || self.relation_on()
+    }
+
+    /// Weights finite and ≥ 0, temperature finite and > 0.
+    pub fn validate(&self) -> Result<()> {
+        for (name, w) in [("alpha", self.alpha), ("beta", self.beta), ("gamma", self.gamma)] {
+            ensure!(w.is_finite() && w >= 0.0, "distillation weight {name} must be finite and non-negative, got {w}");
+        }
+        let t = self.temperature;
+        ensure!(t.is_finite() && t > 0.0, "distillation temperature must be positive and finite, got {t}");
+        Ok(())
+    }
+}
+
+/// Logits of one model: a `[rows, vocab]` buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct Logits<'a, Buf> {
+    pub data: &'a Buf,
+    pub vocab: usize,
+}
+
+/// Each term's value: this micro-batch's share of the step-wide mean (Σ its rows / step count),
+/// so [`LossReport::add`] over the step's micro-batches gives the step's means. `None` for a term
+/// that is off.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossReport {
+    pub ce: f64,
+    pub response: Option<f64>,
+    pub prompt: Option<f64>,
+    pub visual: Option<f64>,
+    pub relation: Option<f64>,
+    /// L_ce + α·(L_res + L_prompt) + β·L_vis + γ·L_rel.
+    pub total: f64,
+}
+
+impl LossReport {
+    /// Adds another micro-batch's report (terms off in either stay as the other has them).
+    pub fn add(&mut self, o: &LossReport) {
+        fn add(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+            match (a, b) {
+                (Some(x), Some(y)) => Some(x + y),
+                (x, None) => x,
+                (None, y) => y,
+            }
+        }
+        self.ce += o.ce;
+        self.response = add(self.response, o.response);
+        self.prompt = add(self.prompt, o.prompt);
+        self.visual = add(self.visual, o.visual);
+        self.relation = add(self.relation, o.relation);
+        self.total += o.total;
+    }
+}
+
+/// Columns the KL and relation terms use: min(V_s, V_t).
+pub fn kept_vocab(student_vocab: usize, teacher_vocab: usize) -> usize {
+    student_vocab.min(teacher_vocab)
+}
+
+/// The line to log once when the vocabularies differ (SPEC §1), or `None` when they agree.
+pub fn vocab_mismatch_note(student_vocab: usize, teacher_vocab: usize) -> Option<String> {
+    (student_vocab != teacher_vocab).then(|| {
+        format!(
+            "student vocabulary {student_vocab} ≠ teacher vocabulary {teacher_vocab}: the KL and relation \
+             terms use the first {} columns of both; cross-entropy uses the student's full vocabulary",
+            kept_vocab(student_vocab, teacher_vocab)
+        )
+    })
+}
+
+/// `sum / count`, 0 for an empty term.
+fn mean(sum: f64, count: usize) -> f64 {
+    if count == 0 {
+        0.0
+    } else {
+        sum / count as f64
+    }
+}
+
+/// `weight / count` as the backend's gradient scale, 0 for an empty term.
+fn grad_scale(weight: f32, count: usize) -> f32 {
+    if count == 0 {
+        0.0
+    } else {
+        (weight as f64 / count as f64) as f32
+    }
+}
+
+/// Computes every enabled term of the objective on one micro-batch and **writes** (overwrites)
+/// d(total)/d(student logits) into `dstudent` (`[rows, V_s]`, zero on rows no term uses).
+///
+/// `step` holds the step-wide counts (each at least this micro-batch's own). `teacher` must be
+/// given when `cfg` enables any distillation term; it is ignored otherwise. Errors (never panics)
+/// on a missing teacher, mismatched shapes, an inconsistent layout, or step counts smaller than
+/// the micro-batch's.
+pub fn distill_loss<B: Backend>(
+    be: &B,
+    cfg: &DistillConfig,
+    inputs: &LossInputs,
+    student: Logits<'_, B::Buf>,
+    teacher: Option<Logits<'_, B::Buf>>,
+    step: &LossCounts,
+    dstudent: &mut B::Buf,
+) -> Result<LossReport> {
+    cfg.validate()?;
+    let batch = LossCounts::of(inputs)?;
+    let n = inputs.len();
+    let vs = student.vocab;
+    ensure!(vs > 0, "distill loss: the student vocabulary is empty");
+    let got = be.len(student.data);
+    ensure!(got == n * vs, "distill loss: student logits have {got} elements, expected {n} rows × {vs} = {}", n * vs);
+    let got = be.len(dstudent);
+    ensure!(got == n * vs, "distill loss: the student gradient has {got} elements, expected {n} rows × {vs} = {}", n * vs);
+    let teacher = match teacher {
+        Some(t) if cfg.needs_teacher() => {
+            ensure!(t.vocab > 0, "distill loss: the teacher vocabulary is empty");
+            let got = be.len(t.data);
+            ensure!(
+                got == n * t.vocab,
+                "distill loss: teacher logits have {got} elements, expected {n} rows × {} = {}",
+                t.vocab,
+                n * t.vocab
+            );
+            Some(t)
+        }
+        Some(_) => None,
+        None if cfg.needs_teacher() => {
+            let on: Vec<&str> = [
+                (cfg.response_on(), "L_res"),
+                (cfg.prompt_on(), "L_prompt"),
+                (cfg.visual_on(), "L_vis"),
+                (cfg.relation_on(), "L_rel"),
+            ]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, name)| *name)
+            .collect();
+            bail!("distill loss: teacher logits are required for {} but none were given", on.join(", "));
+        }
+        None => None,
+    };
+    let check_step = |name: &str, on: bool, step: usize, batch: usize| -> Result<()> {
+        ensure!(
+            !on || step >= batch,
+            "distill loss: the step-wide count of {name} ({step}) is smaller than this micro-batch's ({batch}); \
+             pass the sum of LossCounts::of over every micro-batch of the step"
+        );
+        Ok(())
+    };
+    check_step("cross-entropy targets", true, step.ce, batch.ce)?;
+    check_step("response-KL rows", cfg.response_on(), step.response, batch.response)?;
+    check_step("prompt-KL rows", cfg.prompt_on(), step.prompt, batch.prompt)?;
+    check_step("visual-KL rows", cfg.visual_on(), step.visual, batch.visual)?;
+    check_step("images", cfg.relation_on(), step.images, batch.images)?;
+
+    // Cross-entropy first: it overwrites the gradient buffer (zero on rows without a target);
+    // every other term accumulates onto it.
+    let targets = inputs.ce_targets()?;
+    let ce_sum = be.cross_entropy(student.data, &targets, vs, grad_scale(1.0, step.ce), dstudent)?;
+    let mut report = LossReport { ce: mean(ce_sum, step.ce), ..LossReport::default() };
+
+    if let Some(t) = teacher {
+        let shape = KlShape {
+            student_vocab: vs,
+            teacher_vocab: t.vocab,
+            kept: kept_vocab(vs, t.vocab),
+            temperature: cfg.temperature,
+        };
+        let rows = inputs.rows();
+        let kl = |on: bool, rows: &[u32], weight: f32, count: usize, ds: &mut B::Buf| -> Result<Option<f64>> {
+            if !on {
+                return Ok(None);
+            }
+            if rows.is_empty() {
+                return Ok(Some(0.0));
+            }
+            let sum = be.softmax_kl(student.data, t.data, shape, rows, grad_scale(weight, count), ds)?;
+            Ok(Some(mean(sum, count)))
+        };
+        report.response = kl(cfg.response_on(), &rows.response, cfg.alpha, step.response, dstudent)?;
+        report.prompt = kl(cfg.prompt_on(), &rows.prompt, cfg.alpha, step.prompt, dstudent)?;
+        report.visual = kl(cfg.visual_on(), &rows.visual, cfg.beta, step.visual, dstudent)?;
+        if cfg.relation_on() {
+            let images: Vec<(u32, u32)> = inputs.images.iter().map(|r| (r.start as u32, r.len() as u32)).collect();
+            report.relation = Some(if images.is_empty() {
+                0.0
+            } else {
+                let sum = be.relation_loss(student.data, t.data, shape, &images, grad_scale(cfg.gamma, step.images), dstudent)?;
+                mean(sum, step.images)
+            });
+        }
+    }
+    let (a, b, g) = (cfg.alpha as f64, cfg.beta as f64, cfg.gamma as f64);
+    report.total = report.ce
+        + a * (report.response.unwrap_or(0.0) + report.prompt.unwrap_or(0.0))
+        + b * report.visual.unwrap_or(0.0)
+        + g * report.relation.unwrap_or(0.0);
+    Ok(report)
+}
