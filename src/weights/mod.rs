@@ -6,4 +6,4 @@ mod reader;
 mod writer;
 
 pub use reader::{TensorInfo, WeightSource};
-pub use writer::{write_safetensors, NamedTensor};
+pub use writer::{write_safetensors, write_safetensors_streamed, NamedTensor, StoreDtype, TensorMeta};
