@@ -7,7 +7,9 @@
 pub mod backend;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod train;
 pub mod weights;

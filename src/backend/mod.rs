@@ -114,6 +114,13 @@ pub trait Backend: Send + Sync {
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
+    /// A copy of `buf` in a new buffer.
+    fn duplicate(&self, buf: &Self::Buf) -> Result<Self::Buf> {
+        let n = self.len(buf);
+        let mut out = self.zeros(n)?;
+        self.copy_range(buf, 0, &mut out, 0, n)?;
+        Ok(out)
+    }
     /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]`.
     fn copy_range(
         &self,

@@ -3,39 +3,21 @@
 
 use std::path::Path;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 
 use super::{resolve_device, Device};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::data::{load_rgb, preprocess, ImageProcessorConfig, PREPROCESSOR_CONFIG_FILE};
+use crate::data::{load_rgb, preprocess, ImageProcessorConfig};
 use crate::model::LoadedVision;
 use crate::weights::{write_safetensors, NamedTensor};
-
-/// The preprocessing for a tower: its `preprocessor_config.json`, else SigLIP's settings at the
-/// tower's own image size. A processor size that disagrees with the tower is an error.
-pub fn processor_for(dir: &Path, image_size: usize) -> Result<ImageProcessorConfig> {
-    let mut cfg = ImageProcessorConfig::from_dir(dir)?;
-    if dir.join(PREPROCESSOR_CONFIG_FILE).exists() {
-        ensure!(
-            cfg.height as usize == image_size && cfg.width as usize == image_size,
-            "{}: resizes to {}×{}, but the vision tower takes {image_size}×{image_size} images",
-            dir.join(PREPROCESSOR_CONFIG_FILE).display(),
-            cfg.height,
-            cfg.width
-        );
-    } else {
-        (cfg.height, cfg.width) = (image_size as u32, image_size as u32);
-    }
-    Ok(cfg)
-}
 
 pub fn run(vision: &Path, image: &Path, layer: i64, out: &Path, device: Device) -> Result<()> {
     resolve_device(device)?;
     let be = CpuBackend::<f32>::new();
     let v = LoadedVision::load(&be, vision).with_context(|| format!("loading the vision tower in {}", vision.display()))?;
     let k = v.tower.resolve_layer(layer)?;
-    let cfg = processor_for(vision, v.tower.cfg.image_size)?;
+    let cfg = ImageProcessorConfig::for_tower(vision, v.tower.cfg.image_size)?;
     let pixels = preprocess(&load_rgb(image)?, &cfg).with_context(|| format!("preprocessing {}", image.display()))?;
     let layers = v.tower.cfg.layers;
     let o = v.tower.forward(&be, &v.weights, &[&pixels], layers)?;

@@ -2,6 +2,7 @@
 
 mod encode_image;
 mod forward;
+mod train;
 
 use std::path::PathBuf;
 
@@ -58,10 +59,32 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
     },
-    /// Train with a LLaVA-KD recipe (not built yet).
+    /// Train with a LLaVA-KD recipe from a TOML config; with no config, run the miniature
+    /// LLaVA-KD study (teacher, student, student + KD on synthetic shapes) and print its table.
     Train {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
+        /// Recipe config (see configs/); without it the built-in study runs.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config value, e.g. --set stage.0.lr=1e-3 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Continue from a checkpoint (a run folder or its checkpoint/ folder).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Run folder (default: a fresh runs/run-<time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Study: the small version (smoke test, under 2 minutes on 2 cores).
+        #[arg(long)]
+        quick: bool,
+        /// Study: add the per-stage ablation of paper Table A5 (DPT→SFT, PT→SFT→DFT).
+        #[arg(long)]
+        ablation: bool,
+        /// Study: repeat over this many seeds (1, 2, …) and report mean ± std.
+        #[arg(long, default_value_t = 1)]
+        seeds: usize,
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
     },
     /// Generate an answer for an image and a prompt (not built yet).
     Generate {
@@ -94,6 +117,9 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Forward { model, input_ids, out, device } => forward::run(&model, &input_ids, &out, device),
         Command::EncodeImage { vision, image, layer, out, device } => encode_image::run(&vision, &image, layer, &out, device),
+        Command::Train { config, overrides, resume, out, quick, ablation, seeds, device } => {
+            train::run(train::TrainArgs { config, overrides, resume, out, quick, ablation, seeds, device })
+        }
         other => bail!("`{}` is not built yet in this version of kd-engine", command_name(&other)),
     }
 }

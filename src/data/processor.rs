@@ -72,6 +72,26 @@ impl ImageProcessorConfig {
             .with_context(|| format!("bad image processor config {}", path.display()))
     }
 
+    /// The preprocessing for a vision tower of `image_size` read from `dir`: its
+    /// `preprocessor_config.json`, else SigLIP's settings at the tower's own size. A processor
+    /// whose size disagrees with the tower is an error (learned positions fix the size).
+    pub fn for_tower(dir: &Path, image_size: usize) -> Result<Self> {
+        let mut cfg = Self::from_dir(dir)?;
+        let file = dir.join(PREPROCESSOR_CONFIG_FILE);
+        if file.exists() {
+            ensure!(
+                cfg.height as usize == image_size && cfg.width as usize == image_size,
+                "{}: resizes to {}×{}, but the vision tower takes {image_size}×{image_size} images",
+                file.display(),
+                cfg.height,
+                cfg.width
+            );
+        } else {
+            (cfg.height, cfg.width) = (image_size as u32, image_size as u32);
+        }
+        Ok(cfg)
+    }
+
     /// Parses the JSON text of a `preprocessor_config.json`; keys it does not set keep the
     /// SigLIP defaults. `size` may be `{height, width}` or `{shortest_edge}` (taken as a square:
     /// kd-engine never crops, and a vision tower with learned positions needs a fixed size).

@@ -1,0 +1,428 @@
+//! `kd-engine train --config FILE.toml`: the run, the student, the teacher and the stages of a
+//! recipe. Every field is documented in `configs/llava-kd-qwen1.5-4b-to-0.5b.toml`. Command-line
+//! overrides (`--set stage.0.lr=1e-3`) are applied to the parsed TOML before it is checked, so an
+//! override is validated exactly like the file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// A LLaVA-KD stage (SPEC §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageKind {
+    /// Plain pre-training: projector, L_ce.
+    Pt,
+    /// Distilled pre-training: projector (through the frozen LLM), L_ce + distillation.
+    Dpt,
+    /// Supervised fine-tuning: projector + LLM, L_ce.
+    Sft,
+    /// Distilled fine-tuning: projector + LLM, L_ce + distillation.
+    Dft,
+}
+
+impl StageKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StageKind::Pt => "pt",
+            StageKind::Dpt => "dpt",
+            StageKind::Sft => "sft",
+            StageKind::Dft => "dft",
+        }
+    }
+    /// Whether the LLM trains (the projector always does; the vision tower never).
+    pub fn trains_llm(self) -> bool {
+        matches!(self, StageKind::Sft | StageKind::Dft)
+    }
+    pub fn distills(self) -> bool {
+        matches!(self, StageKind::Dpt | StageKind::Dft)
+    }
+    /// The template the paper's data uses in this stage.
+    pub fn default_template(self) -> &'static str {
+        match self {
+            StageKind::Pt | StageKind::Dpt => "pretrain",
+            StageKind::Sft | StageKind::Dft => "phi",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run folder (metrics, plots, checkpoints, the exported student). Default: a fresh
+    /// `runs/<timestamp>` folder.
+    #[serde(default)]
+    pub out: Option<PathBuf>,
+    #[serde(default = "defaults::seed")]
+    pub seed: u64,
+    /// `auto`, `cpu` or `cuda`.
+    #[serde(default = "defaults::device")]
+    pub device: String,
+    /// Write a checkpoint every this many optimizer steps (0: only at the end of each stage).
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Print the loss terms every this many optimizer steps.
+    #[serde(default = "defaults::log_every")]
+    pub log_every: u64,
+    /// Loading fails when a dataset skips more than this fraction of its samples.
+    #[serde(default = "defaults::max_skip_fraction")]
+    pub max_skip_fraction: f64,
+    /// The run stops after this many optimizer steps in a row with a non-finite loss or gradient.
+    #[serde(default = "defaults::max_nonfinite_streak")]
+    pub max_nonfinite_streak: u32,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            out: None,
+            seed: defaults::seed(),
+            device: defaults::device(),
+            checkpoint_every: 0,
+            log_every: defaults::log_every(),
+            max_skip_fraction: defaults::max_skip_fraction(),
+            max_nonfinite_streak: defaults::max_nonfinite_streak(),
+        }
+    }
+}
+
+/// Where a model's parts come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSource {
+    /// A whole MLLM folder: kd-engine's export (HF `LlavaForConditionalGeneration`) or TinyLLaVA's
+    /// layout. Excludes `llm`/`vision`/`projector`.
+    #[serde(default)]
+    pub llava: Option<PathBuf>,
+    /// A Hugging Face decoder folder (Qwen2 or LLaMA family).
+    #[serde(default)]
+    pub llm: Option<PathBuf>,
+    /// A SigLIP folder (`SiglipVisionModel` or dual-tower `SiglipModel`).
+    #[serde(default)]
+    pub vision: Option<PathBuf>,
+    /// Optional safetensors file with `linear_1.*`/`linear_2.*` projector weights; a fresh
+    /// projector is initialised when absent.
+    #[serde(default)]
+    pub projector: Option<PathBuf>,
+    /// `tokenizer.json` folder or file; default: the LLM (or LLaVA) folder.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// HF `hidden_states` index of the visual features (−2: the penultimate layer).
+    #[serde(default = "defaults::feature_layer")]
+    pub feature_layer: i64,
+    /// `patch` (drop the first token, upstream's default) or `full`.
+    #[serde(default = "defaults::feature_select")]
+    pub feature_select: String,
+}
+
+/// Which rows the KL terms distil (paper Table A6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Response,
+    Prompt,
+    Visual,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    pub kind: StageKind,
+    /// LLaVA JSON or JSONL.
+    pub data: PathBuf,
+    /// Root of the samples' image paths; default: the data file's folder.
+    #[serde(default)]
+    pub image_folder: Option<PathBuf>,
+    /// `pretrain`, `phi` or `llama`; default by stage (pretrain for PT/DPT, phi for SFT/DFT).
+    #[serde(default)]
+    pub template: Option<String>,
+    pub lr: f64,
+    /// Samples per optimizer step.
+    pub global_batch: usize,
+    /// Samples per forward pass; `global_batch / micro_batch` micro-batches are accumulated.
+    #[serde(default)]
+    pub micro_batch: Option<usize>,
+    #[serde(default = "defaults::epochs")]
+    pub epochs: f64,
+    /// Stop the stage after this many optimizer steps; the schedule then spans these steps (as the
+    /// HF Trainer's `max_steps` does).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    #[serde(default = "defaults::warmup_ratio")]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clipping; 0 disables it.
+    #[serde(default = "defaults::max_grad_norm")]
+    pub max_grad_norm: f64,
+    /// Weights of L_res (+ L_prompt), L_vis and L_rel: α, β, γ (α', β', γ' in DFT).
+    #[serde(default = "defaults::one")]
+    pub alpha: f64,
+    #[serde(default = "defaults::one")]
+    pub beta: f64,
+    #[serde(default = "defaults::half")]
+    pub gamma: f64,
+    #[serde(default = "defaults::targets")]
+    pub targets: Vec<Target>,
+    /// Multimodal distillation (L_res, L_prompt, L_vis) on or off (paper Table A5).
+    #[serde(default = "defaults::yes")]
+    pub mdist: bool,
+    /// Relation distillation (L_rel) on or off.
+    #[serde(default = "defaults::yes")]
+    pub rdist: bool,
+    #[serde(default = "defaults::one")]
+    pub temperature: f64,
+    /// Maximum sequence length after splicing the visual tokens (the tail is truncated).
+    #[serde(default = "defaults::max_len")]
+    pub max_len: usize,
+}
+
+impl StageConfig {
+    pub fn micro_batch(&self) -> usize {
+        self.micro_batch.unwrap_or(self.global_batch)
+    }
+    pub fn template_name(&self) -> &str {
+        self.template.as_deref().unwrap_or(self.kind.default_template())
+    }
+
+    fn check(&self, i: usize) -> Result<()> {
+        let at = |field: &str| format!("stage.{i}.{field}");
+        ensure!(self.lr.is_finite() && self.lr >= 0.0, "{}: must be a non-negative number, found {}", at("lr"), self.lr);
+        ensure!(self.global_batch > 0, "{}: must be at least 1", at("global_batch"));
+        let mb = self.micro_batch();
+        ensure!(
+            mb > 0 && self.global_batch % mb == 0,
+            "{}: {} does not divide global_batch {}",
+            at("micro_batch"),
+            mb,
+            self.global_batch
+        );
+        ensure!(self.epochs > 0.0 && self.epochs.is_finite(), "{}: must be positive, found {}", at("epochs"), self.epochs);
+        ensure!((0.0..1.0).contains(&self.warmup_ratio), "{}: must be in [0, 1), found {}", at("warmup_ratio"), self.warmup_ratio);
+        ensure!(self.temperature > 0.0, "{}: must be positive, found {}", at("temperature"), self.temperature);
+        ensure!(self.max_len > 0, "{}: must be positive", at("max_len"));
+        for (name, v) in [("alpha", self.alpha), ("beta", self.beta), ("gamma", self.gamma), ("weight_decay", self.weight_decay), ("max_grad_norm", self.max_grad_norm)] {
+            ensure!(v.is_finite() && v >= 0.0, "{}: must be a non-negative number, found {v}", at(name));
+        }
+        if !matches!(self.template_name(), "pretrain" | "phi" | "llama") {
+            bail!("{}: unknown template \"{}\" (pretrain, phi or llama)", at("template"), self.template_name());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    #[serde(default)]
+    pub run: RunConfig,
+    pub student: ModelSource,
+    #[serde(default)]
+    pub teacher: Option<ModelSource>,
+    #[serde(rename = "stage")]
+    pub stages: Vec<StageConfig>,
+}
+
+mod defaults {
+    use super::Target;
+    pub fn seed() -> u64 {
+        42
+    }
+    pub fn device() -> String {
+        "auto".into()
+    }
+    pub fn log_every() -> u64 {
+        10
+    }
+    pub fn max_skip_fraction() -> f64 {
+        crate::data::DEFAULT_MAX_SKIP_FRACTION
+    }
+    pub fn max_nonfinite_streak() -> u32 {
+        5
+    }
+    pub fn feature_layer() -> i64 {
+        -2
+    }
+    pub fn feature_select() -> String {
+        "patch".into()
+    }
+    pub fn epochs() -> f64 {
+        1.0
+    }
+    pub fn warmup_ratio() -> f64 {
+        0.03
+    }
+    pub fn max_grad_norm() -> f64 {
+        1.0
+    }
+    pub fn one() -> f64 {
+        1.0
+    }
+    pub fn half() -> f64 {
+        0.5
+    }
+    pub fn targets() -> Vec<Target> {
+        vec![Target::Response, Target::Visual]
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn max_len() -> usize {
+        crate::data::DEFAULT_MAX_LEN
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML config, applies `key=value` overrides, and checks it.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        Self::parse(&text, overrides).with_context(|| format!("config {}", path.display()))
+    }
+
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("not valid TOML: {e}"))?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let cfg: TrainConfig = toml::Value::Table(value).try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}", e.message()))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    pub fn check(&self) -> Result<()> {
+        ensure!(!self.stages.is_empty(), "no [[stage]]: a recipe needs at least one stage");
+        for (i, s) in self.stages.iter().enumerate() {
+            s.check(i)?;
+            if s.kind.distills() && self.teacher.is_none() {
+                bail!(
+                    "stage.{i} is {} (a distillation stage) but the config has no [teacher]",
+                    s.kind.name().to_uppercase()
+                );
+            }
+        }
+        check_source("student", &self.student)?;
+        if let Some(t) = &self.teacher {
+            check_source("teacher", t)?;
+        }
+        ensure!(
+            matches!(self.run.device.as_str(), "auto" | "cpu" | "cuda"),
+            "run.device: \"{}\" is not auto, cpu or cuda",
+            self.run.device
+        );
+        Ok(())
+    }
+}
+
+fn check_source(what: &str, s: &ModelSource) -> Result<()> {
+    match (&s.llava, &s.llm, &s.vision) {
+        (Some(_), None, None) => {}
+        (None, Some(_), Some(_)) => {}
+        (Some(_), _, _) => bail!("{what}: give either `llava` or `llm` + `vision`, not both"),
+        _ => bail!("{what}: needs `llava` (one MLLM folder) or both `llm` and `vision`"),
+    }
+    ensure!(
+        matches!(s.feature_select.as_str(), "patch" | "full"),
+        "{what}.feature_select: \"{}\" is not patch or full",
+        s.feature_select
+    );
+    Ok(())
+}
+
+/// Applies one `dotted.key=value` override; `stage.N` indexes the stage list. The value is read
+/// as TOML (numbers, booleans, arrays, quoted strings), else taken as a bare string.
+fn apply_override(root: &mut toml::Table, spec: &str) -> Result<()> {
+    let (key, raw) = spec.split_once('=').with_context(|| format!("override \"{spec}\": expected key=value"))?;
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut table = root;
+    let mut i = 0;
+    while i + 1 < parts.len() {
+        let part = parts[i];
+        let name = if part == "stage" { "stage" } else { part };
+        if name == "stage" {
+            let idx: usize = parts
+                .get(i + 1)
+                .and_then(|s| s.parse().ok())
+                .with_context(|| format!("override \"{key}\": `stage` must be followed by a stage index, e.g. stage.0.lr"))?;
+            let stages = table
+                .get_mut("stage")
+                .and_then(toml::Value::as_array_mut)
+                .with_context(|| format!("override \"{key}\": the config has no [[stage]]"))?;
+            let n = stages.len();
+            table = stages
+                .get_mut(idx)
+                .and_then(toml::Value::as_table_mut)
+                .with_context(|| format!("override \"{key}\": stage {idx} does not exist (the config has {n})"))?;
+            i += 2;
+            continue;
+        }
+        table = table
+            .entry(name.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .with_context(|| format!("override \"{key}\": `{name}` is not a table"))?;
+        i += 1;
+    }
+    let last = parts.last().filter(|p| !p.is_empty()).with_context(|| format!("override \"{spec}\": empty key"))?;
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[student]
+llm = "s/llm"
+vision = "s/vision"
+
+[teacher]
+llava = "t"
+
+[[stage]]
+kind = "dpt"
+data = "pt.json"
+lr = 1e-3
+global_batch = 256
+micro_batch = 8
+
+[[stage]]
+kind = "sft"
+data = "sft.json"
+lr = 2e-5
+global_batch = 128
+"#;
+
+    #[test]
+    fn parses_with_defaults_and_overrides() {
+        let c = TrainConfig::parse(BASE, &["stage.1.lr=3e-5".into(), "run.seed=7".into(), "stage.0.targets=[\"response\"]".into()]).unwrap();
+        assert_eq!(c.stages[1].lr, 3e-5);
+        assert_eq!(c.run.seed, 7);
+        assert_eq!(c.stages[0].targets, vec![Target::Response]);
+        assert_eq!(c.stages[0].gamma, 0.5);
+        assert_eq!(c.stages[1].micro_batch(), 128);
+        assert_eq!(c.stages[1].template_name(), "phi");
+        assert_eq!(c.student.feature_layer, -2);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = TrainConfig::parse(&BASE.replace("lr = 2e-5", "lrr = 2e-5"), &[]).unwrap_err().to_string();
+        assert!(e.contains("lrr"), "{e}");
+        let e = TrainConfig::parse(&BASE.replace("global_batch = 128", "global_batch = \"x\""), &[]).unwrap_err().to_string();
+        assert!(e.contains("global_batch") || e.contains("invalid type"), "{e}");
+        let e = TrainConfig::parse(BASE, &["stage.0.micro_batch=7".into()]).unwrap_err().to_string();
+        assert!(e.contains("stage.0.micro_batch"), "{e}");
+        let e = TrainConfig::parse(BASE, &["stage.5.lr=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("stage 5 does not exist"), "{e}");
+        let e = TrainConfig::parse(&BASE.replace("[teacher]\nllava = \"t\"", ""), &[]).unwrap_err().to_string();
+        assert!(e.contains("stage.0 is DPT") && e.contains("no [teacher]"), "{e}");
+        let e = TrainConfig::parse("[student\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("not valid TOML"), "{e}");
+    }
+}

@@ -1,0 +1,86 @@
+//! Running a recipe: its stages in order over one student (and teacher), resumable, then the
+//! loss plots and the exported student.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use super::checkpoint::{self, TrainState};
+use super::config::{RunConfig, StageConfig, TrainConfig};
+use super::metrics::MetricsWriter;
+use super::model_state::{load_model, MllmState};
+use super::plot::{plot_losses, read_metrics_jsonl};
+use super::stage::{run_stage, RunContext};
+use crate::backend::Backend;
+use crate::model::{export_llava, ExportOptions};
+
+/// How a recipe run is driven.
+pub struct RecipeRun<'a> {
+    pub run: &'a RunConfig,
+    pub out_dir: PathBuf,
+    pub progress: bool,
+    /// Checkpoint folder to continue from.
+    pub resume: Option<PathBuf>,
+    /// Stop after this many optimizer steps of the whole run (to test resuming).
+    pub stop_after_global_step: Option<u64>,
+}
+
+/// Runs `stages` in order on `student`, from the checkpoint in `r.resume` when given, writing
+/// metrics to `out_dir/metrics.jsonl` and the loss plots at the end. Returns the final state.
+pub fn run_stages<B: Backend>(
+    be: &B,
+    r: &RecipeRun<'_>,
+    stages: &[StageConfig],
+    student: &mut MllmState<B::Buf>,
+    teacher: Option<&MllmState<B::Buf>>,
+) -> Result<TrainState> {
+    std::fs::create_dir_all(&r.out_dir).with_context(|| format!("creating {}", r.out_dir.display()))?;
+    let mut state = TrainState { seed: r.run.seed, ..TrainState::default() };
+    if let Some(ckpt) = &r.resume {
+        state = checkpoint::read_state(ckpt)?;
+        checkpoint::load_weights(be, ckpt, &mut student.weights)?;
+        eprintln!(
+            "resuming from {}: stage {} step {}{}",
+            ckpt.display(),
+            state.stage_index,
+            state.stage_step,
+            if state.stage_done { " (stage finished)" } else { "" }
+        );
+    }
+    let metrics_path = r.out_dir.join("metrics.jsonl");
+    let mut metrics = MetricsWriter::append(&metrics_path)?;
+    let mut ctx = RunContext { run: r.run, out_dir: &r.out_dir, metrics: &mut metrics, progress: r.progress, stop_after_global_step: r.stop_after_global_step, vocab_note_logged: false };
+    for (i, stage) in stages.iter().enumerate() {
+        if i < state.stage_index || (i == state.stage_index && state.stage_done) {
+            continue;
+        }
+        run_stage(be, &mut ctx, stage, i, student, teacher, &mut state, r.resume.as_deref())?;
+        if r.stop_after_global_step.is_some_and(|s| state.global_step >= s) {
+            return Ok(state);
+        }
+    }
+    let records = read_metrics_jsonl(&metrics_path)?;
+    if !records.is_empty() {
+        plot_losses(&records, &r.out_dir, "kd-engine")?;
+    }
+    Ok(state)
+}
+
+/// `kd-engine train --config FILE`: loads the models a config names and runs its recipe.
+pub fn run_config<B: Backend>(be: &B, cfg: &TrainConfig, out_dir: &Path, resume: Option<PathBuf>, progress: bool) -> Result<TrainState> {
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    std::fs::write(out_dir.join("config.toml"), toml::to_string_pretty(cfg)?).with_context(|| format!("writing the config copy into {}", out_dir.display()))?;
+    let mut student = load_model(be, "student", &cfg.student, cfg.run.seed)?;
+    let teacher = cfg.teacher.as_ref().map(|t| load_model(be, "teacher", t, cfg.run.seed)).transpose()?;
+    let run = RecipeRun { run: &cfg.run, out_dir: out_dir.to_path_buf(), progress, resume, stop_after_global_step: None };
+    let state = run_stages(be, &run, &cfg.stages, &mut student, teacher.as_ref())?;
+    let export_dir = out_dir.join("student");
+    let tokenizer = cfg.student.tokenizer.clone().or_else(|| cfg.student.llm.clone()).or_else(|| cfg.student.llava.clone());
+    let opts = ExportOptions { tokenizer: tokenizer.as_deref(), image_processor: Some(student.processor.clone()), ..ExportOptions::default() };
+    if export_dir.exists() {
+        std::fs::remove_dir_all(&export_dir).with_context(|| format!("replacing the previous export {}", export_dir.display()))?;
+    }
+    export_llava(be, &export_dir, &student.model, &student.weights, &opts)?;
+    eprintln!("exported the student as an HF LlavaForConditionalGeneration folder: {}", export_dir.display());
+    Ok(state)
+}

@@ -1,0 +1,298 @@
+//! One stage of a recipe: the optimizer-step loop with gradient accumulation, the stage's freeze
+//! rules and objective, logging, checkpoints, and the stop on repeated non-finite values.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Value};
+
+use super::checkpoint::{self, TrainState};
+use super::config::{RunConfig, StageConfig, Target};
+use super::metrics::{describe, loss_fields, MetricsWriter};
+use super::model_state::MllmState;
+use crate::backend::Backend;
+use crate::data::{default_visual_placeholder, Dataset, DatasetOptions, EncodeOptions, PackedBatch, SampleEncoder, Template};
+use crate::loss::{distill_loss, visual_ranges, vocab_mismatch_note, DistillConfig, KlTargets, Logits, LossCounts, LossInputs, LossReport};
+use crate::model::{MllmGrads, ParamSet};
+use crate::optim::{AdamW, AdamWConfig, CosineSchedule};
+
+/// What a stage needs from the run around it.
+pub struct RunContext<'a> {
+    pub run: &'a RunConfig,
+    pub out_dir: &'a Path,
+    pub metrics: &'a mut MetricsWriter,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+    /// Stop after this many optimizer steps of the whole run (tests of resume use it).
+    pub stop_after_global_step: Option<u64>,
+    /// The vocabulary-mismatch note has been logged (SPEC §1: once per run).
+    pub vocab_note_logged: bool,
+}
+
+/// Prints a log line above the progress bar, or plainly when the bar is hidden.
+fn log(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
+/// The objective of a stage from its config.
+pub fn distill_config(stage: &StageConfig) -> DistillConfig {
+    if !stage.kind.distills() {
+        return DistillConfig::ce_only();
+    }
+    DistillConfig {
+        alpha: stage.alpha as f32,
+        beta: stage.beta as f32,
+        gamma: stage.gamma as f32,
+        targets: KlTargets {
+            response: stage.targets.contains(&Target::Response),
+            prompt: stage.targets.contains(&Target::Prompt),
+            visual: stage.targets.contains(&Target::Visual),
+        },
+        mdist: stage.mdist,
+        rdist: stage.rdist,
+        temperature: stage.temperature as f32,
+    }
+}
+
+/// The sample order of a stage: `ceil(len · epochs)` indices, each epoch a fresh permutation
+/// seeded by (run seed, stage, epoch), so a resumed run sees exactly the same order.
+pub fn sample_order(dataset: &Dataset, seed: u64, stage_index: usize, epochs: f64) -> Vec<usize> {
+    let total = (dataset.len() as f64 * epochs).ceil() as usize;
+    let mut order = Vec::with_capacity(total);
+    let mut epoch = 0u64;
+    while order.len() < total {
+        let epoch_seed = seed ^ (stage_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        order.extend(dataset.order(epoch_seed));
+        epoch += 1;
+    }
+    order.truncate(total);
+    order
+}
+
+fn loss_inputs<'a>(b: &'a PackedBatch, images: &'a [std::ops::Range<usize>]) -> LossInputs<'a> {
+    LossInputs { ids: &b.ids, groups: &b.groups, seq_lens: &b.seq_lens, images }
+}
+
+/// Runs (or resumes) stage `stage_index`. `state` says where the run stands and is updated as
+/// steps complete; a checkpoint is written at the configured interval and at the stage's end.
+#[allow(clippy::too_many_arguments)]
+pub fn run_stage<B: Backend>(
+    be: &B,
+    ctx: &mut RunContext<'_>,
+    stage: &StageConfig,
+    stage_index: usize,
+    student: &mut MllmState<B::Buf>,
+    teacher: Option<&MllmState<B::Buf>>,
+    state: &mut TrainState,
+    resume_from: Option<&Path>,
+) -> Result<()> {
+    let name = stage.kind.name().to_uppercase();
+    let objective = distill_config(stage);
+    let teacher = match (objective.needs_teacher(), teacher) {
+        (true, None) => bail!("stage {stage_index} ({name}) distils, but no teacher was given"),
+        (true, Some(t)) => Some(t),
+        (false, _) => None,
+    };
+    if let Some(t) = teacher {
+        let (nt, ns) = (t.model.visual_tokens(), student.model.visual_tokens());
+        ensure!(
+            nt == ns,
+            "teacher and student give different numbers of visual tokens per image ({nt} vs {ns}): distillation pairs them row by row"
+        );
+        if let Some(note) = vocab_mismatch_note(student.model.llm.cfg.vocab, t.model.llm.cfg.vocab) {
+            if !ctx.vocab_note_logged {
+                eprintln!("note: {note}");
+                ctx.vocab_note_logged = true;
+            }
+        }
+    }
+    let shared_features = teacher.is_some_and(|t| t.shares_vision_with(student));
+
+    let encoder = SampleEncoder {
+        template: Template::builtin(stage.template_name())?,
+        tokenizer: student.tokenizer.clone(),
+        options: EncodeOptions {
+            n_visual_tokens: student.model.visual_tokens(),
+            visual_placeholder_id: default_visual_placeholder(&student.tokenizer),
+            max_len: stage.max_len,
+        },
+    };
+    let opts = DatasetOptions {
+        image_folder: stage.image_folder.clone(),
+        max_skip_fraction: ctx.run.max_skip_fraction,
+        ..DatasetOptions::default()
+    };
+    let dataset = Dataset::load(&stage.data, &encoder, &opts).with_context(|| format!("stage {stage_index} ({name})"))?;
+    eprintln!("stage {stage_index} ({name}): {}: {}", stage.data.display(), dataset.report());
+
+    let order = sample_order(&dataset, ctx.run.seed, stage_index, stage.epochs);
+    let gb = stage.global_batch;
+    let total_steps = order.len().div_ceil(gb) as u64;
+    let steps = stage.max_steps.map_or(total_steps, |m| m.min(total_steps));
+    let schedule = CosineSchedule::new(stage.lr, stage.warmup_ratio, steps);
+
+    // Freeze rules (SPEC §1): the projector always trains, the LLM in SFT/DFT, the tower never.
+    let trains_llm = stage.kind.trains_llm();
+    let set_names: &[&str] = if trains_llm { &["projector", "llm"] } else { &["projector"] };
+    let adam_cfg = AdamWConfig {
+        weight_decay: stage.weight_decay as f32,
+        max_grad_norm: (stage.max_grad_norm > 0.0).then_some(stage.max_grad_norm as f32),
+        ..AdamWConfig::default()
+    };
+    let mut opt = {
+        let w = &student.weights;
+        let sets: Vec<&ParamSet<B::Buf>> = if trains_llm { vec![&w.projector, &w.llm] } else { vec![&w.projector] };
+        AdamW::new(be, &sets, adam_cfg)?
+    };
+    let mut gproj = ParamSet::zeros(be, &student.model.projector.specs)?;
+    let mut gllm = if trains_llm { Some(ParamSet::zeros(be, &student.model.llm.specs)?) } else { None };
+    let resuming_inside = state.stage_index == stage_index && !state.stage_done && state.stage_step > 0;
+    if resuming_inside {
+        let ckpt = resume_from.context("resuming inside a stage needs its checkpoint")?;
+        checkpoint::load_optimizer(be, ckpt, &mut opt, set_names, state.optimizer_step)?;
+    } else {
+        state.stage_index = stage_index;
+        state.stage_step = 0;
+        state.stage_done = false;
+        state.optimizer_step = 0;
+    }
+
+    let bar = if ctx.progress { ProgressBar::new(steps) } else { ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::hidden()) };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps, {per_sec}, eta {eta} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(name.clone());
+    bar.set_position(state.stage_step);
+    let started = Instant::now();
+
+    while state.stage_step < steps {
+        if ctx.stop_after_global_step.is_some_and(|s| state.global_step >= s) {
+            bar.abandon();
+            return Ok(());
+        }
+        let step = state.stage_step;
+        let step_start = Instant::now();
+        let idx = &order[step as usize * gb..((step as usize + 1) * gb).min(order.len())];
+        let mut batches = Vec::new();
+        let mut skipped = 0usize;
+        for chunk in idx.chunks(stage.micro_batch()) {
+            let loaded = dataset.load_batch(chunk, &encoder, &student.processor)?;
+            for s in &loaded.skipped {
+                log(&bar, format!("skipped at batch time: {s}"));
+            }
+            skipped += loaded.skipped.len();
+            if loaded.batch.n_sequences() > 0 {
+                batches.push(loaded.batch);
+            }
+        }
+        let ranges: Vec<Vec<std::ops::Range<usize>>> =
+            batches.iter().map(|b| visual_ranges(&b.groups, &b.seq_lens)).collect::<Result<_>>()?;
+        let counts: LossCounts = batches.iter().zip(&ranges).map(|(b, r)| LossCounts::of(&loss_inputs(b, r))).sum::<Result<LossCounts>>()?;
+
+        gproj.zero_all(be)?;
+        if let Some(g) = gllm.as_mut() {
+            g.zero_all(be)?;
+        }
+        let mut report = LossReport::default();
+        let mut tokens = 0usize;
+        for (b, r) in batches.iter().zip(&ranges) {
+            tokens += b.n_tokens();
+            let features = if b.pixel_values.is_empty() { None } else { Some(student.model.encode_images(be, &student.weights.vision, &b.pixel_values)?) };
+            let teacher_logits = match teacher {
+                Some(t) => {
+                    let tf = match (&features, shared_features) {
+                        (Some(f), true) => Some(be.duplicate(f)?),
+                        (Some(_), false) => Some(t.model.encode_images(be, &t.weights.vision, &b.pixel_values)?),
+                        (None, _) => None,
+                    };
+                    let acts = t.model.forward(be, &t.weights, b, tf)?;
+                    Some(t.model.llm.lm_head(be, &t.weights.llm, &acts.llm.hidden)?)
+                }
+                None => None,
+            };
+            let acts = student.model.forward(be, &student.weights, b, features)?;
+            let logits = student.model.llm.lm_head(be, &student.weights.llm, &acts.llm.hidden)?;
+            let mut dlogits = be.zeros(be.len(&logits))?;
+            let vs = student.model.llm.cfg.vocab;
+            let tl = match (&teacher_logits, teacher) {
+                (Some(l), Some(t)) => Some(Logits { data: l, vocab: t.model.llm.cfg.vocab }),
+                _ => None,
+            };
+            let r = distill_loss(be, &objective, &loss_inputs(b, r), Logits { data: &logits, vocab: vs }, tl, &counts, &mut dlogits)?;
+            report.add(&r);
+            drop(teacher_logits);
+            let dh = student.model.llm.lm_head_backward(be, &student.weights.llm, &acts.llm.hidden, &dlogits, gllm.as_mut())?;
+            student.model.backward(be, &student.weights, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: gllm.as_mut() })?;
+        }
+
+        let lr = schedule.lr(step);
+        let mut record = serde_json::Map::new();
+        let finite = report.total.is_finite();
+        let update = if finite {
+            let w = &mut student.weights;
+            let rep = match gllm.as_ref() {
+                Some(gl) => opt.step(be, &mut [&mut w.projector, &mut w.llm], &[&gproj, gl], lr as f32)?,
+                None => opt.step(be, &mut [&mut w.projector], &[&gproj], lr as f32)?,
+            };
+            record.insert("grad_norm".into(), json!(rep.grad_norm));
+            !rep.skipped
+        } else {
+            false
+        };
+        if update {
+            state.nonfinite_streak = 0;
+        } else {
+            state.nonfinite_streak += 1;
+            state.nonfinite_total += 1;
+            log(&bar, format!("stage {stage_index} ({name}) step {}: non-finite loss or gradient, step skipped", step + 1));
+        }
+        state.stage_step += 1;
+        state.global_step += 1;
+        state.optimizer_step = opt.step;
+
+        let elapsed = step_start.elapsed().as_secs_f64();
+        record.insert("stage".into(), json!(stage.kind.name()));
+        record.insert("stage_index".into(), json!(stage_index));
+        record.insert("step".into(), json!(state.stage_step));
+        record.insert("global_step".into(), json!(state.global_step));
+        record.insert("lr".into(), json!(lr));
+        record.extend(loss_fields(&report));
+        record.insert("tokens".into(), json!(tokens));
+        record.insert("tokens_per_s".into(), json!(tokens as f64 / elapsed.max(1e-9)));
+        record.insert("skipped_samples".into(), json!(skipped));
+        record.insert("skipped_step".into(), json!(!update));
+        ctx.metrics.write(&Value::Object(record))?;
+        if state.nonfinite_streak >= ctx.run.max_nonfinite_streak {
+            bar.abandon();
+            bail!(
+                "stopping: {} optimizer steps in a row had a non-finite loss or gradient (stage {stage_index} ({name}), step {}); \
+                 lower the learning rate or check the data",
+                state.nonfinite_streak,
+                step + 1
+            );
+        }
+        bar.set_message(format!("loss {:.4}", report.total));
+        bar.inc(1);
+        if ctx.run.log_every > 0 && (state.stage_step % ctx.run.log_every == 0 || state.stage_step == steps) {
+            log(&bar, format!("{name} step {}/{steps} lr {lr:.3e} {}", state.stage_step, describe(&report)));
+        }
+        if state.stage_step == steps {
+            state.stage_done = true;
+        }
+        let interval = ctx.run.checkpoint_every;
+        if state.stage_done || (interval > 0 && state.global_step % interval == 0) {
+            checkpoint::write(be, ctx.out_dir, state, &student.weights, Some((&opt, set_names)))?;
+        }
+    }
+    bar.finish_and_clear();
+    eprintln!("stage {stage_index} ({name}): {steps} steps in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}

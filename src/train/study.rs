@@ -1,0 +1,324 @@
+//! The miniature LLaVA-KD study that `kd-engine train` runs with no arguments: procedural images
+//! of coloured shapes with captions (PT/DPT) and questions (SFT/DFT), a tiny frozen SigLIP-shaped
+//! tower shared by every model, a larger teacher trained PT→SFT, a student baseline PT→SFT and a
+//! student trained with LLaVA-KD (DPT→SFT→DFT), all evaluated on held-out questions about
+//! held-out images, in the form of paper Table A8. `--ablation` adds the per-stage variants of
+//! Table A5 (DPT→SFT and PT→SFT→DFT).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::config::{RunConfig, StageConfig, StageKind, Target};
+use super::model_state::{linear_default_init, MllmState};
+use super::recipe::{run_stages, RecipeRun};
+use crate::backend::{Backend, GeluKind};
+use crate::data::synthetic::study_tokenizer;
+use crate::data::{
+    answer_matches, default_visual_placeholder, load_rgb, preprocess, write_study_data, EncodeOptions, ImageProcessorConfig, Role,
+    StudyFiles, StudySpec, Template, Turn, IMAGE_TAG,
+};
+use crate::eval::greedy_answers;
+use crate::model::{Arch, FeatureSelect, Llm, LlmConfig, Mllm, MllmWeights, ParamSet, ParamSpec, VisionConfig, VisionTower};
+use crate::weights::{write_safetensors, NamedTensor};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct StudyOptions {
+    pub quick: bool,
+    pub ablation: bool,
+    pub seeds: Vec<u64>,
+    pub out: PathBuf,
+    pub progress: bool,
+}
+
+/// Hyper-parameters of the study's runs (the miniature analogue of paper Table A9).
+struct Plan {
+    spec: StudySpec,
+    vision: VisionConfig,
+    teacher: LlmConfig,
+    student: LlmConfig,
+    pt_lr: f64,
+    sft_lr: f64,
+    sft_epochs: f64,
+    teacher_sft_epochs: f64,
+    batch: usize,
+}
+
+fn plan(quick: bool, vocab: usize) -> Plan {
+    let llm = |hidden, layers, heads, kv| LlmConfig {
+        arch: Arch::Qwen2,
+        hidden,
+        intermediate: hidden * 2,
+        layers,
+        heads,
+        kv_heads: kv,
+        head_dim: hidden / heads,
+        vocab,
+        rms_eps: 1e-6,
+        rope_theta: 10000.0,
+        tie_embeddings: true,
+        qkv_bias: true,
+        o_bias: false,
+    };
+    Plan {
+        spec: if quick { StudySpec::quick() } else { StudySpec::full() },
+        // 32×32 images in 8×8 patches: 16 tokens, 15 after dropping the first (as for so400m).
+        vision: VisionConfig { hidden: 48, intermediate: 96, layers: 2, heads: 4, channels: 3, image_size: 32, patch_size: 8, ln_eps: 1e-6, act: GeluKind::Tanh },
+        teacher: llm(96, 3, 4, 2),
+        student: llm(48, 2, 4, 2),
+        pt_lr: 1e-3,
+        sft_lr: 3e-3,
+        sft_epochs: if quick { 6.0 } else { 8.0 },
+        teacher_sft_epochs: if quick { 8.0 } else { 10.0 },
+        batch: 16,
+    }
+}
+
+/// A stage of the study with its defaults.
+pub fn stage(kind: StageKind, data: &Path, lr: f64, epochs: f64, batch: usize) -> StageConfig {
+    StageConfig {
+        kind,
+        data: data.to_path_buf(),
+        image_folder: None,
+        template: None,
+        lr,
+        global_batch: batch,
+        micro_batch: None,
+        epochs,
+        max_steps: None,
+        warmup_ratio: 0.03,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        alpha: 1.0,
+        beta: 1.0,
+        gamma: 0.5,
+        targets: vec![Target::Response, Target::Visual],
+        mdist: true,
+        rdist: true,
+        temperature: 1.0,
+        max_len: 2048,
+    }
+}
+
+/// N(0, 0.02²) matrices (HF `initializer_range`), unit norm weights, zero biases; seeded.
+fn llm_init(seed: u64) -> impl FnMut(&ParamSpec) -> Vec<f32> {
+    let mut rng = crate::data::SplitMix64::new(seed);
+    move |s: &ParamSpec| {
+        if s.shape.len() == 1 {
+            let v = if s.name.contains("norm") { 1.0 } else { 0.0 };
+            return vec![v; s.numel()];
+        }
+        (0..s.numel())
+            .map(|_| {
+                // Box–Muller from two uniforms in (0, 1].
+                let u1 = ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+                let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect()
+    }
+}
+
+/// Writes a randomly initialised (seeded) SigLIP-shaped tower as a checkpoint folder: the study's
+/// frozen tower, which every model reads through the real loader (so the teacher shares the
+/// student's features).
+pub fn write_vision_tower(dir: &Path, cfg: &VisionConfig, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tower = VisionTower::new(cfg.clone());
+    let mut init = linear_default_init(seed);
+    let values: Vec<(ParamSpec, Vec<f32>)> = tower
+        .specs
+        .iter()
+        .map(|s| {
+            let v = if s.name.contains("layer_norm") || s.name.contains("post_layernorm") {
+                vec![if s.name.ends_with("weight") { 1.0 } else { 0.0 }; s.numel()]
+            } else if s.name.contains("patch_embedding.weight") {
+                // A conv weight [D, C, P, P] has fan_in C·P·P.
+                let fan = s.shape[1..].iter().product::<usize>() as f64;
+                init(&ParamSpec::matrix(s.name.clone(), s.shape[0], fan as usize))
+            } else {
+                init(s)
+            };
+            (s.clone(), v)
+        })
+        .collect();
+    let tensors: Vec<NamedTensor> = values.iter().map(|(s, v)| NamedTensor { name: s.name.clone(), shape: s.shape.clone(), data: v }).collect();
+    write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+    let config = serde_json::json!({
+        "architectures": ["SiglipVisionModel"],
+        "model_type": "siglip_vision_model",
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.intermediate,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "num_channels": cfg.channels,
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "layer_norm_eps": cfg.ln_eps,
+        "hidden_act": "gelu_pytorch_tanh",
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    Ok(())
+}
+
+/// A model of the study: the tower read from `vision_dir`, a fresh projector and a fresh LLM.
+pub fn new_model<B: Backend>(be: &B, vision_dir: &Path, llm_cfg: &LlmConfig, tokenizer_path: &Path, seed: u64) -> Result<MllmState<B::Buf>> {
+    let loaded = crate::model::LoadedVision::load(be, vision_dir)?;
+    let model = Mllm::new(loaded.tower, Llm::new(llm_cfg.clone()), -2, FeatureSelect::Patch)?;
+    let projector = ParamSet::from_fn(be, &model.projector.specs, linear_default_init(seed ^ 0x5052_4f4a))?;
+    let llm = ParamSet::from_fn(be, &model.llm.specs, llm_init(seed))?;
+    let processor = ImageProcessorConfig::for_tower(vision_dir, model.vision.cfg.image_size)?;
+    Ok(MllmState {
+        tokenizer: crate::data::load_tokenizer(tokenizer_path)?,
+        weights: MllmWeights { vision: loaded.weights, projector, llm },
+        model,
+        processor,
+        vision_source: Some(vision_dir.to_path_buf()),
+    })
+}
+
+/// Accuracy of one model on the held-out questions, overall and per question kind.
+#[derive(Clone, Debug, Serialize)]
+pub struct Score {
+    pub overall: f64,
+    pub by_kind: BTreeMap<String, f64>,
+}
+
+pub fn evaluate<B: Backend>(be: &B, m: &MllmState<B::Buf>, files: &StudyFiles) -> Result<Score> {
+    let text = std::fs::read_to_string(&files.eval)?;
+    let template = Template::phi();
+    let opts = EncodeOptions { n_visual_tokens: m.model.visual_tokens(), visual_placeholder_id: default_visual_placeholder(&m.tokenizer), max_len: 2048 };
+    let mut prompts = Vec::new();
+    let mut refs = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line).with_context(|| format!("{} line {}", files.eval.display(), n + 1))?;
+        let field = |k: &str| v[k].as_str().map(str::to_string).with_context(|| format!("{} line {}: no \"{k}\"", files.eval.display(), n + 1));
+        let (id, image, question, answer) = (field("id")?, field("image")?, field("question")?, field("answer")?);
+        let turns = [Turn { role: Role::User, text: format!("{IMAGE_TAG}\n{question}") }];
+        let sample = template.encode_generation_prompt(&turns, true, &m.tokenizer, &opts)?;
+        let pixels = preprocess(&load_rgb(&files.dir.join(&image))?, &m.processor)?;
+        prompts.push((sample, Some(pixels)));
+        let kind = id.rsplit('-').next().unwrap_or("all").to_string();
+        refs.push((kind, answer));
+    }
+    let eos = m.tokenizer.token_to_id("<|endoftext|>").context("the study tokenizer has no <|endoftext|>")?;
+    let answers = greedy_answers(be, m, prompts, 4, &[eos])?;
+    let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut right = 0;
+    for (ids, (kind, reference)) in answers.iter().zip(&refs) {
+        let text = m.tokenizer.decode(ids, true).map_err(|e| anyhow::anyhow!("decoding an answer: {e}"))?;
+        let ok = answer_matches(&text, reference);
+        right += ok as usize;
+        let e = per.entry(kind.clone()).or_default();
+        e.0 += ok as usize;
+        e.1 += 1;
+    }
+    Ok(Score { overall: right as f64 / refs.len().max(1) as f64, by_kind: per.into_iter().map(|(k, (r, n))| (k, r as f64 / n as f64)).collect() })
+}
+
+/// The result rows of the study for one seed.
+#[derive(Clone, Debug, Serialize)]
+pub struct SeedResult {
+    pub seed: u64,
+    pub rows: BTreeMap<String, Score>,
+    pub seconds: f64,
+}
+
+/// Runs the study; writes `results.json` and `results.md` into `opts.out` and returns the table.
+pub fn run_study<B: Backend>(be: &B, opts: &StudyOptions) -> Result<String> {
+    let out = &opts.out;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let vocab = study_tokenizer()?.get_vocab_size(true);
+    let p = plan(opts.quick, vocab);
+    let files = write_study_data(&out.join("data"), &p.spec)?;
+    let vision_dir = out.join("vision");
+    write_vision_tower(&vision_dir, &p.vision, 7)?;
+    eprintln!(
+        "miniature LLaVA-KD study{}: {} captions, {} QA conversations, {} held-out questions; teacher {}×{} layers, student {}×{} layers",
+        if opts.quick { " (quick)" } else { "" },
+        p.spec.pretrain_samples,
+        p.spec.sft_samples,
+        p.spec.eval_questions,
+        p.teacher.hidden,
+        p.teacher.layers,
+        p.student.hidden,
+        p.student.layers
+    );
+    let pt = |kind| stage(kind, &files.pretrain, p.pt_lr, 1.0, p.batch);
+    let sft = |kind, epochs| stage(kind, &files.sft, p.sft_lr, epochs, p.batch);
+    let mut variants: Vec<(&str, Vec<StageConfig>)> = vec![
+        ("student (PT→SFT)", vec![pt(StageKind::Pt), sft(StageKind::Sft, p.sft_epochs)]),
+        ("student + LLaVA-KD (DPT→SFT→DFT)", vec![pt(StageKind::Dpt), sft(StageKind::Sft, p.sft_epochs), sft(StageKind::Dft, 1.0)]),
+    ];
+    if opts.ablation {
+        variants.push(("student DPT→SFT", vec![pt(StageKind::Dpt), sft(StageKind::Sft, p.sft_epochs)]));
+        variants.push(("student PT→SFT→DFT", vec![pt(StageKind::Pt), sft(StageKind::Sft, p.sft_epochs), sft(StageKind::Dft, 1.0)]));
+    }
+    let mut results = Vec::new();
+    for &seed in &opts.seeds {
+        let started = Instant::now();
+        let run = RunConfig { seed, log_every: 0, ..RunConfig::default() };
+        let seed_dir = out.join(format!("seed-{seed}"));
+        let mut rows = BTreeMap::new();
+        let recipe = |name: &str| RecipeRun { run: &run, out_dir: seed_dir.join(name), progress: opts.progress, resume: None, stop_after_global_step: None };
+
+        let mut teacher = new_model(be, &vision_dir, &p.teacher, &files.tokenizer, seed.wrapping_mul(31) + 1)?;
+        eprintln!("seed {seed}: teacher (PT→SFT)");
+        run_stages(be, &recipe("teacher"), &[pt(StageKind::Pt), sft(StageKind::Sft, p.teacher_sft_epochs)], &mut teacher, None)?;
+        rows.insert("teacher (PT→SFT)".to_string(), evaluate(be, &teacher, &files)?);
+        for (i, (name, stages)) in variants.iter().enumerate() {
+            eprintln!("seed {seed}: {name}");
+            // Every student variant starts from the same initial weights.
+            let mut student = new_model(be, &vision_dir, &p.student, &files.tokenizer, seed.wrapping_mul(31) + 2)?;
+            let uses_teacher = stages.iter().any(|s| s.kind.distills());
+            run_stages(be, &recipe(&format!("student-{i}")), stages, &mut student, uses_teacher.then_some(&teacher))?;
+            rows.insert(name.to_string(), evaluate(be, &student, &files)?);
+        }
+        let r = SeedResult { seed, rows, seconds: started.elapsed().as_secs_f64() };
+        eprintln!("seed {seed} done in {:.0}s", r.seconds);
+        results.push(r);
+    }
+    let table = render_table(&results);
+    let json = serde_json::json!({ "study": if opts.quick { "quick" } else { "full" }, "spec": p.spec, "seeds": results, "table": table });
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&json)?)?;
+    std::fs::write(out.join("results.md"), &table)?;
+    Ok(table)
+}
+
+/// Table A8's form: one row per model, accuracy per question kind and overall, as mean ± std
+/// over the seeds (just the value for one seed).
+fn render_table(results: &[SeedResult]) -> String {
+    let Some(first) = results.first() else { return String::new() };
+    let kinds: Vec<String> = first.rows.values().next().map(|s| s.by_kind.keys().cloned().collect()).unwrap_or_default();
+    let cell = |vals: Vec<f64>| {
+        let n = vals.len() as f64;
+        let mean = vals.iter().sum::<f64>() / n;
+        if vals.len() < 2 {
+            format!("{:.1}", 100.0 * mean)
+        } else {
+            let sd = (vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+            format!("{:.1} ± {:.1}", 100.0 * mean, 100.0 * sd)
+        }
+    };
+    let mut s = format!(
+        "held-out accuracy (%), {} seed{}: {}\n\n| model | {} | overall |\n| --- |{} --- |\n",
+        results.len(),
+        if results.len() == 1 { "" } else { "s" },
+        results.iter().map(|r| r.seed.to_string()).collect::<Vec<_>>().join(", "),
+        kinds.join(" | "),
+        " --- |".repeat(kinds.len())
+    );
+    // Teacher first, then the students in the order they were run.
+    let mut names: Vec<&String> = first.rows.keys().collect();
+    names.sort_by_key(|n| (!n.starts_with("teacher"), !n.contains("(PT→SFT)"), (*n).clone()));
+    for name in names {
+        let per_kind: Vec<String> = kinds.iter().map(|k| cell(results.iter().map(|r| r.rows[name].by_kind[k]).collect())).collect();
+        s.push_str(&format!("| {name} | {} | {} |\n", per_kind.join(" | "), cell(results.iter().map(|r| r.rows[name].overall).collect())));
+    }
+    s
+}

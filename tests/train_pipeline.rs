@@ -1,0 +1,301 @@
+//! The training pipeline on tiny models and the study's synthetic data: freeze rules per stage,
+//! bit-identical resume, checkpoints that survive an interrupted write, and bad input.
+
+use std::path::{Path, PathBuf};
+
+use kd_engine::backend::cpu::CpuBackend;
+use kd_engine::backend::GeluKind;
+use kd_engine::data::{write_study_data, StudySpec};
+use kd_engine::model::{Arch, LlmConfig, VisionConfig};
+use kd_engine::train::checkpoint;
+use kd_engine::train::config::{RunConfig, StageConfig, StageKind};
+use kd_engine::train::model_state::MllmState;
+use kd_engine::train::recipe::{run_stages, RecipeRun};
+use kd_engine::train::study::{new_model, stage, write_vision_tower};
+
+type Be = CpuBackend<f32>;
+type State = MllmState<Vec<f32>>;
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    vision: PathBuf,
+    pretrain: PathBuf,
+    sft: PathBuf,
+    tokenizer: PathBuf,
+}
+
+fn vision_cfg(patch: usize) -> VisionConfig {
+    VisionConfig { hidden: 16, intermediate: 24, layers: 2, heads: 2, channels: 3, image_size: 16, patch_size: patch, ln_eps: 1e-6, act: GeluKind::Tanh }
+}
+
+fn llm_cfg(vocab: usize, hidden: usize) -> LlmConfig {
+    LlmConfig {
+        arch: Arch::Qwen2,
+        hidden,
+        intermediate: 2 * hidden,
+        layers: 2,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: hidden / 2,
+        vocab,
+        rms_eps: 1e-6,
+        rope_theta: 1e4,
+        tie_embeddings: true,
+        qkv_bias: true,
+        o_bias: false,
+    }
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let spec = StudySpec { pretrain_samples: 24, sft_samples: 24, eval_questions: 5, train_images: 12, eval_images: 5, image_size: 16, ..StudySpec::quick() };
+    let files = write_study_data(&root.join("data"), &spec).unwrap();
+    let vision = root.join("vision");
+    write_vision_tower(&vision, &vision_cfg(4), 3).unwrap();
+    Setup { vision, pretrain: files.pretrain, sft: files.sft, tokenizer: files.tokenizer, root, _tmp: tmp }
+}
+
+fn vocab(s: &Setup) -> usize {
+    kd_engine::data::load_tokenizer(&s.tokenizer).unwrap().get_vocab_size(true)
+}
+
+fn model(s: &Setup, hidden: usize, seed: u64) -> State {
+    new_model(&Be::new(), &s.vision, &llm_cfg(vocab(s), hidden), &s.tokenizer, seed).unwrap()
+}
+
+fn short(kind: StageKind, data: &Path, steps: u64) -> StageConfig {
+    StageConfig { max_steps: Some(steps), micro_batch: Some(4), ..stage(kind, data, 3e-3, 1.0, 8) }
+}
+
+fn run(s: &Setup, dir: &str, run: &RunConfig, stages: &[StageConfig], student: &mut State, teacher: Option<&State>, resume: Option<PathBuf>, stop: Option<u64>) -> anyhow::Result<checkpoint::TrainState> {
+    let r = RecipeRun { run, out_dir: s.root.join(dir), progress: false, resume, stop_after_global_step: stop };
+    run_stages(&Be::new(), &r, stages, student, teacher)
+}
+
+fn same(a: &[Vec<f32>], b: &[Vec<f32>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()))
+}
+
+#[test]
+fn freeze_rules_of_each_stage() {
+    let s = setup();
+    let rc = RunConfig { log_every: 0, ..RunConfig::default() };
+    let teacher = model(&s, 24, 9);
+    for (kind, data, llm_trains) in [
+        (StageKind::Pt, &s.pretrain, false),
+        (StageKind::Dpt, &s.pretrain, false),
+        (StageKind::Sft, &s.sft, true),
+        (StageKind::Dft, &s.sft, true),
+    ] {
+        let mut m = model(&s, 16, 1);
+        let before = m.weights.clone();
+        let t = kind == StageKind::Dpt || kind == StageKind::Dft;
+        run(&s, &format!("freeze-{}", kind.name()), &rc, &[short(kind, data, 2)], &mut m, t.then_some(&teacher), None, None).unwrap();
+        assert!(same(&before.vision.bufs, &m.weights.vision.bufs), "{kind:?}: the vision tower must stay bit-identical");
+        assert!(!same(&before.projector.bufs, &m.weights.projector.bufs), "{kind:?}: the projector must train");
+        assert!(
+            m.weights.projector.bufs.iter().zip(&before.projector.bufs).all(|(a, b)| a != b),
+            "{kind:?}: every projector tensor must change"
+        );
+        assert_eq!(!same(&before.llm.bufs, &m.weights.llm.bufs), llm_trains, "{kind:?}: the LLM trains only in SFT/DFT");
+    }
+}
+
+fn metric_losses(path: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            // Everything but timings: losses, grad norm, lr, counts, as written.
+            let mut o = v.as_object().unwrap().clone();
+            o.remove("tokens_per_s");
+            (v["global_step"].as_u64().unwrap(), serde_json::Value::Object(o).to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn a_stopped_and_resumed_run_reproduces_the_uninterrupted_loss_curve_bit_for_bit() {
+    let s = setup();
+    let teacher = model(&s, 24, 9);
+    let rc = RunConfig { log_every: 0, checkpoint_every: 1, ..RunConfig::default() };
+    let stages = [short(StageKind::Dpt, &s.pretrain, 3), short(StageKind::Sft, &s.sft, 2), short(StageKind::Dft, &s.sft, 2)];
+
+    let mut a = model(&s, 16, 1);
+    let done = run(&s, "full", &rc, &stages, &mut a, Some(&teacher), None, None).unwrap();
+    assert_eq!(done.global_step, 7);
+
+    // Stop inside the SFT stage (after global step 4), then resume from the checkpoint in a new
+    // process-like start: fresh model objects, weights from the checkpoint.
+    let mut b = model(&s, 16, 1);
+    let st = run(&s, "resumed", &rc, &stages, &mut b, Some(&teacher), None, Some(4)).unwrap();
+    assert_eq!((st.stage_index, st.stage_step, st.global_step), (1, 1, 4));
+    let ckpt = checkpoint::latest(&s.root.join("resumed")).unwrap();
+    let mut c = model(&s, 16, 77); // different initial weights: everything must come from the checkpoint
+    run(&s, "resumed", &rc, &stages, &mut c, Some(&teacher), Some(ckpt), None).unwrap();
+
+    let full = metric_losses(&s.root.join("full/metrics.jsonl"));
+    let resumed = metric_losses(&s.root.join("resumed/metrics.jsonl"));
+    assert_eq!(full.len(), 7);
+    assert_eq!(full, resumed, "the resumed loss curve must match the uninterrupted one exactly");
+    assert!(same(&a.weights.llm.bufs, &c.weights.llm.bufs) && same(&a.weights.projector.bufs, &c.weights.projector.bufs));
+}
+
+#[test]
+fn an_interrupted_checkpoint_write_leaves_the_previous_one_usable() {
+    let s = setup();
+    let rc = RunConfig { log_every: 0, checkpoint_every: 1, ..RunConfig::default() };
+    let mut m = model(&s, 16, 1);
+    run(&s, "ck", &rc, &[short(StageKind::Pt, &s.pretrain, 2)], &mut m, None, None, None).unwrap();
+    let dir = s.root.join("ck");
+    let good = checkpoint::read_state(&checkpoint::latest(&dir).unwrap()).unwrap();
+    assert_eq!(good.global_step, 2);
+    // A crash while writing the next one: a half-written temporary folder.
+    std::fs::create_dir_all(dir.join("checkpoint.tmp")).unwrap();
+    std::fs::write(dir.join("checkpoint.tmp/weights.safetensors"), b"\x10\x00").unwrap();
+    assert_eq!(checkpoint::latest(&dir).unwrap(), dir.join("checkpoint"));
+    // A crash between the two renames: only checkpoint.old is left.
+    std::fs::rename(dir.join("checkpoint"), dir.join("checkpoint.old")).unwrap();
+    let ck = checkpoint::latest(&dir).unwrap();
+    assert_eq!(ck, dir.join("checkpoint.old"));
+    assert_eq!(checkpoint::read_state(&ck).unwrap(), good);
+    let mut fresh = model(&s, 16, 5);
+    checkpoint::load_weights(&Be::new(), &ck, &mut fresh.weights).unwrap();
+    assert!(same(&fresh.weights.projector.bufs, &m.weights.projector.bufs));
+    // The next write replaces the stale temporary folder and succeeds.
+    let mut m2 = model(&s, 16, 1);
+    run(&s, "ck", &rc, &[short(StageKind::Pt, &s.pretrain, 1)], &mut m2, None, None, None).unwrap();
+    assert!(dir.join("checkpoint/state.json").is_file() && !dir.join("checkpoint.tmp").exists());
+}
+
+#[test]
+fn distillation_without_a_teacher_is_refused() {
+    let s = setup();
+    let mut m = model(&s, 16, 1);
+    let e = run(&s, "x", &RunConfig::default(), &[short(StageKind::Dpt, &s.pretrain, 1)], &mut m, None, None, None).unwrap_err().to_string();
+    assert!(e.contains("distils") && e.contains("no teacher"), "{e}");
+}
+
+#[test]
+fn teacher_with_a_different_visual_token_count_is_refused() {
+    let s = setup();
+    let other = s.root.join("vision8");
+    write_vision_tower(&other, &vision_cfg(8), 3).unwrap(); // 4 patches instead of 16
+    let teacher = new_model(&Be::new(), &other, &llm_cfg(vocab(&s), 24), &s.tokenizer, 2).unwrap();
+    let mut m = model(&s, 16, 1);
+    let e = run(&s, "x", &RunConfig::default(), &[short(StageKind::Dft, &s.sft, 1)], &mut m, Some(&teacher), None, None).unwrap_err().to_string();
+    assert!(e.contains("different numbers of visual tokens") && e.contains("(3 vs 15)"), "{e}");
+}
+
+#[test]
+fn non_finite_losses_skip_steps_and_stop_the_run_after_a_streak() {
+    let s = setup();
+    let mut m = model(&s, 16, 1);
+    // A NaN in the projector makes every loss NaN.
+    m.weights.projector.bufs[0][0] = f32::NAN;
+    let before = m.weights.clone();
+    let rc = RunConfig { log_every: 0, max_nonfinite_streak: 3, ..RunConfig::default() };
+    let e = run(&s, "nan", &rc, &[short(StageKind::Pt, &s.pretrain, 10)], &mut m, None, None, None).unwrap_err().to_string();
+    assert!(e.contains("3 optimizer steps in a row had a non-finite loss"), "{e}");
+    assert!(same(&before.projector.bufs[1..], &m.weights.projector.bufs[1..]), "skipped steps update nothing");
+    let lines = std::fs::read_to_string(s.root.join("nan/metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().filter(|l| l.contains("\"skipped_step\":true")).count(), 3);
+}
+
+#[test]
+fn train_cli_reports_config_errors_by_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(&cfg, "[student]\nllm = \"a\"\nvision = \"b\"\n[[stage]]\nkind = \"sft\"\ndata = \"d.json\"\nlr = 1e-3\nglobal_batch = 8\nmicro_batchh = 2\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kd-engine")).args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !err.contains("panicked"));
+    assert!(err.contains("micro_batchh") && err.contains("bad.toml"), "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kd-engine")).args(["train", "--config", "/nonexistent.toml"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("/nonexistent.toml"), "{err}");
+}
+
+#[test]
+fn train_cli_runs_a_config_recipe_and_exports_the_student() {
+    let s = setup();
+    let be = Be::new();
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    // The teacher: a study model on the fixture SigLIP tower, exported as one HF LLaVA folder.
+    let tiny_siglip = fixtures.join("siglip/tiny");
+    let teacher = new_model(&be, &tiny_siglip, &llm_cfg(vocab(&s), 24), &s.tokenizer, 4).unwrap();
+    let teacher_dir = s.root.join("teacher");
+    let opts = kd_engine::model::ExportOptions { tokenizer: Some(&s.tokenizer), ..Default::default() };
+    kd_engine::model::export_llava(&be, &teacher_dir, &teacher.model, &teacher.weights, &opts).unwrap();
+    // The student: a transformers-made Qwen2 folder and the same tower, the study's tokenizer.
+    let out = s.root.join("run");
+    let cfg = format!(
+        r#"
+[run]
+out = "{out}"
+log_every = 1
+
+[student]
+llm = "{llm}"
+vision = "{vision}"
+tokenizer = "{tok}"
+
+[teacher]
+llava = "{teacher}"
+
+[[stage]]
+kind = "dpt"
+data = "{pt}"
+lr = 1e-3
+global_batch = 4
+micro_batch = 2
+max_steps = 2
+
+[[stage]]
+kind = "sft"
+data = "{sft}"
+lr = 1e-3
+global_batch = 4
+max_steps = 1
+
+[[stage]]
+kind = "dft"
+data = "{sft}"
+lr = 1e-3
+global_batch = 4
+max_steps = 1
+"#,
+        out = out.display(),
+        llm = fixtures.join("llm/qwen2_gqa_tied").display(),
+        vision = tiny_siglip.display(),
+        tok = s.tokenizer.display(),
+        teacher = teacher_dir.display(),
+        pt = s.pretrain.display(),
+        sft = s.sft.display(),
+    );
+    let path = s.root.join("recipe.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kd-engine")).args(["train", "--config", path.to_str().unwrap(), "--set", "stage.1.lr=2e-3"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("DPT step 2/2") && err.contains("res ") && err.contains("rel "), "each loss term is logged: {err}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4);
+    let used: kd_engine::train::config::TrainConfig = toml::from_str(&std::fs::read_to_string(out.join("config.toml")).unwrap()).unwrap();
+    assert_eq!(used.stages[1].lr, 2e-3, "the override reached stage 1");
+    for f in ["losses_all_stages.png", "losses_stage0_dpt.png", "config.toml", "checkpoint/state.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    // The exported student reads back as one model with the trained weights.
+    let back = kd_engine::model::load_llava(&be, &out.join("student")).unwrap();
+    let ck = checkpoint::latest(&out).unwrap();
+    let mut fresh = back.weights.clone();
+    checkpoint::load_weights(&be, &ck, &mut fresh).unwrap();
+    for (a, b) in back.weights.projector.bufs.iter().zip(&fresh.projector.bufs) {
+        // bf16 export: equal to the checkpoint's f32 weights within bf16 rounding.
+        assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 4e-3 * y.abs().max(1e-3)));
+    }
+}
