@@ -1,7 +1,14 @@
 //! The `kd-engine` command line.
 
+mod bench_kernels;
+mod bench_step;
+mod compare;
 mod encode_image;
+mod eval;
 mod forward;
+mod generate;
+mod init;
+mod selftest;
 mod train;
 
 use std::path::PathBuf;
@@ -86,31 +93,20 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
     },
-    /// Generate an answer for an image and a prompt (not built yet).
-    Generate {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
-    },
-    /// Score a model on a benchmark-style question set (not built yet).
-    Eval {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
-    },
-    /// Side-by-side answers of several models as an HTML report (not built yet).
-    Compare {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
-    },
-    /// Write a randomly initialised model of a real shape (not built yet).
-    Init {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
-    },
-    /// Benchmark the CUDA kernels against the hardware ceilings (not built yet).
-    BenchKernels {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
-    },
+    /// Generate text: an answer for an image and a prompt (MLLM), or token ids (plain LLM).
+    Generate(generate::GenerateArgs),
+    /// Score a model on a benchmark-style question set (exact / yesno / choice).
+    Eval(eval::EvalArgs),
+    /// Side-by-side answers of several models on the same images, as an HTML report.
+    Compare(compare::CompareArgs),
+    /// Write a randomly initialised model of a real shape (Qwen, SigLIP presets) in HF layout.
+    Init(init::InitArgs),
+    /// Benchmark the CUDA kernels at the SPEC §5 shapes against the measured hardware ceilings.
+    BenchKernels(bench_kernels::BenchKernelsArgs),
+    /// Benchmark the anchor DFT training step (real shapes, random weights) on the GPU.
+    BenchStep(bench_step::BenchStepArgs),
+    /// Run every CUDA kernel against the CPU backend on fresh random inputs.
+    Selftest(selftest::SelftestArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -120,21 +116,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train { config, overrides, resume, out, quick, ablation, seeds, device } => {
             train::run(train::TrainArgs { config, overrides, resume, out, quick, ablation, seeds, device })
         }
-        other => bail!("`{}` is not built yet in this version of kd-engine", command_name(&other)),
+        Command::Generate(a) => generate::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Compare(a) => compare::run(a),
+        Command::Init(a) => init::run(a),
+        Command::BenchKernels(a) => bench_kernels::run(a),
+        Command::BenchStep(a) => bench_step::run(a),
+        Command::Selftest(a) => selftest::run(a),
     }
 }
 
-fn command_name(c: &Command) -> &'static str {
-    match c {
-        Command::Forward { .. } => "forward",
-        Command::EncodeImage { .. } => "encode-image",
-        Command::Train { .. } => "train",
-        Command::Generate { .. } => "generate",
-        Command::Eval { .. } => "eval",
-        Command::Compare { .. } => "compare",
-        Command::Init { .. } => "init",
-        Command::BenchKernels { .. } => "bench-kernels",
-    }
+/// The error of a subcommand that this build does not have yet.
+pub(crate) fn not_built(name: &str) -> anyhow::Error {
+    anyhow::anyhow!("`{name}` is not built yet in this version of kd-engine")
 }
 
 /// Resolves `--device`: only the CPU backend exists in this build.

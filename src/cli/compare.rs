@@ -1,0 +1,13 @@
+//! `kd-engine compare` (not built yet).
+
+use anyhow::Result;
+
+#[derive(clap::Args, Debug)]
+pub struct CompareArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    args: Vec<String>,
+}
+
+pub fn run(_a: CompareArgs) -> Result<()> {
+    Err(super::not_built("compare"))
+}

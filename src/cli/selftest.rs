@@ -1,0 +1,13 @@
+//! `kd-engine selftest` (not built yet).
+
+use anyhow::Result;
+
+#[derive(clap::Args, Debug)]
+pub struct SelftestArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    args: Vec<String>,
+}
+
+pub fn run(_a: SelftestArgs) -> Result<()> {
+    Err(super::not_built("selftest"))
+}
