@@ -14,6 +14,7 @@
 //!   nothing and influences nothing.
 
 pub mod cpu;
+pub mod cuda;
 
 use anyhow::Result;
 
@@ -97,12 +98,19 @@ pub struct AdamWStep {
     pub step: u64,
     /// Multiplies the gradient before use (global-norm clipping coefficient).
     pub grad_scale: f32,
+    /// Seed of the counter hash (seed, step, element index) that drives stochastic rounding where
+    /// parameters are stored in bf16 without an f32 master copy; backends that store parameters
+    /// in f32 or wider ignore it.
+    pub seed: u64,
 }
 
 /// The op set. Every op that anything trains through has a backward.
 pub trait Backend: Send + Sync {
     /// A flat buffer of the backend's storage type.
     type Buf: Send + Sync;
+    /// A flat buffer of optimizer state (AdamW moments, master weights): f32 or wider on every
+    /// backend, whatever `Buf` stores (the CUDA backend keeps bf16 parameters with f32 moments).
+    type State: Send + Sync;
 
     fn name(&self) -> String;
 
@@ -113,6 +121,12 @@ pub trait Backend: Send + Sync {
     /// Buffer → host f32.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
+    /// A zero-filled optimizer-state buffer.
+    fn zeros_state(&self, len: usize) -> Result<Self::State>;
+    /// Host f32 → optimizer-state buffer (checkpoint resume, master weights from the parameters).
+    fn upload_state(&self, data: &[f32]) -> Result<Self::State>;
+    /// Optimizer-state buffer → host f32 (checkpoints).
+    fn download_state(&self, buf: &Self::State) -> Result<Vec<f32>>;
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
     /// A copy of `buf` in a new buffer.
     fn duplicate(&self, buf: &Self::Buf) -> Result<Self::Buf> {
@@ -223,6 +237,28 @@ pub trait Backend: Send + Sync {
         dv: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// Decoding attention: one new query per row against that row's KV cache. `q [R, H·D]`;
+    /// `k_cache`, `v_cache` `[slots, capacity, Hkv·D]`; row `r` attends (with GQA, no mask) to the
+    /// first `lens[r]` positions of slot `slots[r]`, the new token's own key and value included;
+    /// writes `out [R, H·D]`. No log-sum-exp: nothing trains through decoding.
+    ///
+    /// The default, [`attention_decode_by_attention`], is correct on any backend but does
+    /// O(len²) work per row; backends override it with a real decode kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_decode(
+        &self,
+        shape: AttnShape,
+        capacity: usize,
+        slots: &[u32],
+        lens: &[usize],
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        attention_decode_by_attention(self, shape, capacity, slots, lens, q, k_cache, v_cache, out)
+    }
+
     // ---- activations ----
     /// `out = silu(gate) · up`.
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
@@ -285,12 +321,53 @@ pub trait Backend: Send + Sync {
 
     // ---- optimizer ----
     /// One AdamW update of `param` from `grad` with moments `m`, `v` (PyTorch semantics).
+    /// With `master` (an f32 copy of the parameters) the update is applied to the master copy and
+    /// `param` is its rounding; without it, a backend whose `Buf` is narrower than f32 rounds the
+    /// updated value stochastically with noise from a counter hash of (`h.seed`, `h.step`, element
+    /// index), so the expected parameter is the exact update.
     fn adamw(
         &self,
         h: AdamWStep,
         param: &mut Self::Buf,
         grad: &Self::Buf,
-        m: &mut Self::Buf,
-        v: &mut Self::Buf,
+        m: &mut Self::State,
+        v: &mut Self::State,
+        master: Option<&mut Self::State>,
     ) -> Result<()>;
+}
+
+/// [`Backend::attention_decode`] from the backend's own ops: each row's cached keys and values
+/// are copied out and [`Backend::attention`] runs causally with the query in the last position,
+/// whose output row is the decode result. The default of the trait method, so a backend without
+/// a decode kernel still generates correctly; public so backends' kernels can be tested against it.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_by_attention<B: Backend + ?Sized>(
+    be: &B,
+    shape: AttnShape,
+    capacity: usize,
+    slots: &[u32],
+    lens: &[usize],
+    q: &B::Buf,
+    k_cache: &B::Buf,
+    v_cache: &B::Buf,
+    out: &mut B::Buf,
+) -> Result<()> {
+    let (qd, kvd) = (shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim);
+    anyhow::ensure!(slots.len() == lens.len(), "attention_decode: {} slots but {} lengths", slots.len(), lens.len());
+    let causal = AttnShape { causal: true, ..shape };
+    for (r, (&slot, &len)) in slots.iter().zip(lens).enumerate() {
+        anyhow::ensure!(len >= 1 && len <= capacity, "attention_decode: row {r} attends to {len} of {capacity} positions");
+        let base = slot as usize * capacity * kvd;
+        let mut k = be.zeros(len * kvd)?;
+        let mut v = be.zeros(len * kvd)?;
+        be.copy_range(k_cache, base, &mut k, 0, len * kvd)?;
+        be.copy_range(v_cache, base, &mut v, 0, len * kvd)?;
+        let mut qs = be.zeros(len * qd)?;
+        be.copy_range(q, r * qd, &mut qs, (len - 1) * qd, qd)?;
+        let mut o = be.zeros(len * qd)?;
+        let mut lse = be.zeros(len * shape.n_heads)?;
+        be.attention(causal, &[len], &qs, &k, &v, &mut o, &mut lse)?;
+        be.copy_range(&o, (len - 1) * qd, out, r * qd, qd)?;
+    }
+    Ok(())
 }

@@ -5,22 +5,23 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::{resolve_device, Device};
-use crate::backend::cpu::CpuBackend;
+use super::Device;
 use crate::backend::Backend;
 use crate::data::{load_rgb, preprocess, ImageProcessorConfig};
 use crate::model::LoadedVision;
 use crate::weights::{write_safetensors, NamedTensor};
 
 pub fn run(vision: &Path, image: &Path, layer: i64, out: &Path, device: Device) -> Result<()> {
-    resolve_device(device)?;
-    let be = CpuBackend::<f32>::new();
-    let v = LoadedVision::load(&be, vision).with_context(|| format!("loading the vision tower in {}", vision.display()))?;
+    crate::with_backend!(device, be => run_on(&be, vision, image, layer, out))
+}
+
+fn run_on<B: Backend>(be: &B, vision: &Path, image: &Path, layer: i64, out: &Path) -> Result<()> {
+    let v = LoadedVision::load(be, vision).with_context(|| format!("loading the vision tower in {}", vision.display()))?;
     let k = v.tower.resolve_layer(layer)?;
     let cfg = ImageProcessorConfig::for_tower(vision, v.tower.cfg.image_size)?;
     let pixels = preprocess(&load_rgb(image)?, &cfg).with_context(|| format!("preprocessing {}", image.display()))?;
     let layers = v.tower.cfg.layers;
-    let o = v.tower.forward(&be, &v.weights, &[&pixels], layers)?;
+    let o = v.tower.forward(be, &v.weights, &[&pixels], layers)?;
     let hidden = be.download(&o.hidden_states[k])?;
     let last = be.download(o.last_hidden_state.as_ref().context("the full tower ran, so the post-layernorm exists")?)?;
     let (n, d, s) = (v.tower.cfg.tokens(), v.tower.cfg.hidden, v.tower.cfg.image_size);

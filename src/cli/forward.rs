@@ -4,8 +4,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use super::{resolve_device, Device};
-use crate::backend::cpu::CpuBackend;
+use super::Device;
 use crate::backend::Backend;
 use crate::model::LoadedLlm;
 use crate::weights::{write_safetensors, NamedTensor};
@@ -26,14 +25,16 @@ pub fn parse_ids(raw: &[String]) -> Result<Vec<u32>> {
 
 pub fn run(model: &Path, raw_ids: &[String], out: &Path, device: Device) -> Result<()> {
     let ids = parse_ids(raw_ids)?;
-    resolve_device(device)?;
-    let be = CpuBackend::<f32>::new();
-    let llm = LoadedLlm::load(&be, model, "").with_context(|| format!("loading the model in {}", model.display()))?;
+    crate::with_backend!(device, be => run_on(&be, model, &ids, out))
+}
+
+fn run_on<B: Backend>(be: &B, model: &Path, ids: &[u32], out: &Path) -> Result<()> {
+    let llm = LoadedLlm::load(be, model, "").with_context(|| format!("loading the model in {}", model.display()))?;
     let vocab = llm.model.cfg.vocab;
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         bail!("--input-ids: token id {bad} is out of range for the model's vocabulary of {vocab}");
     }
-    let logits = be.download(&llm.logits(&be, &ids)?)?;
+    let logits = be.download(&llm.logits(be, ids)?)?;
     write_safetensors(out, &[NamedTensor { name: "logits".into(), shape: vec![ids.len(), vocab], data: &logits }])?;
     eprintln!("wrote logits [{}, {vocab}] to {} ({})", ids.len(), out.display(), be.name());
     Ok(())

@@ -126,15 +126,35 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// The error of a subcommand that this build does not have yet.
-pub(crate) fn not_built(name: &str) -> anyhow::Error {
-    anyhow::anyhow!("`{name}` is not built yet in this version of kd-engine")
+/// Resolves `--device`: `auto` is CUDA when this build has its kernels and a CUDA device is
+/// present, else the CPU; `cuda` without a device, or in a build without kernels, is an error that
+/// says which. Detection never panics (a missing libcuda is checked before any CUDA call).
+pub fn resolve_device(d: Device) -> Result<Device> {
+    use crate::backend::cuda::unavailable_reason;
+    match d {
+        Device::Cpu => Ok(Device::Cpu),
+        Device::Auto => Ok(if unavailable_reason().is_none() { Device::Cuda } else { Device::Cpu }),
+        Device::Cuda => match unavailable_reason() {
+            None => Ok(Device::Cuda),
+            Some(why) => bail!("--device cuda: {why}; use --device cpu"),
+        },
+    }
 }
 
-/// Resolves `--device`: only the CPU backend exists in this build.
-pub fn resolve_device(d: Device) -> Result<Device> {
-    match d {
-        Device::Cpu | Device::Auto => Ok(Device::Cpu),
-        Device::Cuda => bail!("--device cuda: this build of kd-engine has no CUDA backend yet; use --device cpu"),
-    }
+/// Runs `$body` with `$be` bound to the backend `--device` resolves to: a `CpuBackend<f32>` or a
+/// `CudaBackend` (the body is generic code, compiled once per backend).
+#[macro_export]
+macro_rules! with_backend {
+    ($device:expr, $be:ident => $body:expr) => {
+        match $crate::cli::resolve_device($device)? {
+            $crate::cli::Device::Cuda => {
+                let $be = $crate::backend::cuda::CudaBackend::new()?;
+                $body
+            }
+            _ => {
+                let $be = $crate::backend::cpu::CpuBackend::<f32>::new();
+                $body
+            }
+        }
+    };
 }

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Result};
 
-use super::{resolve_device, Device};
-use crate::backend::cpu::CpuBackend;
+use super::Device;
+use crate::backend::Backend;
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
 use crate::train::recipe::run_config;
@@ -30,17 +30,26 @@ fn fresh_run_dir() -> PathBuf {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let be = CpuBackend::<f32>::new();
+    // The device: a config's `run.device` ("cpu", "cuda"; anything else defers to --device).
+    let device = match &a.config {
+        Some(path) => {
+            let cfg = TrainConfig::load(path, &a.overrides)?;
+            match cfg.run.device.as_str() {
+                "cpu" => Device::Cpu,
+                "cuda" => Device::Cuda,
+                _ => a.device,
+            }
+        }
+        None => a.device,
+    };
+    crate::with_backend!(device, be => run_on(&be, &a))
+}
+
+fn run_on<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match &a.config {
         Some(path) => {
             let cfg = TrainConfig::load(path, &a.overrides)?;
-            let device = match cfg.run.device.as_str() {
-                "cpu" => Device::Cpu,
-                "cuda" => Device::Cuda,
-                _ => a.device,
-            };
-            resolve_device(device)?;
             let resume = a.resume.as_deref().map(checkpoint::latest).transpose()?;
             let out = match (&a.out, &cfg.run.out, &a.resume) {
                 (Some(o), _, _) | (None, Some(o), _) => o.clone(),
@@ -48,7 +57,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 (None, None, Some(_)) => resume.as_ref().and_then(|c| c.parent()).map(Path::to_path_buf).unwrap_or_else(fresh_run_dir),
                 (None, None, None) => fresh_run_dir(),
             };
-            let state = run_config(&be, &cfg, &out, resume, progress)?;
+            let state = run_config(be, &cfg, &out, resume, progress)?;
             eprintln!(
                 "done: {} optimizer steps ({} skipped for non-finite values); run folder {}",
                 state.global_step,
@@ -60,10 +69,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         None => {
             ensure!(a.overrides.is_empty() && a.resume.is_none(), "--set and --resume need --config (the built-in study takes --quick, --ablation, --seeds, --out)");
             ensure!(a.seeds >= 1, "--seeds must be at least 1");
-            resolve_device(a.device)?;
             let out = a.out.clone().unwrap_or_else(fresh_run_dir);
             let opts = StudyOptions { quick: a.quick, ablation: a.ablation, seeds: (1..=a.seeds as u64).collect(), out: out.clone(), progress };
-            let table = run_study(&be, &opts)?;
+            let table = run_study(be, &opts)?;
             println!("{table}");
             eprintln!("results, metrics, plots and checkpoints in {}", out.display());
             Ok(())

@@ -15,12 +15,26 @@ pub struct AdamWConfig {
     pub weight_decay: f32,
     /// Global gradient-norm clipping threshold; `None` disables clipping.
     pub max_grad_norm: Option<f32>,
+    /// Keep an f32 master copy of the parameters (the update is applied to it and the stored
+    /// parameters are its rounding). Without it, backends that store parameters in bf16 round
+    /// each update stochastically (SPEC §1).
+    pub master_weights: bool,
+    /// Seed of the stochastic rounding's counter hash (mixed with the tensor's index).
+    pub seed: u64,
 }
 
 impl Default for AdamWConfig {
     /// The HF Trainer defaults (SPEC §1).
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: Some(1.0) }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: Some(1.0),
+            master_weights: false,
+            seed: 0,
+        }
     }
 }
 
@@ -37,28 +51,70 @@ pub struct StepReport {
 
 /// AdamW state over the trainable parameter sets of a stage (e.g. projector and LLM): the
 /// gradient norm for clipping is global over all of them, as `clip_grad_norm_` over
-/// `model.parameters()` is.
-pub struct AdamW<Buf> {
+/// `model.parameters()` is. The state lives in the backend's optimizer-state buffers
+/// ([`Backend::State`]: f32 moments on CUDA, whatever the parameters are stored in).
+pub struct AdamW<S> {
     pub cfg: AdamWConfig,
-    pub m: Vec<ParamSet<Buf>>,
-    pub v: Vec<ParamSet<Buf>>,
+    pub m: Vec<ParamSet<S>>,
+    pub v: Vec<ParamSet<S>>,
+    /// f32 master copies of the parameters, when `cfg.master_weights` is set.
+    pub master: Option<Vec<ParamSet<S>>>,
     /// Updates applied so far (the next one is `step + 1`).
     pub step: u64,
 }
 
-impl<Buf> AdamW<Buf> {
-    pub fn new<B: Backend<Buf = Buf>>(be: &B, params: &[&ParamSet<Buf>], cfg: AdamWConfig) -> Result<Self> {
-        let zeros = || params.iter().map(|p| ParamSet::zeros(be, &p.specs)).collect::<Result<Vec<_>>>();
-        Ok(AdamW { cfg, m: zeros()?, v: zeros()?, step: 0 })
+/// A zero-filled state set laid out like `specs`.
+fn zero_state<B: Backend>(be: &B, specs: &[crate::model::ParamSpec]) -> Result<ParamSet<B::State>> {
+    let bufs = specs.iter().map(|s| be.zeros_state(s.numel())).collect::<Result<_>>()?;
+    Ok(ParamSet { specs: specs.to_vec(), bufs })
+}
+
+/// The per-tensor seed of the stochastic rounding: the run's seed mixed with the tensor's place,
+/// so no two tensors share a noise pattern (splitmix64 finaliser).
+fn tensor_seed(seed: u64, set: usize, index: usize) -> u64 {
+    let mut z = seed ^ ((set as u64) << 48) ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl<S> AdamW<S> {
+    pub fn new<B: Backend<State = S>>(be: &B, params: &[&ParamSet<B::Buf>], cfg: AdamWConfig) -> Result<Self> {
+        let zeros = || params.iter().map(|p| zero_state(be, &p.specs)).collect::<Result<Vec<_>>>();
+        let master = if cfg.master_weights {
+            let sets = params
+                .iter()
+                .map(|p| {
+                    let bufs = p.bufs.iter().map(|b| be.upload_state(&be.download(b)?)).collect::<Result<_>>()?;
+                    Ok(ParamSet { specs: p.specs.clone(), bufs })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(sets)
+        } else {
+            None
+        };
+        Ok(AdamW { cfg, m: zeros()?, v: zeros()?, master, step: 0 })
+    }
+
+    /// Sets the master copies (if any) from the current parameters, e.g. after loading weights.
+    pub fn sync_master<B: Backend<State = S>>(&mut self, be: &B, params: &[&ParamSet<B::Buf>]) -> Result<()> {
+        if let Some(master) = &mut self.master {
+            for (ms, p) in master.iter_mut().zip(params) {
+                for (mb, b) in ms.bufs.iter_mut().zip(&p.bufs) {
+                    *mb = be.upload_state(&be.download(b)?)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Clips and applies one update with learning rate `lr` to `params[i]` from `grads[i]`. A
     /// non-finite gradient norm skips the update (SPEC §6) and says so in the report.
-    pub fn step<B: Backend<Buf = Buf>>(
+    pub fn step<B: Backend<State = S>>(
         &mut self,
         be: &B,
-        params: &mut [&mut ParamSet<Buf>],
-        grads: &[&ParamSet<Buf>],
+        params: &mut [&mut ParamSet<B::Buf>],
+        grads: &[&ParamSet<B::Buf>],
         lr: f32,
     ) -> Result<StepReport> {
         anyhow::ensure!(
@@ -93,8 +149,10 @@ impl<Buf> AdamW<Buf> {
                     weight_decay: if spec.decay { self.cfg.weight_decay } else { 0.0 },
                     step: self.step,
                     grad_scale: clip_coef as f32,
+                    seed: tensor_seed(self.cfg.seed, s, i),
                 };
-                be.adamw(h, &mut p.bufs[i], &g.bufs[i], &mut self.m[s].bufs[i], &mut self.v[s].bufs[i])?;
+                let master = self.master.as_mut().map(|ms| &mut ms[s].bufs[i]);
+                be.adamw(h, &mut p.bufs[i], &g.bufs[i], &mut self.m[s].bufs[i], &mut self.v[s].bufs[i], master)?;
             }
         }
         Ok(StepReport { grad_norm, clip_coef, skipped: false })

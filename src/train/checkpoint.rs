@@ -42,6 +42,13 @@ fn download_set<B: Backend>(be: &B, prefix: &str, set: &ParamSet<B::Buf>, out: &
     Ok(())
 }
 
+fn download_state_set<B: Backend>(be: &B, prefix: &str, set: &ParamSet<B::State>, out: &mut Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<()> {
+    for (spec, buf) in set.specs.iter().zip(&set.bufs) {
+        out.push((format!("{prefix}.{}", spec.name), spec.shape.clone(), be.download_state(buf)?));
+    }
+    Ok(())
+}
+
 fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
     let named: Vec<NamedTensor> = tensors.iter().map(|(n, s, d)| NamedTensor { name: n.clone(), shape: s.clone(), data: d }).collect();
     write_safetensors(path, &named)
@@ -55,7 +62,7 @@ pub fn write<B: Backend>(
     run_dir: &Path,
     state: &TrainState,
     weights: &MllmWeights<B::Buf>,
-    opt: Option<(&AdamW<B::Buf>, &[&str])>,
+    opt: Option<(&AdamW<B::State>, &[&str])>,
 ) -> Result<PathBuf> {
     let final_dir = run_dir.join("checkpoint");
     let tmp = run_dir.join("checkpoint.tmp");
@@ -71,8 +78,11 @@ pub fn write<B: Backend>(
     if let Some((opt, names)) = opt {
         let mut t = Vec::new();
         for (i, name) in names.iter().enumerate() {
-            download_set(be, &format!("m.{name}"), &opt.m[i], &mut t)?;
-            download_set(be, &format!("v.{name}"), &opt.v[i], &mut t)?;
+            download_state_set(be, &format!("m.{name}"), &opt.m[i], &mut t)?;
+            download_state_set(be, &format!("v.{name}"), &opt.v[i], &mut t)?;
+            if let Some(master) = &opt.master {
+                download_state_set(be, &format!("master.{name}"), &master[i], &mut t)?;
+            }
         }
         write_tensors(&tmp.join(OPTIMIZER), &t)?;
     }
@@ -113,6 +123,13 @@ fn load_set<B: Backend>(be: &B, src: &WeightSource, prefix: &str, set: &mut Para
     Ok(())
 }
 
+fn load_state_set<B: Backend>(be: &B, src: &WeightSource, prefix: &str, set: &mut ParamSet<B::State>) -> Result<()> {
+    for (spec, buf) in set.specs.iter().zip(set.bufs.iter_mut()) {
+        *buf = be.upload_state(&src.read_f32(&format!("{prefix}.{}", spec.name), &spec.shape)?)?;
+    }
+    Ok(())
+}
+
 /// Restores the trainable weights of a checkpoint into `weights`.
 pub fn load_weights<B: Backend>(be: &B, ckpt: &Path, weights: &mut MllmWeights<B::Buf>) -> Result<()> {
     let src = WeightSource::open(&ckpt.join(WEIGHTS))?;
@@ -120,14 +137,22 @@ pub fn load_weights<B: Backend>(be: &B, ckpt: &Path, weights: &mut MllmWeights<B
     load_set(be, &src, "llm", &mut weights.llm)
 }
 
-/// Restores optimizer moments written for the sets `names` (same order as the optimizer's).
-pub fn load_optimizer<B: Backend>(be: &B, ckpt: &Path, opt: &mut AdamW<B::Buf>, names: &[&str], step: u64) -> Result<()> {
+/// Restores optimizer moments written for the sets `names` (same order as the optimizer's), and
+/// the f32 master weights when the optimizer keeps them (a checkpoint written without them leaves
+/// the master copies as they are: taken from the loaded weights).
+pub fn load_optimizer<B: Backend>(be: &B, ckpt: &Path, opt: &mut AdamW<B::State>, names: &[&str], step: u64) -> Result<()> {
     let path = ckpt.join(OPTIMIZER);
     ensure!(path.is_file(), "{}: the checkpoint has no optimizer state to resume a stage from", ckpt.display());
     let src = WeightSource::open(&path)?;
     for (i, name) in names.iter().enumerate() {
-        load_set(be, &src, &format!("m.{name}"), &mut opt.m[i])?;
-        load_set(be, &src, &format!("v.{name}"), &mut opt.v[i])?;
+        load_state_set(be, &src, &format!("m.{name}"), &mut opt.m[i])?;
+        load_state_set(be, &src, &format!("v.{name}"), &mut opt.v[i])?;
+        if let Some(master) = &mut opt.master {
+            let first = master[i].specs.first().map(|s| format!("master.{name}.{}", s.name));
+            if first.is_some_and(|n| src.info(&n).is_some()) {
+                load_state_set(be, &src, &format!("master.{name}"), &mut master[i])?;
+            }
+        }
     }
     opt.step = step;
     Ok(())

@@ -4,6 +4,8 @@
 //! threaded `matrixmultiply` GEMMs).
 
 mod attention;
+pub mod bf16;
+mod decode;
 mod distill;
 mod elementwise;
 mod loss;
@@ -110,6 +112,7 @@ fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
 
 impl<T: Elem> Backend for CpuBackend<T> {
     type Buf = Vec<T>;
+    type State = Vec<T>;
 
     fn name(&self) -> String {
         format!("cpu ({}, {} threads)", std::any::type_name::<T>(), rayon::current_num_threads())
@@ -129,6 +132,18 @@ impl<T: Elem> Backend for CpuBackend<T> {
 
     fn len(&self, buf: &Vec<T>) -> usize {
         buf.len()
+    }
+
+    fn zeros_state(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::zero(); len])
+    }
+
+    fn upload_state(&self, data: &[f32]) -> Result<Vec<T>> {
+        self.upload(data)
+    }
+
+    fn download_state(&self, buf: &Vec<T>) -> Result<Vec<f32>> {
+        self.download(buf)
     }
 
     fn fill_zero(&self, buf: &mut Vec<T>) -> Result<()> {
@@ -160,6 +175,9 @@ impl<T: Elem> Backend for CpuBackend<T> {
         check_len("gemm C", c.len(), g.m * g.n)?;
         if g.m == 0 || g.n == 0 {
             return Ok(());
+        }
+        if decode::few_rows(&g) {
+            return decode::gemm_few_rows(g, a, b, c);
         }
         let (rsa, csa) = if g.trans_a { (1, g.m as isize) } else { (g.k as isize, 1) };
         let (rsb, csb) = if g.trans_b { (1, g.k as isize) } else { (g.n as isize, 1) };
@@ -291,6 +309,20 @@ impl<T: Elem> Backend for CpuBackend<T> {
         attention::backward(shape, seq_lens, q, k, v, out, lse, dout, dq, dk, dv)
     }
 
+    fn attention_decode(
+        &self,
+        shape: AttnShape,
+        capacity: usize,
+        slots: &[u32],
+        lens: &[usize],
+        q: &Vec<T>,
+        k_cache: &Vec<T>,
+        v_cache: &Vec<T>,
+        out: &mut Vec<T>,
+    ) -> Result<()> {
+        decode::attention_decode(shape, capacity, slots, lens, q, k_cache, v_cache, out)
+    }
+
     fn swiglu(&self, gate: &Vec<T>, up: &Vec<T>, out: &mut Vec<T>) -> Result<()> {
         elementwise::swiglu(gate, up, out)
     }
@@ -356,7 +388,18 @@ impl<T: Elem> Backend for CpuBackend<T> {
         grad: &Vec<T>,
         m: &mut Vec<T>,
         v: &mut Vec<T>,
+        master: Option<&mut Vec<T>>,
     ) -> Result<()> {
-        elementwise::adamw(h, param, grad, m, v)
+        match master {
+            // The CPU stores parameters in T (≥ f32): a master copy is updated like the
+            // parameters and the parameters are set to it, so both paths give the same values.
+            Some(master) => {
+                check_len("adamw master weights", master.len(), param.len())?;
+                elementwise::adamw(h, master, grad, m, v)?;
+                param.copy_from_slice(master);
+                Ok(())
+            }
+            None => elementwise::adamw(h, param, grad, m, v),
+        }
     }
 }

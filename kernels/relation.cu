@@ -1,0 +1,161 @@
+// relation.cu: the cosine part of the Gram-matrix relation loss (RDist) and its gradient.
+//
+// What it computes (CPU reference: src/backend/cpu/distill.rs::relation_loss). The launcher forms,
+// per image i, the Gram matrices R_s = Z_s·Z_sᵀ and R_t = Z_t·Z_tᵀ (n × n, fp32, BOTH triangles
+// filled, e.g. cuBLAS GEMM with bf16 inputs and fp32 output), images stored back to back
+// (gram[i·n·n + a·n + b]). These kernels compute, per image,
+//     cos      = ⟨R_s, R_t⟩ / (‖R_s‖·‖R_t‖)                         (Frobenius)
+//     loss[i]  = 1 − cos
+//     grad[i]  = grad_scale · ∂(1 − cos)/∂R_s
+//              = grad_scale · ( −R_t / (‖R_s‖‖R_t‖) + (⟨R_s,R_t⟩ / (‖R_s‖³‖R_t‖)) · R_s )
+//   and when either norm is 0: loss 1, gradient 0 (as the CPU reference). The launcher then forms
+//   ∂Z_s += 2 · grad · Z_s (G is symmetric) with one more GEMM.
+//
+// Two kernels, because one block per image cannot stream an image's 2 × 2.1 MB (n = 728) fast
+// enough (one SM reads ~100 GB/s: 4 images would take ~40 ms), and a grid-wide sum needs a second
+// launch (or a grid barrier). Both use a fixed grid of RELATION_BLOCKS blocks per image:
+//   1. relation_cosine_partials: block b of image i reduces its contiguous chunk of the n·n entries
+//      to (⟨R_s,R_t⟩, ‖R_s‖², ‖R_t‖²) in f64 and writes them to
+//      partials[(i·RELATION_BLOCKS + b)·3 + {0, 1, 2}] (f64; no atomics: deterministic).
+//   2. relation_cosine_grad: every block first sums its image's RELATION_BLOCKS partials in a
+//      fixed order (f64, so every block gets the identical coefficients), block 0 writes loss[i],
+//      and each block writes the gradient over its chunk.
+//   Loads/stores are 16-byte (float4) when the image's matrices are 16-byte aligned (n·n a
+//   multiple of 4 and aligned bases), scalar otherwise. Bytes: 2 reads + 2 reads + 1 write of
+//   n·n·4 per image: 4 images of n = 728 → 42 MB → ~10 µs; the GEMMs dominate the relation loss.
+//
+// Signatures:
+//   relation_cosine_partials(const float* gram_s, const float* gram_t, int n, int n_images,
+//                            double* partials)
+//   relation_cosine_grad(const float* gram_s, const float* gram_t, int n, int n_images,
+//                        float grad_scale, const double* partials, float* loss, float* grad_gram)
+//   partials: f64[n_images · RELATION_BLOCKS · 3] scratch, written by the first, read by the second
+//   (no zeroing needed). grad_gram may alias neither input.
+//
+// Launch configuration (both kernels, same stream, in this order):
+//   grid  = (RELATION_BLOCKS = 128, n_images, 1)
+//   block = (RELATION_THREADS = 256, 1, 1)
+//   shared memory: static (~1 KB), dynamic = 0. Launch nothing when n_images == 0 or n == 0.
+#include "common.cuh"
+
+#define RELATION_BLOCKS 128
+#define RELATION_THREADS 256
+
+// The chunk [begin, end) of an image's n·n entries that block b handles; chunk starts are
+// multiples of 4 so that aligned images stay aligned per chunk.
+__device__ __forceinline__ void relation_chunk(long long nn, int b, long long* begin, long long* end) {
+    long long per = (nn + RELATION_BLOCKS - 1) / RELATION_BLOCKS;
+    per = (per + 3) & ~3ll;
+    long long s = (long long)b * per;
+    long long e = s + per;
+    *begin = s < nn ? s : nn;
+    *end = e < nn ? e : nn;
+}
+
+// Block sum of a double (every thread gets the result): shared-memory tree, no shuffles.
+__device__ __forceinline__ double block_sum_f64(double v, double* sh) {
+    const int tid = threadIdx.x;
+    __syncthreads();
+    sh[tid] = v;
+    __syncthreads();
+    for (int s = RELATION_THREADS / 2; s > 0; s >>= 1) {
+        if (tid < s) sh[tid] += sh[tid + s];
+        __syncthreads();
+    }
+    return sh[0];
+}
+
+extern "C" __global__ void __launch_bounds__(RELATION_THREADS)
+relation_cosine_partials(const float* __restrict__ gram_s, const float* __restrict__ gram_t, int n, int n_images,
+                         double* __restrict__ partials) {
+    __shared__ double sh[RELATION_THREADS];
+    const int img = blockIdx.y, b = blockIdx.x;
+    if (img >= n_images) return;
+    const long long nn = (long long)n * n;
+    const float* rs = gram_s + (long long)img * nn;
+    const float* rt = gram_t + (long long)img * nn;
+    long long begin, end;
+    relation_chunk(nn, b, &begin, &end);
+
+    double dot = 0.0, ss = 0.0, tt = 0.0;
+    const bool vec = is_aligned16(rs) && is_aligned16(rt);
+    long long vec_end = vec ? begin + ((end - begin) & ~3ll) : begin;
+    for (long long j = begin + 4 * (long long)threadIdx.x; j < vec_end; j += 4 * RELATION_THREADS) {
+        float4 a = *reinterpret_cast<const float4*>(rs + j);
+        float4 c = *reinterpret_cast<const float4*>(rt + j);
+        dot += (double)a.x * c.x + (double)a.y * c.y + (double)a.z * c.z + (double)a.w * c.w;
+        ss += (double)a.x * a.x + (double)a.y * a.y + (double)a.z * a.z + (double)a.w * a.w;
+        tt += (double)c.x * c.x + (double)c.y * c.y + (double)c.z * c.z + (double)c.w * c.w;
+    }
+    for (long long j = vec_end + threadIdx.x; j < end; j += RELATION_THREADS) {
+        double a = rs[j], c = rt[j];
+        dot += a * c;
+        ss += a * a;
+        tt += c * c;
+    }
+    dot = block_sum_f64(dot, sh);
+    ss = block_sum_f64(ss, sh);
+    tt = block_sum_f64(tt, sh);
+    if (threadIdx.x == 0) {
+        double* p = partials + ((long long)img * RELATION_BLOCKS + b) * 3;
+        p[0] = dot;
+        p[1] = ss;
+        p[2] = tt;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(RELATION_THREADS)
+relation_cosine_grad(const float* __restrict__ gram_s, const float* __restrict__ gram_t, int n, int n_images,
+                     float grad_scale, const double* __restrict__ partials, float* __restrict__ loss,
+                     float* __restrict__ grad_gram) {
+    __shared__ float coef[2];
+    const int img = blockIdx.y, b = blockIdx.x;
+    if (img >= n_images) return;
+    const long long nn = (long long)n * n;
+    const float* rs = gram_s + (long long)img * nn;
+    const float* rt = gram_t + (long long)img * nn;
+    float* g = grad_gram + (long long)img * nn;
+
+    if (threadIdx.x == 0) {
+        // The same fixed-order f64 sum in every block of the image.
+        const double* p = partials + (long long)img * RELATION_BLOCKS * 3;
+        double dot = 0.0, ss = 0.0, tt = 0.0;
+        for (int k = 0; k < RELATION_BLOCKS; ++k) {
+            dot += p[3 * k];
+            ss += p[3 * k + 1];
+            tt += p[3 * k + 2];
+        }
+        double ns = sqrt(ss), nt = sqrt(tt);
+        float ct = 0.0f, cs = 0.0f;
+        double l = 1.0;
+        if (ns != 0.0 && nt != 0.0) {
+            l = 1.0 - dot / (ns * nt);
+            ct = (float)(-(double)grad_scale / (ns * nt));
+            cs = (float)((double)grad_scale * dot / (ss * ns * nt));
+        } else if (!(ns == ns) || !(nt == nt)) {  // NaN statistics: propagate
+            l = ns + nt;
+            ct = cs = NAN;
+        }
+        if (b == 0) loss[img] = (float)l;
+        coef[0] = ct;
+        coef[1] = cs;
+    }
+    __syncthreads();
+    const float ct = coef[0], cs = coef[1];
+
+    long long begin, end;
+    relation_chunk(nn, b, &begin, &end);
+    const bool vec = is_aligned16(rs) && is_aligned16(rt) && is_aligned16(g);
+    long long vec_end = vec ? begin + ((end - begin) & ~3ll) : begin;
+    for (long long j = begin + 4 * (long long)threadIdx.x; j < vec_end; j += 4 * RELATION_THREADS) {
+        float4 a = *reinterpret_cast<const float4*>(rs + j);
+        float4 c = *reinterpret_cast<const float4*>(rt + j);
+        float4 o;
+        o.x = ct * c.x + cs * a.x;
+        o.y = ct * c.y + cs * a.y;
+        o.z = ct * c.z + cs * a.z;
+        o.w = ct * c.w + cs * a.w;
+        *reinterpret_cast<float4*>(g + j) = o;
+    }
+    for (long long j = vec_end + threadIdx.x; j < end; j += RELATION_THREADS) g[j] = ct * rt[j] + cs * rs[j];
+}

@@ -1,0 +1,292 @@
+// host_sim.h: a small CPU emulation of the CUDA subset the kernels in kernels/*.cu use, so that
+// their indexing, bounds handling, barriers and tensor-core fragment logic can be run and checked
+// on a machine without a GPU (kernels/sim/sim_test.cpp; `bash kernels/sim/run.sh`).
+//
+// How: every CUDA thread of a block is a fiber (ucontext) on one OS thread; blocks run one after
+// another. A fiber runs until it reaches a collective (__syncthreads, a shuffle, ldmatrix, mma),
+// where it waits for the others it synchronises with, so a missing barrier usually shows up as a
+// wrong result. Warp collectives are emulated from the PTX ISA's definitions: each lane deposits
+// its operands, and after a warp barrier each lane computes its own result from all deposits.
+// What it does NOT model: real asynchrony of cp.async (copies complete immediately), the memory
+// model between blocks (blocks are sequential), timing, and ex2.approx's error (exact exp2f).
+// Included by kernels/common.cuh when KD_HOST_SIM is defined; never part of the GPU build.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __shared__ static
+
+using std::max;
+using std::min;
+
+struct uint4 { uint32_t x, y, z, w; };
+struct float4 { float x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+struct kd_dim3 { unsigned x, y, z; };
+
+struct __nv_bfloat16 { uint16_t bits; };
+
+inline float __uint_as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+inline uint32_t __float_as_uint(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
+inline float __fsqrt_rn(float a) { return sqrtf(a); }
+
+namespace kd_sim {
+
+struct Barrier {
+    int count = 0;
+    unsigned long long generation = 0;
+};
+
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    int tid = 0;
+    bool done = false;
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    ucontext_t sched;
+    int cur = 0;
+    int n_threads = 0;
+    Barrier block_bar;
+    std::vector<Barrier> warp_bars;
+    // Per-warp deposit slots for collectives (32 lanes × up to 16 words).
+    std::vector<uint64_t> slots;
+    std::vector<unsigned char> dyn_smem;
+    std::function<void()> body;
+    bool progressed = false;
+};
+
+inline Block*& block() { static Block* b = nullptr; return b; }
+inline kd_dim3& block_idx() { static kd_dim3 d{0, 0, 0}; return d; }
+inline kd_dim3& grid_dim() { static kd_dim3 d{1, 1, 1}; return d; }
+inline kd_dim3& block_dim() { static kd_dim3 d{1, 1, 1}; return d; }
+
+inline Fiber& me() { return block()->fibers[block()->cur]; }
+inline void yield() { swapcontext(&me().ctx, &block()->sched); }
+
+inline void wait_barrier(Barrier& b, int expected) {
+    unsigned long long gen = b.generation;
+    block()->progressed = true;
+    if (++b.count == expected) {
+        b.count = 0;
+        b.generation++;
+        return;
+    }
+    while (b.generation == gen) yield();
+}
+
+inline void warp_barrier() { wait_barrier(block()->warp_bars[me().tid >> 5], 32); }
+inline uint64_t* warp_slots() { return &block()->slots[(size_t)(me().tid >> 5) * 32 * 16]; }
+
+inline void fiber_entry() {
+    block()->body();
+    me().done = true;
+    block()->progressed = true;
+    swapcontext(&me().ctx, &block()->sched);
+}
+
+// Runs `body` as every thread of a grid (blocks one after another).
+inline void launch(kd_dim3 grid, kd_dim3 blk, size_t dyn_smem, std::function<void()> body) {
+    const int nt = (int)(blk.x * blk.y * blk.z);
+    if (nt % 32 != 0) { fprintf(stderr, "sim: block size must be a multiple of 32\n"); abort(); }
+    grid_dim() = grid;
+    block_dim() = blk;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                Block b;
+                b.n_threads = nt;
+                b.fibers.resize(nt);
+                b.warp_bars.resize(nt / 32);
+                b.slots.assign((size_t)nt * 16, 0);
+                b.dyn_smem.assign(dyn_smem + 16, 0xCD);  // poisoned, like uninitialised smem
+                b.body = body;
+                block() = &b;
+                block_idx() = kd_dim3{bx, by, bz};
+                for (int t = 0; t < nt; ++t) {
+                    Fiber& f = b.fibers[t];
+                    f.tid = t;
+                    f.stack.resize(256 * 1024);
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = f.stack.data();
+                    f.ctx.uc_stack.ss_size = f.stack.size();
+                    f.ctx.uc_link = nullptr;
+                    makecontext(&f.ctx, fiber_entry, 0);
+                }
+                int live = nt;
+                while (live > 0) {
+                    b.progressed = false;
+                    live = 0;
+                    for (int t = 0; t < nt; ++t) {
+                        if (b.fibers[t].done) continue;
+                        b.cur = t;
+                        swapcontext(&b.sched, &b.fibers[t].ctx);
+                        if (!b.fibers[t].done) ++live;
+                    }
+                    if (live > 0 && !b.progressed) {
+                        fprintf(stderr, "sim: deadlock in block (%u,%u,%u): %d threads wait forever\n", bx, by, bz, live);
+                        abort();
+                    }
+                }
+                block() = nullptr;
+            }
+}
+
+inline unsigned char* dyn_smem() {
+    uintptr_t p = reinterpret_cast<uintptr_t>(block()->dyn_smem.data());
+    return reinterpret_cast<unsigned char*>((p + 15) & ~uintptr_t(15));
+}
+
+}  // namespace kd_sim
+
+struct kd_tid_proxy {
+    unsigned x, y, z;
+};
+inline kd_tid_proxy kd_thread_idx() {
+    int t = kd_sim::me().tid;
+    kd_dim3 b = kd_sim::block_dim();
+    return kd_tid_proxy{(unsigned)(t % b.x), (unsigned)((t / b.x) % b.y), (unsigned)(t / (b.x * b.y))};
+}
+#define threadIdx (kd_thread_idx())
+#define blockIdx (kd_sim::block_idx())
+#define blockDim (kd_sim::block_dim())
+#define gridDim (kd_sim::grid_dim())
+
+inline void __syncthreads() { kd_sim::wait_barrier(kd_sim::block()->block_bar, kd_sim::block()->n_threads); }
+
+inline float atomicAdd(float* p, float v) { float old = *p; *p = old + v; return old; }
+
+// ---- bf16 ----
+inline float bf16_to_f32(__nv_bfloat16 x) { return __uint_as_float((uint32_t)x.bits << 16); }
+inline __nv_bfloat16 f32_to_bf16(float x) {
+    uint32_t u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{0x7fff};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return __nv_bfloat16{(uint16_t)(u >> 16)};
+}
+inline uint32_t pack_bf16x2(float lo, float hi) {
+    return (uint32_t)f32_to_bf16(lo).bits | ((uint32_t)f32_to_bf16(hi).bits << 16);
+}
+inline uint16_t bf16_bits(__nv_bfloat16 x) { return x.bits; }
+inline __nv_bfloat16 bf16_from_bits(uint16_t b) { return __nv_bfloat16{b}; }
+
+// ---- device instructions ----
+inline uint4 ldg_u4(const void* p) {
+    if (reinterpret_cast<uintptr_t>(p) & 15u) { fprintf(stderr, "sim: misaligned 16-byte load\n"); abort(); }
+    uint4 v;
+    memcpy(&v, p, 16);
+    return v;
+}
+
+inline float kd_exp2(float x) { return exp2f(x); }
+
+inline float shfl_xor_f32(float v, int mask) {
+    using namespace kd_sim;
+    uint64_t* s = warp_slots();
+    const int lane = me().tid & 31;
+    s[lane * 16] = __float_as_uint(v);
+    warp_barrier();
+    float r = __uint_as_float((uint32_t)s[(lane ^ mask) * 16]);
+    warp_barrier();
+    return r;
+}
+
+inline uint16_t kd_sim_ld16(uintptr_t a) { uint16_t h; memcpy(&h, reinterpret_cast<const void*>(a), 2); return h; }
+
+inline void kd_sim_ldmatrix(uint32_t r[4], const void* row, bool trans) {
+    using namespace kd_sim;
+    uint64_t* s = warp_slots();
+    const int lane = me().tid & 31;
+    if (reinterpret_cast<uintptr_t>(row) & 15u) { fprintf(stderr, "sim: ldmatrix row not 16-byte aligned\n"); abort(); }
+    unsigned char* lo = dyn_smem();
+    unsigned char* hi = lo + block()->dyn_smem.size() - 16;
+    const unsigned char* rp = static_cast<const unsigned char*>(row);
+    if (rp < lo || rp + 16 > hi) { fprintf(stderr, "sim: ldmatrix row outside dynamic shared memory\n"); abort(); }
+    s[lane * 16] = reinterpret_cast<uintptr_t>(row);
+    warp_barrier();
+    const int g = lane >> 2, q = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+        uint16_t e0, e1;
+        if (!trans) {
+            uintptr_t a = (uintptr_t)s[(8 * i + g) * 16];
+            e0 = kd_sim_ld16(a + 2 * (2 * q));
+            e1 = kd_sim_ld16(a + 2 * (2 * q + 1));
+        } else {
+            e0 = kd_sim_ld16((uintptr_t)s[(8 * i + 2 * q) * 16] + 2 * g);
+            e1 = kd_sim_ld16((uintptr_t)s[(8 * i + 2 * q + 1) * 16] + 2 * g);
+        }
+        r[i] = (uint32_t)e0 | ((uint32_t)e1 << 16);
+    }
+    warp_barrier();
+}
+inline void ldmatrix_x4(uint32_t r[4], const void* row) { kd_sim_ldmatrix(r, row, false); }
+inline void ldmatrix_x4_trans(uint32_t r[4], const void* row) { kd_sim_ldmatrix(r, row, true); }
+
+// mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32 from the PTX ISA fragment layouts.
+inline void mma_bf16_16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    using namespace kd_sim;
+    uint64_t* s = warp_slots();
+    const int lane = me().tid & 31;
+    for (int i = 0; i < 4; ++i) s[lane * 16 + i] = a[i];
+    s[lane * 16 + 4] = b0;
+    s[lane * 16 + 5] = b1;
+    warp_barrier();
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, q = l & 3;
+        const uint64_t* f = s + l * 16;
+        auto lo = [](uint64_t w) { return __uint_as_float((uint32_t)(w & 0xffff) << 16); };
+        auto hi = [](uint64_t w) { return __uint_as_float((uint32_t)((w >> 16) & 0xffff) << 16); };
+        A[g][2 * q] = lo(f[0]);         A[g][2 * q + 1] = hi(f[0]);
+        A[g + 8][2 * q] = lo(f[1]);     A[g + 8][2 * q + 1] = hi(f[1]);
+        A[g][8 + 2 * q] = lo(f[2]);     A[g][8 + 2 * q + 1] = hi(f[2]);
+        A[g + 8][8 + 2 * q] = lo(f[3]); A[g + 8][8 + 2 * q + 1] = hi(f[3]);
+        B[2 * q][g] = lo(f[4]);         B[2 * q + 1][g] = hi(f[4]);
+        B[8 + 2 * q][g] = lo(f[5]);     B[8 + 2 * q + 1][g] = hi(f[5]);
+    }
+    const int g = lane >> 2, q = lane & 3;
+    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * q, 2 * q + 1, 2 * q, 2 * q + 1};
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        float acc = d[i];
+        for (int kk = 0; kk < 16; ++kk) acc += A[rows[i]][kk] * B[kk][cols[i]];
+        out[i] = acc;
+    }
+    warp_barrier();
+    for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+inline void cp_async16(void* smem, const void* gmem, bool valid) {
+    if ((reinterpret_cast<uintptr_t>(smem) | reinterpret_cast<uintptr_t>(gmem)) & 15u) {
+        fprintf(stderr, "sim: cp.async address not 16-byte aligned\n");
+        abort();
+    }
+    if (valid) memcpy(smem, gmem, 16);
+    else memset(smem, 0, 16);
+}
+inline void cp_async_commit() {}
+template <int N>
+inline void cp_async_wait() {}
+
+#define KD_DYNAMIC_SMEM(name) unsigned char* name = kd_sim::dyn_smem()

@@ -1,0 +1,392 @@
+// softmax_kl.cu: fused softmax-KL distillation loss and its gradient, with cross-entropy fused in.
+//
+// What it computes (CPU reference: src/backend/cpu/distill.rs::softmax_kl and cpu/loss.rs):
+//   For each listed row i (r = rows[i]), over the first `kept` columns, with
+//   z_s = student[r, c] / τ, z_t = teacher[r, c] / τ, p = softmax(z):
+//     row_kl[i]          = τ² · Σ_c p_t(c) · (log p_t(c) − log p_s(c))      (p_t = 0 contributes 0)
+//     dstudent[r, c]    += grad_scale · τ · (p_s(c) − p_t(c))                 c < kept
+//   and, when ce_targets != NULL and t = ce_targets[i] >= 0 (cross-entropy over the FULL student
+//   row at temperature 1, the label fused into the same launch):
+//     row_ce[i]          = logsumexp_c(student[r, c]) − student[r, t]         c < student_vocab
+//     dstudent[r, c]    += ce_scale · (softmax(student[r, :])(c) − [c == t])
+//   otherwise row_ce[i] = 0 (row_ce may be NULL when ce_targets is NULL). dstudent is accumulated
+//   (read-modify-write of bf16), as the CPU backend's "accumulate" convention says; columns from
+//   `kept` on are touched only by the CE term; unlisted rows are untouched.
+//   A target >= student_vocab is a caller bug: row_ce[i] = NaN and no CE gradient (no OOB access).
+//
+// Shapes: student [rows, student_vocab] bf16, teacher [rows, teacher_vocab] bf16, dstudent like
+//   student; rows/ce_targets int[n_rows]; row_kl/row_ce f32[n_rows]. Row offsets are 64-bit.
+//   student and dstudent must not alias. Listed rows must be distinct (rows are written in parallel).
+//
+// Launch configuration:
+//   grid  = (n_rows, 1, 1)  one block per listed row (launch nothing when n_rows == 0)
+//   block = (KL_THREADS = 512, 1, 1)
+//   shared memory: static only (< 1 KB), dynamic = 0.
+//
+// Why this way. The loss is memory-bound: 4096 rows × 151936 columns is 1.24 GB per bf16 input.
+// Each row is reduced by one block in two passes:
+//   pass 1 reads student and teacher once and keeps, per thread, online (max, sum) statistics in
+//     base 2 (y = z·log2(e)/τ, so each exponential is one FFMA + one SFU ex2): for the student,
+//     for the teacher, and A = Σ 2^(y_t − m_t)·(y_t − y_s), which gives the KL without a second
+//     pass: KL = ln2 · (A / S_t − lse2_t + lse2_s). A third statistic over the whole student row at
+//     τ = 1 serves the CE (when τ = 1 the kept columns' student statistic is reused for it). The
+//     per-thread statistics are merged across the block (warp shuffles, then shared memory).
+//   pass 2 reads both rows again, now knowing both log-sum-exps, and writes the gradient. It walks
+//     the row in the opposite order to pass 1, so that its first reads are the bytes pass 1 read
+//     last, the ones most likely still in L2 (a row pair is 608 KB; L2 is 50 MB for ~132 rows in
+//     flight, so part of the second pass hits L2).
+//   Loads are 16 bytes (8 bf16) when the row pointers are 16-byte aligned (any vocabulary that is
+//   a multiple of 8, e.g. 151936 and 152064), with a scalar tail; otherwise the row goes scalar.
+//   Two 16-byte vectors per input are in flight per thread per iteration.
+// Bytes per element: 2 + 2 (pass 1) + 2 + 2 (pass 2, partly from L2) + 2 + 2 (dstudent RMW)
+//   = 12 B/element from memory at worst: 4096 × 151936 → 7.5 GB → 1.78 ms at 4.2 TB/s; each L2 hit
+//   of pass 2 saves up to 4 of the 12. A faster version would hold the row in shared memory of a
+//   thread-block cluster (4 SMs × 152 KB) and read every input byte once (→ ~1.2 ms), or not
+//   accumulate into dstudent (write-only gradient: −2 B/element).
+// Precision: statistics in fp32 (per-thread partial sums over ~300 values, then a tree), the
+//   exponentials through ex2.approx (~2 ulp); logs are precise log2f. Expected agreement with the
+//   f64 CPU reference: ~1e-6 relative on the losses, bf16 rounding on the gradient.
+#include "common.cuh"
+
+#define KL_THREADS 512
+
+// Subtraction reference for a running max: −inf (nothing seen yet) is replaced by 0 so that
+// 2^(−inf − ref) is 0 and never 2^(−inf + inf) = NaN.
+__device__ __forceinline__ float max_ref(float m) { return m == -INFINITY ? 0.0f : m; }
+
+// Per-thread (then per-block) statistics of one row, all in base 2.
+struct KlStats {
+    float ms, ss;  // student over the kept columns at 1/τ: max of y_s, Σ 2^(y_s − ms)
+    float mt, st;  // teacher, likewise
+    float a;       // Σ 2^(y_t − mt) · (y_t − y_s), rescaled with st
+    float mc, sc;  // student over all columns at τ = 1 (cross-entropy), when kept separately
+};
+
+__device__ __forceinline__ KlStats kl_stats_empty() {
+    KlStats s;
+    s.ms = s.mt = s.mc = -INFINITY;
+    s.ss = s.st = s.a = s.sc = 0.0f;
+    return s;
+}
+
+// Merges two (max, sum) pairs: (m1, s1) becomes the merged pair. Returns the factor 2^(m1_old − m)
+// applied to s1, and sets *f2 to the factor applied to s2 (for companions such as A).
+__device__ __forceinline__ float merge_ms(float& m1, float& s1, float m2, float s2, float* f2) {
+    float m = fmaxf(m1, m2);
+    float ref = max_ref(m);
+    float f1 = kd_exp2(m1 - ref);
+    *f2 = kd_exp2(m2 - ref);
+    s1 = s1 * f1 + s2 * (*f2);
+    m1 = m;
+    return f1;
+}
+
+__device__ __forceinline__ void kl_stats_merge(KlStats& x, const KlStats& y) {
+    float f2;
+    merge_ms(x.ms, x.ss, y.ms, y.ss, &f2);
+    float f1 = merge_ms(x.mt, x.st, y.mt, y.st, &f2);
+    x.a = x.a * f1 + y.a * f2;
+    merge_ms(x.mc, x.sc, y.mc, y.sc, &f2);
+}
+
+__device__ __forceinline__ KlStats kl_stats_shfl_xor(const KlStats& s, int mask) {
+    KlStats o;
+    o.ms = shfl_xor_f32(s.ms, mask);
+    o.ss = shfl_xor_f32(s.ss, mask);
+    o.mt = shfl_xor_f32(s.mt, mask);
+    o.st = shfl_xor_f32(s.st, mask);
+    o.a = shfl_xor_f32(s.a, mask);
+    o.mc = shfl_xor_f32(s.mc, mask);
+    o.sc = shfl_xor_f32(s.sc, mask);
+    return o;
+}
+
+// Pass 1 on K kept columns: raw logits zs[], zt[]; c = log2(e)/τ. `ce_kept`: also feed the
+// separate CE statistic (only when τ != 1; with τ = 1 the student statistic is the CE one).
+template <int K>
+__device__ __forceinline__ void kl_pass1(KlStats& st, const float* zs, const float* zt, float c, bool ce_kept) {
+    float ys[K], yt[K];
+    float gs = -INFINITY, gt = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        ys[k] = zs[k] * c;
+        yt[k] = zt[k] * c;
+        gs = fmaxf(gs, ys[k]);
+        gt = fmaxf(gt, yt[k]);
+    }
+    // student
+    {
+        float m = fmaxf(st.ms, gs), ref = max_ref(m);
+        float acc = st.ss * kd_exp2(st.ms - ref);
+#pragma unroll
+        for (int k = 0; k < K; ++k) acc += kd_exp2(ys[k] - ref);
+        st.ss = acc;
+        st.ms = m;
+    }
+    // teacher and A
+    {
+        float m = fmaxf(st.mt, gt), ref = max_ref(m);
+        float f = kd_exp2(st.mt - ref);
+        float acc = st.st * f, a = st.a * f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            float e = kd_exp2(yt[k] - ref);
+            acc += e;
+            a += e > 0.0f ? e * (yt[k] - ys[k]) : 0.0f;  // p_t = 0 contributes 0 (also when y_s = −inf)
+        }
+        st.st = acc;
+        st.a = a;
+        st.mt = m;
+    }
+    if (ce_kept) {
+        float yc[K], gc = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            yc[k] = zs[k] * KD_LOG2E;
+            gc = fmaxf(gc, yc[k]);
+        }
+        float m = fmaxf(st.mc, gc), ref = max_ref(m);
+        float acc = st.sc * kd_exp2(st.mc - ref);
+#pragma unroll
+        for (int k = 0; k < K; ++k) acc += kd_exp2(yc[k] - ref);
+        st.sc = acc;
+        st.mc = m;
+    }
+}
+
+// Pass 1 on K student-only columns (c >= kept): the CE statistic.
+template <int K>
+__device__ __forceinline__ void ce_pass1(KlStats& st, const float* zs) {
+    float yc[K], gc = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        yc[k] = zs[k] * KD_LOG2E;
+        gc = fmaxf(gc, yc[k]);
+    }
+    float m = fmaxf(st.mc, gc), ref = max_ref(m);
+    float acc = st.sc * kd_exp2(st.mc - ref);
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc += kd_exp2(yc[k] - ref);
+    st.sc = acc;
+    st.mc = m;
+}
+
+// Row constants of pass 2.
+struct KlGrad {
+    float c;         // log2(e)/τ
+    float lse_s2;    // base-2 log-sum-exp of y_s (kept columns)
+    float lse_t2;    // of y_t
+    float lse_c2;    // of the full student row at τ = 1 (CE)
+    float gk;        // grad_scale · τ
+    float ce_scale;  // CE gradient scale (0 when the row has no CE)
+    bool ce;         // the row has a CE term
+    bool ce_reuse;   // p_ce == p_s exactly (τ = 1 and no extra student columns)
+    long long target;
+};
+
+// Pass 2 on K kept columns starting at column col0: gradient into g[].
+template <int K>
+__device__ __forceinline__ void kl_pass2(const KlGrad& q, const float* zs, const float* zt, long long col0, float* g) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        float ps = kd_exp2(zs[k] * q.c - q.lse_s2);
+        float pt = kd_exp2(zt[k] * q.c - q.lse_t2);
+        float v = q.gk * (ps - pt);
+        if (q.ce) {
+            float pc = q.ce_reuse ? ps : kd_exp2(zs[k] * KD_LOG2E - q.lse_c2);
+            v += q.ce_scale * pc;
+            if (col0 + k == q.target) v -= q.ce_scale;
+        }
+        g[k] = v;
+    }
+}
+
+// Pass 2 on K student-only columns (c >= kept; only when the row has a CE term).
+template <int K>
+__device__ __forceinline__ void ce_pass2(const KlGrad& q, const float* zs, long long col0, float* g) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        float v = q.ce_scale * kd_exp2(zs[k] * KD_LOG2E - q.lse_c2);
+        if (col0 + k == q.target) v -= q.ce_scale;
+        g[k] = v;
+    }
+}
+
+__device__ __forceinline__ void rmw_bf16x8(__nv_bfloat16* d, const float g[8]) {
+    uint4 old = *reinterpret_cast<const uint4*>(d);
+    float x[8];
+    unpack_bf16x8(old, x);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x[k] += g[k];
+    *reinterpret_cast<uint4*>(d) = pack_bf16x8(x);
+}
+
+__device__ __forceinline__ void rmw_bf16(__nv_bfloat16* d, float g) { *d = f32_to_bf16(bf16_to_f32(*d) + g); }
+
+extern "C" __global__ void __launch_bounds__(KL_THREADS, 2)
+softmax_kl_bf16(const __nv_bfloat16* __restrict__ student, const __nv_bfloat16* __restrict__ teacher,
+                const int* __restrict__ rows, int n_rows, int student_vocab, int teacher_vocab, int kept,
+                float temperature, float grad_scale, const int* __restrict__ ce_targets, float ce_scale,
+                float* __restrict__ row_kl, float* __restrict__ row_ce, __nv_bfloat16* __restrict__ dstudent) {
+    __shared__ KlStats warp_stats[KL_THREADS / 32];
+    __shared__ KlStats row_stats;
+
+    const int i = blockIdx.x;
+    if (i >= n_rows) return;
+    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+    const long long r = rows[i];
+    const __nv_bfloat16* S = student + r * (long long)student_vocab;
+    const __nv_bfloat16* T = teacher + r * (long long)teacher_vocab;
+    __nv_bfloat16* D = dstudent + r * (long long)student_vocab;
+
+    const long long target = ce_targets != nullptr ? (long long)ce_targets[i] : -1;
+    const bool ce = target >= 0 && target < student_vocab;
+    const bool tau_one = temperature == 1.0f;
+    const bool ce_kept = ce && !tau_one;  // a separate CE statistic over the kept columns
+    const float c = KD_LOG2E / temperature;
+
+    // Column ranges: kept columns [0, kv) as 16-byte vectors when all three row pointers allow it,
+    // then [kv, kept) scalar; CE-only columns [kept, ev) vectorised when aligned, [ev, V_s) scalar.
+    const bool vec = is_aligned16(S) && is_aligned16(T) && is_aligned16(D);
+    const long long n_kvec = vec ? kept / 8 : 0;
+    const long long kv = n_kvec * 8;
+    const long long extra = ce ? (long long)student_vocab - kept : 0;
+    const bool evec = ce && is_aligned16(S + kept) && is_aligned16(D + kept);
+    const long long n_evec = evec ? extra / 8 : 0;
+    const long long ev = kept + n_evec * 8;
+
+    // ---- pass 1: statistics ----
+    KlStats st = kl_stats_empty();
+    {
+        long long v = tid;
+        for (; v + nt < n_kvec; v += 2 * nt) {
+            uint4 s0 = ldg_u4(S + 8 * v), t0 = ldg_u4(T + 8 * v);
+            uint4 s1 = ldg_u4(S + 8 * (v + nt)), t1 = ldg_u4(T + 8 * (v + nt));
+            float zs[8], zt[8];
+            unpack_bf16x8(s0, zs);
+            unpack_bf16x8(t0, zt);
+            kl_pass1<8>(st, zs, zt, c, ce_kept);
+            unpack_bf16x8(s1, zs);
+            unpack_bf16x8(t1, zt);
+            kl_pass1<8>(st, zs, zt, c, ce_kept);
+        }
+        for (; v < n_kvec; v += nt) {
+            float zs[8], zt[8];
+            unpack_bf16x8(ldg_u4(S + 8 * v), zs);
+            unpack_bf16x8(ldg_u4(T + 8 * v), zt);
+            kl_pass1<8>(st, zs, zt, c, ce_kept);
+        }
+        for (long long col = kv + tid; col < kept; col += nt) {
+            float zs = bf16_to_f32(S[col]), zt = bf16_to_f32(T[col]);
+            kl_pass1<1>(st, &zs, &zt, c, ce_kept);
+        }
+        for (long long e = tid; e < n_evec; e += nt) {
+            float zs[8];
+            unpack_bf16x8(ldg_u4(S + kept + 8 * e), zs);
+            ce_pass1<8>(st, zs);
+        }
+        if (ce) {
+            for (long long col = ev + tid; col < student_vocab; col += nt) {
+                float zs = bf16_to_f32(S[col]);
+                ce_pass1<1>(st, &zs);
+            }
+        }
+    }
+
+    // ---- block merge of the statistics ----
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        KlStats other = kl_stats_shfl_xor(st, o);
+        kl_stats_merge(st, other);
+    }
+    if (lane == 0) warp_stats[warp] = st;
+    __syncthreads();
+    if (warp == 0) {
+        st = lane < (nt >> 5) ? warp_stats[lane] : kl_stats_empty();
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            KlStats other = kl_stats_shfl_xor(st, o);
+            kl_stats_merge(st, other);
+        }
+        if (lane == 0) {
+            if (tau_one && ce) {
+                // CE statistic = student kept columns (at τ = 1) merged with the CE-only columns.
+                float f2;
+                float mc = st.ms, sc = st.ss;
+                merge_ms(mc, sc, st.mc, st.sc, &f2);
+                st.mc = mc;
+                st.sc = sc;
+            }
+            row_stats = st;
+        }
+    }
+    __syncthreads();
+    st = row_stats;
+
+    KlGrad q;
+    q.c = c;
+    q.lse_s2 = st.ms + log2f(st.ss);
+    q.lse_t2 = st.mt + log2f(st.st);
+    q.lse_c2 = st.mc + log2f(st.sc);
+    q.gk = grad_scale * temperature;
+    q.ce = ce;
+    q.ce_scale = ce ? ce_scale : 0.0f;
+    q.ce_reuse = ce && tau_one && q.lse_c2 == q.lse_s2;
+    q.target = target;
+
+    if (tid == 0) {
+        // KL = ln2 · (A/S_t − lse2_t + lse2_s), times τ².
+        float kl = (st.a / st.st) + (st.ms - st.mt) + (log2f(st.ss) - log2f(st.st));
+        row_kl[i] = temperature * temperature * KD_LN2 * kl;
+        if (row_ce != nullptr) {
+            float ce_loss = 0.0f;
+            if (ce) ce_loss = KD_LN2 * q.lse_c2 - bf16_to_f32(S[target]);
+            else if (target >= student_vocab) ce_loss = NAN;  // bad label: make it visible
+            row_ce[i] = ce_loss;
+        }
+    }
+
+    // ---- pass 2: gradient, in the reverse order of pass 1 ----
+    if (ce) {
+        for (long long col = (long long)student_vocab - 1 - tid; col >= ev; col -= nt) {
+            float zs = bf16_to_f32(S[col]), g;
+            ce_pass2<1>(q, &zs, col, &g);
+            rmw_bf16(D + col, g);
+        }
+    }
+    for (long long e = n_evec - 1 - tid; e >= 0; e -= nt) {
+        float zs[8], g[8];
+        unpack_bf16x8(ldg_u4(S + kept + 8 * e), zs);
+        ce_pass2<8>(q, zs, kept + 8 * e, g);
+        rmw_bf16x8(D + kept + 8 * e, g);
+    }
+    for (long long col = (long long)kept - 1 - tid; col >= kv; col -= nt) {
+        float zs = bf16_to_f32(S[col]), zt = bf16_to_f32(T[col]), g;
+        kl_pass2<1>(q, &zs, &zt, col, &g);
+        rmw_bf16(D + col, g);
+    }
+    {
+        long long v = n_kvec - 1 - tid;
+        for (; v - nt >= 0; v -= 2 * nt) {
+            const long long v1 = v - nt;
+            uint4 s0 = ldg_u4(S + 8 * v), t0 = ldg_u4(T + 8 * v);
+            uint4 s1 = ldg_u4(S + 8 * v1), t1 = ldg_u4(T + 8 * v1);
+            float zs[8], zt[8], g[8];
+            unpack_bf16x8(s0, zs);
+            unpack_bf16x8(t0, zt);
+            kl_pass2<8>(q, zs, zt, 8 * v, g);
+            rmw_bf16x8(D + 8 * v, g);
+            unpack_bf16x8(s1, zs);
+            unpack_bf16x8(t1, zt);
+            kl_pass2<8>(q, zs, zt, 8 * v1, g);
+            rmw_bf16x8(D + 8 * v1, g);
+        }
+        for (; v >= 0; v -= nt) {
+            float zs[8], zt[8], g[8];
+            unpack_bf16x8(ldg_u4(S + 8 * v), zs);
+            unpack_bf16x8(ldg_u4(T + 8 * v), zt);
+            kl_pass2<8>(q, zs, zt, 8 * v, g);
+            rmw_bf16x8(D + 8 * v, g);
+        }
+    }
+}

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The GPU check, run ON the GPU machine (it has no Rust) from the repository root, after
+# scripts/build-gpu-bundle.sh has put the binaries into device-bundle/ here:
+#   1. the CUDA test executable (tests/cuda_ops.rs),   2. kd-engine selftest,
+#   3. kd-engine bench-kernels,                         4. benches/compare_torch.py (PyTorch side),
+# each with its own timeout so one hang does not cost the rest, then one side-by-side table.
+# Everything is logged to $OUT (the device tool's folder that comes back; /tmp/kd-gpu-check
+# elsewhere): gpu-check.log, selftest.json, bench.json, torch.json, table.txt.
+# Usage: bash scripts/gpu-check.sh [--quick]     (--quick: smaller benchmark shapes)
+set -u
+cd "$(dirname "$0")/.."
+B=${BUNDLE:-device-bundle}
+OUT=${OUT:-/tmp/kd-gpu-check}
+mkdir -p "$OUT"
+QUICK=${1:-}
+LOG="$OUT/gpu-check.log"
+: >"$LOG"
+say() { echo "$@" | tee -a "$LOG"; }
+
+say "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1 | tee -a "$LOG"
+[ -x "$B/kd-engine" ] && [ -x "$B/cuda_ops" ] || { say "missing $B/kd-engine or $B/cuda_ops: run scripts/build-gpu-bundle.sh on the build machine and carry device-bundle"; exit 2; }
+
+# step SECONDS PATTERN CMD...: runs CMD under a timeout, its output into the log, and prints the
+# lines of it that match PATTERN. Sets RC to CMD's exit status (124: timed out).
+TMP=$(mktemp)
+step() {
+  local secs=$1 pattern=$2
+  shift 2
+  timeout "$secs" "$@" >"$TMP" 2>&1
+  RC=$?
+  cat "$TMP" >>"$LOG"
+  grep -E "$pattern" "$TMP" | tail -40
+  [ "$RC" = 124 ] && say "TIMED OUT after $secs s: $*"
+  return 0
+}
+
+say "== 1. CUDA tests ($B/cuda_ops)"
+step 100 "^test |test result|FAIL|panicked" "$B/cuda_ops" --test-threads 1 --nocapture
+RC_TESTS=$RC; say "cuda_ops exit code $RC_TESTS"
+
+say "== 2. kd-engine selftest"
+step 80 "FAIL|passed, .* failed|skipped|^selftest|error" "$B/kd-engine" selftest --json "$OUT/selftest.json"
+RC_SELF=$RC; say "selftest exit code $RC_SELF"
+
+say "== 3. kd-engine bench-kernels $QUICK"
+step 150 "error|panicked" "$B/kd-engine" bench-kernels --json "$OUT/bench.json" $QUICK
+RC_BENCH=$RC; say "bench-kernels exit code $RC_BENCH"
+
+say "== 4. PyTorch side (benches/compare_torch.py $QUICK)"
+PYTHONUNBUFFERED=1 step 220 "Error|error|Traceback" python3 benches/compare_torch.py --json "$OUT/torch.json" $QUICK
+RC_TORCH=$RC; say "compare_torch exit code $RC_TORCH"
+rm -f "$TMP"
+
+say "== side by side"
+python3 - "$OUT/bench.json" "$OUT/torch.json" <<'PY' 2>&1 | tee "$OUT/table.txt" | tee -a "$LOG"
+import json, sys
+def load(p):
+    try:
+        return json.load(open(p))
+    except Exception as e:
+        print(f"({p}: {e})")
+        return None
+kd, pt = load(sys.argv[1]), load(sys.argv[2])
+if kd:
+    print(f"kd-engine: {kd['device']}; ceilings copy {kd['copy_tb_s']:.2f} TB/s, bf16 GEMM {kd['gemm_tflop_s']:.0f} TFLOP/s")
+if pt:
+    c, g = pt.get("copy_tb_s"), pt.get("gemm_tflop_s")
+    print(f"PyTorch {pt.get('torch')}: {pt.get('device')}; ceilings copy {c and round(c, 2)} TB/s, bf16 GEMM {g and round(g)} TFLOP/s")
+if not kd:
+    sys.exit(0)
+tk = (pt or {}).get("kernels", {})
+print(f"{'kernel':<24} {'kd ms':>9} {'rate':>15} {'of ceil':>7}  {'PyTorch ms (variant)':<44} {'speedup':>7}  target")
+for k in kd["kernels"]:
+    key = k["key"]
+    variants = {n: v["median_ms"] for n, v in tk.get(key, {}).items() if isinstance(v, dict) and "median_ms" in v}
+    errors = [n for n, v in tk.get(key, {}).items() if isinstance(v, dict) and "error" in v]
+    best = min(variants.items(), key=lambda x: x[1]) if variants else None
+    torch_txt = ", ".join(f"{n} {ms:.3f}" for n, ms in variants.items()) + (f" [failed: {', '.join(errors)}]" if errors else "")
+    speed = f"{best[1] / k['median_ms']:.2f}x" if best else "-"
+    target = f"<= {k['target_ms']} ms: {'met' if k['median_ms'] <= k['target_ms'] else 'NOT met'}" if k.get("target_ms") else ""
+    if key.startswith("attn_") and not key.endswith(("_fwd", "_bwd")) and "sdpa" in variants:
+        r = variants["sdpa"] / k["median_ms"]
+        target = f">= 0.6x SDPA: {'met' if r >= 0.6 else 'NOT met'} ({r:.2f}x)"
+    if key == "adamw_494m":
+        target = f">= 85% of copy: {'met' if k['fraction'] >= 0.85 else 'NOT met'}"
+    rate = f"{k['rate']:.2f} {k['unit']}"
+    print(f"{key:<24} {k['median_ms']:>9.3f} {rate:>15} {100 * k['fraction']:>6.0f}%  {torch_txt[:44]:<44} {speed:>7}  {target}")
+print("speedup = fastest PyTorch variant's median / kd-engine's median (> 1: kd-engine faster)")
+PY
+
+say "== summary: cuda_ops $RC_TESTS, selftest $RC_SELF, bench-kernels $RC_BENCH, compare_torch $RC_TORCH (0 = ok, 124 = timed out)"
+[ "$RC_TESTS" = 0 ] && [ "$RC_SELF" = 0 ] && [ "$RC_BENCH" = 0 ] && [ "$RC_TORCH" = 0 ]

@@ -1,0 +1,621 @@
+//! Every CUDA op against the CPU backend (f32) on fresh random inputs: the checks behind
+//! `kd-engine selftest` and `tests/cuda_ops.rs` (one test per family).
+//!
+//! Method (SPEC §7, METHOD.md): inputs are drawn afresh from the seed, rounded to bf16 on the host
+//! and given to both backends, so the comparison measures the computation alone; sizes include
+//! rows of length 1 and sizes that are multiples of no tile; outputs that an op overwrites are
+//! poisoned with NaN before the launch (an unwritten element stays NaN and fails); outputs that an
+//! op accumulates into are pre-filled with random values of the size of the expected increment
+//! (so both the accumulation and the increment show in the error). Error: ‖out − ref‖ / ‖ref‖,
+//! ≤ 1e-2 for bf16 outputs, ≤ 1e-4 for f32 outputs (saved statistics, optimizer state, losses),
+//! ≤ 1e-3 for the relation loss value (1 − cos of two Gram matrices summed in different orders by
+//! cuBLAS and the CPU: the cosine's rounding error is divided by 1 − cos); any NaN or infinity
+//! where the reference is finite fails.
+
+use anyhow::{anyhow, ensure, Result};
+use serde::Serialize;
+
+use super::{CudaBackend, CudaBuf, DType};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AdamWStep, AttnShape, Backend, Gemm, GeluKind, KlShape, IGNORE_INDEX};
+use crate::data::rng::SplitMix64;
+
+/// Tolerances.
+pub const TOL_BF16: f64 = 1e-2;
+pub const TOL_F32: f64 = 1e-4;
+pub const TOL_RELATION_LOSS: f64 = 1e-3;
+
+/// The op families, each one test in `tests/cuda_ops.rs`.
+pub const FAMILIES: &[&str] =
+    &["memory", "gemm", "elementwise", "embedding", "norm", "rope", "attention", "cross_entropy", "softmax_kl", "relation", "adamw"];
+
+/// One comparison.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckResult {
+    pub family: String,
+    pub name: String,
+    /// ‖out − ref‖ / ‖ref‖ (‖out‖ when the reference is zero); NaN when the check errored.
+    pub rel_err: f64,
+    pub tol: f64,
+    pub passed: bool,
+    /// Why it failed (error message, NaN count), empty when it passed.
+    pub detail: String,
+}
+
+/// Rounds to the nearest bf16 (as the upload does).
+fn r16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+struct Ctx<'a> {
+    be: &'a CudaBackend,
+    cpu: CpuBackend<f32>,
+    rng: SplitMix64,
+    family: &'static str,
+    out: Vec<CheckResult>,
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> (f64, usize) {
+    let mut num = 0.0f64;
+    let mut den = 0.0f64;
+    let mut bad = 0;
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() && w.is_finite() {
+            bad += 1;
+        }
+        let d = g as f64 - w as f64;
+        num += d * d;
+        den += (w as f64) * (w as f64);
+    }
+    let e = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    (e, bad)
+}
+
+impl<'a> Ctx<'a> {
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+
+    /// `n` random values in [lo, hi), rounded to bf16.
+    fn rand(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| r16(self.uniform(lo, hi))).collect()
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.rng.below(n as u64) as usize
+    }
+
+    fn up(&self, x: &[f32]) -> Result<CudaBuf> {
+        self.be.upload(x)
+    }
+
+    /// A bf16 buffer of `n` NaNs.
+    fn poisoned(&self, n: usize) -> Result<CudaBuf> {
+        let mut b = self.be.alloc(n, DType::Bf16)?;
+        self.be.fill_nan(&mut b)?;
+        Ok(b)
+    }
+
+    /// `n` random values scaled to the RMS of `like` (a pre-fill for accumulated outputs).
+    fn prefill_like(&mut self, n: usize, like: &[f32]) -> Vec<f32> {
+        let rms = (like.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() / like.len().max(1) as f64).sqrt() as f32;
+        let s = if rms > 0.0 { rms } else { 1.0 };
+        self.rand(n, -s, s)
+    }
+
+    fn record(&mut self, name: &str, rel: f64, tol: f64, detail: String) {
+        let passed = rel.is_finite() && rel <= tol && detail.is_empty();
+        self.out.push(CheckResult { family: self.family.to_string(), name: name.to_string(), rel_err: rel, tol, passed, detail });
+    }
+
+    fn cmp(&mut self, name: &str, got: &[f32], want: &[f32], tol: f64) {
+        if got.len() != want.len() {
+            self.record(name, f64::NAN, tol, format!("{} values, expected {}", got.len(), want.len()));
+            return;
+        }
+        let (e, bad) = rel_err(got, want);
+        let detail = if bad > 0 { format!("{bad} NaN/inf values where the reference is finite (unwritten or overflowed)") } else { String::new() };
+        self.record(name, e, tol, detail);
+    }
+
+    fn cmp_buf(&mut self, name: &str, got: &CudaBuf, want: &[f32], tol: f64) -> Result<()> {
+        let g = self.be.download(got)?;
+        self.cmp(name, &g, want, tol);
+        Ok(())
+    }
+
+    fn cmp_scalar(&mut self, name: &str, got: f64, want: f64, tol: f64) {
+        let e = if want != 0.0 { ((got - want) / want).abs() } else { got.abs() };
+        let detail = if !got.is_finite() && want.is_finite() { format!("value {got}, expected {want}") } else { String::new() };
+        self.record(name, e, tol, detail);
+    }
+
+    /// Runs one case; an error is a failed check with the message.
+    fn case(&mut self, name: &str, f: impl FnOnce(&mut Self) -> Result<()>) {
+        if let Err(e) = f(self) {
+            self.record(name, f64::NAN, TOL_BF16, format!("error: {e:#}"));
+        }
+    }
+}
+
+/// Runs the checks of one family on `be`.
+pub fn run_family(be: &CudaBackend, family: &str, seed: u64) -> Result<Vec<CheckResult>> {
+    let fam = FAMILIES.iter().find(|f| **f == family).ok_or_else(|| anyhow!("unknown check family {family:?} (one of {})", FAMILIES.join(", ")))?;
+    let mut c = Ctx { be, cpu: CpuBackend::new(), rng: SplitMix64::new(seed), family: fam, out: Vec::new() };
+    match family {
+        "memory" => memory(&mut c),
+        "gemm" => gemm(&mut c),
+        "elementwise" => elementwise(&mut c),
+        "embedding" => embedding(&mut c),
+        "norm" => norm(&mut c),
+        "rope" => rope(&mut c),
+        "attention" => attention(&mut c),
+        "cross_entropy" => cross_entropy(&mut c),
+        "softmax_kl" => softmax_kl(&mut c),
+        "relation" => relation(&mut c),
+        "adamw" => adamw(&mut c),
+        _ => unreachable!("checked above"),
+    }
+    // A fault of an asynchronous launch that no download caught yet.
+    if let Err(e) = be.synchronize() {
+        c.record("device synchronise after the family", f64::NAN, 0.0, format!("error: {e:#}"));
+    }
+    Ok(c.out)
+}
+
+/// Every family.
+pub fn run_all(be: &CudaBackend, seed: u64) -> Vec<CheckResult> {
+    let mut all = Vec::new();
+    for (i, fam) in FAMILIES.iter().enumerate() {
+        match run_family(be, fam, seed.wrapping_add(i as u64 * 0x1000)) {
+            Ok(r) => all.extend(r),
+            Err(e) => all.push(CheckResult {
+                family: fam.to_string(),
+                name: "family".into(),
+                rel_err: f64::NAN,
+                tol: 0.0,
+                passed: false,
+                detail: format!("error: {e:#}"),
+            }),
+        }
+    }
+    all
+}
+
+/// The results as a table.
+pub fn table(results: &[CheckResult]) -> String {
+    let mut s = format!("{:<14} {:<58} {:>10} {:>8}  {}\n", "family", "check", "rel err", "tol", "status");
+    for r in results {
+        let status = if r.passed { "ok".to_string() } else { format!("FAIL {}", r.detail) };
+        s.push_str(&format!("{:<14} {:<58} {:>10.2e} {:>8.0e}  {}\n", r.family, r.name, r.rel_err, r.tol, status));
+    }
+    let failed = results.iter().filter(|r| !r.passed).count();
+    s.push_str(&format!("{} passed, {} failed\n", results.len() - failed, failed));
+    s
+}
+
+fn memory(c: &mut Ctx) {
+    for n in [1usize, 1001] {
+        c.case(&format!("upload/download n={n}"), |c| {
+            let x = c.rand(n, -3.0, 3.0);
+            let b = c.up(&x)?;
+            c.cmp_buf(&format!("upload/download n={n}"), &b, &x, 0.0)
+        });
+    }
+    c.case("copy_range", |c| {
+        let src = c.rand(1000, -1.0, 1.0);
+        let dst0 = c.rand(777, -1.0, 1.0);
+        let (s, mut d) = (c.up(&src)?, c.up(&dst0)?);
+        c.be.copy_range(&s, 13, &mut d, 101, 333)?;
+        let mut want = dst0.clone();
+        want[101..434].copy_from_slice(&src[13..346]);
+        c.cmp_buf("copy_range 333 of 1000 into 777", &d, &want, 0.0)?;
+        let dup = c.be.duplicate(&d)?;
+        c.cmp_buf("duplicate", &dup, &want, 0.0)?;
+        c.be.fill_zero(&mut d)?;
+        c.cmp_buf("fill_zero", &d, &vec![0.0; 777], 0.0)?;
+        ensure!(c.be.copy_range(&s, 900, &mut d, 0, 101).is_err(), "an out-of-range copy was accepted");
+        Ok(())
+    });
+    c.case("out of memory is a clear error", |c| {
+        // 2^50 bf16 values (2 PiB): more than any device has.
+        match c.be.alloc(1 << 50, DType::Bf16) {
+            Ok(_) => anyhow::bail!("a 2 PiB allocation succeeded"),
+            Err(e) => {
+                let msg = e.to_string();
+                ensure!(msg.contains("out of memory") && msg.contains("asked for") && msg.contains("free"), "unclear message: {msg}");
+            }
+        }
+        c.record("out of memory is a clear error", 0.0, 0.0, String::new());
+        Ok(())
+    });
+    c.case("optimizer state f32", |c| {
+        let x: Vec<f32> = (0..513).map(|_| c.uniform(-1.0, 1.0)).collect();
+        let s = c.be.upload_state(&x)?;
+        let got = c.be.download_state(&s)?;
+        c.cmp("upload_state/download_state (f32, exact)", &got, &x, 0.0);
+        let z = c.be.zeros_state(5)?;
+        let got = c.be.download_state(&z)?;
+        c.cmp("zeros_state", &got, &[0.0; 5], 0.0);
+        Ok(())
+    });
+}
+
+fn gemm(c: &mut Ctx) {
+    let shapes = [(37usize, 61usize, 45usize), (1, 1, 1), (1, 300, 17), (129, 65, 257), (64, 64, 64)];
+    for &(m, n, k) in &shapes {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            for (alpha, beta) in [(1.0f32, 0.0f32), (0.5, 1.0)] {
+                let name = format!("{m}x{n}x{k} ta={} tb={} alpha={alpha} beta={beta}", ta as u8, tb as u8);
+                c.case(&name, |c| {
+                    let g = Gemm { m, n, k, trans_a: ta, trans_b: tb, alpha, beta };
+                    let a = c.rand(m * k, -1.0, 1.0);
+                    let b = c.rand(k * n, -1.0, 1.0);
+                    let mut want = vec![0.0f32; m * n];
+                    c.cpu.gemm(Gemm { beta: 0.0, ..g }, &a, &b, &mut want)?;
+                    let (ga, gb) = (c.up(&a)?, c.up(&b)?);
+                    let mut gc = if beta == 0.0 {
+                        c.poisoned(m * n)?
+                    } else {
+                        let pre = c.prefill_like(m * n, &want);
+                        want.iter_mut().zip(&pre).for_each(|(w, &p)| *w += beta * p);
+                        c.up(&pre)?
+                    };
+                    c.be.gemm(g, &ga, &gb, &mut gc)?;
+                    c.cmp_buf(&name, &gc, &want, TOL_BF16)
+                });
+            }
+        }
+    }
+    c.case("k=0: C = beta·C", |c| {
+        let pre = c.rand(12, -1.0, 1.0);
+        let (a, b) = (c.up(&[])?, c.up(&[])?);
+        let mut gc = c.up(&pre)?;
+        c.be.gemm(Gemm { m: 3, n: 4, k: 0, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.5 }, &a, &b, &mut gc)?;
+        let want: Vec<f32> = pre.iter().map(|&p| 0.5 * p).collect();
+        c.cmp_buf("k=0: C = beta·C", &gc, &want, TOL_BF16)
+    });
+    c.case("bad lengths are errors", |c| {
+        let (a, b) = (c.up(&[0.0; 6])?, c.up(&[0.0; 6])?);
+        let mut gc = c.be.zeros(4)?;
+        ensure!(c.be.gemm(Gemm::linear(2, 2, 4), &a, &b, &mut gc).is_err(), "a gemm with wrong lengths was accepted");
+        Ok(())
+    });
+}
+
+fn elementwise(c: &mut Ctx) {
+    for (rows, dim) in [(1usize, 1usize), (37, 129), (300, 77)] {
+        c.case(&format!("add_bias {rows}x{dim}"), |c| {
+            let x = c.rand(rows * dim, -1.0, 1.0);
+            let bias = c.rand(dim, -1.0, 1.0);
+            let mut want = x.clone();
+            c.cpu.add_bias(&mut want, &bias, rows)?;
+            let mut gx = c.up(&x)?;
+            c.be.add_bias(&mut gx, &c.up(&bias)?, rows)?;
+            c.cmp_buf(&format!("add_bias {rows}x{dim}"), &gx, &want, TOL_BF16)
+        });
+        c.case(&format!("bias_grad {rows}x{dim}"), |c| {
+            let dy = c.rand(rows * dim, -1.0, 1.0);
+            let mut inc = vec![0.0f32; dim];
+            c.cpu.bias_grad(&dy, &mut inc, rows)?;
+            let pre = c.prefill_like(dim, &inc);
+            let want: Vec<f32> = pre.iter().zip(&inc).map(|(p, i)| p + i).collect();
+            let mut gd = c.up(&pre)?;
+            c.be.bias_grad(&c.up(&dy)?, &mut gd, rows)?;
+            c.cmp_buf(&format!("bias_grad {rows}x{dim} (accumulate)"), &gd, &want, TOL_BF16)
+        });
+    }
+    for n in [1usize, 1001, 100_003] {
+        c.case(&format!("add_assign/scale/sum_squares n={n}"), |c| {
+            let x = c.rand(n, -1.0, 1.0);
+            let y = c.rand(n, -1.0, 1.0);
+            let mut want = x.clone();
+            c.cpu.add_assign(&mut want, &y)?;
+            let mut gx = c.up(&x)?;
+            c.be.add_assign(&mut gx, &c.up(&y)?)?;
+            c.cmp_buf(&format!("add_assign n={n}"), &gx, &want, TOL_BF16)?;
+            let mut want = x.clone();
+            c.cpu.scale(&mut want, -0.37)?;
+            let mut gx = c.up(&x)?;
+            c.be.scale(&mut gx, -0.37)?;
+            c.cmp_buf(&format!("scale n={n}"), &gx, &want, TOL_BF16)?;
+            let want = c.cpu.sum_squares(&x)?;
+            let got = c.be.sum_squares(&c.up(&x)?)?;
+            c.cmp_scalar(&format!("sum_squares n={n} (f32 accumulation)"), got, want, TOL_F32);
+            Ok(())
+        });
+    }
+    for n in [1usize, 1001, 65_537] {
+        c.case(&format!("swiglu n={n}"), |c| {
+            let (g, u, d) = (c.rand(n, -6.0, 6.0), c.rand(n, -2.0, 2.0), c.rand(n, -1.0, 1.0));
+            let mut want = vec![0.0; n];
+            c.cpu.swiglu(&g, &u, &mut want)?;
+            let (gg, gu, gd) = (c.up(&g)?, c.up(&u)?, c.up(&d)?);
+            let mut out = c.poisoned(n)?;
+            c.be.swiglu(&gg, &gu, &mut out)?;
+            c.cmp_buf(&format!("swiglu n={n}"), &out, &want, TOL_BF16)?;
+            let (mut wg, mut wu) = (vec![0.0; n], vec![0.0; n]);
+            c.cpu.swiglu_backward(&g, &u, &d, &mut wg, &mut wu)?;
+            let (mut dg, mut du) = (c.poisoned(n)?, c.poisoned(n)?);
+            c.be.swiglu_backward(&gg, &gu, &gd, &mut dg, &mut du)?;
+            c.cmp_buf(&format!("swiglu_backward dgate n={n}"), &dg, &wg, TOL_BF16)?;
+            c.cmp_buf(&format!("swiglu_backward dup n={n}"), &du, &wu, TOL_BF16)
+        });
+        for kind in [GeluKind::Erf, GeluKind::Tanh] {
+            let name = format!("gelu {kind:?} n={n}");
+            c.case(&name, |c| {
+                let (x, d) = (c.rand(n, -6.0, 6.0), c.rand(n, -1.0, 1.0));
+                let mut want = vec![0.0; n];
+                c.cpu.gelu(&x, &mut want, kind)?;
+                let (gx, gd) = (c.up(&x)?, c.up(&d)?);
+                let mut out = c.poisoned(n)?;
+                c.be.gelu(&gx, &mut out, kind)?;
+                c.cmp_buf(&name, &out, &want, TOL_BF16)?;
+                let mut wdx = vec![0.0; n];
+                c.cpu.gelu_backward(&x, &d, &mut wdx, kind)?;
+                let mut dx = c.poisoned(n)?;
+                c.be.gelu_backward(&gx, &gd, &mut dx, kind)?;
+                c.cmp_buf(&format!("gelu_backward {kind:?} n={n}"), &dx, &wdx, TOL_BF16)
+            });
+        }
+    }
+}
+
+fn embedding(c: &mut Ctx) {
+    for (rows, dim, t) in [(50usize, 33usize, 70usize), (1, 1, 1), (1000, 896, 300)] {
+        let name = format!("embedding table {rows}x{dim}, {t} ids");
+        c.case(&name, |c| {
+            let table = c.rand(rows * dim, -1.0, 1.0);
+            // Few distinct ids, so the scatter-add sees repeats.
+            let distinct = (rows / 3).max(1);
+            let ids: Vec<u32> = (0..t).map(|_| c.below(distinct) as u32 * (rows / distinct) as u32).collect();
+            let mut want = vec![0.0; t * dim];
+            c.cpu.embedding(&table, &ids, dim, &mut want)?;
+            let gt = c.up(&table)?;
+            let mut out = c.poisoned(t * dim)?;
+            c.be.embedding(&gt, &ids, dim, &mut out)?;
+            c.cmp_buf(&format!("{name} gather"), &out, &want, 0.0)?;
+            let dout = c.rand(t * dim, -1.0, 1.0);
+            let mut inc = vec![0.0; rows * dim];
+            c.cpu.embedding_backward(&dout, &ids, dim, &mut inc)?;
+            let pre = c.prefill_like(rows * dim, &inc);
+            let want: Vec<f32> = pre.iter().zip(&inc).map(|(p, i)| p + i).collect();
+            let mut gd = c.up(&pre)?;
+            c.be.embedding_backward(&c.up(&dout)?, &ids, dim, &mut gd)?;
+            c.cmp_buf(&format!("{name} scatter-add (accumulate)"), &gd, &want, TOL_BF16)?;
+            let bad = [rows as u32];
+            let mut o1 = c.be.zeros(dim)?;
+            ensure!(c.be.embedding(&gt, &bad, dim, &mut o1).is_err(), "an out-of-range id was accepted");
+            Ok(())
+        });
+    }
+}
+
+fn norm(c: &mut Ctx) {
+    for (rows, dim) in [(1usize, 1usize), (37, 129), (5, 896), (3, 2560)] {
+        let name = format!("rmsnorm {rows}x{dim}");
+        c.case(&name, |c| {
+            let x = c.rand(rows * dim, -2.0, 2.0);
+            let w = c.rand(dim, 0.5, 1.5);
+            let (mut want, mut wr) = (vec![0.0; rows * dim], vec![0.0; rows]);
+            c.cpu.rmsnorm(&x, &w, 1e-6, &mut want, &mut wr)?;
+            let (gx, gw) = (c.up(&x)?, c.up(&w)?);
+            let mut out = c.poisoned(rows * dim)?;
+            // As model code allocates it: a bf16 buffer, which the op turns into f32.
+            let mut rstd = c.poisoned(rows)?;
+            c.be.rmsnorm(&gx, &gw, 1e-6, &mut out, &mut rstd)?;
+            c.cmp_buf(&format!("{name} out"), &out, &want, TOL_BF16)?;
+            ensure!(rstd.dtype() == DType::F32, "rstd was not made f32");
+            c.cmp_buf(&format!("{name} rstd (f32)"), &rstd, &wr, TOL_F32)?;
+            let dout = c.rand(rows * dim, -1.0, 1.0);
+            let (mut wdx, mut winc) = (vec![0.0; rows * dim], vec![0.0; dim]);
+            c.cpu.rmsnorm_backward(&dout, &x, &w, &wr, &mut wdx, &mut winc)?;
+            let pre = c.prefill_like(dim, &winc);
+            let wdw: Vec<f32> = pre.iter().zip(&winc).map(|(p, i)| p + i).collect();
+            let mut dx = c.poisoned(rows * dim)?;
+            let mut dw = c.up(&pre)?;
+            c.be.rmsnorm_backward(&c.up(&dout)?, &gx, &gw, &rstd, &mut dx, &mut dw)?;
+            c.cmp_buf(&format!("{name} backward dx"), &dx, &wdx, TOL_BF16)?;
+            c.cmp_buf(&format!("{name} backward dw (accumulate)"), &dw, &wdw, TOL_BF16)
+        });
+        let name = format!("layernorm {rows}x{dim}");
+        c.case(&name, |c| {
+            let x = c.rand(rows * dim, -2.0, 3.0);
+            let (w, b) = (c.rand(dim, 0.5, 1.5), c.rand(dim, -0.5, 0.5));
+            let mut want = vec![0.0; rows * dim];
+            c.cpu.layernorm(&x, &w, &b, 1e-6, &mut want)?;
+            let mut out = c.poisoned(rows * dim)?;
+            c.be.layernorm(&c.up(&x)?, &c.up(&w)?, &c.up(&b)?, 1e-6, &mut out)?;
+            c.cmp_buf(&name, &out, &want, TOL_BF16)
+        });
+    }
+}
+
+fn rope(c: &mut Ctx) {
+    for (t, heads, hd, theta) in [(1usize, 1usize, 2usize, 10000.0f64), (37, 3, 64, 1e6), (19, 2, 80, 10000.0), (33, 4, 128, 1e6)] {
+        for inverse in [false, true] {
+            let name = format!("rope T={t} heads={heads} head_dim={hd} theta={theta:e} inverse={inverse}");
+            c.case(&name, |c| {
+                let x = c.rand(t * heads * hd, -1.0, 1.0);
+                let pos: Vec<u32> = (0..t).map(|_| c.below(20_000) as u32).collect();
+                let mut want = x.clone();
+                c.cpu.rope(&mut want, &pos, hd, theta, inverse)?;
+                let mut gx = c.up(&x)?;
+                c.be.rope(&mut gx, &pos, hd, theta, inverse)?;
+                c.cmp_buf(&name, &gx, &want, TOL_BF16)
+            });
+        }
+    }
+}
+
+fn attention(c: &mut Ctx) {
+    let lens = [1usize, 37, 130];
+    for hd in [64usize, 72, 80, 128] {
+        for (h, hkv, causal) in [(4usize, 2usize, true), (3, 3, false), (2, 1, true)] {
+            let name = format!("attention D={hd} H={h} Hkv={hkv} causal={causal} lens={lens:?}");
+            c.case(&name, |c| {
+                let t: usize = lens.iter().sum();
+                let shape = AttnShape { n_heads: h, n_kv_heads: hkv, head_dim: hd, causal };
+                let q = c.rand(t * h * hd, -1.5, 1.5);
+                let k = c.rand(t * hkv * hd, -1.5, 1.5);
+                let v = c.rand(t * hkv * hd, -1.0, 1.0);
+                let (mut wo, mut wl) = (vec![0.0; t * h * hd], vec![0.0; t * h]);
+                c.cpu.attention(shape, &lens, &q, &k, &v, &mut wo, &mut wl)?;
+                let (gq, gk, gv) = (c.up(&q)?, c.up(&k)?, c.up(&v)?);
+                let mut out = c.poisoned(t * h * hd)?;
+                let mut lse = c.poisoned(t * h)?;
+                c.be.attention(shape, &lens, &gq, &gk, &gv, &mut out, &mut lse)?;
+                c.cmp_buf(&format!("{name} out"), &out, &wo, TOL_BF16)?;
+                c.cmp_buf(&format!("{name} lse (f32)"), &lse, &wl, TOL_F32)?;
+                // The backward from the CUDA forward's own out (bf16) and lse; the reference gets
+                // the same out, rounded to bf16, so only the backward is measured.
+                let gout_host = c.be.download(&out)?;
+                let dout = c.rand(t * h * hd, -1.0, 1.0);
+                let (mut wdq, mut wdk, mut wdv) = (vec![0.0; t * h * hd], vec![0.0; t * hkv * hd], vec![0.0; t * hkv * hd]);
+                c.cpu.attention_backward(shape, &lens, &q, &k, &v, &gout_host, &wl, &dout, &mut wdq, &mut wdk, &mut wdv)?;
+                let (mut dq, mut dk, mut dv) = (c.poisoned(t * h * hd)?, c.poisoned(t * hkv * hd)?, c.poisoned(t * hkv * hd)?);
+                c.be.attention_backward(shape, &lens, &gq, &gk, &gv, &out, &lse, &c.up(&dout)?, &mut dq, &mut dk, &mut dv)?;
+                c.cmp_buf(&format!("{name} dq"), &dq, &wdq, TOL_BF16)?;
+                c.cmp_buf(&format!("{name} dk"), &dk, &wdk, TOL_BF16)?;
+                c.cmp_buf(&format!("{name} dv"), &dv, &wdv, TOL_BF16)
+            });
+        }
+    }
+}
+
+fn cross_entropy(c: &mut Ctx) {
+    for (rows, vocab) in [(1usize, 1usize), (6, 1001), (3, 151_936)] {
+        let name = format!("cross_entropy {rows}x{vocab}");
+        c.case(&name, |c| {
+            let z = c.rand(rows * vocab, -4.0, 4.0);
+            let mut targets: Vec<i32> = (0..rows).map(|_| c.below(vocab) as i32).collect();
+            if rows > 1 {
+                targets[1] = IGNORE_INDEX;
+            }
+            let n_t = targets.iter().filter(|&&t| t != IGNORE_INDEX).count().max(1);
+            let scale = 1.0 / n_t as f32;
+            let mut wd = vec![0.0; rows * vocab];
+            let wl = c.cpu.cross_entropy(&z, &targets, vocab, scale, &mut wd)?;
+            let mut d = c.poisoned(rows * vocab)?;
+            let gl = c.be.cross_entropy(&c.up(&z)?, &targets, vocab, scale, &mut d)?;
+            c.cmp_scalar(&format!("{name} loss"), gl, wl, TOL_F32);
+            c.cmp_buf(&format!("{name} dlogits"), &d, &wd, TOL_BF16)?;
+            let mut d2 = c.be.zeros(rows * vocab)?;
+            ensure!(c.be.cross_entropy(&c.up(&z)?, &vec![vocab as i32; rows], vocab, scale, &mut d2).is_err(), "an out-of-range target was accepted");
+            Ok(())
+        });
+    }
+}
+
+fn softmax_kl(c: &mut Ctx) {
+    // (rows, student vocab, teacher vocab, kept, tau, listed rows)
+    let cases: [(usize, usize, usize, usize, f32, Vec<u32>); 5] = [
+        (6, 1003, 1011, 1000, 2.0, vec![4, 0, 2]),
+        (4, 151_936, 151_936, 151_936, 1.0, vec![3, 1, 0]),
+        (2, 8, 8, 8, 1.0, vec![0, 1]),
+        (3, 1, 1, 1, 1.0, vec![2]),
+        (5, 4099, 4096, 4096, 0.7, vec![0, 1, 2, 3, 4]),
+    ];
+    for (rows, vs, vt, kept, tau, listed) in cases {
+        let name = format!("softmax_kl {rows} rows Vs={vs} Vt={vt} kept={kept} tau={tau} listed={}", listed.len());
+        c.case(&name, |c| {
+            let s = c.rand(rows * vs, -4.0, 4.0);
+            let t = c.rand(rows * vt, -4.0, 4.0);
+            let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: tau };
+            let scale = 1.0 / listed.len() as f32;
+            let mut inc = vec![0.0; rows * vs];
+            let wl = c.cpu.softmax_kl(&s, &t, shape, &listed, scale, &mut inc)?;
+            let pre = c.prefill_like(rows * vs, &inc);
+            let mut want = pre.clone();
+            c.cpu.softmax_kl(&s, &t, shape, &listed, scale, &mut want)?;
+            let mut d = c.up(&pre)?;
+            let gl = c.be.softmax_kl(&c.up(&s)?, &c.up(&t)?, shape, &listed, scale, &mut d)?;
+            c.cmp_scalar(&format!("{name} loss"), gl, wl, TOL_F32);
+            c.cmp_buf(&format!("{name} dstudent (accumulate)"), &d, &want, TOL_BF16)
+        });
+    }
+    c.case("softmax_kl bad rows are errors", |c| {
+        let (s, t) = (c.up(&[0.0; 8])?, c.up(&[0.0; 8])?);
+        let mut d = c.be.zeros(8)?;
+        let shape = KlShape { student_vocab: 4, teacher_vocab: 4, kept: 4, temperature: 1.0 };
+        ensure!(c.be.softmax_kl(&s, &t, shape, &[2], 1.0, &mut d).is_err(), "a row out of range was accepted");
+        ensure!(c.be.softmax_kl(&s, &t, shape, &[1, 1], 1.0, &mut d).is_err(), "a repeated row was accepted");
+        Ok(())
+    });
+}
+
+fn relation(c: &mut Ctx) {
+    // (rows, student vocab, teacher vocab, kept, images)
+    let cases: [(usize, usize, usize, usize, Vec<(u32, u32)>); 3] = [
+        (25, 203, 211, 200, vec![(0, 5), (7, 1), (9, 12)]),
+        (60, 1000, 1000, 1000, vec![(0, 16), (16, 16), (40, 16)]),
+        (40, 4099, 4096, 4096, vec![(3, 37)]),
+    ];
+    for (rows, vs, vt, kept, images) in cases {
+        let name = format!("relation {rows} rows Vs={vs} Vt={vt} kept={kept} images={images:?}");
+        c.case(&name, |c| {
+            let s = c.rand(rows * vs, -3.0, 3.0);
+            // A teacher correlated with the student, so the cosine is not trivially near 1 or 0.
+            let noise = c.rand(rows * vt, -3.0, 3.0);
+            let t: Vec<f32> = (0..rows * vt)
+                .map(|i| {
+                    let (r, col) = (i / vt, i % vt);
+                    r16(if col < vs { 0.5 * s[r * vs + col] + noise[i] } else { noise[i] })
+                })
+                .collect();
+            let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: 1.0 };
+            let scale = 0.5;
+            let mut inc = vec![0.0; rows * vs];
+            let wl = c.cpu.relation_loss(&s, &t, shape, &images, scale, &mut inc)?;
+            let pre = c.prefill_like(rows * vs, &inc);
+            let mut want = pre.clone();
+            c.cpu.relation_loss(&s, &t, shape, &images, scale, &mut want)?;
+            let mut d = c.up(&pre)?;
+            let gl = c.be.relation_loss(&c.up(&s)?, &c.up(&t)?, shape, &images, scale, &mut d)?;
+            c.cmp_scalar(&format!("{name} loss"), gl, wl, TOL_RELATION_LOSS);
+            c.cmp_buf(&format!("{name} dstudent (accumulate)"), &d, &want, TOL_BF16)
+        });
+    }
+    c.case("relation overlapping images are an error", |c| {
+        let (s, t) = (c.up(&[0.0; 40])?, c.up(&[0.0; 40])?);
+        let mut d = c.be.zeros(40)?;
+        let shape = KlShape { student_vocab: 4, teacher_vocab: 4, kept: 4, temperature: 1.0 };
+        ensure!(c.be.relation_loss(&s, &t, shape, &[(0, 5), (4, 2)], 1.0, &mut d).is_err(), "overlapping images were accepted");
+        Ok(())
+    });
+}
+
+fn adamw(c: &mut Ctx) {
+    for n in [1usize, 7, 1001, 40_009] {
+        for master in [false, true] {
+            let name = format!("adamw n={n} master={master} 3 steps");
+            c.case(&name, |c| {
+                let p0 = c.rand(n, -1.0, 1.0);
+                let (mut wp, mut wm, mut wv) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+                let mut wmaster = p0.clone();
+                let mut gp = c.up(&p0)?;
+                let (mut gm, mut gv) = (c.be.zeros_state(n)?, c.be.zeros_state(n)?);
+                let mut gmaster = if master { Some(c.be.upload_state(&p0)?) } else { None };
+                for step in 1..=3u64 {
+                    let g = c.rand(n, -1.0, 1.0);
+                    // lr large enough that the update shows above bf16 rounding of the parameters.
+                    let h = AdamWStep { lr: 0.05, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5, seed: 1234 };
+                    if master {
+                        c.cpu.adamw(h, &mut wp, &g, &mut wm, &mut wv, Some(&mut wmaster))?;
+                    } else {
+                        c.cpu.adamw(h, &mut wp, &g, &mut wm, &mut wv, None)?;
+                    }
+                    c.be.adamw(h, &mut gp, &c.up(&g)?, &mut gm, &mut gv, gmaster.as_mut())?;
+                }
+                c.cmp_buf(&format!("{name} params (bf16)"), &gp, &wp, TOL_BF16)?;
+                c.cmp_buf(&format!("{name} m (f32)"), &gm, &wm, TOL_F32)?;
+                c.cmp_buf(&format!("{name} v (f32)"), &gv, &wv, TOL_F32)?;
+                if let Some(ms) = &gmaster {
+                    c.cmp_buf(&format!("{name} master (f32)"), ms, &wmaster, TOL_F32)?;
+                }
+                Ok(())
+            });
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! The CUDA device layer under the backend: detection that never panics, the context and stream,
+//! device memory with out-of-memory errors that say what was asked and what is free, the PTX
+//! modules (loaded once, the arch picked from the device), kernel launches, cuBLAS and events.
+//!
+//! Everything goes through cudarc's `result`/`sys` layers (the driver API, loaded at run time), so
+//! every return code is checked here and turned into an error that names the call. All work is
+//! issued on the context's legacy default stream: copies from the host are then ordered with the
+//! kernels before and after them, which keeps per-call uploads of small index arrays simple.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use cudarc::cublas::{result as blas_result, sys as blas_sys};
+use cudarc::driver::result::{self as dr, DriverError};
+use cudarc::driver::{sys, CudaContext};
+
+#[cfg(kd_kernels)]
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+#[cfg(not(kd_kernels))]
+mod ptx {
+    pub const PTX: &[(&str, &str, &str)] = &[];
+}
+
+/// Whether this build has the CUDA kernels (nvcc was found at build time).
+pub fn kernels_built() -> bool {
+    cfg!(kd_kernels)
+}
+
+/// The arches this build has PTX for.
+pub fn built_arches() -> Vec<&'static str> {
+    let mut a: Vec<&str> = ptx::PTX.iter().map(|(_, arch, _)| *arch).collect();
+    a.sort_unstable();
+    a.dedup();
+    a
+}
+
+/// Finds a usable CUDA device without ever panicking: the driver library must load (cudarc
+/// panics on a missing libcuda, so that is checked first), `cuInit` must succeed and report at
+/// least one device. Returns the number of devices or why there is none.
+pub fn probe() -> std::result::Result<usize, String> {
+    // SAFETY: is_culib_present only tries to open the library by its candidate names.
+    let present = std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false);
+    if !present {
+        return Err("no CUDA driver library (libcuda) was found".into());
+    }
+    let counted = std::panic::catch_unwind(|| -> std::result::Result<i32, String> {
+        dr::init().map_err(|e| format!("cuInit failed: {e}"))?;
+        dr::device::get_count().map_err(|e| format!("cuDeviceGetCount failed: {e}"))
+    });
+    match counted {
+        Ok(Ok(n)) if n > 0 => Ok(n as usize),
+        Ok(Ok(_)) => Err("the CUDA driver reports no device".into()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("the CUDA driver library could not be used (a symbol is missing: driver older than this build's CUDA API?)".into()),
+    }
+}
+
+/// Why `--device cuda` cannot run here, or `None` when it can.
+pub fn unavailable_reason() -> Option<String> {
+    if !kernels_built() {
+        return Some(
+            "this kd-engine was built without kernels (nvcc was not found at build time: set NVCC or CUDA_HOME and rebuild)".into(),
+        );
+    }
+    probe().err().map(|e| format!("no CUDA device: {e}"))
+}
+
+fn cu(what: &str) -> impl FnOnce(DriverError) -> anyhow::Error + '_ {
+    move |e| anyhow!("CUDA error in {what}: {e}")
+}
+
+fn blas_err(what: &str) -> impl FnOnce(blas_result::CublasError) -> anyhow::Error + '_ {
+    move |e| anyhow!("cuBLAS error in {what}: {e}")
+}
+
+/// Human-readable bytes.
+pub fn fmt_bytes(b: usize) -> String {
+    let b = b as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    } else {
+        format!("{} bytes", b as u64)
+    }
+}
+
+/// Counts this process's device allocations (SPEC §5: kd-engine counts its own bytes).
+#[derive(Default)]
+pub struct MemCounter {
+    pub current: AtomicUsize,
+    pub peak: AtomicUsize,
+}
+
+/// One device allocation, freed on drop.
+pub struct DevMem {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+    counter: Arc<MemCounter>,
+}
+
+impl DevMem {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for DevMem {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // Errors cannot propagate from drop; a failed free leaks, it does not corrupt.
+            if self.ctx.bind_to_thread().is_ok() {
+                // SAFETY: ptr came from cuMemAlloc in this context and is freed once.
+                let _ = unsafe { dr::free_sync(self.ptr) };
+            }
+            self.counter.current.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One kernel argument: the address of a host value and its size (checked against the PTX).
+pub struct KArg {
+    ptr: *mut c_void,
+    size: usize,
+}
+
+impl KArg {
+    /// The argument `x` (its address must stay valid until the launch call returns).
+    pub fn of<T: Copy>(x: &T) -> KArg {
+        KArg { ptr: x as *const T as *mut c_void, size: std::mem::size_of::<T>() }
+    }
+}
+
+/// The parameter sizes in bytes of every `.entry` of a PTX module: what a launch must pass.
+pub fn ptx_param_sizes(ptx: &str) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    let mut rest = ptx;
+    while let Some(i) = rest.find(".entry ") {
+        rest = &rest[i + ".entry ".len()..];
+        let open = match rest.find('(') {
+            Some(o) => o,
+            None => break,
+        };
+        let name = rest[..open].trim().to_string();
+        let close = match rest[open..].find(')') {
+            Some(c) => open + c,
+            None => break,
+        };
+        let sizes = rest[open + 1..close]
+            .split(',')
+            .filter(|p| p.contains(".param"))
+            .map(|p| {
+                let toks: Vec<&str> = p.split_whitespace().collect();
+                let mut k = toks.iter().position(|t| *t == ".param").map_or(0, |x| x + 1);
+                if toks.get(k) == Some(&".align") {
+                    k += 2;
+                }
+                let ty = toks.get(k).copied().unwrap_or("");
+                let bits: usize = ty.trim_start_matches(|c: char| c == '.' || c.is_ascii_alphabetic()).parse().unwrap_or(0);
+                // `.b8 name[N]`: an aggregate of N bytes.
+                let array = toks.last().and_then(|t| t.split_once('[')).and_then(|(_, n)| n.trim_end_matches(']').parse::<usize>().ok());
+                match array {
+                    Some(n) => n * bits.max(8) / 8,
+                    None => bits / 8,
+                }
+            })
+            .collect();
+        out.push((name, sizes));
+        rest = &rest[close..];
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+struct Func(sys::CUfunction);
+// SAFETY: a CUfunction is a handle valid in every thread bound to its context.
+unsafe impl Send for Func {}
+unsafe impl Sync for Func {}
+
+/// A CUDA event for timing.
+pub struct Event {
+    ev: sys::CUevent,
+    ctx: Arc<CudaContext>,
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: created by cuEventCreate, destroyed once.
+            let _ = unsafe { dr::event::destroy(self.ev) };
+        }
+    }
+}
+
+/// The device: context, stream, modules, cuBLAS.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    stream: sys::CUstream,
+    blas: blas_sys::cublasHandle_t,
+    modules: Vec<(&'static str, sys::CUmodule)>,
+    funcs: Mutex<HashMap<(&'static str, &'static str), Func>>,
+    /// Parameter sizes of every kernel, from the PTX: launches are checked against them.
+    sigs: HashMap<String, Vec<usize>>,
+    pub device_name: String,
+    pub cc: (i32, i32),
+    pub arch: &'static str,
+    pub sm_count: i32,
+    pub counter: Arc<MemCounter>,
+    /// Synchronise after every launch (`KD_CUDA_SYNC=1`), so an asynchronous fault is reported at
+    /// the launch that caused it.
+    sync_each: bool,
+}
+
+// SAFETY: the raw handles (stream, cuBLAS handle, modules) are used only after binding the
+// context to the calling thread; cuBLAS calls are serialised by the `&self` methods below being
+// issued on one stream (cuBLAS handles are thread-safe for use with one stream).
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            let _ = dr::ctx::synchronize();
+            // SAFETY: created in `open`, destroyed once.
+            unsafe {
+                let _ = blas_result::destroy_handle(self.blas);
+                for (_, m) in &self.modules {
+                    let _ = dr::module::unload(*m);
+                }
+            }
+        }
+    }
+}
+
+/// Picks the PTX arch for a device: the exact `compute_XYa` when built (Hopper's wgmma needs
+/// 90a, which loads only on 9.0), else the newest plain `compute_XY` not above the device.
+fn pick_arch(cc: (i32, i32), available: &[&'static str]) -> Option<&'static str> {
+    let dev = cc.0 * 10 + cc.1;
+    let exact = format!("compute_{dev}a");
+    if let Some(a) = available.iter().find(|a| **a == exact) {
+        return Some(a);
+    }
+    available
+        .iter()
+        .filter_map(|a| {
+            let num = a.strip_prefix("compute_")?;
+            if num.ends_with('a') || num.ends_with('f') {
+                return None;
+            }
+            let v: i32 = num.parse().ok()?;
+            (v <= dev).then_some((v, *a))
+        })
+        .max()
+        .map(|(_, a)| a)
+}
+
+impl Gpu {
+    /// Opens device `ordinal`: context, cuBLAS, and the PTX modules for its arch.
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        if let Some(why) = unavailable_reason() {
+            bail!("--device cuda: {why}");
+        }
+        // SAFETY: only opens the library by name.
+        ensure!(
+            std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false),
+            "--device cuda: the CUDA driver is present but cuBLAS (libcublas) was not found; install the CUDA toolkit's cuBLAS or add its folder to LD_LIBRARY_PATH"
+        );
+        let ctx = CudaContext::new(ordinal).map_err(cu("creating the CUDA context"))?;
+        let device_name = ctx.name().map_err(cu("cuDeviceGetName"))?;
+        let cc = ctx.compute_capability().map_err(cu("reading the compute capability"))?;
+        ensure!(cc.0 >= 8, "{device_name} has compute capability {}.{}; kd-engine's bf16 kernels need 8.0 or newer", cc.0, cc.1);
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(cu("reading the multiprocessor count"))?;
+        let arches = built_arches();
+        let arch = pick_arch(cc, &arches).ok_or_else(|| {
+            anyhow!("{device_name} (compute capability {}.{}) has no PTX in this build (built for {}); rebuild with KD_CUDA_ARCH including compute_80", cc.0, cc.1, arches.join(", "))
+        })?;
+        let mut modules = Vec::new();
+        let mut sigs = HashMap::new();
+        for (name, a, text) in ptx::PTX.iter().filter(|(_, a, _)| *a == arch) {
+            sigs.extend(ptx_param_sizes(text));
+            let c = CString::new(*text).map_err(|_| anyhow!("PTX of {name} ({a}) holds a NUL byte"))?;
+            // SAFETY: a NUL-terminated PTX image.
+            let m = unsafe { dr::module::load_data(c.as_ptr() as *const c_void) }
+                .map_err(|e| anyhow!("loading the {name} kernels ({a} PTX) on {device_name}: {e} (a driver older than the nvcc that built them refuses newer PTX)"))?;
+            modules.push((*name, m));
+        }
+        let blas = blas_result::create_handle().map_err(blas_err("cublasCreate"))?;
+        let stream: sys::CUstream = std::ptr::null_mut();
+        // SAFETY: a fresh handle and the legacy default stream.
+        unsafe { blas_result::set_stream(blas, stream as _) }.map_err(blas_err("cublasSetStream"))?;
+        let sync_each = std::env::var("KD_CUDA_SYNC").is_ok_and(|v| v == "1");
+        Ok(Gpu {
+            ctx,
+            stream,
+            blas,
+            modules,
+            funcs: Mutex::new(HashMap::new()),
+            sigs,
+            device_name,
+            cc,
+            arch,
+            sm_count,
+            counter: Arc::new(MemCounter::default()),
+            sync_each,
+        })
+    }
+
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(cu("binding the CUDA context to this thread"))
+    }
+
+    /// Waits for all issued work; reports faults of earlier asynchronous launches.
+    pub fn sync(&self) -> Result<()> {
+        self.bind()?;
+        dr::ctx::synchronize().map_err(cu("cuCtxSynchronize (an error here comes from an earlier asynchronous launch)"))
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        dr::mem_get_info().map_err(cu("cuMemGetInfo"))
+    }
+
+    /// Allocates `bytes` (uninitialised). Out of memory is an error that says what was asked and
+    /// what is free.
+    pub fn alloc(&self, bytes: usize) -> Result<DevMem> {
+        self.bind()?;
+        let mk = |ptr| {
+            let cur = self.counter.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            self.counter.peak.fetch_max(cur, Ordering::Relaxed);
+            DevMem { ptr, bytes, ctx: self.ctx.clone(), counter: self.counter.clone() }
+        };
+        if bytes == 0 {
+            return Ok(DevMem { ptr: 0, bytes: 0, ctx: self.ctx.clone(), counter: self.counter.clone() });
+        }
+        // SAFETY: plain allocation; the memory is uninitialised until written.
+        match unsafe { dr::malloc_sync(bytes) } {
+            Ok(ptr) => Ok(mk(ptr)),
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                let (free, total) = dr::mem_get_info().unwrap_or((0, 0));
+                bail!(
+                    "CUDA out of memory on {}: asked for {} ({bytes} bytes), {} free of {} (kd-engine holds {})",
+                    self.device_name,
+                    fmt_bytes(bytes),
+                    fmt_bytes(free),
+                    fmt_bytes(total),
+                    fmt_bytes(self.counter.current.load(Ordering::Relaxed))
+                )
+            }
+            Err(e) => Err(anyhow!("CUDA error in cuMemAlloc of {bytes} bytes: {e}")),
+        }
+    }
+
+    /// Host → device, synchronous for the host (the host slice may be dropped on return).
+    pub fn htod<T: Copy>(&self, dst: u64, src: &[T]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: dst points at ≥ size_of_val(src) bytes (callers size it from src).
+        unsafe { dr::memcpy_htod_sync(dst, src) }.map_err(cu("cuMemcpyHtoD"))
+    }
+
+    /// Device → host; waits for the work before it, so asynchronous faults surface here.
+    pub fn dtoh<T: Copy>(&self, dst: &mut [T], src: u64) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: src points at ≥ size_of_val(dst) bytes.
+        unsafe { dr::memcpy_dtoh_sync(dst, src) }
+            .map_err(cu("cuMemcpyDtoH (an error here may come from an earlier asynchronous launch)"))
+    }
+
+    pub fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both ranges were bounds-checked by the caller.
+        unsafe { dr::memcpy_dtod_async(dst, src, bytes, self.stream) }.map_err(cu("cuMemcpyDtoDAsync"))
+    }
+
+    pub fn memset_u8(&self, dst: u64, value: u8, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: bounds checked by the caller.
+        unsafe { dr::memset_d8_async(dst, value, bytes, self.stream) }.map_err(cu("cuMemsetD8Async"))
+    }
+
+    pub fn memset_u16(&self, dst: u64, value: u16, count: usize) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: bounds checked by the caller.
+        unsafe { sys::cuMemsetD16Async(dst, value, count, self.stream) }.result().map_err(cu("cuMemsetD16Async"))
+    }
+
+    pub fn memset_u32(&self, dst: u64, value: u32, count: usize) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: bounds checked by the caller.
+        unsafe { sys::cuMemsetD32Async(dst, value, count, self.stream) }.result().map_err(cu("cuMemsetD32Async"))
+    }
+
+    fn func(&self, module: &'static str, name: &'static str) -> Result<sys::CUfunction> {
+        let mut funcs = self.funcs.lock().map_err(|_| anyhow!("kernel table lock poisoned"))?;
+        if let Some(f) = funcs.get(&(module, name)) {
+            return Ok(f.0);
+        }
+        let m = self
+            .modules
+            .iter()
+            .find(|(n, _)| *n == module)
+            .map(|(_, m)| *m)
+            .ok_or_else(|| anyhow!("kernel module {module} is not in this build (kernels/{module}.cu)"))?;
+        let c = CString::new(name).map_err(|_| anyhow!("kernel name {name:?} holds a NUL byte"))?;
+        // SAFETY: a loaded module.
+        let f = unsafe { dr::module::get_function(m, c) }
+            .map_err(|e| anyhow!("kernel {name} not found in kernels/{module}.cu ({}): {e}", self.arch))?;
+        funcs.insert((module, name), Func(f));
+        Ok(f)
+    }
+
+    /// Launches `module::name`. `args` holds one value per kernel parameter, of exactly the
+    /// parameter's type (device pointers as u64, `int` as i32, `long long` as i64, `float` as
+    /// f32, `double` as f64); their number and sizes are checked against the PTX.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's signature and every device pointer must cover what
+    /// the kernel reads and writes for this grid.
+    pub unsafe fn launch(
+        &self,
+        module: &'static str,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &mut [KArg],
+    ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let got: Vec<usize> = args.iter().map(|a| a.size).collect();
+        match self.sigs.get(name) {
+            Some(want) if *want == got => {}
+            Some(want) => bail!("launch of {name}: argument sizes {got:?} do not match the kernel's parameters {want:?} (kernels/{module}.cu changed?)"),
+            None => bail!("kernel {name} is not in kernels/{module}.cu ({} PTX)", self.arch),
+        }
+        let mut args: Vec<*mut c_void> = args.iter().map(|a| a.ptr).collect();
+        let args = &mut args[..];
+        self.bind()?;
+        let f = self.func(module, name)?;
+        if smem > 48 * 1024 {
+            dr::function::set_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| anyhow!("CUDA error allowing {smem} bytes of shared memory for {name}: {e}"))?;
+        }
+        dr::launch_kernel(f, grid, block, smem, self.stream, args)
+            .map_err(|e| anyhow!("CUDA error launching {name} (grid {grid:?}, block {block:?}, {smem} B shared): {e}"))?;
+        if self.sync_each {
+            self.sync().with_context(|| format!("after {name}"))?;
+        }
+        Ok(())
+    }
+
+    /// Row-major `C[m,n] = alpha·op(A)·op(B) + beta·C` through cublasGemmEx, fp32 compute. `lda`,
+    /// `ldb`, `ldc` are the row strides of the matrices as stored (A is `[m,k]`, or `[k,m]` when
+    /// `ta`; B is `[k,n]`, or `[n,k]` when `tb`). A and B are bf16; C is bf16 or f32.
+    ///
+    /// # Safety
+    /// The pointers must cover the matrices the strides and sizes describe.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+        c_f32: bool,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let fits = |x: usize| i32::try_from(x).map_err(|_| anyhow!("gemm dimension {x} exceeds cuBLAS's 32-bit sizes"));
+        let (mi, ni, ki) = (fits(m)?, fits(n)?, fits(k)?);
+        let (la, lb, lc) = (fits(lda.max(1))?, fits(ldb.max(1))?, fits(ldc.max(1))?);
+        self.bind()?;
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let bf = blas_sys::cudaDataType_t::CUDA_R_16BF;
+        let ct = if c_f32 { blas_sys::cudaDataType_t::CUDA_R_32F } else { bf };
+        // Column-major view of row-major data: C_cm = Cᵀ = op(B)ᵀ·op(A)ᵀ, so B goes first.
+        blas_result::gemm_ex(
+            self.blas,
+            op(tb),
+            op(ta),
+            ni,
+            mi,
+            ki,
+            &alpha as *const f32 as *const c_void,
+            b as *const c_void,
+            bf,
+            lb,
+            a as *const c_void,
+            bf,
+            la,
+            &beta as *const f32 as *const c_void,
+            c as *mut c_void,
+            ct,
+            lc,
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .map_err(|e| anyhow!("cuBLAS error in cublasGemmEx (m {m}, n {n}, k {k}, trans_a {ta}, trans_b {tb}): {e}"))?;
+        if self.sync_each {
+            self.sync().context("after cublasGemmEx")?;
+        }
+        Ok(())
+    }
+
+    pub fn event(&self) -> Result<Event> {
+        self.bind()?;
+        let ev = dr::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cu("cuEventCreate"))?;
+        Ok(Event { ev, ctx: self.ctx.clone() })
+    }
+
+    pub fn record(&self, e: &Event) -> Result<()> {
+        self.bind()?;
+        // SAFETY: a live event on this context.
+        unsafe { dr::event::record(e.ev, self.stream) }.map_err(cu("cuEventRecord"))
+    }
+
+    /// Milliseconds between two recorded events (waits for the second).
+    pub fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32> {
+        self.bind()?;
+        // SAFETY: live events on this context.
+        unsafe {
+            dr::event::synchronize(end.ev).map_err(cu("cuEventSynchronize"))?;
+            dr::event::elapsed(start.ev, end.ev).map_err(cu("cuEventElapsedTime"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{pick_arch, ptx_param_sizes};
+
+    #[test]
+    fn ptx_signatures() {
+        let ptx = ".visible .entry k(\n\t.param .u64 .ptr .global .align 1 k_param_0,\n\t.param .u32 k_param_1,\n\t.param .f64 k_param_2,\n\t.param .align 8 .b8 k_param_3[24]\n)\n{\n}\n.visible .entry z()\n{\n}\n";
+        assert_eq!(ptx_param_sizes(ptx), vec![("k".to_string(), vec![8, 4, 8, 24]), ("z".to_string(), vec![])]);
+    }
+
+    /// The argument lists the launchers pass (their sizes), against the kernels as built: a kernel
+    /// whose signature changes without its launcher fails here, on the CPU, before any GPU run.
+    #[cfg(kd_kernels)]
+    #[test]
+    fn launchers_match_the_built_kernels() {
+        use std::collections::HashMap;
+        let mut sigs: HashMap<String, Vec<usize>> = HashMap::new();
+        for (_, arch, text) in super::ptx::PTX {
+            for (name, sizes) in ptx_param_sizes(text) {
+                if let Some(prev) = sigs.insert(name.clone(), sizes.clone()) {
+                    assert_eq!(prev, sizes, "{name} differs between arches ({arch})");
+                }
+            }
+        }
+        let (p, i, l, f, d) = (8usize, 4usize, 8usize, 4usize, 8usize); // pointer, int, long long, float, double
+        let mut want: Vec<(&str, Vec<usize>)> = vec![
+            ("fill_uniform_bf16", vec![p, l, 8, f, f]),
+            ("fill_uniform_f32", vec![p, l, 8, f, f]),
+            ("add_bias_bf16", vec![p, p, l, i]),
+            ("bias_grad_bf16", vec![p, p, l, i]),
+            ("add_assign_bf16", vec![p, p, l]),
+            ("scale_bf16", vec![p, f, l]),
+            ("f32_to_bf16", vec![p, p, l]),
+            ("embedding_fwd_bf16", vec![p, p, i, p]),
+            ("embedding_bwd_bf16", vec![p, p, p, p, i, p]),
+            ("rope_bf16", vec![p, p, i, i, i, d, f]),
+            ("swiglu_fwd_bf16", vec![p, p, p, l]),
+            ("swiglu_bwd_bf16", vec![p, p, p, p, p, l]),
+            ("gelu_fwd_bf16", vec![p, p, l, i]),
+            ("gelu_bwd_bf16", vec![p, p, p, l, i]),
+            ("rmsnorm_fwd_bf16", vec![p, p, p, p, i, f]),
+            ("rmsnorm_bwd_dx_bf16", vec![p, p, p, p, p, i]),
+            ("rmsnorm_bwd_dw_bf16", vec![p, p, p, p, i, i]),
+            ("layernorm_fwd_bf16", vec![p, p, p, p, i, f]),
+            ("cross_entropy_bf16", vec![p, p, i, f, p, p]),
+            ("softmax_kl_bf16", vec![p, p, p, i, i, i, i, f, f, p, f, p, p, p]),
+            ("relation_cosine_partials", vec![p, p, i, i, p]),
+            ("relation_cosine_grad", vec![p, p, i, i, f, p, p, p]),
+            ("adamw_bf16", vec![p, p, p, p, p, l, f, f, f, f, f, f, f, f, 8, 8]),
+            ("sum_squares_bf16", vec![p, l, p]),
+            ("flash_attn_bwd_preprocess_bf16", vec![p, p, p, l, i]),
+            ("flash_attn_dq_to_bf16", vec![p, p, l]),
+        ];
+        for dh in [64, 72, 80, 128] {
+            want.push((Box::leak(format!("flash_attn_fwd_bf16_d{dh}").into_boxed_str()), vec![p, p, p, p, p, p, i, i, i, i, i, f]));
+            want.push((Box::leak(format!("flash_attn_bwd_bf16_d{dh}").into_boxed_str()), vec![p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, f]));
+        }
+        for (name, sizes) in want {
+            assert_eq!(sigs.get(name), Some(&sizes), "kernel {name}: the launcher passes {sizes:?}");
+        }
+    }
+
+    #[test]
+    fn arch_choice() {
+        let built = ["compute_80", "compute_90a"];
+        assert_eq!(pick_arch((9, 0), &built), Some("compute_90a"));
+        assert_eq!(pick_arch((8, 0), &built), Some("compute_80"));
+        assert_eq!(pick_arch((8, 9), &built), Some("compute_80"));
+        assert_eq!(pick_arch((10, 0), &built), Some("compute_80"));
+        assert_eq!(pick_arch((7, 5), &built), None);
+        assert_eq!(pick_arch((9, 0), &["compute_90a"]), Some("compute_90a"));
+        assert_eq!(pick_arch((10, 0), &["compute_90a"]), None);
+    }
+}

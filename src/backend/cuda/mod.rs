@@ -1,0 +1,254 @@
+//! The CUDA backend: bf16 storage, fp32 accumulation, fp32 softmax/norm/loss statistics (SPEC §4).
+//!
+//! - Buffers ([`CudaBuf`]) are bf16 device allocations; the two statistics the op set saves for a
+//!   backward, attention's log-sum-exp and RMSNorm's rstd, are kept in f32: the op that writes one
+//!   turns the buffer it is given into an f32 buffer of the same length (once; a buffer reused
+//!   from step to step stays f32). Optimizer state ([`Backend::State`]) is f32.
+//! - GEMMs go through cuBLAS (`cublasGemmEx`, bf16 inputs, fp32 compute, bf16 or fp32 output).
+//! - Every other op is a hand-written kernel from `kernels/*.cu`, compiled to PTX by `build.rs` and
+//!   loaded once (the arch picked from the device). The launchers in this module check every
+//!   length before launching, exactly as the CPU backend does, so a caller's mistake is an error
+//!   here too rather than an out-of-bounds access on the device.
+//! - Small index arrays (ids, positions, targets, sequence starts, rows) are uploaded per call into
+//!   a grow-only scratch area; per-row loss values come back through another one and are summed on
+//!   the host in order, so losses do not depend on thread scheduling.
+//!
+//! Ops and what they launch:
+//!
+//! | op | launches |
+//! | --- | --- |
+//! | gemm | cublasGemmEx |
+//! | add_bias, bias_grad, add_assign, scale | elementwise.cu |
+//! | sum_squares | `sum_squares_bf16` (adamw.cu) |
+//! | embedding, embedding_backward, rope, swiglu(_backward), gelu(_backward) | elementwise.cu |
+//! | rmsnorm(_backward), layernorm | norm.cu |
+//! | attention(_backward) | attention.cu (flash forward; backward preprocess + flash backward) |
+//! | cross_entropy | cross_entropy.cu |
+//! | softmax_kl | `softmax_kl_bf16` (softmax_kl.cu) |
+//! | relation_loss | cuBLAS Grams (bf16 in, f32 out) → `relation_cosine_grad` (relation.cu) → f32→bf16 → cuBLAS dZ += 2·G·Z |
+//! | adamw | `adamw_bf16` (adamw.cu) |
+
+mod attn;
+pub mod bench;
+pub mod checks;
+mod device;
+mod ops;
+mod relation;
+
+use std::sync::{Mutex, MutexGuard};
+
+use anyhow::{anyhow, ensure, Result};
+
+pub use device::{built_arches, fmt_bytes, kernels_built, probe, unavailable_reason};
+use device::{DevMem, Gpu};
+pub use device::KArg;
+
+/// Element type of a device buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    Bf16,
+    F32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::Bf16 => 2,
+            DType::F32 => 4,
+        }
+    }
+}
+
+/// A flat device buffer: bf16 for activations, weights and gradients; f32 for saved statistics
+/// and optimizer state.
+pub struct CudaBuf {
+    mem: DevMem,
+    len: usize,
+    dtype: DType,
+}
+
+impl CudaBuf {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// The device address (for launchers and benchmarks).
+    pub fn ptr(&self) -> u64 {
+        self.mem.ptr()
+    }
+    /// Bytes allocated.
+    pub fn bytes(&self) -> usize {
+        self.mem.bytes()
+    }
+}
+
+/// A grow-only device scratch area; its lock is held for the duration of an op.
+#[derive(Default)]
+pub(crate) struct Arena {
+    mem: Option<DevMem>,
+}
+
+/// The CUDA backend on one device.
+pub struct CudaBackend {
+    gpu: Gpu,
+    /// Index arrays uploaded per call.
+    idx: Mutex<Arena>,
+    /// f32 temporaries (per-row losses, Gram matrices).
+    work: Mutex<Arena>,
+}
+
+/// Rounds up to a multiple of 256 bytes (cuBLAS and vector loads like aligned sub-buffers).
+pub(crate) fn align256(b: usize) -> usize {
+    b.div_ceil(256) * 256
+}
+
+impl CudaBackend {
+    /// Opens device 0 (`CUDA_VISIBLE_DEVICES` chooses which physical one).
+    pub fn new() -> Result<Self> {
+        Self::on_device(0)
+    }
+
+    pub fn on_device(ordinal: usize) -> Result<Self> {
+        Ok(CudaBackend { gpu: Gpu::open(ordinal)?, idx: Mutex::new(Arena::default()), work: Mutex::new(Arena::default()) })
+    }
+
+    /// Device name, compute capability and the PTX arch in use.
+    pub fn describe(&self) -> String {
+        format!("{} (sm_{}{}, {} SMs, {} PTX)", self.gpu.device_name, self.gpu.cc.0, self.gpu.cc.1, self.gpu.sm_count, self.gpu.arch)
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.gpu.device_name
+    }
+
+    /// (current, peak) bytes of kd-engine's own device allocations.
+    pub fn mem_stats(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        (self.gpu.counter.current.load(Ordering::Relaxed), self.gpu.counter.peak.load(Ordering::Relaxed))
+    }
+
+    /// Resets the peak of [`Self::mem_stats`] to the current value.
+    pub fn reset_peak(&self) {
+        use std::sync::atomic::Ordering;
+        let cur = self.gpu.counter.current.load(Ordering::Relaxed);
+        self.gpu.counter.peak.store(cur, Ordering::Relaxed);
+    }
+
+    /// (free, total) device memory.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.gpu.mem_info()
+    }
+
+    /// Waits for all issued work and reports any asynchronous fault.
+    pub fn synchronize(&self) -> Result<()> {
+        self.gpu.sync()
+    }
+
+    pub(crate) fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// An uninitialised buffer.
+    pub fn alloc(&self, len: usize, dtype: DType) -> Result<CudaBuf> {
+        let bytes = len.checked_mul(dtype.size()).ok_or_else(|| anyhow!("buffer of {len} elements overflows"))?;
+        Ok(CudaBuf { mem: self.gpu.alloc(bytes)?, len, dtype })
+    }
+
+    /// A zero-filled buffer.
+    pub fn zeros_of(&self, len: usize, dtype: DType) -> Result<CudaBuf> {
+        let b = self.alloc(len, dtype)?;
+        self.gpu.memset_u8(b.ptr(), 0, b.bytes())?;
+        Ok(b)
+    }
+
+    /// Fills a buffer with NaN (tests poison outputs before each launch).
+    pub fn fill_nan(&self, b: &mut CudaBuf) -> Result<()> {
+        match b.dtype {
+            DType::Bf16 => self.gpu.memset_u16(b.ptr(), 0x7FC0, b.len),
+            DType::F32 => self.gpu.memset_u32(b.ptr(), 0x7FC0_0000, b.len),
+        }
+    }
+
+    /// Fills a buffer with uniform random values in [lo, hi) on the device (a counter hash of
+    /// `seed` and the index: the same values every run).
+    pub fn fill_uniform(&self, b: &mut CudaBuf, seed: u64, lo: f32, hi: f32) -> Result<()> {
+        let (p, n) = (b.ptr(), b.len as i64);
+        let name = match b.dtype {
+            DType::Bf16 => "fill_uniform_bf16",
+            DType::F32 => "fill_uniform_f32",
+        };
+        let mut args = ops::args![p, n, seed, lo, hi];
+        // SAFETY: the buffer holds n elements of the kernel's type.
+        unsafe { self.gpu.launch("elementwise", name, self.grid1d(b.len), (256, 1, 1), 0, &mut args) }
+    }
+
+    /// A grid for grid-stride loops over `n` elements, 256 threads a block.
+    pub(crate) fn grid1d(&self, n: usize) -> (u32, u32, u32) {
+        let blocks = n.div_ceil(256).clamp(1, (self.gpu.sm_count.max(1) as usize) * 64);
+        (blocks as u32, 1, 1)
+    }
+
+    /// Locks `arena` and makes it at least `bytes` long; returns the guard and the address.
+    fn arena<'a>(&self, arena: &'a Mutex<Arena>, bytes: usize) -> Result<(MutexGuard<'a, Arena>, u64)> {
+        let mut g = arena.lock().map_err(|_| anyhow!("CUDA scratch lock poisoned"))?;
+        let have = g.mem.as_ref().map_or(0, |m| m.bytes());
+        if have < bytes.max(1) {
+            // Kernels still in flight may read the old area: wait before freeing it.
+            self.gpu.sync()?;
+            g.mem = None;
+            g.mem = Some(self.gpu.alloc(bytes.max(4096).max(have * 2))?);
+        }
+        let p = g.mem.as_ref().map(|m| m.ptr()).unwrap_or(0);
+        Ok((g, p))
+    }
+
+    /// Uploads `data` into the index scratch; the guard keeps it alive.
+    pub(crate) fn upload_idx<T: Copy>(&self, data: &[T]) -> Result<(MutexGuard<'_, Arena>, u64)> {
+        let (g, p) = self.arena(&self.idx, std::mem::size_of_val(data))?;
+        self.gpu.htod(p, data)?;
+        Ok((g, p))
+    }
+
+    /// f32 work space of `len` elements (uninitialised); the guard keeps it alive.
+    pub(crate) fn work_f32(&self, len: usize) -> Result<(MutexGuard<'_, Arena>, u64)> {
+        self.arena(&self.work, len * 4)
+    }
+
+    pub(crate) fn download_f32_raw(&self, ptr: u64, len: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; len];
+        self.gpu.dtoh(&mut out, ptr)?;
+        Ok(out)
+    }
+}
+
+/// bf16 address of a buffer, or an error naming it.
+pub(crate) fn bf(b: &CudaBuf, what: &str) -> Result<u64> {
+    ensure!(b.dtype == DType::Bf16, "cuda backend: {what} is an f32 buffer where bf16 is expected");
+    Ok(b.ptr())
+}
+
+/// f32 address of a buffer, or an error naming it.
+pub(crate) fn f32p(b: &CudaBuf, what: &str) -> Result<u64> {
+    ensure!(b.dtype == DType::F32, "cuda backend: {what} is a bf16 buffer where f32 is expected");
+    Ok(b.ptr())
+}
+
+pub(crate) fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    ensure!(got == want, "cuda backend: {what} has {got} elements, expected {want}");
+    Ok(())
+}
+
+/// Host f32 → bf16 bits, round to nearest even (as the kernels' `__float2bfloat16`).
+pub(crate) fn to_bf16_bits(data: &[f32]) -> Vec<u16> {
+    data.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()
+}
+
+/// Largest value that fits a kernel's `int` argument.
+pub(crate) fn int(x: usize, what: &str) -> Result<i32> {
+    i32::try_from(x).map_err(|_| anyhow!("cuda backend: {what} = {x} exceeds the kernels' 32-bit range"))
+}

@@ -1,0 +1,528 @@
+//! The op set on CUDA: [`Backend`] for [`CudaBackend`]. Each op checks its lengths (as the CPU
+//! backend does), stages its index arrays, and launches its kernel(s); see the table in `mod.rs`.
+
+use anyhow::{bail, ensure, Result};
+
+use super::{bf, check_len, f32p, int, to_bf16_bits, CudaBackend, CudaBuf, DType, KArg};
+use crate::backend::{AdamWStep, AttnShape, Backend, Gemm, GeluKind, KlShape, IGNORE_INDEX};
+
+/// Kernel argument list from local variables: one [`KArg`] per parameter (the variable's address
+/// and size; the launch checks the sizes against the PTX). Only plain identifiers are accepted,
+/// so every pointee outlives the launch call that uses the list.
+macro_rules! args {
+    ($($a:ident),* $(,)?) => {
+        [$( $crate::backend::cuda::KArg::of(&$a) ),*]
+    };
+}
+pub(crate) use args;
+
+impl CudaBackend {
+    /// Launches a one-dimensional grid-stride kernel over `n` elements.
+    ///
+    /// # Safety
+    /// As [`super::device::Gpu::launch`].
+    unsafe fn launch_1d(&self, module: &'static str, name: &'static str, n: usize, args: &mut [KArg]) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.gpu.launch(module, name, self.grid1d(n), (256, 1, 1), 0, args)
+    }
+
+    /// Makes `b` an f32 buffer of its length (statistics saved for a backward): a bf16 buffer is
+    /// replaced by an f32 one; an f32 buffer is kept as it is.
+    fn ensure_f32(&self, b: &mut CudaBuf) -> Result<()> {
+        if b.dtype != DType::F32 {
+            *b = self.alloc(b.len, DType::F32)?;
+        }
+        Ok(())
+    }
+
+    /// Grid-stride kernel grid as the AdamW/sum-of-squares kernels want it: ceil(n / 2048)
+    /// blocks of 256, at most 8 per SM.
+    fn stream_grid(&self, n: usize) -> (u32, u32, u32) {
+        let blocks = n.div_ceil(8 * 256).clamp(1, 8 * self.gpu.sm_count.max(1) as usize);
+        (blocks as u32, 1, 1)
+    }
+
+    /// Σ x² of a bf16 buffer on the device, left in f32 at `out` (zeroed here first).
+    pub(crate) fn sum_squares_into(&self, x: &CudaBuf, out: u64) -> Result<()> {
+        let xp = bf(x, "sum_squares input")?;
+        self.gpu.memset_u8(out, 0, 4)?;
+        if x.len == 0 {
+            return Ok(());
+        }
+        let n = x.len as i64;
+        let mut a = args![xp, n, out];
+        // SAFETY: x holds n bf16 values; out one f32.
+        unsafe { self.gpu.launch("adamw", "sum_squares_bf16", self.stream_grid(x.len), (256, 1, 1), 0, &mut a) }
+    }
+
+    /// The softmax-KL launch on rows already on the device (`rows_dev`, `n_rows` ints): writes
+    /// `row_kl` (f32 [n_rows]) and accumulates into `dstudent`; with `ce` = (targets, scale,
+    /// row_ce) also the fused cross-entropy. Used by [`Backend::softmax_kl`] and the benchmarks.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn softmax_kl_launch(
+        &self,
+        student: &CudaBuf,
+        teacher: &CudaBuf,
+        shape: KlShape,
+        rows_dev: u64,
+        n_rows: usize,
+        scale: f32,
+        ce: Option<(u64, f32, u64)>,
+        row_kl: u64,
+        dstudent: &mut CudaBuf,
+    ) -> Result<()> {
+        let s = bf(student, "softmax_kl student logits")?;
+        let t = bf(teacher, "softmax_kl teacher logits")?;
+        let d = bf(dstudent, "softmax_kl student gradient")?;
+        let (nr, vs, vt, kept) = (int(n_rows, "rows")?, int(shape.student_vocab, "student vocabulary")?, int(shape.teacher_vocab, "teacher vocabulary")?, int(shape.kept, "kept columns")?);
+        let tau = shape.temperature;
+        let (ce_t, ce_scale, row_ce) = ce.unwrap_or((0, 0.0, 0));
+        let mut a = args![s, t, rows_dev, nr, vs, vt, kept, tau, scale, ce_t, ce_scale, row_kl, row_ce, d];
+        // SAFETY: lengths were checked by the caller; rows_dev holds n_rows in-range, distinct rows.
+        unsafe { self.gpu.launch("softmax_kl", "softmax_kl_bf16", (n_rows as u32, 1, 1), (512, 1, 1), 0, &mut a) }
+    }
+}
+
+/// Shape checks of the distillation losses, as the CPU backend's (returns the logit rows).
+fn check_kl_shape(what: &str, s: &CudaBuf, t: &CudaBuf, shape: KlShape, ds: &CudaBuf) -> Result<usize> {
+    let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
+    ensure!(vs > 0 && vt > 0, "{what}: empty vocabulary (student {vs}, teacher {vt})");
+    ensure!(
+        kept > 0 && kept <= vs && kept <= vt,
+        "{what}: {kept} kept columns, but it must be in 1..=min(student vocabulary {vs}, teacher vocabulary {vt})"
+    );
+    ensure!(s.len % vs == 0, "{what}: student logits have {} elements, not a multiple of the student vocabulary {vs}", s.len);
+    let rows = s.len / vs;
+    check_len(&format!("{what} teacher logits ({rows} rows of {vt})"), t.len, rows * vt)?;
+    check_len(&format!("{what} student gradient"), ds.len, s.len)?;
+    Ok(rows)
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type State = CudaBuf;
+
+    fn name(&self) -> String {
+        format!("cuda {}", self.describe())
+    }
+
+    fn zeros(&self, len: usize) -> Result<CudaBuf> {
+        self.zeros_of(len, DType::Bf16)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
+        let b = self.alloc(data.len(), DType::Bf16)?;
+        self.gpu.htod(b.ptr(), &to_bf16_bits(data))?;
+        Ok(b)
+    }
+
+    fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        match buf.dtype {
+            DType::Bf16 => {
+                let mut bits = vec![0u16; buf.len];
+                self.gpu.dtoh(&mut bits, buf.ptr())?;
+                Ok(bits.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect())
+            }
+            DType::F32 => self.download_f32_raw(buf.ptr(), buf.len),
+        }
+    }
+
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len
+    }
+
+    fn zeros_state(&self, len: usize) -> Result<CudaBuf> {
+        self.zeros_of(len, DType::F32)
+    }
+
+    fn upload_state(&self, data: &[f32]) -> Result<CudaBuf> {
+        let b = self.alloc(data.len(), DType::F32)?;
+        self.gpu.htod(b.ptr(), data)?;
+        Ok(b)
+    }
+
+    fn download_state(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        self.download(buf)
+    }
+
+    fn fill_zero(&self, buf: &mut CudaBuf) -> Result<()> {
+        self.gpu.memset_u8(buf.ptr(), 0, buf.len * buf.dtype.size())
+    }
+
+    fn duplicate(&self, buf: &CudaBuf) -> Result<CudaBuf> {
+        let out = self.alloc(buf.len, buf.dtype)?;
+        self.gpu.dtod(out.ptr(), buf.ptr(), buf.len * buf.dtype.size())?;
+        Ok(out)
+    }
+
+    fn copy_range(&self, src: &CudaBuf, src_off: usize, dst: &mut CudaBuf, dst_off: usize, len: usize) -> Result<()> {
+        ensure!(
+            src_off + len <= src.len && dst_off + len <= dst.len,
+            "cuda backend: copy of {len} elements out of range (src {src_off}/{}, dst {dst_off}/{})",
+            src.len,
+            dst.len
+        );
+        ensure!(src.dtype == dst.dtype, "cuda backend: copy between a {:?} and a {:?} buffer", src.dtype, dst.dtype);
+        let sz = src.dtype.size();
+        self.gpu.dtod(dst.ptr() + (dst_off * sz) as u64, src.ptr() + (src_off * sz) as u64, len * sz)
+    }
+
+    fn gemm(&self, g: Gemm, a: &CudaBuf, b: &CudaBuf, c: &mut CudaBuf) -> Result<()> {
+        check_len("gemm A", a.len, g.m * g.k)?;
+        check_len("gemm B", b.len, g.k * g.n)?;
+        check_len("gemm C", c.len, g.m * g.n)?;
+        let (ap, bp, cp) = (bf(a, "gemm A")?, bf(b, "gemm B")?, bf(c, "gemm C")?);
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        if g.k == 0 {
+            // C = beta·C (an empty product).
+            return if g.beta == 0.0 { self.fill_zero(c) } else { self.scale(c, g.beta) };
+        }
+        let lda = if g.trans_a { g.m } else { g.k };
+        let ldb = if g.trans_b { g.k } else { g.n };
+        // SAFETY: lengths checked above.
+        unsafe { self.gpu.gemm(g.trans_a, g.trans_b, g.m, g.n, g.k, g.alpha, ap, lda, bp, ldb, g.beta, cp, g.n, false) }
+    }
+
+    fn add_bias(&self, x: &mut CudaBuf, bias: &CudaBuf, rows: usize) -> Result<()> {
+        check_len("add_bias input", x.len, rows * bias.len)?;
+        if bias.len == 0 || rows == 0 {
+            return Ok(());
+        }
+        let (xp, bp) = (bf(x, "add_bias input")?, bf(bias, "bias")?);
+        let (r, d) = (rows as i64, int(bias.len, "bias length")?);
+        let mut a = args![xp, bp, r, d];
+        // SAFETY: x is rows × dim, bias dim.
+        unsafe { self.launch_1d("elementwise", "add_bias_bf16", x.len, &mut a) }
+    }
+
+    fn bias_grad(&self, dy: &CudaBuf, dbias: &mut CudaBuf, rows: usize) -> Result<()> {
+        check_len("bias_grad input", dy.len, rows * dbias.len)?;
+        if dbias.len == 0 {
+            return Ok(());
+        }
+        let (yp, dp) = (bf(dy, "bias_grad input")?, bf(dbias, "bias gradient")?);
+        let (r, d) = (rows as i64, int(dbias.len, "bias length")?);
+        let mut a = args![yp, dp, r, d];
+        let grid = (dbias.len.div_ceil(32) as u32, 1, 1);
+        // SAFETY: dy is rows × dim, dbias dim.
+        unsafe { self.gpu.launch("elementwise", "bias_grad_bf16", grid, (32, 8, 1), 0, &mut a) }
+    }
+
+    fn add_assign(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
+        check_len("add_assign source", src.len, dst.len)?;
+        let (dp, sp, n) = (bf(dst, "add_assign destination")?, bf(src, "add_assign source")?, dst.len as i64);
+        let mut a = args![dp, sp, n];
+        // SAFETY: both hold n values.
+        unsafe { self.launch_1d("elementwise", "add_assign_bf16", dst.len, &mut a) }
+    }
+
+    fn scale(&self, x: &mut CudaBuf, s: f32) -> Result<()> {
+        let (xp, n) = (bf(x, "scale input")?, x.len as i64);
+        let mut a = args![xp, s, n];
+        // SAFETY: x holds n values.
+        unsafe { self.launch_1d("elementwise", "scale_bf16", x.len, &mut a) }
+    }
+
+    fn sum_squares(&self, x: &CudaBuf) -> Result<f64> {
+        let (_g, out) = self.work_f32(1)?;
+        self.sum_squares_into(x, out)?;
+        Ok(self.download_f32_raw(out, 1)?[0] as f64)
+    }
+
+    fn embedding(&self, table: &CudaBuf, ids: &[u32], dim: usize, out: &mut CudaBuf) -> Result<()> {
+        ensure!(dim > 0 && table.len % dim == 0, "embedding: table length {} is not a multiple of {dim}", table.len);
+        check_len("embedding output", out.len, ids.len() * dim)?;
+        let rows = table.len / dim;
+        if let Some((t, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= rows) {
+            bail!("token id {id} at position {t} is out of range for a vocabulary of {rows} rows");
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (tp, op) = (bf(table, "embedding table")?, bf(out, "embedding output")?);
+        let (_g, idp) = self.upload_idx(ids)?;
+        let d = int(dim, "embedding dim")?;
+        let mut a = args![tp, idp, d, op];
+        let block = (dim.div_ceil(32) * 32).min(256) as u32;
+        // SAFETY: ids are in range; out holds T × dim.
+        unsafe { self.gpu.launch("elementwise", "embedding_fwd_bf16", (ids.len() as u32, 1, 1), (block, 1, 1), 0, &mut a) }
+    }
+
+    fn embedding_backward(&self, dout: &CudaBuf, ids: &[u32], dim: usize, dtable: &mut CudaBuf) -> Result<()> {
+        check_len("embedding_backward gradient", dout.len, ids.len() * dim)?;
+        let rows = dtable.len / dim.max(1);
+        for (t, &id) in ids.iter().enumerate() {
+            ensure!((id as usize) < rows, "token id {id} at position {t} is out of range for {rows} rows");
+        }
+        if ids.is_empty() || dim == 0 {
+            return Ok(());
+        }
+        // Group positions by id on the host: [unique ids | offsets (n_u + 1) | positions].
+        let mut order: Vec<i32> = (0..ids.len() as i32).collect();
+        order.sort_by_key(|&p| (ids[p as usize], p));
+        let mut uid = Vec::new();
+        let mut offsets = Vec::new();
+        for (k, &p) in order.iter().enumerate() {
+            let id = ids[p as usize] as i32;
+            if uid.last() != Some(&id) {
+                uid.push(id);
+                offsets.push(k as i32);
+            }
+        }
+        offsets.push(order.len() as i32);
+        let n_u = uid.len();
+        let mut packed = uid;
+        packed.extend_from_slice(&offsets);
+        packed.extend_from_slice(&order);
+        let (dp, tp) = (bf(dout, "embedding_backward gradient")?, bf(dtable, "embedding table gradient")?);
+        let (_g, base) = self.upload_idx(&packed)?;
+        let (up, offp, ordp) = (base, base + 4 * n_u as u64, base + 4 * (2 * n_u as u64 + 1));
+        let d = int(dim, "embedding dim")?;
+        let mut a = args![dp, up, offp, ordp, d, tp];
+        let block = (dim.div_ceil(32) * 32).min(256) as u32;
+        // SAFETY: the groups index positions < T and ids < rows.
+        unsafe { self.gpu.launch("elementwise", "embedding_bwd_bf16", (n_u as u32, 1, 1), (block, 1, 1), 0, &mut a) }
+    }
+
+    fn rmsnorm(&self, x: &CudaBuf, w: &CudaBuf, eps: f32, out: &mut CudaBuf, rstd: &mut CudaBuf) -> Result<()> {
+        let dim = w.len;
+        ensure!(dim > 0 && x.len % dim == 0, "rmsnorm: {} elements are not rows of {dim}", x.len);
+        let rows = x.len / dim;
+        check_len("rmsnorm output", out.len, x.len)?;
+        check_len("rmsnorm rstd", rstd.len, rows)?;
+        self.ensure_f32(rstd)?;
+        let (xp, wp, op, rp) = (bf(x, "rmsnorm input")?, bf(w, "rmsnorm weight")?, bf(out, "rmsnorm output")?, rstd.ptr());
+        let d = int(dim, "rmsnorm dim")?;
+        let mut a = args![xp, wp, op, rp, d, eps];
+        // SAFETY: x, out rows × dim; rstd rows f32.
+        unsafe { self.gpu.launch("norm", "rmsnorm_fwd_bf16", (int(rows, "rows")? as u32, 1, 1), (256, 1, 1), 0, &mut a) }
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dout: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        rstd: &CudaBuf,
+        dx: &mut CudaBuf,
+        dw: &mut CudaBuf,
+    ) -> Result<()> {
+        let dim = w.len;
+        let rows = rstd.len;
+        check_len("rmsnorm_backward input", x.len, rows * dim)?;
+        check_len("rmsnorm_backward gradient", dout.len, rows * dim)?;
+        check_len("rmsnorm_backward dx", dx.len, rows * dim)?;
+        check_len("rmsnorm_backward dw", dw.len, dim)?;
+        if rows == 0 || dim == 0 {
+            return Ok(());
+        }
+        let rp = f32p(rstd, "rmsnorm_backward rstd (written by the CUDA rmsnorm)")?;
+        let (gp, xp, wp) = (bf(dout, "rmsnorm_backward gradient")?, bf(x, "rmsnorm_backward input")?, bf(w, "rmsnorm weight")?);
+        let (dxp, dwp) = (bf(dx, "rmsnorm_backward dx")?, bf(dw, "rmsnorm_backward dw")?);
+        let (d, r) = (int(dim, "rmsnorm dim")?, int(rows, "rows")?);
+        let mut a = args![gp, xp, wp, rp, dxp, d];
+        // SAFETY: all rows × dim (dw dim, rstd rows f32).
+        unsafe { self.gpu.launch("norm", "rmsnorm_bwd_dx_bf16", (r as u32, 1, 1), (256, 1, 1), 0, &mut a)? };
+        let mut a = args![gp, xp, rp, dwp, r, d];
+        // SAFETY: as above.
+        unsafe { self.gpu.launch("norm", "rmsnorm_bwd_dw_bf16", (dim.div_ceil(32) as u32, 1, 1), (32, 8, 1), 0, &mut a) }
+    }
+
+    fn layernorm(&self, x: &CudaBuf, w: &CudaBuf, b: &CudaBuf, eps: f32, out: &mut CudaBuf) -> Result<()> {
+        let dim = w.len;
+        ensure!(dim > 0 && x.len % dim == 0, "layernorm: {} elements are not rows of {dim}", x.len);
+        check_len("layernorm bias", b.len, dim)?;
+        check_len("layernorm output", out.len, x.len)?;
+        let rows = x.len / dim;
+        let (xp, wp, bp, op) = (bf(x, "layernorm input")?, bf(w, "layernorm weight")?, bf(b, "layernorm bias")?, bf(out, "layernorm output")?);
+        let d = int(dim, "layernorm dim")?;
+        let mut a = args![xp, wp, bp, op, d, eps];
+        // SAFETY: x, out rows × dim.
+        unsafe { self.gpu.launch("norm", "layernorm_fwd_bf16", (int(rows, "rows")? as u32, 1, 1), (256, 1, 1), 0, &mut a) }
+    }
+
+    fn rope(&self, x: &mut CudaBuf, positions: &[u32], head_dim: usize, theta: f64, inverse: bool) -> Result<()> {
+        ensure!(head_dim % 2 == 0 && head_dim > 0, "rope: head_dim {head_dim} must be even");
+        let t = positions.len();
+        ensure!(t > 0 && x.len % (t * head_dim) == 0, "rope: {} elements do not split into {t} tokens of heads × {head_dim}", x.len);
+        let heads = x.len / (t * head_dim);
+        if heads == 0 {
+            return Ok(());
+        }
+        let xp = bf(x, "rope input")?;
+        let (_g, pp) = self.upload_idx(positions)?;
+        let (ti, hi, di) = (int(t, "tokens")?, int(heads, "heads")?, int(head_dim, "head_dim")?);
+        let sign: f32 = if inverse { -1.0 } else { 1.0 };
+        let mut a = args![xp, pp, ti, hi, di, theta, sign];
+        // SAFETY: x is T × heads × head_dim; positions T.
+        unsafe { self.launch_1d("elementwise", "rope_bf16", t * head_dim / 2, &mut a) }
+    }
+
+    fn attention(
+        &self,
+        shape: AttnShape,
+        seq_lens: &[usize],
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+    ) -> Result<()> {
+        super::attn::forward(self, shape, seq_lens, q, k, v, out, lse)
+    }
+
+    fn attention_backward(
+        &self,
+        shape: AttnShape,
+        seq_lens: &[usize],
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        dout: &CudaBuf,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+    ) -> Result<()> {
+        super::attn::backward(self, shape, seq_lens, q, k, v, out, lse, dout, dq, dk, dv)
+    }
+
+    fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf, out: &mut CudaBuf) -> Result<()> {
+        check_len("swiglu up", up.len, gate.len)?;
+        check_len("swiglu output", out.len, gate.len)?;
+        let (gp, upp, op, n) = (bf(gate, "swiglu gate")?, bf(up, "swiglu up")?, bf(out, "swiglu output")?, gate.len as i64);
+        let mut a = args![gp, upp, op, n];
+        // SAFETY: all hold n values.
+        unsafe { self.launch_1d("elementwise", "swiglu_fwd_bf16", gate.len, &mut a) }
+    }
+
+    fn swiglu_backward(&self, gate: &CudaBuf, up: &CudaBuf, dout: &CudaBuf, dgate: &mut CudaBuf, dup: &mut CudaBuf) -> Result<()> {
+        let n = gate.len;
+        check_len("swiglu_backward up", up.len, n)?;
+        check_len("swiglu_backward gradient", dout.len, n)?;
+        check_len("swiglu_backward dgate", dgate.len, n)?;
+        check_len("swiglu_backward dup", dup.len, n)?;
+        let (gp, upp, dp) = (bf(gate, "swiglu gate")?, bf(up, "swiglu up")?, bf(dout, "swiglu gradient")?);
+        let (dgp, dup_p, nn) = (bf(dgate, "swiglu dgate")?, bf(dup, "swiglu dup")?, n as i64);
+        let mut a = args![gp, upp, dp, dgp, dup_p, nn];
+        // SAFETY: all hold n values.
+        unsafe { self.launch_1d("elementwise", "swiglu_bwd_bf16", n, &mut a) }
+    }
+
+    fn gelu(&self, x: &CudaBuf, out: &mut CudaBuf, kind: GeluKind) -> Result<()> {
+        check_len("gelu output", out.len, x.len)?;
+        let (xp, op, n) = (bf(x, "gelu input")?, bf(out, "gelu output")?, x.len as i64);
+        let k: i32 = if kind == GeluKind::Erf { 0 } else { 1 };
+        let mut a = args![xp, op, n, k];
+        // SAFETY: both hold n values.
+        unsafe { self.launch_1d("elementwise", "gelu_fwd_bf16", x.len, &mut a) }
+    }
+
+    fn gelu_backward(&self, x: &CudaBuf, dout: &CudaBuf, dx: &mut CudaBuf, kind: GeluKind) -> Result<()> {
+        check_len("gelu_backward gradient", dout.len, x.len)?;
+        check_len("gelu_backward dx", dx.len, x.len)?;
+        let (xp, gp, dp, n) = (bf(x, "gelu input")?, bf(dout, "gelu gradient")?, bf(dx, "gelu dx")?, x.len as i64);
+        let k: i32 = if kind == GeluKind::Erf { 0 } else { 1 };
+        let mut a = args![xp, gp, dp, n, k];
+        // SAFETY: all hold n values.
+        unsafe { self.launch_1d("elementwise", "gelu_bwd_bf16", x.len, &mut a) }
+    }
+
+    fn cross_entropy(&self, logits: &CudaBuf, targets: &[i32], vocab: usize, scale: f32, dlogits: &mut CudaBuf) -> Result<f64> {
+        ensure!(vocab > 0, "cross_entropy: empty vocabulary");
+        let rows = targets.len();
+        check_len("cross_entropy logits", logits.len, rows * vocab)?;
+        check_len("cross_entropy dlogits", dlogits.len, rows * vocab)?;
+        if let Some((r, &t)) = targets.iter().enumerate().find(|(_, &t)| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab)) {
+            bail!("cross_entropy: target {t} at row {r} is outside the vocabulary of {vocab}");
+        }
+        if rows == 0 {
+            return Ok(0.0);
+        }
+        let (lp, dp) = (bf(logits, "cross_entropy logits")?, bf(dlogits, "cross_entropy dlogits")?);
+        let (_gi, tp) = self.upload_idx(targets)?;
+        let (_gw, lossp) = self.work_f32(rows)?;
+        let v = int(vocab, "vocabulary")?;
+        let mut a = args![lp, tp, v, scale, lossp, dp];
+        // SAFETY: logits, dlogits rows × vocab; targets in range or IGNORE_INDEX (negative).
+        unsafe { self.gpu.launch("cross_entropy", "cross_entropy_bf16", (int(rows, "rows")? as u32, 1, 1), (512, 1, 1), 0, &mut a)? };
+        let per_row = self.download_f32_raw(lossp, rows)?;
+        Ok(per_row.iter().map(|&x| x as f64).sum())
+    }
+
+    fn softmax_kl(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, rows: &[u32], scale: f32, dstudent: &mut CudaBuf) -> Result<f64> {
+        const WHAT: &str = "softmax_kl";
+        let n_rows = check_kl_shape(WHAT, student, teacher, shape, dstudent)?;
+        let tau = shape.temperature;
+        ensure!(tau.is_finite() && tau > 0.0, "{WHAT}: temperature must be positive and finite, got {tau}");
+        let mut listed = vec![false; n_rows];
+        for (i, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            ensure!(r < n_rows, "{WHAT}: row {r} (entry {i} of the row list) is outside the {n_rows} rows of the logits");
+            ensure!(!listed[r], "{WHAT}: row {r} is listed twice");
+            listed[r] = true;
+        }
+        if rows.is_empty() {
+            return Ok(0.0);
+        }
+        let rows_i32: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        int(rows.len(), "listed rows")?;
+        let (_gi, rp) = self.upload_idx(&rows_i32)?;
+        let (_gw, klp) = self.work_f32(rows.len())?;
+        self.softmax_kl_launch(student, teacher, shape, rp, rows.len(), scale, None, klp, dstudent)?;
+        let per_row = self.download_f32_raw(klp, rows.len())?;
+        Ok(per_row.iter().map(|&x| x as f64).sum())
+    }
+
+    fn relation_loss(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, images: &[(u32, u32)], scale: f32, dstudent: &mut CudaBuf) -> Result<f64> {
+        const WHAT: &str = "relation_loss";
+        let n_rows = check_kl_shape(WHAT, student, teacher, shape, dstudent)?;
+        let mut sorted: Vec<(usize, usize, usize)> = images.iter().enumerate().map(|(i, &(a, n))| (a as usize, n as usize, i)).collect();
+        sorted.sort_unstable();
+        for (k, &(start, n, i)) in sorted.iter().enumerate() {
+            ensure!(n > 0, "{WHAT}: image {i} has no visual rows");
+            ensure!(start + n <= n_rows, "{WHAT}: image {i} covers rows {start}..{} but the logits have {n_rows} rows", start + n);
+            if k > 0 {
+                let (ps, pn, pi) = sorted[k - 1];
+                if ps + pn > start {
+                    bail!("{WHAT}: images {pi} (rows {ps}..{}) and {i} (rows {start}..{}) overlap", ps + pn, start + n);
+                }
+            }
+        }
+        super::relation::relation_loss(self, student, teacher, shape, images, scale, dstudent)
+    }
+
+    fn adamw(&self, h: AdamWStep, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, master: Option<&mut CudaBuf>) -> Result<()> {
+        let n = param.len;
+        check_len("adamw gradient", grad.len, n)?;
+        check_len("adamw first moment", m.len, n)?;
+        check_len("adamw second moment", v.len, n)?;
+        ensure!(h.step >= 1, "adamw: step counts from 1");
+        let pp = bf(param, "adamw parameters")?;
+        let gp = bf(grad, "adamw gradient")?;
+        let mp = f32p(m, "adamw first moment")?;
+        let vp = f32p(v, "adamw second moment")?;
+        let masterp = match master {
+            Some(ms) => {
+                check_len("adamw master weights", ms.len, n)?;
+                f32p(ms, "adamw master weights")?
+            }
+            None => 0u64,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let nn = n as i64;
+        let bc1 = (1.0 - (h.beta1 as f64).powi(h.step as i32)) as f32;
+        let bc2_sqrt = (1.0 - (h.beta2 as f64).powi(h.step as i32)).sqrt() as f32;
+        let (lr, b1, b2, eps, wd, gs, seed, step) = (h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.grad_scale, h.seed, h.step);
+        let mut a = args![pp, gp, mp, vp, masterp, nn, lr, b1, b2, eps, wd, bc1, bc2_sqrt, gs, seed, step];
+        // SAFETY: every buffer holds n elements of the kernel's type; master may be null.
+        unsafe { self.gpu.launch("adamw", "adamw_bf16", self.stream_grid(n), (256, 1, 1), 0, &mut a) }
+    }
+}

@@ -1,0 +1,109 @@
+//! The relation loss (RDist) on CUDA: per image, the Gram matrices R = Z·Zᵀ of the student and
+//! teacher logits with cuBLAS (bf16 rows read in place with the logits' row stride, fp32 output),
+//! the cosine loss and ∂loss/∂R_s with `relation.cu` (two launches: per-block partial sums, then
+//! the coefficients and the gradient), then ∂Z_s += 2·G·Z_s with cuBLAS (G rounded to bf16, the
+//! accumulation into the bf16 gradient in fp32 through beta = 1).
+//!
+//! Images with the same number of rows share one pair of kernel launches (the kernels take a
+//! single n); the usual case, every image with 728 visual rows, is one group.
+
+use anyhow::Result;
+
+use super::ops::args;
+use super::{align256, bf, CudaBackend, CudaBuf};
+use crate::backend::KlShape;
+
+/// Blocks per image of the relation kernels (`RELATION_BLOCKS` in kernels/relation.cu).
+const RELATION_BLOCKS: usize = 128;
+
+/// Byte offsets of the f32 work area of one group of `c` images with `n` rows each.
+struct Layout {
+    gram_s: usize,
+    gram_t: usize,
+    grad: usize,
+    grad_bf16: usize,
+    partials: usize,
+    loss: usize,
+    total: usize,
+}
+
+impl Layout {
+    fn new(c: usize, n: usize) -> Self {
+        let g = align256(c * n * n * 4);
+        let gram_s = 0;
+        let gram_t = gram_s + g;
+        let grad = gram_t + g;
+        let grad_bf16 = grad + g;
+        let partials = grad_bf16 + align256(c * n * n * 2);
+        let loss = partials + align256(c * RELATION_BLOCKS * 3 * 8);
+        let total = loss + align256(c * 4);
+        Layout { gram_s, gram_t, grad, grad_bf16, partials, loss, total }
+    }
+}
+
+/// Checked by the caller: shapes, image ranges in bounds, non-empty and disjoint.
+pub(crate) fn relation_loss(
+    be: &CudaBackend,
+    student: &CudaBuf,
+    teacher: &CudaBuf,
+    shape: KlShape,
+    images: &[(u32, u32)],
+    scale: f32,
+    dstudent: &mut CudaBuf,
+) -> Result<f64> {
+    let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
+    let sp = bf(student, "relation_loss student logits")?;
+    let tp = bf(teacher, "relation_loss teacher logits")?;
+    let dp = bf(dstudent, "relation_loss student gradient")?;
+    // Groups of images with equal n, in order of first appearance.
+    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+    for &(start, n) in images {
+        let (start, n) = (start as usize, n as usize);
+        match groups.iter_mut().find(|(gn, _)| *gn == n) {
+            Some((_, starts)) => starts.push(start),
+            None => groups.push((n, vec![start])),
+        }
+    }
+    let gpu = be.gpu();
+    let mut total = 0.0f64;
+    for (n, starts) in &groups {
+        let (n, c) = (*n, starts.len());
+        let lay = Layout::new(c, n);
+        let (_guard, base) = be.work_f32(lay.total.div_ceil(4))?;
+        let at = |off: usize| base + off as u64;
+        let nn = (n * n) as u64;
+        for (j, &start) in starts.iter().enumerate() {
+            let zs = sp + (start * vs * 2) as u64;
+            let zt = tp + (start * vt * 2) as u64;
+            // SAFETY: rows start..start+n of each logit buffer (kept ≤ vocab columns, row stride
+            // vocab) are in bounds (checked by the caller); the Gram slots hold n·n f32.
+            unsafe {
+                gpu.gemm(false, true, n, n, kept, 1.0, zs, vs, zs, vs, 0.0, at(lay.gram_s) + j as u64 * nn * 4, n, true)?;
+                gpu.gemm(false, true, n, n, kept, 1.0, zt, vt, zt, vt, 0.0, at(lay.gram_t) + j as u64 * nn * 4, n, true)?;
+            }
+        }
+        let (gs, gt, gg, gpart, gloss, gbf) = (at(lay.gram_s), at(lay.gram_t), at(lay.grad), at(lay.partials), at(lay.loss), at(lay.grad_bf16));
+        let (ni, ci) = (super::int(n, "relation rows per image")?, super::int(c, "images")?);
+        let grid = (RELATION_BLOCKS as u32, c as u32, 1);
+        let mut a = args![gs, gt, ni, ci, gpart];
+        // SAFETY: c Gram pairs of n·n f32, partials c·RELATION_BLOCKS·3 f64.
+        unsafe { gpu.launch("relation", "relation_cosine_partials", grid, (256, 1, 1), 0, &mut a)? };
+        let mut a = args![gs, gt, ni, ci, scale, gpart, gloss, gg];
+        // SAFETY: as above; loss c f32, grad c·n·n f32.
+        unsafe { gpu.launch("relation", "relation_cosine_grad", grid, (256, 1, 1), 0, &mut a)? };
+        let count = (c * n * n) as i64;
+        let mut a = args![gg, gbf, count];
+        // SAFETY: grad holds count f32, grad_bf16 count bf16.
+        unsafe { gpu.launch("elementwise", "f32_to_bf16", be.grid1d(c * n * n), (256, 1, 1), 0, &mut a)? };
+        for (j, &start) in starts.iter().enumerate() {
+            let zs = sp + (start * vs * 2) as u64;
+            let d = dp + (start * vs * 2) as u64;
+            // ∂Z_s[n, kept] += 2·G[n, n]·Z_s[n, kept] (the scale is inside G).
+            // SAFETY: G_j is n·n bf16; Z_s and its gradient rows as above.
+            unsafe { gpu.gemm(false, false, n, kept, n, 2.0, gbf + j as u64 * nn * 2, n, zs, vs, 1.0, d, vs, false)? };
+        }
+        let losses = be.download_f32_raw(gloss, c)?;
+        total += losses.iter().map(|&l| l as f64).sum::<f64>();
+    }
+    Ok(total)
+}
