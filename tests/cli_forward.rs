@@ -153,5 +153,5 @@ fn missing_model_folder_and_unbuilt_commands_fail_cleanly() {
     assert!(err.contains("nope"), "{err}");
     let (ok, err) = kd(&["generate"]);
     assert!(!ok);
-    assert!(err.contains("not built yet"), "{err}");
+    assert!(err.contains("--model"), "generate without a model names the missing argument: {err}");
 }

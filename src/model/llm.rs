@@ -1,6 +1,9 @@
 //! The decoder LLM (Qwen2 and LLaMA families): pre-norm blocks of RMSNorm → GQA attention with
 //! RoPE → residual, RMSNorm → SwiGLU MLP → residual; final RMSNorm; LM head (tied or not).
 //!
+//! Generation runs the same block code (one `block` function) with a [`KvCache`]: [`Llm::prefill`] on the
+//! packed prompts, then [`Llm::decode_step`] one token per sequence against the cache.
+//!
 //! The forward saves what the hand-written backward needs. The backward starts from the gradient
 //! of the final normed hidden state (the LM head is separate, so the losses can run it on the rows
 //! they use, chunk by chunk) and returns the gradient of the input embeddings, which DPT needs even
@@ -72,6 +75,82 @@ pub struct LlmActs<Buf> {
     /// The final normed hidden state `[T, hidden]`: the LM head's input.
     pub hidden: Buf,
     layout: SeqLayout,
+}
+
+/// Keys and values of past tokens for generation: per layer, `[slots, capacity, kv_heads·head_dim]`
+/// for K and for V (after RoPE), and per slot how many positions are filled. One slot per
+/// sequence of a batch, so sequences of different lengths decode side by side. Decoding steps
+/// write into it in place; it is re-allocated only when [`KvCache::reserve`] must grow it.
+pub struct KvCache<Buf> {
+    /// Per layer: (K, V).
+    layers: Vec<(Buf, Buf)>,
+    lens: Vec<usize>,
+    capacity: usize,
+    kv_dim: usize,
+}
+
+impl<Buf> KvCache<Buf> {
+    /// An empty cache of `slots` sequences of up to `capacity` tokens for a model of config `cfg`.
+    pub fn new<B: Backend<Buf = Buf>>(be: &B, cfg: &LlmConfig, slots: usize, capacity: usize) -> Result<Self> {
+        let kv_dim = cfg.kv_heads * cfg.head_dim;
+        let n = slots
+            .checked_mul(capacity)
+            .and_then(|x| x.checked_mul(kv_dim))
+            .ok_or_else(|| anyhow::anyhow!("KV cache of {slots} × {capacity} positions is too large"))?;
+        let layers = (0..cfg.layers).map(|_| Ok((be.zeros(n)?, be.zeros(n)?))).collect::<Result<_>>()?;
+        Ok(KvCache { layers, lens: vec![0; slots], capacity, kv_dim })
+    }
+    /// Filled positions of each slot.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Makes room for `positions` tokens per slot, keeping what is cached: the buffers are
+    /// re-allocated (at least doubling) only when they are too small, so generation can start
+    /// with a cache sized for the prompt and grow with the answer instead of reserving
+    /// `max_new_tokens` up front.
+    pub fn reserve<B: Backend<Buf = Buf>>(&mut self, be: &B, positions: usize) -> Result<()> {
+        if positions <= self.capacity {
+            return Ok(());
+        }
+        let cap = positions.max(2 * self.capacity);
+        let (old, kvd, slots) = (self.capacity, self.kv_dim, self.lens.len());
+        let n = slots
+            .checked_mul(cap)
+            .and_then(|x| x.checked_mul(kvd))
+            .ok_or_else(|| anyhow::anyhow!("KV cache of {slots} × {cap} positions is too large"))?;
+        for layer in &mut self.layers {
+            for buf in [&mut layer.0, &mut layer.1] {
+                let mut grown = be.zeros(n)?;
+                for (slot, &len) in self.lens.iter().enumerate() {
+                    be.copy_range(buf, slot * old * kvd, &mut grown, slot * cap * kvd, len * kvd)?;
+                }
+                *buf = grown;
+            }
+        }
+        self.capacity = cap;
+        Ok(())
+    }
+
+    /// Empties a slot so another sequence can use it.
+    pub fn clear(&mut self, slot: usize) {
+        if let Some(l) = self.lens.get_mut(slot) {
+            *l = 0;
+        }
+    }
+    fn check_model(&self, cfg: &LlmConfig) -> Result<()> {
+        ensure!(
+            self.layers.len() == cfg.layers && self.kv_dim == cfg.kv_heads * cfg.head_dim,
+            "KV cache made for {} layers of width {}, the model has {} of width {}",
+            self.layers.len(),
+            self.kv_dim,
+            cfg.layers,
+            cfg.kv_heads * cfg.head_dim
+        );
+        Ok(())
+    }
 }
 
 pub struct Llm {
@@ -151,50 +230,179 @@ impl Llm {
         let t = layout.tokens();
         ensure!(be.len(&x) == t * c.hidden, "llm forward: {} input values for {t} tokens of width {}", be.len(&x), c.hidden);
         ensure!(layout.seq_lens.iter().sum::<usize>() == t, "llm forward: sequence lengths do not add up to {t} tokens");
-        let (h, im, qd, kvd) = (c.hidden, c.intermediate, c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let qd = c.heads * c.head_dim;
         let mut layers = Vec::with_capacity(c.layers);
         let mut x = x;
         for ids in &self.layers {
-            let mut rstd1 = be.zeros(t)?;
-            let mut h1 = be.zeros(t * h)?;
-            be.rmsnorm(&x, w.get(ids.ln1), c.rms_eps, &mut h1, &mut rstd1)?;
-            let linear = |wt: ParamId, b: Option<ParamId>, inp: &B::Buf, din: usize, dout: usize| -> Result<B::Buf> {
-                let mut y = be.zeros(t * dout)?;
-                be.gemm(Gemm::linear(t, dout, din), inp, w.get(wt), &mut y)?;
-                if let Some(b) = b {
-                    be.add_bias(&mut y, w.get(b), t)?;
-                }
-                Ok(y)
-            };
-            let mut q = linear(ids.wq, ids.bq, &h1, h, qd)?;
-            let mut k = linear(ids.wk, ids.bk, &h1, h, kvd)?;
-            let v = linear(ids.wv, ids.bv, &h1, h, kvd)?;
-            be.rope(&mut q, &layout.positions, c.head_dim, c.rope_theta, false)?;
-            be.rope(&mut k, &layout.positions, c.head_dim, c.rope_theta, false)?;
-            let mut attn = be.zeros(t * qd)?;
-            let mut lse = be.zeros(t * c.heads)?;
-            be.attention(self.attn_shape(), &layout.seq_lens, &q, &k, &v, &mut attn, &mut lse)?;
-            let o = linear(ids.wo, ids.bo, &attn, qd, h)?;
-            let x_in = x;
-            let mut x_mid = o;
-            be.add_assign(&mut x_mid, &x_in)?;
-
-            let mut rstd2 = be.zeros(t)?;
-            let mut h2 = be.zeros(t * h)?;
-            be.rmsnorm(&x_mid, w.get(ids.ln2), c.rms_eps, &mut h2, &mut rstd2)?;
-            let gate = linear(ids.gate, None, &h2, h, im)?;
-            let up = linear(ids.up, None, &h2, h, im)?;
-            let mut act = be.zeros(t * im)?;
-            be.swiglu(&gate, &up, &mut act)?;
-            let mut x_out = linear(ids.down, None, &act, im, h)?;
-            be.add_assign(&mut x_out, &x_mid)?;
+            let (x_out, acts) = self.block(be, w, ids, x, &layout.positions, |q, k, v| {
+                let mut attn = be.zeros(t * qd)?;
+                let mut lse = be.zeros(t * c.heads)?;
+                be.attention(self.attn_shape(), &layout.seq_lens, q, k, v, &mut attn, &mut lse)?;
+                Ok((attn, lse))
+            })?;
             x = x_out;
-            layers.push(LayerActs { x_in, rstd1, h1, q, k, v, attn, lse, x_mid, rstd2, h2, gate, up, act });
+            layers.push(acts);
         }
         let mut rstd_final = be.zeros(t)?;
-        let mut hidden = be.zeros(t * h)?;
+        let mut hidden = be.zeros(t * c.hidden)?;
         be.rmsnorm(&x, w.get(self.norm), c.rms_eps, &mut hidden, &mut rstd_final)?;
         Ok(LlmActs { layers, x_final: x, rstd_final, hidden, layout: layout.clone() })
+    }
+
+    /// One decoder block on `x [T, hidden]` at RoPE `positions`. The attention step is the
+    /// caller's (`attend(q, k, v) -> (out, lse)` with q and k already rotated), so training
+    /// (packed varlen attention), prefill (the same, plus filling a KV cache) and decoding
+    /// (one query against the cache) share every other line of the block. Returns the block's
+    /// output and what its backward needs.
+    fn block<B: Backend>(
+        &self,
+        be: &B,
+        w: &ParamSet<B::Buf>,
+        ids: &LayerIds,
+        x: B::Buf,
+        positions: &[u32],
+        attend: impl FnOnce(&B::Buf, &B::Buf, &B::Buf) -> Result<(B::Buf, B::Buf)>,
+    ) -> Result<(B::Buf, LayerActs<B::Buf>)> {
+        let c = &self.cfg;
+        let t = positions.len();
+        let (h, im, qd, kvd) = (c.hidden, c.intermediate, c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let mut rstd1 = be.zeros(t)?;
+        let mut h1 = be.zeros(t * h)?;
+        be.rmsnorm(&x, w.get(ids.ln1), c.rms_eps, &mut h1, &mut rstd1)?;
+        let linear = |wt: ParamId, b: Option<ParamId>, inp: &B::Buf, din: usize, dout: usize| -> Result<B::Buf> {
+            let mut y = be.zeros(t * dout)?;
+            be.gemm(Gemm::linear(t, dout, din), inp, w.get(wt), &mut y)?;
+            if let Some(b) = b {
+                be.add_bias(&mut y, w.get(b), t)?;
+            }
+            Ok(y)
+        };
+        let mut q = linear(ids.wq, ids.bq, &h1, h, qd)?;
+        let mut k = linear(ids.wk, ids.bk, &h1, h, kvd)?;
+        let v = linear(ids.wv, ids.bv, &h1, h, kvd)?;
+        be.rope(&mut q, positions, c.head_dim, c.rope_theta, false)?;
+        be.rope(&mut k, positions, c.head_dim, c.rope_theta, false)?;
+        let (attn, lse) = attend(&q, &k, &v)?;
+        let o = linear(ids.wo, ids.bo, &attn, qd, h)?;
+        let x_in = x;
+        let mut x_mid = o;
+        be.add_assign(&mut x_mid, &x_in)?;
+
+        let mut rstd2 = be.zeros(t)?;
+        let mut h2 = be.zeros(t * h)?;
+        be.rmsnorm(&x_mid, w.get(ids.ln2), c.rms_eps, &mut h2, &mut rstd2)?;
+        let gate = linear(ids.gate, None, &h2, h, im)?;
+        let up = linear(ids.up, None, &h2, h, im)?;
+        let mut act = be.zeros(t * im)?;
+        be.swiglu(&gate, &up, &mut act)?;
+        let mut x_out = linear(ids.down, None, &act, im, h)?;
+        be.add_assign(&mut x_out, &x_mid)?;
+        Ok((x_out, LayerActs { x_in, rstd1, h1, q, k, v, attn, lse, x_mid, rstd2, h2, gate, up, act }))
+    }
+
+    /// The final RMSNorm alone (inference: no statistics kept).
+    fn final_norm<B: Backend>(&self, be: &B, w: &ParamSet<B::Buf>, x: &B::Buf) -> Result<B::Buf> {
+        let rows = be.len(x) / self.cfg.hidden;
+        let mut rstd = be.zeros(rows)?;
+        let mut hidden = be.zeros(rows * self.cfg.hidden)?;
+        be.rmsnorm(x, w.get(self.norm), self.cfg.rms_eps, &mut hidden, &mut rstd)?;
+        Ok(hidden)
+    }
+
+    /// Prefill for generation: runs packed sequences `x [T, hidden]` (lengths `seq_lens`,
+    /// positions from 0) through the blocks exactly as [`Llm::forward`] does, and stores each
+    /// sequence's keys and values in cache slot `slots[i]`, which must be empty. Returns the
+    /// final normed hidden state of every token, `[T, hidden]`. Nothing is kept for a backward.
+    pub fn prefill<B: Backend>(
+        &self,
+        be: &B,
+        w: &ParamSet<B::Buf>,
+        x: B::Buf,
+        seq_lens: &[usize],
+        slots: &[usize],
+        cache: &mut KvCache<B::Buf>,
+    ) -> Result<B::Buf> {
+        let c = &self.cfg;
+        let layout = SeqLayout::from_lens(seq_lens);
+        let t = layout.tokens();
+        ensure!(be.len(&x) == t * c.hidden, "prefill: {} input values for {t} tokens of width {}", be.len(&x), c.hidden);
+        ensure!(slots.len() == seq_lens.len(), "prefill: {} sequences but {} cache slots", seq_lens.len(), slots.len());
+        cache.check_model(c)?;
+        for (&slot, &len) in slots.iter().zip(seq_lens) {
+            ensure!(slot < cache.lens.len(), "prefill: cache slot {slot} of {}", cache.lens.len());
+            ensure!(cache.lens[slot] == 0, "prefill: cache slot {slot} already holds {} tokens", cache.lens[slot]);
+            ensure!(len <= cache.capacity, "prefill: a {len}-token sequence does not fit the cache's {} positions", cache.capacity);
+        }
+        let (qd, kvd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let mut x = x;
+        for (l, ids) in self.layers.iter().enumerate() {
+            let layer = &mut cache.layers[l];
+            let cap = cache.capacity;
+            let (x_out, _) = self.block(be, w, ids, x, &layout.positions, |q, k, v| {
+                let mut start = 0;
+                for (&slot, &len) in slots.iter().zip(seq_lens) {
+                    be.copy_range(k, start * kvd, &mut layer.0, slot * cap * kvd, len * kvd)?;
+                    be.copy_range(v, start * kvd, &mut layer.1, slot * cap * kvd, len * kvd)?;
+                    start += len;
+                }
+                let mut attn = be.zeros(t * qd)?;
+                let mut lse = be.zeros(t * c.heads)?;
+                be.attention(self.attn_shape(), seq_lens, q, k, v, &mut attn, &mut lse)?;
+                Ok((attn, lse))
+            })?;
+            x = x_out;
+        }
+        for (&slot, &len) in slots.iter().zip(seq_lens) {
+            cache.lens[slot] = len;
+        }
+        self.final_norm(be, w, &x)
+    }
+
+    /// One decoding step: row `r` of `x [R, hidden]` is the next token of the sequence in cache
+    /// slot `slots[r]` (distinct slots), at the position after its cached tokens. Appends each
+    /// row's keys and values to its slot and returns the final normed hidden states `[R, hidden]`.
+    pub fn decode_step<B: Backend>(
+        &self,
+        be: &B,
+        w: &ParamSet<B::Buf>,
+        x: B::Buf,
+        slots: &[usize],
+        cache: &mut KvCache<B::Buf>,
+    ) -> Result<B::Buf> {
+        let c = &self.cfg;
+        let r = slots.len();
+        ensure!(be.len(&x) == r * c.hidden, "decode step: {} input values for {r} rows of width {}", be.len(&x), c.hidden);
+        cache.check_model(c)?;
+        let mut seen = vec![false; cache.lens.len()];
+        for &slot in slots {
+            ensure!(slot < cache.lens.len(), "decode step: cache slot {slot} of {}", cache.lens.len());
+            ensure!(!std::mem::replace(&mut seen[slot], true), "decode step: cache slot {slot} appears twice");
+            ensure!(cache.lens[slot] < cache.capacity, "decode step: cache slot {slot} is full ({} positions)", cache.capacity);
+        }
+        let positions: Vec<u32> = slots.iter().map(|&s| cache.lens[s] as u32).collect();
+        let lens: Vec<usize> = slots.iter().map(|&s| cache.lens[s] + 1).collect();
+        let slots_u32: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
+        let (qd, kvd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let cap = cache.capacity;
+        let mut x = x;
+        for (l, ids) in self.layers.iter().enumerate() {
+            let layer = &mut cache.layers[l];
+            let (x_out, _) = self.block(be, w, ids, x, &positions, |q, k, v| {
+                for (row, (&slot, &pos)) in slots.iter().zip(&positions).enumerate() {
+                    let at = (slot * cap + pos as usize) * kvd;
+                    be.copy_range(k, row * kvd, &mut layer.0, at, kvd)?;
+                    be.copy_range(v, row * kvd, &mut layer.1, at, kvd)?;
+                }
+                let mut attn = be.zeros(r * qd)?;
+                be.attention_decode(self.attn_shape(), cap, &slots_u32, &lens, q, &layer.0, &layer.1, &mut attn)?;
+                Ok((attn, be.zeros(0)?))
+            })?;
+            x = x_out;
+        }
+        for &slot in slots {
+            cache.lens[slot] += 1;
+        }
+        self.final_norm(be, w, &x)
     }
 
     /// Logits `[rows, vocab]` of hidden states `[rows, hidden]`.

@@ -123,6 +123,23 @@ impl Mllm {
         batch: &PackedBatch,
         features: Option<B::Buf>,
     ) -> Result<MllmActs<B::Buf>> {
+        let (x, projector, starts) = self.input_embeddings(be, w, batch, features)?;
+        let layout = SeqLayout { positions: batch.positions.clone(), seq_lens: batch.seq_lens.clone() };
+        let llm = self.llm.forward(be, &w.llm, x, &layout)?;
+        Ok(MllmActs { llm, projector, visual_starts: starts, ids: batch.ids.clone() })
+    }
+
+    /// The LLM's input `[T, hidden]`: token embeddings with each image's visual block replaced by
+    /// its projected features. Shared by [`Mllm::forward`] and generation's prefill. Also returns
+    /// the projector's saved state and the first row of each visual block.
+    #[allow(clippy::type_complexity)]
+    pub fn input_embeddings<B: Backend>(
+        &self,
+        be: &B,
+        w: &MllmWeights<B::Buf>,
+        batch: &PackedBatch,
+        features: Option<B::Buf>,
+    ) -> Result<(B::Buf, Option<ProjectorActs<B::Buf>>, Vec<usize>)> {
         let starts = self.visual_starts(batch)?;
         let h = self.llm.cfg.hidden;
         let nv = self.visual_tokens();
@@ -138,9 +155,7 @@ impl Mllm {
             None if !starts.is_empty() => anyhow::bail!("the batch has {} images but no vision features were given", starts.len()),
             _ => None,
         };
-        let layout = SeqLayout { positions: batch.positions.clone(), seq_lens: batch.seq_lens.clone() };
-        let llm = self.llm.forward(be, &w.llm, x, &layout)?;
-        Ok(MllmActs { llm, projector, visual_starts: starts, ids: batch.ids.clone() })
+        Ok((x, projector, starts))
     }
 
     /// Backward from the gradient of the final normed hidden state: weight gradients of the
