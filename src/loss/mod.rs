@@ -15,8 +15,11 @@
 //! values of the micro-batches add up to those of the step. A term with no rows in the whole step
 //! is 0 with no gradient.
 
+pub mod fused_head;
+pub mod relation_identity;
 pub mod select;
 
+pub use fused_head::{fused_distill_loss, FusedHeadOptions, HeadSide, RelationForm};
 pub use select::{visual_ranges, LossCounts, LossInputs, SelectedRows};
 
 use anyhow::{bail, ensure, Result};

@@ -5,6 +5,7 @@ pub mod export;
 pub mod llm;
 pub mod mllm;
 pub mod params;
+pub mod presets;
 pub mod projector;
 pub mod vision;
 
@@ -13,5 +14,6 @@ pub use export::{choose_image_token_id, export_llava, load_llava, mllm_logits, E
 pub use llm::{Llm, LlmActs, LoadedLlm, SeqLayout};
 pub use mllm::{FeatureSelect, Mllm, MllmActs, MllmGrads, MllmWeights};
 pub use params::{ParamId, ParamSet, ParamSpec};
+pub use presets::{InitOptions, InitSummary, Preset, PresetModel};
 pub use projector::Projector;
 pub use vision::{LoadedVision, VisionConfig, VisionOutput, VisionTower};

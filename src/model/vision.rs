@@ -74,9 +74,12 @@ impl VisionConfig {
             act,
         };
         ensure!(cfg.heads > 0 && cfg.hidden % cfg.heads == 0, "{what}: hidden_size {} is not a multiple of {} heads", cfg.hidden, cfg.heads);
+        // The patch convolution (stride = kernel) covers floor(image / patch) patches per side and
+        // drops the remainder, as PyTorch's Conv2d does: so400m-patch14-384 has 27×27 patches and
+        // leaves the last 384 − 378 = 6 pixel rows and columns unused.
         ensure!(
-            cfg.patch_size > 0 && cfg.image_size % cfg.patch_size == 0,
-            "{what}: image_size {} is not a multiple of patch_size {}",
+            cfg.patch_size > 0 && cfg.image_size >= cfg.patch_size,
+            "{what}: image_size {} is smaller than patch_size {}",
             cfg.image_size,
             cfg.patch_size
         );

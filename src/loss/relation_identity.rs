@@ -1,0 +1,261 @@
+//! The relation loss (RDist, SPEC §1) without logits: R = Z·Zᵀ = H·(Wᵀ·W)·Hᵀ.
+//!
+//! With Z = H·W[:kept]ᵀ the logits of an image's visual rows (H its final hidden states `[n, h]`,
+//! W the LM head `[V, h]`, `kept` = min(V_s, V_t) columns, SPEC §1's vocabulary-mismatch rule),
+//! R = Z·Zᵀ = H·M·Hᵀ with M = W[:kept]ᵀ·W[:kept] (`[h, h]`, symmetric). This is exact, and once M
+//! is known it costs nothing per vocabulary entry:
+//!
+//! | per image (n = 728, V = 151936) | direct: Z·Zᵀ, 2·n²·V | identity: T = H·M, R = T·Hᵀ, 2·(n·h² + n²·h) |
+//! | --- | --- | --- |
+//! | student, h = 1024 (Qwen1.5-0.5B) | 161.0 GFLOP | 2.61 GFLOP (61.7× less) |
+//! | teacher, h = 2560 (Qwen1.5-4B)   | 161.0 GFLOP | 12.26 GFLOP (13.1× less) |
+//!
+//! M itself costs 2·V·h² (0.32 TFLOP for h = 1024, 1.99 TFLOP for h = 2560). The teacher never
+//! trains, so M_t is computed **once per run**; so is M_s while the LLM is frozen (DPT). When the
+//! LLM trains (DFT), M_s changes every step: 0.32 TFLOP to rebuild it plus 0.32 TFLOP for the head
+//! gradient dW[:kept] += 2·W[:kept]·dM: 0.711 TFLOP per anchor step (4 images) against the direct
+//! form's 1.933 TFLOP (R_s, R_t and ∂Z_s = 2·G·Z_s at 0.161 TFLOP each per image), and no `[n, V]`
+//! logits are needed for the relation at all; with the LLM frozen, 0.064 TFLOP (30× less). See
+//! [`relation_step_flops`].
+//!
+//! Gradients: with G = ∂L/∂R_s (symmetric), ∂L/∂H_s = 2·G·H_s·M_s = 2·G·T_s, and
+//! ∂L/∂M_s = H_sᵀ·G·H_s, from which ∂L/∂W_s[:kept] = 2·W_s[:kept]·∂L/∂M_s ([`head_gram_backward`]).
+//!
+//! Numerics: R is accumulated in the backend's storage type like the direct form's; the cosine
+//! uses the backend's f64-accumulated `sum_squares` (⟨R_s, R_t⟩ by polarisation), so the f64 CPU
+//! backend matches the direct form to ~1e-14. On a bf16-storage backend, [`gram_cosine`] (loss
+//! and G from the two Gram matrices) should become one fused kernel, the epilogue the CUDA
+//! relation kernel already has, rather than this composition of elementwise ops.
+
+use anyhow::{ensure, Result};
+
+use crate::backend::{Backend, Gemm};
+
+/// One model's side of [`relation_loss_identity`].
+#[derive(Debug)]
+pub struct GramSide<'a, Buf> {
+    /// Final normed hidden states `[rows, hidden_size]` of the micro-batch.
+    pub hidden: &'a Buf,
+    pub hidden_size: usize,
+    /// M = W[:kept]ᵀ·W[:kept], `[hidden_size, hidden_size]` ([`head_gram`]).
+    pub gram: &'a Buf,
+}
+
+// Copy for any Buf: the struct holds only references.
+impl<Buf> Clone for GramSide<'_, Buf> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<Buf> Copy for GramSide<'_, Buf> {}
+
+/// The first `kept` rows of `weight` (`[vocab, hidden]`), copied only when `kept < vocab`.
+fn head_prefix<B: Backend>(be: &B, weight: &B::Buf, vocab: usize, hidden: usize, kept: usize) -> Result<Option<B::Buf>> {
+    ensure!(kept >= 1 && kept <= vocab, "head gram: {kept} kept rows of a {vocab}-row head");
+    ensure!(
+        be.len(weight) == vocab * hidden,
+        "head gram: the head weight has {} elements, expected {vocab} × {hidden}",
+        be.len(weight)
+    );
+    if kept == vocab {
+        return Ok(None);
+    }
+    let mut w = be.zeros(kept * hidden)?;
+    be.copy_range(weight, 0, &mut w, 0, kept * hidden)?;
+    Ok(Some(w))
+}
+
+/// M = W[:kept]ᵀ·W[:kept] (`[hidden, hidden]`) of an LM head `weight` `[vocab, hidden]`.
+pub fn head_gram<B: Backend>(be: &B, weight: &B::Buf, vocab: usize, hidden: usize, kept: usize) -> Result<B::Buf> {
+    let prefix = head_prefix(be, weight, vocab, hidden, kept)?;
+    let w = prefix.as_ref().unwrap_or(weight);
+    let mut m = be.zeros(hidden * hidden)?;
+    let g = Gemm { m: hidden, n: hidden, k: kept, trans_a: true, trans_b: false, alpha: 1.0, beta: 0.0 };
+    be.gemm(g, w, w, &mut m)?;
+    Ok(m)
+}
+
+/// Backward of [`head_gram`] for a symmetric `dgram` (what [`relation_loss_identity`]
+/// accumulates): `dweight[:kept] += 2·W[:kept]·dgram`; rows from `kept` on are untouched.
+pub fn head_gram_backward<B: Backend>(
+    be: &B,
+    weight: &B::Buf,
+    vocab: usize,
+    hidden: usize,
+    kept: usize,
+    dgram: &B::Buf,
+    dweight: &mut B::Buf,
+) -> Result<()> {
+    ensure!(be.len(dgram) == hidden * hidden, "head gram backward: dgram has {} elements, expected {hidden}²", be.len(dgram));
+    ensure!(
+        be.len(dweight) == vocab * hidden,
+        "head gram backward: the head gradient has {} elements, expected {vocab} × {hidden}",
+        be.len(dweight)
+    );
+    let prefix = head_prefix(be, weight, vocab, hidden, kept)?;
+    let g = Gemm { m: kept, n: hidden, k: hidden, trans_a: false, trans_b: false, alpha: 2.0, beta: 1.0 };
+    match prefix {
+        None => be.gemm(g, weight, dgram, dweight),
+        Some(w) => {
+            let mut d = be.zeros(kept * hidden)?;
+            be.copy_range(dweight, 0, &mut d, 0, kept * hidden)?;
+            be.gemm(g, &w, dgram, &mut d)?;
+            be.copy_range(&d, 0, dweight, 0, kept * hidden)
+        }
+    }
+}
+
+/// `dst = c · src` for an f64 coefficient, through the backend's f32-parameter `scale` op: c is
+/// split into c_hi + c_lo (both f32), so the product keeps ~2⁻⁴⁸ relative precision on a
+/// backend that stores f64 (the reference), and the storage precision on any other.
+fn scaled_copy<B: Backend>(be: &B, src: &B::Buf, c: f64) -> Result<B::Buf> {
+    let hi = c as f32;
+    let lo = (c - hi as f64) as f32;
+    let mut out = be.duplicate(src)?;
+    be.scale(&mut out, hi)?;
+    if lo != 0.0 {
+        let mut rest = be.duplicate(src)?;
+        be.scale(&mut rest, lo)?;
+        be.add_assign(&mut out, &rest)?;
+    }
+    Ok(out)
+}
+
+/// The cosine part of the relation loss from the two Gram matrices (any equal shapes):
+/// returns `1 − cos(vec R_s, vec R_t)` and `scale · G` with G = ∂loss/∂R_s =
+/// −(R_t − (⟨R_s,R_t⟩/‖R_s‖²)·R_s)/(‖R_s‖·‖R_t‖), or `None` when either matrix is zero (loss 1,
+/// no gradient: the convention of the backend's `relation_loss`).
+pub fn gram_cosine<B: Backend>(be: &B, rs: &B::Buf, rt: &B::Buf, scale: f32) -> Result<(f64, Option<B::Buf>)> {
+    ensure!(be.len(rs) == be.len(rt), "gram cosine: Gram matrices of {} and {} elements", be.len(rs), be.len(rt));
+    let ss = be.sum_squares(rs)?;
+    let tt = be.sum_squares(rt)?;
+    let (ns, nt) = (ss.sqrt(), tt.sqrt());
+    if ns == 0.0 || nt == 0.0 {
+        return Ok((1.0, None));
+    }
+    // ⟨a, b⟩ = (‖a + b‖² − ‖a − b‖²) / 4, both squared norms accumulated in f64.
+    let mut sum = be.duplicate(rs)?;
+    be.add_assign(&mut sum, rt)?;
+    let mut diff = be.duplicate(rs)?;
+    be.scale(&mut diff, -1.0)?;
+    be.add_assign(&mut diff, rt)?;
+    let dot = (be.sum_squares(&sum)? - be.sum_squares(&diff)?) / 4.0;
+    drop((sum, diff));
+    let loss = 1.0 - dot / (ns * nt);
+    let c_t = -(scale as f64) / (ns * nt);
+    let c_s = (scale as f64) * dot / (ss * ns * nt);
+    let mut g = scaled_copy(be, rt, c_t)?;
+    be.add_assign(&mut g, &scaled_copy(be, rs, c_s)?)?;
+    Ok((loss, Some(g)))
+}
+
+/// Relation distillation through the head Gram matrices: for each image `(start_row, n)` (rows of
+/// `student.hidden` / `teacher.hidden`), R = H·M·Hᵀ on both sides, loss 1 − cos(vec R_s, vec R_t).
+/// Returns Σ_images loss; **accumulates** `scale · ∂/∂H_s` into `dhidden` (`[rows, h_s]`, the
+/// image rows only) and, when given, `scale · ∂/∂M_s` into `dgram` (`[h_s, h_s]`, symmetric; pass
+/// it on to [`head_gram_backward`] when the LM head trains).
+///
+/// Equal to the backend's `relation_loss` on the materialised logits Z = H·W[:kept]ᵀ (values and
+/// gradients). Per image it holds at most two `[n, h]` per side and seven `[n, n]` matrices
+/// (36 MB for n = 728 in f32 with h = 2560), never `[n, V]`.
+pub fn relation_loss_identity<B: Backend>(
+    be: &B,
+    student: GramSide<'_, B::Buf>,
+    teacher: GramSide<'_, B::Buf>,
+    images: &[(u32, u32)],
+    scale: f32,
+    dhidden: &mut B::Buf,
+    mut dgram: Option<&mut B::Buf>,
+) -> Result<f64> {
+    const WHAT: &str = "relation loss (identity form)";
+    let (hs, ht) = (student.hidden_size, teacher.hidden_size);
+    ensure!(hs > 0 && ht > 0, "{WHAT}: empty hidden size");
+    let rows = be.len(student.hidden) / hs;
+    ensure!(be.len(student.hidden) == rows * hs, "{WHAT}: student hidden states are not [rows, {hs}]");
+    ensure!(
+        be.len(teacher.hidden) == rows * ht,
+        "{WHAT}: teacher hidden states have {} elements, expected {rows} rows × {ht}",
+        be.len(teacher.hidden)
+    );
+    ensure!(be.len(student.gram) == hs * hs, "{WHAT}: the student head Gram is not [{hs}, {hs}]");
+    ensure!(be.len(teacher.gram) == ht * ht, "{WHAT}: the teacher head Gram is not [{ht}, {ht}]");
+    ensure!(be.len(dhidden) == rows * hs, "{WHAT}: the hidden-state gradient is not [{rows}, {hs}]");
+    if let Some(d) = dgram.as_deref() {
+        ensure!(be.len(d) == hs * hs, "{WHAT}: the Gram gradient is not [{hs}, {hs}]");
+    }
+    let mut sorted: Vec<(usize, usize, usize)> = images.iter().enumerate().map(|(i, &(a, n))| (a as usize, n as usize, i)).collect();
+    sorted.sort_unstable();
+    for (k, &(start, n, i)) in sorted.iter().enumerate() {
+        ensure!(n > 0, "{WHAT}: image {i} has no visual rows");
+        ensure!(start + n <= rows, "{WHAT}: image {i} covers rows {start}..{} of {rows}", start + n);
+        if k > 0 {
+            let (ps, pn, pi) = sorted[k - 1];
+            ensure!(ps + pn <= start, "{WHAT}: images {pi} and {i} overlap");
+        }
+    }
+
+    // R = (H·M)·Hᵀ; returns (H, T = H·M, R).
+    let gram_of = |side: &GramSide<'_, B::Buf>, start: usize, n: usize| -> Result<(B::Buf, B::Buf, B::Buf)> {
+        let h = side.hidden_size;
+        let mut x = be.zeros(n * h)?;
+        be.copy_range(side.hidden, start * h, &mut x, 0, n * h)?;
+        let mut t = be.zeros(n * h)?;
+        be.gemm(Gemm { m: n, n: h, k: h, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 }, &x, side.gram, &mut t)?;
+        let mut r = be.zeros(n * n)?;
+        be.gemm(Gemm::linear(n, n, h), &t, &x, &mut r)?;
+        Ok((x, t, r))
+    };
+
+    let mut total = 0.0;
+    for &(start, n) in images {
+        let (start, n) = (start as usize, n as usize);
+        let (xs, ts, rs) = gram_of(&student, start, n)?;
+        let (_, _, rt) = gram_of(&teacher, start, n)?;
+        let (loss, g) = gram_cosine(be, &rs, &rt, scale)?;
+        total += loss;
+        let Some(g) = g else { continue };
+        // dH_s[rows] += 2·G·T_s.
+        let mut d = be.zeros(n * hs)?;
+        be.copy_range(dhidden, start * hs, &mut d, 0, n * hs)?;
+        be.gemm(Gemm { m: n, n: hs, k: n, trans_a: false, trans_b: false, alpha: 2.0, beta: 1.0 }, &g, &ts, &mut d)?;
+        be.copy_range(&d, 0, dhidden, start * hs, n * hs)?;
+        // dM_s += H_sᵀ·(G·H_s).
+        if let Some(dm) = dgram.as_deref_mut() {
+            let mut u = be.zeros(n * hs)?;
+            be.gemm(Gemm { m: n, n: hs, k: n, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 }, &g, &xs, &mut u)?;
+            be.gemm(Gemm { m: hs, n: hs, k: n, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 }, &xs, &u, dm)?;
+        }
+    }
+    Ok(total)
+}
+
+/// GEMM FLOPs of the relation term of one step, both ways (`images` images of `n` visual rows,
+/// kept vocabulary `v`, hidden sizes `hs` (student) and `ht` (teacher)).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RelationFlops {
+    /// Direct form: R_s, R_t and ∂Z_s = 2·G·Z_s, 2·n²·v each per image (the logits themselves
+    /// are shared with L_vis and not counted).
+    pub direct: f64,
+    /// Identity form with M_s and M_t already known (frozen LLM, precomputed per run): R_s, R_t,
+    /// ∂H_s = 2·G·T_s.
+    pub identity_frozen: f64,
+    /// Identity form when the LLM trains: the above plus ∂M_s = H_sᵀ·G·H_s per image, and per
+    /// step M_s = W_sᵀ·W_s and ∂W_s = 2·W_s·∂M_s (2·v·hs² each).
+    pub identity_training: f64,
+    /// Computing M_t once per run (2·v·ht²).
+    pub teacher_gram_once: f64,
+}
+
+/// See [`RelationFlops`]. For the anchor DFT step (4 images × 728 rows, V 151936, h 1024 / 2560):
+/// direct 1.933 TFLOP, identity 0.0638 TFLOP frozen (30× less) and 0.711 TFLOP training (2.7× less),
+/// M_t 1.991 TFLOP once per run.
+pub fn relation_step_flops(images: usize, n: usize, v: usize, hs: usize, ht: usize) -> RelationFlops {
+    let (i, n, v, hs, ht) = (images as f64, n as f64, v as f64, hs as f64, ht as f64);
+    let gram_id = |h: f64| 2.0 * (n * h * h + n * n * h);
+    let direct = i * 3.0 * 2.0 * n * n * v;
+    let dh = 2.0 * n * n * hs;
+    let identity_frozen = i * (gram_id(hs) + gram_id(ht) + dh);
+    let dm = 2.0 * (n * n * hs + n * hs * hs);
+    let identity_training = identity_frozen + i * dm + 2.0 * (2.0 * v * hs * hs);
+    RelationFlops { direct, identity_frozen, identity_training, teacher_gram_once: 2.0 * v * ht * ht }
+}
