@@ -67,7 +67,8 @@ fn plan(quick: bool, vocab: usize) -> Plan {
     };
     Plan {
         spec: if quick { StudySpec::quick() } else { StudySpec::full() },
-        // 32×32 images in 8×8 patches: 16 tokens, 15 after dropping the first (as for so400m).
+        // 32×32 images in 8×8 patches: 16 tokens, 15 after dropping the first (as so400m drops
+        // one of 729). Features at hidden_states[-2]: after the first of two blocks.
         vision: VisionConfig { hidden: 48, intermediate: 96, layers: 2, heads: 4, channels: 3, image_size: 32, patch_size: 8, ln_eps: 1e-6, act: GeluKind::Tanh },
         teacher: llm(96, 3, 4, 2),
         student: llm(48, 2, 4, 2),
