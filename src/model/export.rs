@@ -39,7 +39,7 @@
 //! single folder (`model_type` "tinyllava": `language_model.model.…`, `language_model.lm_head.weight`,
 //! `vision_tower._vision_tower.vision_model.…`, `connector._connector.{0,2}.…` for `mlp2x_gelu`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -51,7 +51,7 @@ use super::params::{ParamSet, ParamSpec};
 use super::vision::{VisionConfig, VisionTower};
 use crate::backend::{Backend, GeluKind};
 use crate::data::{load_tokenizer, Group, ImageProcessorConfig, PackedBatch, IMAGE_TAG, PREPROCESSOR_CONFIG_FILE};
-use crate::weights::{write_safetensors_streamed, StoreDtype, TensorMeta, WeightSource};
+use crate::weights::{write_json, write_safetensors_streamed, StagedDir, StoreDtype, TensorMeta, WeightSource};
 
 /// The transformers version whose file layout the export reproduces.
 pub const TRANSFORMERS_LAYOUT_VERSION: &str = "5.17.0";
@@ -252,26 +252,6 @@ fn preprocessor_json(p: &ImageProcessorConfig) -> Value {
 }
 
 /// Writes `value` as pretty JSON with a final newline, as transformers does.
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value)?;
-    text.push('\n');
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
-/// A temporary folder removed on drop unless it was renamed into place.
-struct TempDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 /// The tokenizer files of the export: `tokenizer.json` with `<image>` at `image_token_id`, and the
 /// source's `tokenizer_config.json` (with `<image>` in `added_tokens_decoder`) or a minimal one.
 /// Returns the ids of the end-of-sequence and beginning-of-sequence tokens, when known.
@@ -381,25 +361,7 @@ pub fn export_llava<B: Backend>(
         }
     };
 
-    let name = dir.file_name().with_context(|| format!("export folder {} has no name", dir.display()))?;
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if dir.exists() {
-        ensure!(dir.is_dir(), "export target {} exists and is not a folder", dir.display());
-        let non_empty = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.next().is_some();
-        ensure!(!non_empty, "export target {} already exists and is not empty; remove it or choose another folder", dir.display());
-    }
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = TempDir {
-        path: parent.join(format!(".{}.kd-export-{}", name.to_string_lossy(), std::process::id())),
-        keep: false,
-    };
-    if tmp.path.exists() {
-        std::fs::remove_dir_all(&tmp.path).with_context(|| format!("removing a stale {}", tmp.path.display()))?;
-    }
-    std::fs::create_dir(&tmp.path).with_context(|| format!("creating {}", tmp.path.display()))?;
+    let tmp = StagedDir::new(dir, "export target", "export")?;
 
     // Weights, streamed one tensor at a time.
     let mut metas = Vec::new();
@@ -414,11 +376,11 @@ pub fn export_llava<B: Backend>(
             bufs.push(buf);
         }
     }
-    write_safetensors_streamed(&tmp.path.join("model.safetensors"), &metas, opts.dtype, &[("format", "pt")], |i| {
+    write_safetensors_streamed(&tmp.path().join("model.safetensors"), &metas, opts.dtype, &[("format", "pt")], |i| {
         be.download(bufs[i])
     })?;
 
-    write_json(&tmp.path.join("config.json"), &llava_config_json(mllm, image_token_id, opts.dtype)?)?;
+    write_json(&tmp.path().join("config.json"), &llava_config_json(mllm, image_token_id, opts.dtype)?)?;
     let size = mllm.vision.cfg.image_size as u32;
     let processor = match &opts.image_processor {
         Some(p) => {
@@ -432,11 +394,11 @@ pub fn export_llava<B: Backend>(
         }
         None => ImageProcessorConfig { height: size, width: size, ..ImageProcessorConfig::siglip() },
     };
-    write_json(&tmp.path.join(PREPROCESSOR_CONFIG_FILE), &preprocessor_json(&processor))?;
+    write_json(&tmp.path().join(PREPROCESSOR_CONFIG_FILE), &preprocessor_json(&processor))?;
 
     let mut generation = json!({"transformers_version": TRANSFORMERS_LAYOUT_VERSION});
     if let Some(src) = opts.tokenizer {
-        let (eos, bos) = write_tokenizer(src, &tmp.path, image_token_id, mllm.llm.cfg.arch)?;
+        let (eos, bos) = write_tokenizer(src, tmp.path(), image_token_id, mllm.llm.cfg.arch)?;
         let g = generation.as_object_mut().expect("a JSON object");
         if let Some(eos) = eos {
             g.insert("eos_token_id".into(), json!(eos));
@@ -446,7 +408,7 @@ pub fn export_llava<B: Backend>(
             g.insert("bos_token_id".into(), json!(bos));
         }
         write_json(
-            &tmp.path.join("processor_config.json"),
+            &tmp.path().join("processor_config.json"),
             &json!({
                 "image_token": IMAGE_TAG,
                 "num_additional_image_tokens": 0,
@@ -456,18 +418,9 @@ pub fn export_llava<B: Backend>(
             }),
         )?;
     }
-    write_json(&tmp.path.join("generation_config.json"), &generation)?;
+    write_json(&tmp.path().join("generation_config.json"), &generation)?;
 
-    let mut files: Vec<String> = std::fs::read_dir(&tmp.path)?
-        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
-        .collect::<Result<_>>()?;
-    files.sort();
-    if dir.exists() {
-        std::fs::remove_dir(dir).with_context(|| format!("removing the empty {}", dir.display()))?;
-    }
-    std::fs::rename(&tmp.path, dir).with_context(|| format!("renaming {} to {}", tmp.path.display(), dir.display()))?;
-    let mut tmp = tmp;
-    tmp.keep = true;
+    let files = tmp.commit()?;
     Ok(ExportSummary { image_token_id, tensors: metas.len(), files })
 }
 

@@ -28,7 +28,7 @@ use super::llm::Llm;
 use super::params::ParamSpec;
 use super::vision::{VisionConfig, VisionTower};
 use crate::backend::GeluKind;
-use crate::weights::{write_safetensors_streamed, StoreDtype, TensorMeta};
+use crate::weights::{write_json, write_safetensors_streamed, StagedDir, StoreDtype, TensorMeta};
 
 /// Standard deviation of the random matrices (transformers' `initializer_range` for Qwen2).
 pub const INIT_STD: f64 = 0.02;
@@ -510,46 +510,11 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok(bytes as u64)
 }
 
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value)?;
-    text.push('\n');
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
-/// A temporary folder removed on drop unless it was renamed into place.
-struct TempDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 /// Writes `preset` with random weights into `dir` (which must not exist or be empty), atomically:
 /// into a temporary sibling, then renamed. See the module documentation for the files.
 pub fn write_preset(preset: &Preset, dir: &Path, opts: &InitOptions) -> Result<InitSummary> {
     ensure!(opts.max_shard_bytes > 0, "the largest shard size must be positive");
-    let name = dir.file_name().with_context(|| format!("output folder {} has no name", dir.display()))?;
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if dir.exists() {
-        ensure!(dir.is_dir(), "{} exists and is not a folder", dir.display());
-        let non_empty = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.next().is_some();
-        ensure!(!non_empty, "{} already exists and is not empty; remove it or choose another folder", dir.display());
-    }
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = TempDir { path: parent.join(format!(".{}.kd-init-{}", name.to_string_lossy(), std::process::id())), keep: false };
-    if tmp.path.exists() {
-        std::fs::remove_dir_all(&tmp.path).with_context(|| format!("removing a stale {}", tmp.path.display()))?;
-    }
-    std::fs::create_dir(&tmp.path).with_context(|| format!("creating {}", tmp.path.display()))?;
+    let tmp = StagedDir::new(dir, "output folder", "init")?;
 
     let specs = preset.tensors();
     let elem_bytes: u64 = match opts.dtype {
@@ -569,7 +534,7 @@ pub fn write_preset(preset: &Preset, dir: &Path, opts: &InitOptions) -> Result<I
             format!("model-{:05}-of-{:05}.safetensors", k + 1, n_shards)
         };
         let metas: Vec<TensorMeta> = idx.iter().map(|&i| TensorMeta { name: specs[i].name.clone(), shape: specs[i].shape.clone() }).collect();
-        write_safetensors_streamed(&tmp.path.join(&file), &metas, opts.dtype, &[("format", "pt")], |j| {
+        write_safetensors_streamed(&tmp.path().join(&file), &metas, opts.dtype, &[("format", "pt")], |j| {
             let s = &specs[idx[j]];
             Ok(init_values(opts.seed, &s.name, s.numel()))
         })?;
@@ -582,17 +547,17 @@ pub fn write_preset(preset: &Preset, dir: &Path, opts: &InitOptions) -> Result<I
         let mut sorted: Vec<(String, Value)> = weight_map.into_iter().collect();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
         write_json(
-            &tmp.path.join("model.safetensors.index.json"),
+            &tmp.path().join("model.safetensors.index.json"),
             &json!({
                 "metadata": {"total_parameters": preset.param_count(), "total_size": total_bytes},
                 "weight_map": serde_json::Map::from_iter(sorted),
             }),
         )?;
     }
-    write_json(&tmp.path.join("config.json"), &preset.config_json(opts.dtype))?;
+    write_json(&tmp.path().join("config.json"), &preset.config_json(opts.dtype))?;
     match &preset.model {
         PresetModel::Llm(_) => write_json(
-            &tmp.path.join("generation_config.json"),
+            &tmp.path().join("generation_config.json"),
             &json!({
                 "bos_token_id": QWEN_ENDOFTEXT,
                 "eos_token_id": QWEN_ENDOFTEXT,
@@ -600,7 +565,7 @@ pub fn write_preset(preset: &Preset, dir: &Path, opts: &InitOptions) -> Result<I
             }),
         )?,
         PresetModel::Vision(c) => write_json(
-            &tmp.path.join(crate::data::PREPROCESSOR_CONFIG_FILE),
+            &tmp.path().join(crate::data::PREPROCESSOR_CONFIG_FILE),
             &json!({
                 "do_convert_rgb": null,
                 "do_normalize": true,
@@ -622,22 +587,13 @@ pub fn write_preset(preset: &Preset, dir: &Path, opts: &InitOptions) -> Result<I
             (src.clone(), None)
         };
         ensure!(json_src.is_file(), "--tokenizer {}: no tokenizer.json there", src.display());
-        std::fs::copy(&json_src, tmp.path.join("tokenizer.json")).with_context(|| format!("copying {}", json_src.display()))?;
+        std::fs::copy(&json_src, tmp.path().join("tokenizer.json")).with_context(|| format!("copying {}", json_src.display()))?;
         if let Some(c) = cfg_src {
-            std::fs::copy(&c, tmp.path.join("tokenizer_config.json")).with_context(|| format!("copying {}", c.display()))?;
+            std::fs::copy(&c, tmp.path().join("tokenizer_config.json")).with_context(|| format!("copying {}", c.display()))?;
         }
     }
 
-    let mut files: Vec<String> = std::fs::read_dir(&tmp.path)?
-        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
-        .collect::<Result<_>>()?;
-    files.sort();
-    if dir.exists() {
-        std::fs::remove_dir(dir).with_context(|| format!("removing the empty {}", dir.display()))?;
-    }
-    std::fs::rename(&tmp.path, dir).with_context(|| format!("renaming {} to {}", tmp.path.display(), dir.display()))?;
-    let mut tmp = tmp;
-    tmp.keep = true;
+    let files = tmp.commit()?;
     Ok(InitSummary { params: preset.param_count(), tensors: specs.len(), shards: shard_names, bytes: total_bytes, files })
 }
 
