@@ -228,19 +228,7 @@ pub fn fused_distill_loss<B: Backend>(
         None if cfg.needs_teacher() => bail!("{WHAT}: the objective distils, but no teacher hidden states were given"),
         None => None,
     };
-    let check_step = |name: &str, on: bool, step: usize, batch: usize| -> Result<()> {
-        ensure!(
-            !on || step >= batch,
-            "{WHAT}: the step-wide count of {name} ({step}) is smaller than this micro-batch's ({batch}); \
-             pass the sum of LossCounts::of over every micro-batch of the step"
-        );
-        Ok(())
-    };
-    check_step("cross-entropy targets", true, step.ce, batch.ce)?;
-    check_step("response-KL rows", cfg.response_on(), step.response, batch.response)?;
-    check_step("prompt-KL rows", cfg.prompt_on(), step.prompt, batch.prompt)?;
-    check_step("visual-KL rows", cfg.visual_on(), step.visual, batch.visual)?;
-    check_step("images", cfg.relation_on(), step.images, batch.images)?;
+    step.check_covers(&batch, cfg, WHAT)?;
 
     let targets = inputs.ce_targets()?;
     let sel = inputs.rows();

@@ -154,6 +154,28 @@ impl LossReport {
     }
 }
 
+impl LossCounts {
+    /// Checks that these step-wide counts are at least `batch`'s for every term `cfg` uses: a
+    /// caller that passed one micro-batch's counts for a whole step would scale every mean wrongly.
+    /// `what` names the caller in the error.
+    pub fn check_covers(&self, batch: &LossCounts, cfg: &DistillConfig, what: &str) -> Result<()> {
+        for (name, on, step, batch) in [
+            ("cross-entropy targets", true, self.ce, batch.ce),
+            ("response-KL rows", cfg.response_on(), self.response, batch.response),
+            ("prompt-KL rows", cfg.prompt_on(), self.prompt, batch.prompt),
+            ("visual-KL rows", cfg.visual_on(), self.visual, batch.visual),
+            ("images", cfg.relation_on(), self.images, batch.images),
+        ] {
+            ensure!(
+                !on || step >= batch,
+                "{what}: the step-wide count of {name} ({step}) is smaller than this micro-batch's ({batch}); \
+                 pass the sum of LossCounts::of over every micro-batch of the step"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Columns the KL and relation terms use: min(V_s, V_t).
 pub fn kept_vocab(student_vocab: usize, teacher_vocab: usize) -> usize {
     student_vocab.min(teacher_vocab)
@@ -241,19 +263,7 @@ pub fn distill_loss<B: Backend>(
         }
         None => None,
     };
-    let check_step = |name: &str, on: bool, step: usize, batch: usize| -> Result<()> {
-        ensure!(
-            !on || step >= batch,
-            "distill loss: the step-wide count of {name} ({step}) is smaller than this micro-batch's ({batch}); \
-             pass the sum of LossCounts::of over every micro-batch of the step"
-        );
-        Ok(())
-    };
-    check_step("cross-entropy targets", true, step.ce, batch.ce)?;
-    check_step("response-KL rows", cfg.response_on(), step.response, batch.response)?;
-    check_step("prompt-KL rows", cfg.prompt_on(), step.prompt, batch.prompt)?;
-    check_step("visual-KL rows", cfg.visual_on(), step.visual, batch.visual)?;
-    check_step("images", cfg.relation_on(), step.images, batch.images)?;
+    step.check_covers(&batch, cfg, "distill loss")?;
 
     // Cross-entropy first: it overwrites the gradient buffer (zero on rows without a target);
     // every other term accumulates onto it.
