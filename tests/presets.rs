@@ -48,7 +48,7 @@ const PUBLISHED: &[(&str, f64)] = &[
 ];
 
 fn write_config_only(p: &presets::Preset, dir: &Path) {
-    let text = serde_json::to_string_pretty(&p.config_json(StoreDtype::Bf16)).unwrap();
+    let text = serde_json::to_string_pretty(&p.config_json(StoreDtype::Bf16).unwrap()).unwrap();
     std::fs::write(dir.join("config.json"), text).unwrap();
 }
 

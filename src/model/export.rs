@@ -141,11 +141,14 @@ pub fn choose_image_token_id(tokenizer: &tokenizers::Tokenizer, rows: usize) -> 
 }
 
 /// Shortest decimal of an f32 (e.g. 1e-6, not 9.99999997e-7), as a JSON number.
-fn f32_json(x: f32) -> Value {
+/// An f32 written as its shortest decimal (1e-6, not 9.999999974752427e-7), as Python writes it.
+pub(crate) fn f32_json(x: f32) -> Value {
     json!(format!("{x}").parse::<f64>().unwrap_or(x as f64))
 }
 
-fn text_config_json(c: &LlmConfig) -> Result<Value> {
+/// The decoder's HF `config.json` fields (the LLaVA `text_config`, and the core of a standalone
+/// decoder config), with `max_position_embeddings`.
+pub(crate) fn text_config_json(c: &LlmConfig, max_positions: usize) -> Result<Value> {
     let rope = json!({"rope_theta": c.rope_theta, "rope_type": "default"});
     let mut v = json!({
         "attention_dropout": 0.0,
@@ -156,7 +159,7 @@ fn text_config_json(c: &LlmConfig) -> Result<Value> {
         "hidden_size": c.hidden,
         "initializer_range": 0.02,
         "intermediate_size": c.intermediate,
-        "max_position_embeddings": EXPORT_MAX_POSITIONS,
+        "max_position_embeddings": max_positions,
         "num_attention_heads": c.heads,
         "num_hidden_layers": c.layers,
         "num_key_value_heads": c.kv_heads,
@@ -199,7 +202,9 @@ fn text_config_json(c: &LlmConfig) -> Result<Value> {
     Ok(v)
 }
 
-fn vision_config_json(c: &VisionConfig) -> Value {
+/// The SigLIP tower's HF config fields (the LLaVA `vision_config`, and the core of a standalone
+/// `SiglipVisionModel` config).
+pub(crate) fn vision_config_json(c: &VisionConfig) -> Value {
     json!({
         "attention_dropout": 0.0,
         "hidden_act": match c.act { GeluKind::Tanh => "gelu_pytorch_tanh", GeluKind::Erf => "gelu" },
@@ -227,7 +232,7 @@ pub fn llava_config_json(mllm: &Mllm, image_token_id: u32, dtype: StoreDtype) ->
         "model_type": "llava",
         "multimodal_projector_bias": true,
         "projector_hidden_act": "gelu",
-        "text_config": text_config_json(&mllm.llm.cfg)?,
+        "text_config": text_config_json(&mllm.llm.cfg, EXPORT_MAX_POSITIONS)?,
         "tie_word_embeddings": mllm.llm.cfg.tie_embeddings,
         "transformers_version": TRANSFORMERS_LAYOUT_VERSION,
         "vision_config": vision_config_json(&mllm.vision.cfg),

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use super::config::{Arch, LlmConfig};
-use super::export::TRANSFORMERS_LAYOUT_VERSION;
+use super::export::{text_config_json, vision_config_json, TRANSFORMERS_LAYOUT_VERSION};
 use super::llm::Llm;
 use super::params::ParamSpec;
 use super::vision::{VisionConfig, VisionTower};
@@ -269,56 +269,28 @@ impl Preset {
     }
 
     /// `config.json` as transformers 5.17 writes it for this model (plus the 4.x-readable
-    /// `rope_theta` and `head_dim`, as the LLaVA export writes them).
-    pub fn config_json(&self, dtype: StoreDtype) -> Value {
-        match &self.model {
-            PresetModel::Llm(c) => json!({
-                "architectures": ["Qwen2ForCausalLM"],
-                "attention_dropout": 0.0,
-                "bos_token_id": QWEN_ENDOFTEXT,
-                "dtype": dtype.torch_name(),
-                "eos_token_id": QWEN_ENDOFTEXT,
-                "head_dim": c.head_dim,
-                "hidden_act": "silu",
-                "hidden_size": c.hidden,
-                "initializer_range": INIT_STD,
-                "intermediate_size": c.intermediate,
-                "layer_types": vec!["full_attention"; c.layers],
-                "max_position_embeddings": self.max_positions,
-                "max_window_layers": c.layers,
-                "model_type": "qwen2",
-                "num_attention_heads": c.heads,
-                "num_hidden_layers": c.layers,
-                "num_key_value_heads": c.kv_heads,
-                "pad_token_id": null,
-                "rms_norm_eps": f32_json(c.rms_eps),
-                "rope_parameters": {"rope_theta": c.rope_theta, "rope_type": "default"},
-                "rope_theta": c.rope_theta,
-                "sliding_window": null,
-                "tie_word_embeddings": c.tie_embeddings,
-                "transformers_version": TRANSFORMERS_LAYOUT_VERSION,
-                "use_cache": true,
-                "use_sliding_window": false,
-                "vocab_size": c.vocab,
-            }),
-            PresetModel::Vision(c) => json!({
-                "architectures": ["SiglipVisionModel"],
-                "attention_dropout": 0.0,
-                "dtype": dtype.torch_name(),
-                "hidden_act": match c.act { GeluKind::Tanh => "gelu_pytorch_tanh", GeluKind::Erf => "gelu" },
-                "hidden_size": c.hidden,
-                "image_size": c.image_size,
-                "intermediate_size": c.intermediate,
-                "layer_norm_eps": f32_json(c.ln_eps),
-                "model_type": "siglip_vision_model",
-                "num_attention_heads": c.heads,
-                "num_channels": c.channels,
-                "num_hidden_layers": c.layers,
-                "patch_size": c.patch_size,
-                "transformers_version": TRANSFORMERS_LAYOUT_VERSION,
-                "vision_use_head": true,
-            }),
+    /// `rope_theta` and `head_dim`): the fields the LLaVA export writes for the same config, with
+    /// the standalone model's own.
+    pub fn config_json(&self, dtype: StoreDtype) -> Result<Value> {
+        let (mut v, own) = match &self.model {
+            PresetModel::Llm(c) => (
+                text_config_json(c, self.max_positions)?,
+                json!({
+                    "architectures": ["Qwen2ForCausalLM"],
+                    "bos_token_id": QWEN_ENDOFTEXT,
+                    "eos_token_id": QWEN_ENDOFTEXT,
+                    "initializer_range": INIT_STD,
+                }),
+            ),
+            PresetModel::Vision(c) => (vision_config_json(c), json!({ "architectures": ["SiglipVisionModel"], "vision_use_head": true })),
+        };
+        let obj = v.as_object_mut().context("a config is a JSON object")?;
+        for (k, x) in own.as_object().into_iter().flatten() {
+            obj.insert(k.clone(), x.clone());
         }
+        obj.insert("dtype".into(), json!(dtype.torch_name()));
+        obj.insert("transformers_version".into(), json!(TRANSFORMERS_LAYOUT_VERSION));
+        Ok(v)
     }
 
     /// A one-line description of the shape.
@@ -370,10 +342,6 @@ fn siglip_head_specs(c: &VisionConfig) -> Vec<ParamSpec> {
 }
 
 /// Shortest decimal of an f32 (1e-6, not 9.99999997e-7), as a JSON number.
-fn f32_json(x: f32) -> Value {
-    json!(format!("{x}").parse::<f64>().unwrap_or(x as f64))
-}
-
 /// How a tensor is initialised, from its name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InitKind {
@@ -554,7 +522,7 @@ pub fn write_preset(preset: &Preset, dir: &Path, opts: &InitOptions) -> Result<I
             }),
         )?;
     }
-    write_json(&tmp.path().join("config.json"), &preset.config_json(opts.dtype))?;
+    write_json(&tmp.path().join("config.json"), &preset.config_json(opts.dtype)?)?;
     match &preset.model {
         PresetModel::Llm(_) => write_json(
             &tmp.path().join("generation_config.json"),

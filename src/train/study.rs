@@ -150,19 +150,10 @@ pub fn write_vision_tower(dir: &Path, cfg: &VisionConfig, seed: u64) -> Result<(
         .collect();
     let tensors: Vec<NamedTensor> = values.iter().map(|(s, v)| NamedTensor { name: s.name.clone(), shape: s.shape.clone(), data: v }).collect();
     write_safetensors(&dir.join("model.safetensors"), &tensors)?;
-    let config = serde_json::json!({
-        "architectures": ["SiglipVisionModel"],
-        "model_type": "siglip_vision_model",
-        "hidden_size": cfg.hidden,
-        "intermediate_size": cfg.intermediate,
-        "num_hidden_layers": cfg.layers,
-        "num_attention_heads": cfg.heads,
-        "num_channels": cfg.channels,
-        "image_size": cfg.image_size,
-        "patch_size": cfg.patch_size,
-        "layer_norm_eps": cfg.ln_eps,
-        "hidden_act": "gelu_pytorch_tanh",
-    });
+    let mut config = crate::model::export::vision_config_json(cfg);
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert("architectures".into(), serde_json::json!(["SiglipVisionModel"]));
+    }
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     Ok(())
 }
