@@ -9,7 +9,7 @@ use tokenizers::Tokenizer;
 use super::config::ModelSource;
 use crate::backend::Backend;
 use crate::data::{load_tokenizer, ImageProcessorConfig, SplitMix64};
-use crate::model::{FeatureSelect, Llm, LlmConfig, Mllm, MllmWeights, ParamSet, ParamSpec, VisionConfig, VisionTower};
+use crate::model::{FeatureSelect, LoadedLlm, LoadedVision, Mllm, MllmWeights, ParamSet, ParamSpec};
 use crate::weights::WeightSource;
 
 pub struct MllmState<Buf> {
@@ -77,13 +77,10 @@ pub fn load_model<B: Backend>(be: &B, what: &str, src: &ModelSource, seed: u64) 
         (Some(l), Some(v)) => (l, v),
         _ => anyhow::bail!("{what}: needs `llava` or both `llm` and `vision`"),
     };
-    let llm = Llm::new(LlmConfig::from_dir(llm_dir).with_context(|| format!("{what}: LLM"))?);
-    let vision = VisionTower::new(VisionConfig::from_dir(vision_dir).with_context(|| format!("{what}: vision tower"))?);
-    let model = Mllm::new(vision, llm, src.feature_layer, select)?;
-    let llm_w = ParamSet::load(be, &model.llm.specs, &WeightSource::open(llm_dir)?, "")?;
-    let vis_source = WeightSource::open(vision_dir)?;
-    let prefix = if vis_source.info("vision_model.embeddings.patch_embedding.weight").is_some() { "vision_model." } else { "" };
-    let vision_w = ParamSet::load(be, &model.vision.specs, &vis_source, prefix)?;
+    let llm = LoadedLlm::load(be, llm_dir, "").with_context(|| format!("{what}: LLM"))?;
+    let vision = LoadedVision::load(be, vision_dir).with_context(|| format!("{what}: vision tower"))?;
+    let model = Mllm::new(vision.tower, llm.model, src.feature_layer, select)?;
+    let (llm_w, vision_w) = (llm.weights, vision.weights);
     let projector = match &src.projector {
         Some(file) => {
             let source = WeightSource::open(file)?;
