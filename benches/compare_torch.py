@@ -3,9 +3,9 @@
 
 Runs on the GPU machine (PyTorch with CUDA there; nothing to install). For each kernel kd-engine
 benchmarks, the PyTorch forms the SPEC's anchors name: softmax-KL eager and torch.compile, relation
-loss eager (bf16, and fp32 as upstream LLaVA-KD computes it), causal SDPA forward + backward, fused
-AdamW (bf16 parameters and states: the anchor; fp32 parameters and states for comparison). Also the
-two ceilings, measured the same way as kd-engine measures its own (device copy, bf16 GEMM on
+loss eager (bf16, and fp32 as upstream LLaVA-KD computes it), causal SDPA forward + backward, SDPA
+of one query per row against a KV cache (decoding), fused AdamW (bf16 parameters and states: the
+anchor; fp32 parameters and states for comparison). Also the two ceilings, measured the same way as kd-engine measures its own (device copy, bf16 GEMM on
 random data). Timing: CUDA events around each run, warm-up first, median of the repeats (METHOD.md);
 inputs random, never zero. Peak extra memory per case from torch.cuda.max_memory_allocated.
 
@@ -148,6 +148,19 @@ def attention_cases(b, h, s, d, out_fb, out_f, out_b):
         out_b["sdpa"] = {"median_ms": out_fb["sdpa"]["median_ms"] - out_f["sdpa"]["median_ms"], "derived": "fwd+bwd − fwd"}
 
 
+def decode_cases(r, h, hkv, d, s, out):
+    """One new query per row against an s-position KV cache (the decoding step): SDPA, no mask."""
+    q = torch.randn(r, h, 1, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(r, hkv, s, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(r, hkv, s, d, device=DEV, dtype=torch.bfloat16)
+
+    def run():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=hkv != h)
+
+    guard("sdpa", lambda: timed(run), out)
+
+
 def adamw_cases(quick, out):
     n = 50_000_000 if quick else 494_000_000
 
@@ -192,6 +205,10 @@ def main():
         key = f"attn_b{b}h{h}s{s}d{d}"
         ks[key], ks[key + "_fwd"], ks[key + "_bwd"] = {}, {}, {}
         attention_cases(b, h, s, d, ks[key], ks[key + "_fwd"], ks[key + "_bwd"])
+    for (r, h, hkv) in [(1, 16, 16), (8, 16, 16), (8, 16, 2)]:
+        key = f"decode_r{r}h{h}kv{hkv}d128s4096"
+        ks[key] = {}
+        decode_cases(r, h, hkv, 128, 4096, ks[key])
     adamw_cases(args.quick, ks["adamw_494m"])
     text = json.dumps(res, indent=1)
     print(text)

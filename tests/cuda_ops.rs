@@ -78,6 +78,11 @@ fn attention() {
 }
 
 #[test]
+fn attention_decode() {
+    family("attention_decode");
+}
+
+#[test]
 fn cross_entropy() {
     family("cross_entropy");
 }
@@ -99,7 +104,7 @@ fn adamw() {
 
 #[test]
 fn every_family_has_a_test() {
-    assert_eq!(checks::FAMILIES.len(), 11, "add a #[test] for the new family");
+    assert_eq!(checks::FAMILIES.len(), 12, "add a #[test] for the new family");
 }
 
 /// CI and the GPU bundle build with `KD_REQUIRE_KERNELS=1`: the kernels must then be in the binary.

@@ -37,6 +37,7 @@ using std::min;
 struct uint4 { uint32_t x, y, z, w; };
 struct float4 { float x, y, z, w; };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return uint4{x, y, z, w}; }
 struct kd_dim3 { unsigned x, y, z; };
 
 struct __nv_bfloat16 { uint16_t bits; };

@@ -9,6 +9,7 @@
 #include "../adamw.cu"
 #include "../relation.cu"
 #include "../attention.cu"
+#include "../decode_attention.cu"
 
 #include <random>
 #include <string>
@@ -350,6 +351,114 @@ static void test_attention(FwdFn fwd, BwdFn bwd, std::vector<int> lens, int H, i
     check(std::string(name) + " dv", rel_err(c, dv_ref), 1e-2);
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// decode attention (one query per row against its KV cache slot; split + combine when chunk < len)
+// ------------------------------------------------------------------------------------------------
+typedef void (*DecFn)(const bf16*, const bf16*, const bf16*, bf16*, float*, float*, const int*, int, int, int, int, float);
+
+static DecFn decode_kernel(int D, int gc) {
+#define KD_DEC_PICK(DIM)                                                                                           \
+    if (D == DIM)                                                                                                  \
+        return gc == 1 ? decode_attn_bf16_d##DIM##_g1 : gc == 2 ? decode_attn_bf16_d##DIM##_g2                     \
+               : gc == 4 ? decode_attn_bf16_d##DIM##_g4 : decode_attn_bf16_d##DIM##_g8;
+    KD_DEC_PICK(64)
+    KD_DEC_PICK(72)
+    KD_DEC_PICK(80)
+    KD_DEC_PICK(128)
+#undef KD_DEC_PICK
+    fprintf(stderr, "no decode kernel for D=%d\n", D);
+    abort();
+}
+
+// rows: (slot, len) per row. chunk = 0: one split (chunk = max len). q_scale widens the scores.
+static void test_decode(int D, int H, int Hkv, std::vector<std::pair<int, int>> rows, int chunk, float q_scale = 1.0f) {
+    const int R = (int)rows.size(), group = H / Hkv;
+    const int gc = group == 1 ? 1 : group == 2 ? 2 : group <= 4 ? 4 : 8;  // as the launcher picks it
+    const int n_gc = (group + gc - 1) / gc;
+    int max_len = 0, n_slots = 0;
+    for (auto& r : rows) { max_len = std::max(max_len, r.second); n_slots = std::max(n_slots, r.first + 2); }
+    const int capacity = max_len + 3;
+    if (chunk == 0) chunk = max_len;
+    const int n_splits = (max_len + chunk - 1) / chunk;
+    const float scale = 1.0f / sqrtf((float)D);
+    const size_t kvd = (size_t)Hkv * D;
+    // Cache: random where some row reads it, NaN everywhere else (a read past a row's length shows).
+    std::vector<int> used(n_slots, 0);
+    for (auto& r : rows) used[r.first] = std::max(used[r.first], r.second);
+    std::vector<bf16> kc((size_t)n_slots * capacity * kvd), vc(kc.size());
+    for (int s = 0; s < n_slots; ++s)
+        for (int p = 0; p < capacity; ++p)
+            for (size_t c = 0; c < kvd; ++c) {
+                const size_t i = ((size_t)s * capacity + p) * kvd + c;
+                const bool live = p < used[s];
+                kc[i] = tb(live ? nrand() : NAN);
+                vc[i] = tb(live ? nrand() : NAN);
+            }
+    std::vector<bf16> q((size_t)R * H * D), out((size_t)R * H * D, tb(NAN));
+    for (auto& x : q) x = tb(q_scale * nrand());
+    std::vector<int> meta;
+    for (auto& r : rows) { meta.push_back(r.first); meta.push_back(r.second); }
+    std::vector<float> part_o((size_t)R * H * n_splits * D, NAN), part_lse((size_t)R * H * n_splits, NAN);
+    DecFn fn = decode_kernel(D, gc);
+    kd_sim::launch({(unsigned)n_splits, (unsigned)(Hkv * n_gc), (unsigned)R}, {DEC_THREADS, 1, 1}, 0, [&] {
+        fn(q.data(), kc.data(), vc.data(), out.data(), part_o.data(), part_lse.data(), meta.data(), capacity, H, Hkv, chunk,
+           scale);
+    });
+    if (n_splits > 1)
+        kd_sim::launch({(unsigned)((R * H + DEC_WARPS - 1) / DEC_WARPS), 1, 1}, {DEC_THREADS, 1, 1}, 0, [&] {
+            decode_attn_combine_bf16(part_o.data(), part_lse.data(), out.data(), meta.data(), R, H, D, chunk, n_splits);
+        });
+    // Reference (double) from the same bf16 values.
+    std::vector<double> ref((size_t)R * H * D, 0.0), got((size_t)R * H * D);
+    double worst = 0.0;      // max over (row, head) of max |out − ref| / max |ref|
+    double worst_row = 0.0;  // max over rows of the row's relative L2 error (a short row's large
+                             // outputs must not hide a long row's error)
+    for (int r = 0; r < R; ++r) {
+        const int slot = rows[r].first, len = rows[r].second;
+        for (int h = 0; h < H; ++h) {
+            const int kh = h / group;
+            const size_t o = ((size_t)r * H + h) * D;
+            std::vector<double> p(len);
+            double mx = -INFINITY;
+            for (int j = 0; j < len; ++j) {
+                const size_t kv = ((size_t)slot * capacity + j) * kvd + (size_t)kh * D;
+                double d = 0;
+                for (int c = 0; c < D; ++c) d += (double)fb(q[o + c]) * fb(kc[kv + c]);
+                p[j] = d * scale;
+                mx = std::max(mx, p[j]);
+            }
+            double sum = 0;
+            for (int j = 0; j < len; ++j) { p[j] = exp(p[j] - mx); sum += p[j]; }
+            for (int j = 0; j < len; ++j) {
+                const size_t kv = ((size_t)slot * capacity + j) * kvd + (size_t)kh * D;
+                for (int c = 0; c < D; ++c) ref[o + c] += p[j] / sum * fb(vc[kv + c]);
+            }
+            double amax = 0, emax = 0;
+            for (int c = 0; c < D; ++c) {
+                got[o + c] = fb(out[o + c]);
+                amax = std::max(amax, fabs(ref[o + c]));
+                emax = std::max(emax, std::isfinite(got[o + c]) ? fabs(got[o + c] - ref[o + c]) : INFINITY);
+            }
+            worst = std::max(worst, amax > 0 ? emax / amax : emax);
+        }
+        const size_t o = (size_t)r * H * D, n = (size_t)H * D;
+        worst_row = std::max(worst_row, rel_err(std::vector<double>(got.begin() + o, got.begin() + o + n),
+                                                std::vector<double>(ref.begin() + o, ref.begin() + o + n)));
+    }
+    char name[200];
+    std::string lens_s;
+    for (auto& r : rows) lens_s += std::to_string(r.second) + "@" + std::to_string(r.first) + ",";
+    snprintf(name, sizeof name, "decode D=%d H=%d Hkv=%d GC=%d len@slot=%s chunk=%d splits=%d", D, H, Hkv, gc,
+             lens_s.c_str(), chunk, n_splits);
+    // Bounds: the output is rounded once to bf16 (at most half an ulp: 2^-9 to 2^-8 of the value,
+    // ~1.1e-3 RMS); the fp32 accumulation adds ~1e-6. So per row the relative L2 error stays near
+    // 1e-3 (bound 5e-3), and per head no element may be off by more than half an ulp at the head's
+    // largest output (2^-8 = 3.9e-3 of it) plus fp32 slack (bound 4e-3).
+    check(std::string(name) + " rel L2 (worst row)", worst_row, 5e-3);
+    check(std::string(name) + " max|err|/max|ref| (worst head)", worst, 4e-3);
+}
+
 int main(int argc, char** argv) {
     setvbuf(stdout, nullptr, _IONBF, 0);
     const bool quick = argc > 1 && std::string(argv[1]) == "quick";
@@ -376,6 +485,20 @@ int main(int argc, char** argv) {
         test_attention<72>(flash_attn_fwd_bf16_d72, flash_attn_bwd_bf16_d72, {65, 3}, 2, 1, 0);
         test_attention<80>(flash_attn_fwd_bf16_d80, flash_attn_bwd_bf16_d80, {33, 100}, 2, 2, 1);
         test_attention<128>(flash_attn_fwd_bf16_d128, flash_attn_bwd_bf16_d128, {97, 1, 40}, 4, 1, 0);
+    }
+    // decode attention: GQA groups 1, 2, 3 (chunk of 4), 4, 7, 16 (two chunks); D 64/72/80/128;
+    // lens 1..2000; single pass (chunk 0) and split + combine; rows with different slots (one shared).
+    test_decode(64, 4, 4, {{2, 1}, {0, 17}, {3, 300}}, 0);
+    test_decode(64, 14, 2, {{1, 17}, {4, 2000}, {0, 300}, {2, 1}}, 256);
+    test_decode(128, 7, 1, {{1, 2000}, {0, 17}}, 512, 3.0f);
+    test_decode(128, 2, 2, {{0, 2000}}, 128);
+    test_decode(80, 4, 2, {{2, 300}, {0, 1}, {1, 2000}}, 384);
+    if (!quick) {
+        test_decode(72, 6, 2, {{1, 300}, {0, 17}}, 0);
+        test_decode(64, 16, 1, {{0, 300}, {1, 40}}, 128, 2.0f);
+        test_decode(128, 8, 2, {{1, 17}, {0, 1}, {1, 300}}, 0);
+        test_decode(80, 1, 1, {{0, 2000}}, 0);
+        test_decode(128, 14, 2, {{3, 17}, {1, 300}}, 128);
     }
     printf("%d passed, %d failed\n", passes, failures);
     return failures == 0 ? 0 : 1;

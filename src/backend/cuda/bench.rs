@@ -207,6 +207,23 @@ pub fn run(be: &CudaBackend, o: Options, mut log: impl FnMut(&str)) -> Result<Re
         out.push(result(&key, format!("B{b} H{h} S{sl} D{dh} causal, forward + backward"), tfb, o.reps, "TFLOP/s", 3.5 * fwd_flops, gemm, "causal forward + backward: 3.5 × 2·B·H·S²·D", None));
     }
 
+    // ---- decode attention: one query per row against a 4096-position KV cache ----
+    for &(r, h, hkv) in &[(1usize, 16usize, 16usize), (8, 16, 16), (8, 16, 2)] {
+        let (dh, len) = (128usize, 4096usize);
+        let key = format!("decode_r{r}h{h}kv{hkv}d{dh}s{len}");
+        log(&format!("decode attention R{r} H{h} Hkv{hkv} D{dh}, {len} cached positions"));
+        let shape = AttnShape { n_heads: h, n_kv_heads: hkv, head_dim: dh, causal: false };
+        let q = random(be, r * h * dh, DType::Bf16, 50, -1.0, 1.0)?;
+        let kc = random(be, r * len * hkv * dh, DType::Bf16, 51, -1.0, 1.0)?;
+        let vc = random(be, r * len * hkv * dh, DType::Bf16, 52, -1.0, 1.0)?;
+        let mut outb = be.zeros(r * h * dh)?;
+        let slots: Vec<u32> = (0..r as u32).collect();
+        let lens = vec![len; r];
+        let t = time(be, o, || be.attention_decode(shape, len, &slots, &lens, &q, &kc, &vc, &mut outb))?;
+        let bytes = 2.0 * (r * len * hkv * dh * 2) as f64;
+        out.push(result(&key, format!("{r} rows x H{h}/Hkv{hkv} D{dh}, {len} cached positions each"), t, o.reps, "TB/s", bytes, copy, "K and V caches read once (bf16); includes the per-call upload of the rows' slots and lengths", None));
+    }
+
     // ---- AdamW, bf16 parameters, fp32 moments; and the gradient's sum of squares ----
     {
         let n = if o.quick { 50_000_000 } else { 494_000_000 };

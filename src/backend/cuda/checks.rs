@@ -27,7 +27,7 @@ pub const TOL_RELATION_LOSS: f64 = 1e-3;
 
 /// The op families, each one test in `tests/cuda_ops.rs`.
 pub const FAMILIES: &[&str] =
-    &["memory", "gemm", "elementwise", "embedding", "norm", "rope", "attention", "cross_entropy", "softmax_kl", "relation", "adamw"];
+    &["memory", "gemm", "elementwise", "embedding", "norm", "rope", "attention", "attention_decode", "cross_entropy", "softmax_kl", "relation", "adamw"];
 
 /// One comparison.
 #[derive(Clone, Debug, Serialize)]
@@ -151,6 +151,7 @@ pub fn run_family(be: &CudaBackend, family: &str, seed: u64) -> Result<Vec<Check
         "norm" => norm(&mut c),
         "rope" => rope(&mut c),
         "attention" => attention(&mut c),
+        "attention_decode" => attention_decode(&mut c),
         "cross_entropy" => cross_entropy(&mut c),
         "softmax_kl" => softmax_kl(&mut c),
         "relation" => relation(&mut c),
@@ -482,6 +483,79 @@ fn attention(c: &mut Ctx) {
             });
         }
     }
+}
+
+/// Decode attention: each row's one query against its cache slot, through the backend method
+/// (split planned from the SM count), a forced split of 128 positions (split kernel + combine)
+/// and a forced single pass, against the CPU's `attention_decode`. The cache positions no row
+/// reads are NaN, so a read past a row's length shows. The error is the worst row's (a short
+/// row's large outputs would otherwise hide a long row's error).
+fn attention_decode(c: &mut Ctx) {
+    // (head_dim, heads, kv heads): GQA groups 7 (Qwen2.5-0.5B), 1, 8, 2, 3, 16 (two blocks of 8).
+    let shapes = [(64usize, 14usize, 2usize), (128, 16, 16), (128, 16, 2), (80, 4, 2), (72, 3, 1), (64, 32, 2)];
+    // (slot, len) per row: lengths 1 .. 2000 in different slots, two rows sharing one.
+    let rows: [(u32, usize); 5] = [(3, 300), (0, 1), (4, 2000), (1, 17), (3, 1000)];
+    let (n_slots, cap) = (5usize, 2003usize);
+    for (hd, h, hkv) in shapes {
+        let name = format!("attention_decode D={hd} H={h} Hkv={hkv} rows(slot,len)={rows:?} capacity={cap}");
+        c.case(&name, |c| {
+            let shape = AttnShape { n_heads: h, n_kv_heads: hkv, head_dim: hd, causal: false };
+            let kvd = hkv * hd;
+            let mut used = vec![0usize; n_slots];
+            for &(s, l) in &rows {
+                used[s as usize] = used[s as usize].max(l);
+            }
+            let cache = |c: &mut Ctx| -> Vec<f32> {
+                let mut x = c.rand(n_slots * cap * kvd, -1.5, 1.5);
+                for (s, &u) in used.iter().enumerate() {
+                    x[(s * cap + u) * kvd..(s + 1) * cap * kvd].fill(f32::NAN);
+                }
+                x
+            };
+            let (k, v) = (cache(c), cache(c));
+            let q = c.rand(rows.len() * h * hd, -1.5, 1.5);
+            let slots: Vec<u32> = rows.iter().map(|r| r.0).collect();
+            let lens: Vec<usize> = rows.iter().map(|r| r.1).collect();
+            let mut want = vec![0.0f32; rows.len() * h * hd];
+            c.cpu.attention_decode(shape, cap, &slots, &lens, &q, &k, &v, &mut want)?;
+            let (gq, gk, gv) = (c.up(&q)?, c.up(&k)?, c.up(&v)?);
+            for (label, chunk) in [("planned split", None), ("split 128 + combine", Some(128)), ("single pass", Some(cap))] {
+                let mut out = c.poisoned(rows.len() * h * hd)?;
+                match chunk {
+                    None => c.be.attention_decode(shape, cap, &slots, &lens, &gq, &gk, &gv, &mut out)?,
+                    Some(ch) => super::decode::decode(c.be, shape, cap, &slots, &lens, &gq, &gk, &gv, &mut out, Some(ch))?,
+                }
+                let got = c.be.download(&out)?;
+                let n = h * hd;
+                let (mut worst, mut bad) = (0.0f64, 0usize);
+                for (g, w) in got.chunks(n).zip(want.chunks(n)) {
+                    let (e, b) = rel_err(g, w);
+                    worst = worst.max(e);
+                    bad += b;
+                }
+                let detail = if bad > 0 { format!("{bad} NaN/inf values where the reference is finite (unwritten, or a read past a row's length)") } else { String::new() };
+                c.record(&format!("D={hd} H={h} Hkv={hkv}, {label} (worst of {} rows)", rows.len()), worst, TOL_BF16, detail);
+            }
+            Ok(())
+        });
+    }
+    c.case("attention_decode bad arguments are errors", |c| {
+        let shape = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 64, causal: false };
+        let (q, k, v) = (c.up(&vec![0.5; 2 * 64])?, c.up(&vec![0.5; 2 * 9 * 64])?, c.up(&vec![0.5; 2 * 9 * 64])?);
+        let mut o = c.be.zeros(2 * 64)?;
+        ensure!(c.be.attention_decode(shape, 9, &[2], &[1], &q, &k, &v, &mut o).is_err(), "a slot out of range was accepted");
+        ensure!(c.be.attention_decode(shape, 9, &[0], &[10], &q, &k, &v, &mut o).is_err(), "a row longer than the cache was accepted");
+        ensure!(c.be.attention_decode(shape, 9, &[0], &[0], &q, &k, &v, &mut o).is_err(), "a row with nothing to attend to was accepted");
+        ensure!(c.be.attention_decode(shape, 9, &[0, 1], &[1], &q, &k, &v, &mut o).is_err(), "slots and lengths of different counts were accepted");
+        ensure!(c.be.attention_decode(shape, 7, &[0], &[1], &q, &k, &v, &mut o).is_err(), "a cache that is not [slots, capacity, Hkv·D] was accepted");
+        let bad_dim = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 32, causal: false };
+        let (q2, k2) = (c.up(&vec![0.5; 2 * 32])?, c.up(&vec![0.5; 9 * 32])?);
+        let mut o2 = c.be.zeros(2 * 32)?;
+        let e = c.be.attention_decode(bad_dim, 9, &[0], &[1], &q2, &k2, &k2, &mut o2).err().map(|e| e.to_string()).unwrap_or_default();
+        ensure!(e.contains("head_dim 32"), "head_dim 32 was not refused clearly: {e:?}");
+        c.record("attention_decode bad arguments are errors", 0.0, 0.0, String::new());
+        Ok(())
+    });
 }
 
 fn cross_entropy(c: &mut Ctx) {

@@ -626,7 +626,11 @@ mod tests {
         for dh in [64, 72, 80, 128] {
             want.push((Box::leak(format!("flash_attn_fwd_bf16_d{dh}").into_boxed_str()), vec![p, p, p, p, p, p, i, i, i, i, i, f]));
             want.push((Box::leak(format!("flash_attn_bwd_bf16_d{dh}").into_boxed_str()), vec![p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, f]));
+            for gc in [1, 2, 4, 8] {
+                want.push((Box::leak(format!("decode_attn_bf16_d{dh}_g{gc}").into_boxed_str()), vec![p, p, p, p, p, p, p, i, i, i, i, f]));
+            }
         }
+        want.push(("decode_attn_combine_bf16", vec![p, p, p, p, i, i, i, i, i]));
         for (name, sizes) in want {
             assert_eq!(sigs.get(name), Some(&sizes), "kernel {name}: the launcher passes {sizes:?}");
         }

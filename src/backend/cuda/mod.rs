@@ -23,6 +23,7 @@
 //! | embedding, embedding_backward, rope, swiglu(_backward), gelu(_backward) | elementwise.cu |
 //! | rmsnorm(_backward), layernorm | norm.cu |
 //! | attention(_backward) | attention.cu (flash forward; backward preprocess + flash backward) |
+//! | attention_decode | decode_attention.cu (split kernel; combine kernel when the positions were split) |
 //! | cross_entropy | cross_entropy.cu |
 //! | softmax_kl | `softmax_kl_bf16` (softmax_kl.cu) |
 //! | relation_loss | cuBLAS Grams (bf16 in, f32 out) → `relation_cosine_grad` (relation.cu) → f32→bf16 → cuBLAS dZ += 2·G·Z |
@@ -31,6 +32,7 @@
 mod attn;
 pub mod bench;
 pub mod checks;
+mod decode;
 mod device;
 mod ops;
 mod relation;

@@ -392,6 +392,20 @@ impl Backend for CudaBackend {
         super::attn::backward(self, shape, seq_lens, q, k, v, out, lse, dout, dq, dk, dv)
     }
 
+    fn attention_decode(
+        &self,
+        shape: AttnShape,
+        capacity: usize,
+        slots: &[u32],
+        lens: &[usize],
+        q: &CudaBuf,
+        k_cache: &CudaBuf,
+        v_cache: &CudaBuf,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        super::decode::decode(self, shape, capacity, slots, lens, q, k_cache, v_cache, out, None)
+    }
+
     fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf, out: &mut CudaBuf) -> Result<()> {
         check_len("swiglu up", up.len, gate.len)?;
         check_len("swiglu output", out.len, gate.len)?;
