@@ -5,7 +5,7 @@
 //! through the real pipeline (PNG decoding, the image processor, the `pretrain` and `phi`
 //! templates, the LLaVA dataset reader):
 //!
-//! * **Images**: small RGB PNGs (default 32×32) on a lightly noisy grey background with 1–3
+//! * **Images**: small RGB PNGs (default 24×24) on a lightly noisy grey background with 1–3
 //!   shapes (circle, square, triangle) in distinct colours (red, green, blue, yellow) at distinct
 //!   positions (left, right, top, bottom, center). Within one image every shape, colour and
 //!   position occurs at most once, so every question below has exactly one answer.
@@ -151,10 +151,10 @@ impl Position {
     /// Slot centre as a fraction of the image side, `(x, y)`.
     fn centre(self) -> (f32, f32) {
         match self {
-            Position::Left => (0.2, 0.5),
-            Position::Right => (0.8, 0.5),
-            Position::Top => (0.5, 0.2),
-            Position::Bottom => (0.5, 0.8),
+            Position::Left => (1.0 / 6.0, 0.5),
+            Position::Right => (5.0 / 6.0, 0.5),
+            Position::Top => (0.5, 1.0 / 6.0),
+            Position::Bottom => (0.5, 5.0 / 6.0),
             Position::Center => (0.5, 0.5),
         }
     }
@@ -198,10 +198,11 @@ pub struct Scene {
     pub background: [u8; 3],
 }
 
-/// Largest half size and jitter (fractions of the side): slot centres are ≥ 0.3 apart, so
-/// `2 * (MAX_HALF + MAX_JITTER) <= 0.3` keeps shapes from touching.
-const MIN_HALF: f32 = 0.10;
-const MAX_HALF: f32 = 0.125;
+/// Half size and jitter (fractions of the side). The five slots are cells of a 3×3 grid, so with
+/// `MAX_HALF + MAX_JITTER <= 1/6` every shape stays inside its cell: at the study's 24-pixel
+/// images and 8-pixel patches, each object is exactly one visual token.
+const MIN_HALF: f32 = 0.12;
+const MAX_HALF: f32 = 0.14;
 const MAX_JITTER: f32 = 0.02;
 
 /// A uniform float in `[lo, hi)` from 24 random bits (exact and portable).
@@ -644,7 +645,7 @@ impl StudySpec {
             eval_questions: 300,
             train_images: 2000,
             eval_images: 100,
-            image_size: 32,
+            image_size: 24,
             noise: 8,
             two_turn_percent: 25,
             seed: 20240,
@@ -1004,6 +1005,21 @@ mod tests {
                     // Shapes never overlap: their bounding boxes are disjoint.
                     let gap = (a.cx - b.cx).abs().max((a.cy - b.cy).abs());
                     assert!(gap > a.half + b.half, "{a:?} {b:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_object_stays_inside_its_grid_cell() {
+        // One object per visual token at 8-pixel patches of 24-pixel images: each shape's box
+        // lies inside the third of the image its slot names, on both axes.
+        let mut rng = SplitMix64::new(5);
+        for _ in 0..2000 {
+            for o in Scene::random(&mut rng).objects {
+                for c in [o.cx, o.cy] {
+                    let cell = (c * 3.0).floor();
+                    assert!(c - o.half >= cell / 3.0 && c + o.half <= (cell + 1.0) / 3.0, "{o:?}");
                 }
             }
         }
