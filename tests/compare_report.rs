@@ -1,7 +1,8 @@
 //! `kd-engine compare`: two tiny random MLLM folders answer the same questions; the HTML report
 //! embeds the images, escapes the text and shows every model's answer, and renders in headless
 //! Chromium (Debian's `chromium`) with the images' pixels on screen. Without a Chromium binary the
-//! rendering test prints `skipped: chromium not installed` and passes.
+//! rendering test prints `skipped: chromium not installed` and passes, unless
+//! `KD_REQUIRE_CHROMIUM=1` (as in CI, which installs it).
 
 mod eval_common;
 
@@ -117,6 +118,8 @@ fn count(img: &image::RgbImage, rgb: [u8; 3]) -> usize {
 #[test]
 fn report_renders_in_headless_chromium() {
     let Some(chrome) = chromium() else {
+        // CI installs Debian's chromium and sets KD_REQUIRE_CHROMIUM=1, so there the check runs.
+        assert!(!std::env::var("KD_REQUIRE_CHROMIUM").is_ok_and(|v| v == "1"), "KD_REQUIRE_CHROMIUM=1 but no chromium on PATH (or $CHROMIUM)");
         println!("skipped: chromium not installed");
         return;
     };
