@@ -50,6 +50,15 @@ RC_BENCH=$RC; say "bench-kernels exit code $RC_BENCH"
 say "== 4. PyTorch side (benches/compare_torch.py $QUICK)"
 PYTHONUNBUFFERED=1 step 220 "Error|error|Traceback" python3 benches/compare_torch.py --json "$OUT/torch.json" $QUICK
 RC_TORCH=$RC; say "compare_torch exit code $RC_TORCH"
+
+say "== 5. decode speed: kd-engine generate on a random Qwen1.5-0.5B (bf16), 512-token prompt, 256 new tokens"
+# Issue 7's GPU figure: the KV-cache decode path with the CUDA decode-attention kernel. The model
+# goes to /tmp (1 GB), not $OUT (which comes back).
+M=/tmp/kd-qwen1.5-0.5b
+rm -rf "$M"
+step 60 "error" "$B/kd-engine" init --preset qwen1.5-0.5b --out "$M"
+step 90 "prefill|decode|error|panicked" "$B/kd-engine" generate --model "$M" --device cuda --input-ids "$(seq -s, 1 512)" --max-new-tokens 256 --json
+RC_DECODE=$RC; say "generate exit code $RC_DECODE"
 rm -f "$TMP"
 
 say "== side by side"
@@ -89,5 +98,5 @@ for k in kd["kernels"]:
 print("speedup = fastest PyTorch variant's median / kd-engine's median (> 1: kd-engine faster)")
 PY
 
-say "== summary: cuda_ops $RC_TESTS, selftest $RC_SELF, bench-kernels $RC_BENCH, compare_torch $RC_TORCH (0 = ok, 124 = timed out)"
-[ "$RC_TESTS" = 0 ] && [ "$RC_SELF" = 0 ] && [ "$RC_BENCH" = 0 ] && [ "$RC_TORCH" = 0 ]
+say "== summary: cuda_ops $RC_TESTS, selftest $RC_SELF, bench-kernels $RC_BENCH, compare_torch $RC_TORCH, generate $RC_DECODE (0 = ok, 124 = timed out)"
+[ "$RC_TESTS" = 0 ] && [ "$RC_SELF" = 0 ] && [ "$RC_BENCH" = 0 ] && [ "$RC_TORCH" = 0 ] && [ "$RC_DECODE" = 0 ]
