@@ -135,9 +135,15 @@ fn cpu_attention_decode_equals_the_default_from_attention() {
     let shape = AttnShape { n_heads: 6, n_kv_heads: 2, head_dim: 8, causal: false };
     let (q, k, v) = decode_inputs(&mut rng, shape, 9, 3, 1);
     let mut o = vec![0.0; 48];
-    assert!(cpu.attention_decode(shape, 9, &[3], &[1], &q, &k, &v, &mut o).is_err(), "slot out of range");
-    assert!(cpu.attention_decode(shape, 9, &[0], &[10], &q, &k, &v, &mut o).is_err(), "longer than the cache");
-    assert!(cpu.attention_decode(shape, 9, &[0], &[0], &q, &k, &v, &mut o).is_err(), "nothing to attend to");
+    // The CPU kernel and the trait's default run the same checks (`check_decode_args`).
+    for (slot, len, want) in [(3u32, 1usize, "uses cache slot 3 of 3"), (0, 10, "attends to 10 of 9"), (0, 0, "attends to 0 of 9")] {
+        let e = cpu.attention_decode(shape, 9, &[slot], &[len], &q, &k, &v, &mut o).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+        let e = attention_decode_by_attention(&cpu, shape, 9, &[slot], &[len], &q, &k, &v, &mut o).unwrap_err().to_string();
+        assert!(e.contains(want), "default: {e}");
+    }
+    let e = cpu.attention_decode(shape, 9, &[0, 1], &[1, 1], &q, &k, &v, &mut o).unwrap_err().to_string();
+    assert!(e.contains("q has 48 elements, expected 96"), "{e}");
 }
 
 /// The CPU GEMM's few-row path (decoding's linear layers) against a plain f64 triple loop, with

@@ -336,6 +336,27 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 }
 
+/// Checks the arguments of [`Backend::attention_decode`] from their lengths (`q`, `out`, each
+/// cache) and returns the number of cache slots: the checks every backend's decode runs first.
+#[allow(clippy::too_many_arguments)]
+pub fn check_decode_args(shape: AttnShape, capacity: usize, slots: &[u32], lens: &[usize], q: usize, k_cache: usize, v_cache: usize, out: usize) -> Result<usize> {
+    use anyhow::ensure;
+    let (h, hkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    ensure!(h > 0 && hkv > 0 && d > 0 && h % hkv == 0, "attention_decode: {h} heads cannot share {hkv} kv heads");
+    ensure!(slots.len() == lens.len(), "attention_decode: {} slots but {} lengths", slots.len(), lens.len());
+    let (rows, kvd) = (slots.len(), hkv * d);
+    ensure!(q == rows * h * d, "attention_decode: q has {q} elements, expected {} ({rows} rows × {h} heads × {d})", rows * h * d);
+    ensure!(out == rows * h * d, "attention_decode: the output has {out} elements, expected {}", rows * h * d);
+    ensure!(k_cache == v_cache, "attention_decode: K cache has {k_cache} values, V cache {v_cache}");
+    ensure!(capacity > 0 && k_cache % (capacity * kvd) == 0, "attention_decode: cache of {k_cache} values is not [slots, {capacity}, {kvd}]");
+    let n_slots = k_cache / (capacity * kvd);
+    for (r, (&slot, &len)) in slots.iter().zip(lens).enumerate() {
+        ensure!((slot as usize) < n_slots, "attention_decode: row {r} uses cache slot {slot} of {n_slots}");
+        ensure!(len >= 1 && len <= capacity, "attention_decode: row {r} attends to {len} of {capacity} positions");
+    }
+    Ok(n_slots)
+}
+
 /// [`Backend::attention_decode`] from the backend's own ops: each row's cached keys and values
 /// are copied out and [`Backend::attention`] runs causally with the query in the last position,
 /// whose output row is the decode result. The default of the trait method, so a backend without
@@ -352,11 +373,10 @@ pub fn attention_decode_by_attention<B: Backend + ?Sized>(
     v_cache: &B::Buf,
     out: &mut B::Buf,
 ) -> Result<()> {
+    check_decode_args(shape, capacity, slots, lens, be.len(q), be.len(k_cache), be.len(v_cache), be.len(out))?;
     let (qd, kvd) = (shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim);
-    anyhow::ensure!(slots.len() == lens.len(), "attention_decode: {} slots but {} lengths", slots.len(), lens.len());
     let causal = AttnShape { causal: true, ..shape };
     for (r, (&slot, &len)) in slots.iter().zip(lens).enumerate() {
-        anyhow::ensure!(len >= 1 && len <= capacity, "attention_decode: row {r} attends to {len} of {capacity} positions");
         let base = slot as usize * capacity * kvd;
         let mut k = be.zeros(len * kvd)?;
         let mut v = be.zeros(len * kvd)?;

@@ -6,11 +6,11 @@
 //! forward's last row. Parallel over (row, head): each task reads `len` cached keys and values
 //! of one KV head and writes its own `D` outputs, so the step is bound by reading the cache.
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use rayon::prelude::*;
 
 use super::{check_len, Elem};
-use crate::backend::{AttnShape, Gemm};
+use crate::backend::{check_decode_args, AttnShape, Gemm};
 
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode<T: Elem>(
@@ -23,20 +23,9 @@ pub fn attention_decode<T: Elem>(
     v_cache: &[T],
     out: &mut [T],
 ) -> Result<()> {
+    check_decode_args(shape, capacity, slots, lens, q.len(), k_cache.len(), v_cache.len(), out.len())?;
     let (h, hkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
-    ensure!(h > 0 && hkv > 0 && d > 0 && h % hkv == 0, "attention_decode: {h} heads cannot share {hkv} kv heads");
-    ensure!(slots.len() == lens.len(), "attention_decode: {} slots but {} lengths", slots.len(), lens.len());
-    let rows = slots.len();
     let kvd = hkv * d;
-    check_len("attention_decode q", q.len(), rows * h * d)?;
-    check_len("attention_decode output", out.len(), rows * h * d)?;
-    ensure!(k_cache.len() == v_cache.len(), "attention_decode: K cache has {} values, V cache {}", k_cache.len(), v_cache.len());
-    ensure!(capacity > 0 && k_cache.len() % (capacity * kvd) == 0, "attention_decode: cache of {} values is not [slots, {capacity}, {kvd}]", k_cache.len());
-    let n_slots = k_cache.len() / (capacity * kvd);
-    for (r, (&slot, &len)) in slots.iter().zip(lens).enumerate() {
-        ensure!((slot as usize) < n_slots, "attention_decode: row {r} uses cache slot {slot} of {n_slots}");
-        ensure!(len >= 1 && len <= capacity, "attention_decode: row {r} attends to {len} of {capacity} positions");
-    }
     let group = h / hkv;
     let scale = T::of(1.0 / (d as f64).sqrt());
     out.par_chunks_mut(d).enumerate().for_each(|(task, o)| {

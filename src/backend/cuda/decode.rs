@@ -6,8 +6,8 @@
 use anyhow::{anyhow, bail, ensure, Result};
 
 use super::ops::args;
-use super::{align256, bf, check_len, int, CudaBackend, CudaBuf};
-use crate::backend::AttnShape;
+use super::{align256, bf, int, CudaBackend, CudaBuf};
+use crate::backend::{check_decode_args, AttnShape};
 
 /// Head dims with a decode kernel.
 pub const HEAD_DIMS: [usize; 4] = [64, 72, 80, 128];
@@ -85,24 +85,9 @@ pub(crate) fn decode(
     out: &mut CudaBuf,
     chunk: Option<usize>,
 ) -> Result<()> {
+    check_decode_args(shape, capacity, slots, lens, q.len(), k_cache.len(), v_cache.len(), out.len())?;
     let (h, hkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
-    ensure!(h > 0 && hkv > 0 && d > 0 && h % hkv == 0, "attention_decode: {h} heads cannot share {hkv} kv heads");
-    ensure!(slots.len() == lens.len(), "attention_decode: {} slots but {} lengths", slots.len(), lens.len());
     let rows = slots.len();
-    let kvd = hkv * d;
-    check_len("attention_decode q", q.len(), rows * h * d)?;
-    check_len("attention_decode output", out.len(), rows * h * d)?;
-    ensure!(k_cache.len() == v_cache.len(), "attention_decode: K cache has {} values, V cache {}", k_cache.len(), v_cache.len());
-    ensure!(
-        capacity > 0 && k_cache.len() % (capacity * kvd) == 0,
-        "attention_decode: cache of {} values is not [slots, {capacity}, {kvd}]",
-        k_cache.len()
-    );
-    let n_slots = k_cache.len() / (capacity * kvd);
-    for (r, (&slot, &len)) in slots.iter().zip(lens).enumerate() {
-        ensure!((slot as usize) < n_slots, "attention_decode: row {r} uses cache slot {slot} of {n_slots}");
-        ensure!(len >= 1 && len <= capacity, "attention_decode: row {r} attends to {len} of {capacity} positions");
-    }
     let group = h / hkv;
     let gc = group_chunk(group);
     let name = kernel(d, gc)?;
