@@ -1,13 +1,13 @@
 //! The miniature study's procedural data: determinism, loading through the real reader and
 //! templates, held-out images, the word-level tokenizer, response positions, balance, matching.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use kd_engine::data::synthetic::{
     ask, normalise_answer, read_eval, read_study_spec, split_words, study_tokenizer, vocabulary,
-    QuestionKind, Scene, ENDOFTEXT, SPECIAL_TOKENS, UNK,
+    QuestionKind, Scene, DESCRIBE, ENDOFTEXT, SPECIAL_TOKENS, UNK,
 };
 use kd_engine::data::{
     answer_matches, default_visual_placeholder, load_rgb, load_tokenizer, write_study_data,
@@ -281,11 +281,18 @@ fn response_positions_are_exactly_the_answers() {
             let mut want = split_words(&answer.text).unwrap();
             want.push(ENDOFTEXT.into());
             assert_eq!(token_strings(&enc.tokenizer, ids), want);
-            assert_eq!(enc.tokenizer.decode(ids, true).unwrap(), answer.text);
-            assert!(answer_matches(
-                &enc.tokenizer.decode(ids, false).unwrap(),
-                &answer.text
-            ));
+            let decoded = enc.tokenizer.decode(ids, true).unwrap();
+            if answer.text.contains(' ') {
+                // A caption (`Describe the image.`): the word-level decoder puts a space before
+                // each comma, so compare words.
+                assert_eq!(split_words(&decoded).unwrap(), split_words(&answer.text).unwrap());
+            } else {
+                assert_eq!(decoded, answer.text);
+                assert!(answer_matches(
+                    &enc.tokenizer.decode(ids, false).unwrap(),
+                    &answer.text
+                ));
+            }
             // The token before the answer is the ':' of "ASSISTANT:".
             assert_eq!(
                 enc.tokenizer.id_to_token(e.ids[run.start - 1]).unwrap(),
@@ -523,4 +530,30 @@ fn report_vocabulary_and_lengths() {
         stats(&files.sft, Template::phi())
     );
     assert!(tok.get_vocab_size(true) < 128);
+}
+
+#[test]
+fn describe_conversations_answer_with_their_images_caption() {
+    let spec = StudySpec { sft_samples: 400, ..small() };
+    let (_t, files) = write(&spec);
+    let read = |p: &Path| -> Vec<serde_json::Value> { serde_json::from_str(&fs::read_to_string(p).unwrap()).unwrap() };
+    // Pretrain sample i shows image i % train_images: every image's caption, by image path.
+    let captions: HashMap<String, String> = read(&files.pretrain)
+        .iter()
+        .map(|r| (r["image"].as_str().unwrap().to_string(), r["conversations"][1]["value"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(captions.len(), spec.train_images);
+    let mut described = 0;
+    for r in read(&files.sft) {
+        let turns = r["conversations"].as_array().unwrap();
+        if turns[0]["value"] == format!("{IMAGE_TAG}\n{DESCRIBE}") {
+            assert_eq!(turns.len(), 2, "{r}");
+            assert_eq!(turns[1]["value"].as_str().unwrap(), captions[r["image"].as_str().unwrap()], "{r}");
+            described += 1;
+        } else {
+            assert!(turns.iter().all(|m| m["value"].as_str().is_some_and(|v| !v.contains(DESCRIBE))), "{r}");
+        }
+    }
+    // describe_percent = 20 of 400 conversations: 80 expected, binomial sd 8.
+    assert!((50..=110).contains(&described), "{described} of 400 conversations ask for the caption");
 }

@@ -2,9 +2,10 @@
 //! trains the teacher and both students, evaluates them on the held-out questions, prints the
 //! Table A8-style table, writes `results.json` / `results.md`, and exits 0.
 //!
-//! The accuracy check is a floor, not a copied figure: counting (one, two or three shapes; the
-//! answer prior is at most the commonest count, about 1/3) is the question kind every model of
-//! the study learns, so a teacher near chance on it means the visual path is broken.
+//! The accuracy check is a floor, not a copied figure: a model that does not read the images
+//! answers from the prior of each question kind, which scored 26–32 % overall when nothing in the
+//! study learned grounding; the quick teacher scores about 50 %, so one under 42 % means the
+//! visual path is broken.
 
 use std::process::Command;
 
@@ -39,8 +40,8 @@ fn quick_study_runs_end_to_end_and_writes_its_table() {
             assert!(row["by_kind"][kind].is_number(), "{name}: no {kind} score");
         }
     }
-    let teacher_count = rows[names[0]]["by_kind"]["count"].as_f64().unwrap();
-    assert!(teacher_count >= 0.6, "the teacher answers count questions at {teacher_count}: it does not read the images");
+    let teacher = rows[names[0]]["overall"].as_f64().unwrap();
+    assert!(teacher >= 0.42, "the teacher scores {teacher} overall: it does not read the images");
 
     // Each model leaves its metrics, plots and final checkpoint in the run folder.
     for sub in ["teacher-llm", "student-llm", "teacher", "student-0", "student-1"] {
