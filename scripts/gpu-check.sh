@@ -36,19 +36,19 @@ step() {
 }
 
 say "== 1. CUDA tests ($B/cuda_ops)"
-step 100 "^test |test result|FAIL|panicked" "$B/cuda_ops" --test-threads 1 --nocapture
+step 90 "^test |test result|FAIL|panicked" "$B/cuda_ops" --test-threads 1 --nocapture
 RC_TESTS=$RC; say "cuda_ops exit code $RC_TESTS"
 
 say "== 2. kd-engine selftest"
-step 80 "FAIL|passed, .* failed|skipped|^selftest|error" "$B/kd-engine" selftest --json "$OUT/selftest.json"
+step 60 "FAIL|passed, .* failed|skipped|^selftest|error" "$B/kd-engine" selftest --json "$OUT/selftest.json"
 RC_SELF=$RC; say "selftest exit code $RC_SELF"
 
 say "== 3. kd-engine bench-kernels $QUICK"
-step 150 "error|panicked" "$B/kd-engine" bench-kernels --json "$OUT/bench.json" $QUICK
+step 140 "error|panicked" "$B/kd-engine" bench-kernels --json "$OUT/bench.json" $QUICK
 RC_BENCH=$RC; say "bench-kernels exit code $RC_BENCH"
 
 say "== 4. PyTorch side (benches/compare_torch.py $QUICK)"
-PYTHONUNBUFFERED=1 step 220 "Error|error|Traceback" python3 benches/compare_torch.py --json "$OUT/torch.json" $QUICK
+PYTHONUNBUFFERED=1 step 190 "Error|error|Traceback" python3 benches/compare_torch.py --json "$OUT/torch.json" $QUICK
 RC_TORCH=$RC; say "compare_torch exit code $RC_TORCH"
 
 say "== 5. decode speed: kd-engine generate on a random Qwen1.5-0.5B (bf16), 512-token prompt, 256 new tokens"
@@ -56,8 +56,8 @@ say "== 5. decode speed: kd-engine generate on a random Qwen1.5-0.5B (bf16), 512
 # goes to /tmp (1 GB), not $OUT (which comes back).
 M=/tmp/kd-qwen1.5-0.5b
 rm -rf "$M"
-step 60 "error" "$B/kd-engine" init --preset qwen1.5-0.5b --out "$M"
-step 90 "prefill|decode|error|panicked" "$B/kd-engine" generate --model "$M" --device cuda --input-ids "$(seq -s, 1 512)" --max-new-tokens 256 --json
+step 40 "error" "$B/kd-engine" init --preset qwen1.5-0.5b --out "$M"
+step 60 "prefill|decode|error|panicked" "$B/kd-engine" generate --model "$M" --device cuda --input-ids "$(seq -s, 1 512)" --max-new-tokens 256 --json
 RC_DECODE=$RC; say "generate exit code $RC_DECODE"
 rm -f "$TMP"
 
