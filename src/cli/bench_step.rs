@@ -338,20 +338,9 @@ fn bench<B: Backend>(
         let (report, dh) = match a.head {
             HeadMode::Fused => {
                 let mut dh = be.zeros(be.len(&sacts.llm.hidden))?;
-                let s_side = HeadSide {
-                    hidden: &sacts.llm.hidden,
-                    hidden_size: sh.student.hidden,
-                    weight: lm_head_weight(&student.llm, &ws.llm)?,
-                    vocab: sh.student.vocab,
-                    gram: None, // the student's head trains: its Gram is rebuilt each step
-                };
-                let t_side = HeadSide {
-                    hidden: &t_hidden,
-                    hidden_size: sh.teacher.hidden,
-                    weight: lm_head_weight(&teacher.llm, &wt.llm)?,
-                    vocab: sh.teacher.vocab,
-                    gram: teacher_gram.as_ref(),
-                };
+                // The student's head trains: its Gram is rebuilt each step.
+                let s_side = HeadSide::of(&student.llm, &ws.llm, &sacts.llm.hidden, None)?;
+                let t_side = HeadSide::of(&teacher.llm, &wt.llm, &t_hidden, teacher_gram.as_ref())?;
                 let dw = lm_head_grad(&student.llm, &mut gllm)?;
                 let r = fused_distill_loss(be, &cfg, &inputs, s_side, Some(t_side), &counts, &opts, &mut dh, Some(dw))?;
                 (r, dh)

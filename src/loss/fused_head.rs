@@ -98,6 +98,13 @@ impl<Buf> Clone for HeadSide<'_, Buf> {
 }
 impl<Buf> Copy for HeadSide<'_, Buf> {}
 
+impl<'a, Buf> HeadSide<'a, Buf> {
+    /// The head side of `llm` with weights `w`, for its final hidden states `hidden`.
+    pub fn of(llm: &Llm, w: &'a ParamSet<Buf>, hidden: &'a Buf, gram: Option<&'a Buf>) -> Result<Self> {
+        Ok(HeadSide { hidden, hidden_size: llm.cfg.hidden, weight: lm_head_weight(llm, w)?, vocab: llm.cfg.vocab, gram })
+    }
+}
+
 /// The LM head weight of `llm` in `w` (the embedding table when tied).
 pub fn lm_head_weight<'a, Buf>(llm: &Llm, w: &'a ParamSet<Buf>) -> Result<&'a Buf> {
     Ok(&w.bufs[lm_head_index(llm)?])

@@ -19,7 +19,8 @@ pub mod fused_head;
 pub mod relation_identity;
 pub mod select;
 
-pub use fused_head::{fused_distill_loss, FusedHeadOptions, HeadSide, RelationForm};
+pub use fused_head::{fused_distill_loss, lm_head_grad, lm_head_weight, FusedHeadOptions, HeadSide, RelationForm};
+pub use relation_identity::head_gram;
 pub use select::{visual_ranges, LossCounts, LossInputs, SelectedRows};
 
 use anyhow::{bail, ensure, Result};

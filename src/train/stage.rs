@@ -14,7 +14,10 @@ use super::metrics::{describe, loss_fields, MetricsWriter};
 use super::model_state::MllmState;
 use crate::backend::Backend;
 use crate::data::{default_visual_placeholder, Dataset, DatasetOptions, EncodeOptions, PackedBatch, SampleEncoder, Template};
-use crate::loss::{distill_loss, visual_ranges, vocab_mismatch_note, DistillConfig, KlTargets, Logits, LossCounts, LossInputs, LossReport};
+use crate::loss::{
+    fused_distill_loss, head_gram, kept_vocab, lm_head_grad, lm_head_weight, visual_ranges, vocab_mismatch_note, DistillConfig, FusedHeadOptions, HeadSide,
+    KlTargets, LossCounts, LossInputs, LossReport,
+};
 use crate::model::{MllmGrads, ParamSet};
 use crate::optim::{AdamW, AdamWConfig, CosineSchedule};
 
@@ -163,6 +166,24 @@ pub fn run_stage<B: Backend>(
         state.optimizer_step = 0;
     }
 
+    // The loss runs on the fused LM head (`crate::loss::fused_head`): logits only for the rows a
+    // term uses, chunk by chunk, never the full [T, V]; L_rel as R = H·(WᵀW)·Hᵀ. A frozen head's
+    // Gram M = WᵀW (the teacher's always, the student's in PT/DPT) is built once per stage.
+    let head_opts = FusedHeadOptions::default();
+    let (student_llm, teacher_llm) = (&student.model.llm, teacher.map(|t| &t.model.llm));
+    let kept = teacher_llm.map_or(student_llm.cfg.vocab, |t| kept_vocab(student_llm.cfg.vocab, t.cfg.vocab));
+    let frozen_gram = |llm: &crate::model::Llm, w: &ParamSet<B::Buf>| -> Result<Option<B::Buf>> {
+        if !objective.relation_on() {
+            return Ok(None);
+        }
+        head_gram(be, lm_head_weight(llm, w)?, llm.cfg.vocab, llm.cfg.hidden, kept).map(Some)
+    };
+    let teacher_gram = match teacher {
+        Some(t) => frozen_gram(&t.model.llm, &t.weights.llm)?,
+        None => None,
+    };
+    let student_gram = if trains_llm { None } else { frozen_gram(student_llm, &student.weights.llm)? };
+
     let bar = if ctx.progress { ProgressBar::new(steps) } else { ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::hidden()) };
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps, {per_sec}, eta {eta} {msg}")
@@ -206,30 +227,29 @@ pub fn run_stage<B: Backend>(
         for (b, r) in batches.iter().zip(&ranges) {
             tokens += b.n_tokens();
             let features = if b.pixel_values.is_empty() { None } else { Some(student.model.encode_images(be, &student.weights.vision, &b.pixel_values)?) };
-            let teacher_logits = match teacher {
+            // The teacher runs forward only; of its activations only the final hidden states are kept.
+            let teacher_hidden = match teacher {
                 Some(t) => {
                     let tf = match (&features, shared_features) {
                         (Some(f), true) => Some(be.duplicate(f)?),
                         (Some(_), false) => Some(t.model.encode_images(be, &t.weights.vision, &b.pixel_values)?),
                         (None, _) => None,
                     };
-                    let acts = t.model.forward(be, &t.weights, b, tf)?;
-                    Some(t.model.llm.lm_head(be, &t.weights.llm, &acts.llm.hidden)?)
+                    Some(t.model.forward(be, &t.weights, b, tf)?.llm.hidden)
                 }
                 None => None,
             };
             let acts = student.model.forward(be, &student.weights, b, features)?;
-            let logits = student.model.llm.lm_head(be, &student.weights.llm, &acts.llm.hidden)?;
-            let mut dlogits = be.zeros(be.len(&logits))?;
-            let vs = student.model.llm.cfg.vocab;
-            let tl = match (&teacher_logits, teacher) {
-                (Some(l), Some(t)) => Some(Logits { data: l, vocab: t.model.llm.cfg.vocab }),
+            let s_side = HeadSide::of(&student.model.llm, &student.weights.llm, &acts.llm.hidden, student_gram.as_ref())?;
+            let t_side = match (teacher, &teacher_hidden) {
+                (Some(t), Some(h)) => Some(HeadSide::of(&t.model.llm, &t.weights.llm, h, teacher_gram.as_ref())?),
                 _ => None,
             };
-            let r = distill_loss(be, &objective, &loss_inputs(b, r), Logits { data: &logits, vocab: vs }, tl, &counts, &mut dlogits)?;
+            let mut dh = be.zeros(be.len(&acts.llm.hidden))?;
+            let dweight = gllm.as_mut().map(|g| lm_head_grad(&student.model.llm, g)).transpose()?;
+            let r = fused_distill_loss(be, &objective, &loss_inputs(b, r), s_side, t_side, &counts, &head_opts, &mut dh, dweight)?;
             report.add(&r);
-            drop(teacher_logits);
-            let dh = student.model.llm.lm_head_backward(be, &student.weights.llm, &acts.llm.hidden, &dlogits, gllm.as_mut())?;
+            drop(teacher_hidden);
             student.model.backward(be, &student.weights, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: gllm.as_mut() })?;
         }
 
