@@ -4,8 +4,8 @@
 //!
 //! The accuracy check is a floor, not a copied figure: a model that does not read the images
 //! answers from the prior of each question kind, which scored 26–32 % overall when nothing in the
-//! study learned grounding; the quick teacher scores about 50 %, so one under 42 % means the
-//! visual path is broken.
+//! study learned grounding; the quick teacher scores 47–54 % (seeds 1–3), so one under 40 %
+//! means the visual path is broken.
 
 use std::process::Command;
 
@@ -41,7 +41,7 @@ fn quick_study_runs_end_to_end_and_writes_its_table() {
         }
     }
     let teacher = rows[names[0]]["overall"].as_f64().unwrap();
-    assert!(teacher >= 0.42, "the teacher scores {teacher} overall: it does not read the images");
+    assert!(teacher >= 0.40, "the teacher scores {teacher} overall: it does not read the images");
 
     // Each model leaves its metrics, plots and final checkpoint in the run folder.
     for sub in ["teacher-llm", "student-llm", "teacher", "student-0", "student-1"] {
