@@ -337,9 +337,9 @@ pub trait Backend: Send + Sync {
 }
 
 /// Checks the arguments of [`Backend::attention_decode`] from their lengths (`q`, `out`, each
-/// cache) and returns the number of cache slots: the checks every backend's decode runs first.
+/// cache): the checks every backend's decode runs first.
 #[allow(clippy::too_many_arguments)]
-pub fn check_decode_args(shape: AttnShape, capacity: usize, slots: &[u32], lens: &[usize], q: usize, k_cache: usize, v_cache: usize, out: usize) -> Result<usize> {
+pub fn check_decode_args(shape: AttnShape, capacity: usize, slots: &[u32], lens: &[usize], q: usize, k_cache: usize, v_cache: usize, out: usize) -> Result<()> {
     use anyhow::ensure;
     let (h, hkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
     ensure!(h > 0 && hkv > 0 && d > 0 && h % hkv == 0, "attention_decode: {h} heads cannot share {hkv} kv heads");
@@ -354,7 +354,7 @@ pub fn check_decode_args(shape: AttnShape, capacity: usize, slots: &[u32], lens:
         ensure!((slot as usize) < n_slots, "attention_decode: row {r} uses cache slot {slot} of {n_slots}");
         ensure!(len >= 1 && len <= capacity, "attention_decode: row {r} attends to {len} of {capacity} positions");
     }
-    Ok(n_slots)
+    Ok(())
 }
 
 /// [`Backend::attention_decode`] from the backend's own ops: each row's cached keys and values

@@ -32,10 +32,9 @@ use super::{resolve_device, Device};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::data::{Group, PackedBatch};
-use crate::loss::fused_head::{lm_head_grad, lm_head_weight, rows_with_logits};
-use crate::loss::relation_identity::head_gram;
+use crate::loss::fused_head::{lm_head_grad, rows_with_logits};
 use crate::loss::{
-    distill_loss, fused_distill_loss, kept_vocab, visual_ranges, DistillConfig, FusedHeadOptions, HeadSide, Logits,
+    distill_loss, frozen_head_gram, fused_distill_loss, kept_vocab, visual_ranges, DistillConfig, FusedHeadOptions, HeadSide, Logits,
     LossCounts, LossInputs, RelationForm,
 };
 use crate::model::llm::KvCache;
@@ -287,7 +286,7 @@ fn bench<B: Backend>(
     let kept = kept_vocab(sh.student.vocab, sh.teacher.vocab);
     // The teacher never trains: its head Gram is computed once per run.
     let teacher_gram = if a.head == HeadMode::Fused && relation == RelationForm::Identity {
-        Some(head_gram(be, lm_head_weight(&teacher.llm, &wt.llm)?, sh.teacher.vocab, sh.teacher.hidden, kept)?)
+        Some(frozen_head_gram(be, &teacher.llm, &wt.llm, kept)?)
     } else {
         None
     };

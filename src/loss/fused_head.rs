@@ -105,6 +105,12 @@ impl<'a, Buf> HeadSide<'a, Buf> {
     }
 }
 
+/// M = W[:kept]ᵀ·W[:kept] of `llm`'s LM head in `w`: built once for a head that does not train
+/// and passed as [`HeadSide::gram`].
+pub fn frozen_head_gram<B: Backend>(be: &B, llm: &Llm, w: &ParamSet<B::Buf>, kept: usize) -> Result<B::Buf> {
+    head_gram(be, lm_head_weight(llm, w)?, llm.cfg.vocab, llm.cfg.hidden, kept)
+}
+
 /// The LM head weight of `llm` in `w` (the embedding table when tied).
 pub fn lm_head_weight<'a, Buf>(llm: &Llm, w: &'a ParamSet<Buf>) -> Result<&'a Buf> {
     Ok(&w.bufs[lm_head_index(llm)?])

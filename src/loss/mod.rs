@@ -19,8 +19,7 @@ pub mod fused_head;
 pub mod relation_identity;
 pub mod select;
 
-pub use fused_head::{fused_distill_loss, lm_head_grad, lm_head_weight, FusedHeadOptions, HeadSide, RelationForm};
-pub use relation_identity::head_gram;
+pub use fused_head::{frozen_head_gram, fused_distill_loss, lm_head_grad, FusedHeadOptions, HeadSide, RelationForm};
 pub use select::{visual_ranges, LossCounts, LossInputs, SelectedRows};
 
 use anyhow::{bail, ensure, Result};

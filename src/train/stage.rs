@@ -15,8 +15,8 @@ use super::model_state::MllmState;
 use crate::backend::Backend;
 use crate::data::{default_visual_placeholder, Dataset, DatasetOptions, EncodeOptions, PackedBatch, SampleEncoder, Template};
 use crate::loss::{
-    fused_distill_loss, head_gram, kept_vocab, lm_head_grad, lm_head_weight, visual_ranges, vocab_mismatch_note, DistillConfig, FusedHeadOptions, HeadSide,
-    KlTargets, LossCounts, LossInputs, LossReport,
+    frozen_head_gram, fused_distill_loss, kept_vocab, lm_head_grad, visual_ranges, vocab_mismatch_note, DistillConfig, FusedHeadOptions, HeadSide, KlTargets,
+    LossCounts, LossInputs, LossReport,
 };
 use crate::model::{MllmGrads, ParamSet};
 use crate::optim::{AdamW, AdamWConfig, CosineSchedule};
@@ -170,19 +170,15 @@ pub fn run_stage<B: Backend>(
     // term uses, chunk by chunk, never the full [T, V]; L_rel as R = H·(WᵀW)·Hᵀ. A frozen head's
     // Gram M = WᵀW (the teacher's always, the student's in PT/DPT) is built once per stage.
     let head_opts = FusedHeadOptions::default();
-    let (student_llm, teacher_llm) = (&student.model.llm, teacher.map(|t| &t.model.llm));
-    let kept = teacher_llm.map_or(student_llm.cfg.vocab, |t| kept_vocab(student_llm.cfg.vocab, t.cfg.vocab));
-    let frozen_gram = |llm: &crate::model::Llm, w: &ParamSet<B::Buf>| -> Result<Option<B::Buf>> {
-        if !objective.relation_on() {
-            return Ok(None);
+    // L_rel needs a teacher (checked above), so the grams exist only with one.
+    let (teacher_gram, student_gram) = match teacher {
+        Some(t) if objective.relation_on() => {
+            let kept = kept_vocab(student.model.llm.cfg.vocab, t.model.llm.cfg.vocab);
+            let student_gram = if trains_llm { None } else { Some(frozen_head_gram(be, &student.model.llm, &student.weights.llm, kept)?) };
+            (Some(frozen_head_gram(be, &t.model.llm, &t.weights.llm, kept)?), student_gram)
         }
-        head_gram(be, lm_head_weight(llm, w)?, llm.cfg.vocab, llm.cfg.hidden, kept).map(Some)
+        _ => (None, None),
     };
-    let teacher_gram = match teacher {
-        Some(t) => frozen_gram(&t.model.llm, &t.weights.llm)?,
-        None => None,
-    };
-    let student_gram = if trains_llm { None } else { frozen_gram(student_llm, &student.weights.llm)? };
 
     let bar = if ctx.progress { ProgressBar::new(steps) } else { ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::hidden()) };
     bar.set_style(

@@ -3,8 +3,8 @@
 //! tower shared by every model, LLMs that start from a short caption pretraining (the stand-in
 //! for the paper's pretrained LLMs, see `Plan::student_caption_epochs`), a larger teacher trained
 //! PT→SFT, a student baseline PT→SFT and a student trained with LLaVA-KD (DPT→SFT→DFT), all
-//! evaluated on held-out questions about held-out images, in the form of paper Table A8. `--ablation` adds the per-stage variants of
-//! Table A5 (DPT→SFT and PT→SFT→DFT).
+//! evaluated on held-out questions about held-out images, in the form of paper Table A8.
+//! `--ablation` adds the per-stage variants of Table A5 (DPT→SFT and PT→SFT→DFT).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
