@@ -481,6 +481,13 @@ fn presets_are_valid_and_bad_specs_are_refused() {
         ),
         (
             StudySpec {
+                describe_percent: 101,
+                ..small()
+            },
+            "describe_percent",
+        ),
+        (
+            StudySpec {
                 noise: 200,
                 ..small()
             },
