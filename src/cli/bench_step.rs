@@ -472,6 +472,16 @@ fn print_report(r: &Value) {
         gib(&m["optimizer_bytes"]),
         gib(&m["transient_bytes"])
     );
+    let p = &r["device_pool"];
+    if p.is_object() {
+        println!(
+            "  device pool: peak reserved {}, {} driver allocations ({} inside the timed steps), {} reuses",
+            gib(&p["peak_reserved_bytes"]),
+            p["driver_allocs"],
+            p["driver_allocs_in_timed_steps"],
+            p["reuses"]
+        );
+    }
     println!("  loss {:.4} (ce {:.4})", f(&r["loss"]["total"]), f(&r["loss"]["ce"]));
 }
 
@@ -520,8 +530,21 @@ pub fn run(a: BenchStepArgs) -> Result<()> {
             let be = crate::backend::cuda::CudaBackend::new()?;
             eprintln!("bench-step on {}", be.describe());
             let peak = || Some(be.mem_stats().1 as u64);
-            let reset = || be.reset_peak();
-            bench(&be, &a, &peak, &reset, "kd-engine's device allocations, high-water mark over the timed steps", 2)?
+            // Driver allocations inside the timed steps show whether the pool served them all.
+            let allocs_at_reset = std::cell::Cell::new(0u64);
+            let reset = || {
+                be.reset_peak();
+                allocs_at_reset.set(be.pool_stats().driver_allocs);
+            };
+            let mut r = bench(&be, &a, &peak, &reset, "kd-engine's device buffers, high-water mark over the timed steps", 2)?;
+            let p = be.pool_stats();
+            r["device_pool"] = json!({
+                "peak_reserved_bytes": p.peak_reserved,
+                "driver_allocs": p.driver_allocs,
+                "driver_allocs_in_timed_steps": p.driver_allocs - allocs_at_reset.get(),
+                "reuses": p.reuses,
+            });
+            r
         }
         _ => {
             eprintln!(

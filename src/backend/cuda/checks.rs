@@ -231,6 +231,29 @@ fn memory(c: &mut Ctx) {
         c.record("out of memory is a clear error", 0.0, 0.0, String::new());
         Ok(())
     });
+    c.case("the pool serves a repeated sequence without the driver", |c| {
+        let x = c.rand(70_000, -1.0, 1.0);
+        // One "step": buffers of several sizes, freed in another order than allocated.
+        let step = |c: &mut Ctx| -> Result<()> {
+            let a = c.up(&x)?;
+            let b = c.be.duplicate(&a)?;
+            let z = c.be.zeros_of(300_000, DType::F32)?;
+            drop(a);
+            let d = c.be.duplicate(&b)?;
+            drop((z, b));
+            c.cmp_buf("pool: a reused block holds the new data", &d, &x, 0.0)
+        };
+        step(c)?;
+        let first = c.be.pool_stats();
+        for _ in 0..3 {
+            step(c)?;
+        }
+        let s = c.be.pool_stats();
+        ensure!(s.driver_allocs == first.driver_allocs, "{} driver allocations after the first step", s.driver_allocs - first.driver_allocs);
+        ensure!(s.reuses >= first.reuses + 12, "only {} reuses in three steps", s.reuses - first.reuses);
+        c.record("pool: no driver allocation after the first step", 0.0, 0.0, String::new());
+        Ok(())
+    });
     c.case("optimizer state f32", |c| {
         let x: Vec<f32> = (0..513).map(|_| c.uniform(-1.0, 1.0)).collect();
         let s = c.be.upload_state(&x)?;

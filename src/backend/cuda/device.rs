@@ -9,13 +9,14 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::{result as blas_result, sys as blas_sys};
 use cudarc::driver::result::{self as dr, DriverError};
 use cudarc::driver::{sys, CudaContext};
+
+use super::pool::{Pool, PoolStats, RawMemory};
 
 #[cfg(kd_kernels)]
 mod ptx {
@@ -90,19 +91,40 @@ pub fn fmt_bytes(b: usize) -> String {
     }
 }
 
-/// Counts this process's device allocations (SPEC §5: kd-engine counts its own bytes).
-#[derive(Default)]
-pub struct MemCounter {
-    pub current: AtomicUsize,
-    pub peak: AtomicUsize,
+/// The driver's allocator under the pool: `cuMemAlloc`/`cuMemFree` in this context.
+pub(crate) struct DriverMemory {
+    ctx: Arc<CudaContext>,
 }
 
-/// One device allocation, freed on drop.
+impl RawMemory for DriverMemory {
+    fn alloc(&self, bytes: usize) -> Result<Option<u64>> {
+        self.ctx.bind_to_thread().map_err(cu("binding the CUDA context to this thread"))?;
+        // SAFETY: plain allocation; the memory is uninitialised until written.
+        match unsafe { dr::malloc_sync(bytes) } {
+            Ok(ptr) => Ok(Some(ptr)),
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => Ok(None),
+            Err(e) => Err(anyhow!("CUDA error in cuMemAlloc of {bytes} bytes: {e}")),
+        }
+    }
+
+    fn free(&self, ptr: u64, _bytes: usize) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: ptr came from cuMemAlloc in this context and is freed once (the pool hands
+            // a block back to the driver only from its cache, never while a buffer holds it).
+            let _ = unsafe { dr::free_sync(ptr) };
+        }
+    }
+}
+
+pub(crate) type DevicePool = Pool<DriverMemory>;
+
+/// One device buffer: a block of the caching pool, returned to it on drop.
 pub struct DevMem {
     ptr: sys::CUdeviceptr,
+    /// The bytes asked for; the block behind it may be larger.
     bytes: usize,
-    ctx: Arc<CudaContext>,
-    counter: Arc<MemCounter>,
+    block: usize,
+    pool: Option<Arc<DevicePool>>,
 }
 
 impl DevMem {
@@ -116,13 +138,8 @@ impl DevMem {
 
 impl Drop for DevMem {
     fn drop(&mut self) {
-        if self.ptr != 0 {
-            // Errors cannot propagate from drop; a failed free leaks, it does not corrupt.
-            if self.ctx.bind_to_thread().is_ok() {
-                // SAFETY: ptr came from cuMemAlloc in this context and is freed once.
-                let _ = unsafe { dr::free_sync(self.ptr) };
-            }
-            self.counter.current.fetch_sub(self.bytes, Ordering::Relaxed);
+        if let Some(pool) = &self.pool {
+            pool.free(self.ptr, self.block);
         }
     }
 }
@@ -214,7 +231,8 @@ pub struct Gpu {
     pub cc: (i32, i32),
     pub arch: &'static str,
     pub sm_count: i32,
-    pub counter: Arc<MemCounter>,
+    /// Every device buffer comes from this cache (see `pool.rs`).
+    pub(crate) pool: Arc<DevicePool>,
     /// Synchronise after every launch (`KD_CUDA_SYNC=1`), so an asynchronous fault is reported at
     /// the launch that caused it.
     sync_each: bool,
@@ -301,7 +319,7 @@ impl Gpu {
         unsafe { blas_result::set_stream(blas, stream as _) }.map_err(blas_err("cublasSetStream"))?;
         let sync_each = std::env::var("KD_CUDA_SYNC").is_ok_and(|v| v == "1");
         Ok(Gpu {
-            ctx,
+            ctx: ctx.clone(),
             stream,
             blas,
             modules,
@@ -311,7 +329,7 @@ impl Gpu {
             cc,
             arch,
             sm_count,
-            counter: Arc::new(MemCounter::default()),
+            pool: Arc::new(Pool::new(DriverMemory { ctx: ctx.clone() })),
             sync_each,
         })
     }
@@ -332,34 +350,32 @@ impl Gpu {
         dr::mem_get_info().map_err(cu("cuMemGetInfo"))
     }
 
-    /// Allocates `bytes` (uninitialised). Out of memory is an error that says what was asked and
-    /// what is free.
+    /// Allocates `bytes` (uninitialised) from the caching pool. Out of memory is an error that
+    /// says what was asked and what is free.
     pub fn alloc(&self, bytes: usize) -> Result<DevMem> {
-        self.bind()?;
-        let mk = |ptr| {
-            let cur = self.counter.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
-            self.counter.peak.fetch_max(cur, Ordering::Relaxed);
-            DevMem { ptr, bytes, ctx: self.ctx.clone(), counter: self.counter.clone() }
-        };
         if bytes == 0 {
-            return Ok(DevMem { ptr: 0, bytes: 0, ctx: self.ctx.clone(), counter: self.counter.clone() });
+            return Ok(DevMem { ptr: 0, bytes: 0, block: 0, pool: None });
         }
-        // SAFETY: plain allocation; the memory is uninitialised until written.
-        match unsafe { dr::malloc_sync(bytes) } {
-            Ok(ptr) => Ok(mk(ptr)),
-            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+        match self.pool.alloc(bytes)? {
+            Some((ptr, block)) => Ok(DevMem { ptr, bytes, block, pool: Some(self.pool.clone()) }),
+            None => {
+                self.bind()?;
                 let (free, total) = dr::mem_get_info().unwrap_or((0, 0));
+                let held = self.pool.stats().in_use;
                 bail!(
-                    "CUDA out of memory on {}: asked for {} ({bytes} bytes), {} free of {} (kd-engine holds {})",
+                    "CUDA out of memory on {}: asked for {} ({bytes} bytes), {} free of {} (kd-engine's buffers hold {})",
                     self.device_name,
                     fmt_bytes(bytes),
                     fmt_bytes(free),
                     fmt_bytes(total),
-                    fmt_bytes(self.counter.current.load(Ordering::Relaxed))
+                    fmt_bytes(held)
                 )
             }
-            Err(e) => Err(anyhow!("CUDA error in cuMemAlloc of {bytes} bytes: {e}")),
         }
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
     }
 
     /// Host → device, synchronous for the host (the host slice may be dropped on return).

@@ -35,6 +35,7 @@ pub mod checks;
 mod decode;
 mod device;
 mod ops;
+mod pool;
 mod relation;
 
 use std::sync::{Mutex, MutexGuard};
@@ -44,6 +45,7 @@ use anyhow::{anyhow, ensure, Result};
 pub use device::{built_arches, fmt_bytes, kernels_built, probe, unavailable_reason};
 use device::{DevMem, Gpu};
 pub use device::KArg;
+pub use pool::PoolStats;
 
 /// Element type of a device buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,17 +130,26 @@ impl CudaBackend {
         &self.gpu.device_name
     }
 
-    /// (current, peak) bytes of kd-engine's own device allocations.
+    /// (current, peak) bytes of kd-engine's live device buffers (whole pool blocks, as PyTorch's
+    /// `memory_allocated` counts them).
     pub fn mem_stats(&self) -> (usize, usize) {
-        use std::sync::atomic::Ordering;
-        (self.gpu.counter.current.load(Ordering::Relaxed), self.gpu.counter.peak.load(Ordering::Relaxed))
+        let s = self.gpu.pool_stats();
+        (s.in_use, s.peak_in_use)
     }
 
-    /// Resets the peak of [`Self::mem_stats`] to the current value.
+    /// The caching pool's counts: bytes in use and reserved, driver calls, reuses.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.gpu.pool_stats()
+    }
+
+    /// Resets the peaks of [`Self::mem_stats`] to the present values.
     pub fn reset_peak(&self) {
-        use std::sync::atomic::Ordering;
-        let cur = self.gpu.counter.current.load(Ordering::Relaxed);
-        self.gpu.counter.peak.store(cur, Ordering::Relaxed);
+        self.gpu.pool.reset_peaks()
+    }
+
+    /// Returns the pool's cached (unused) blocks to the driver.
+    pub fn empty_cache(&self) -> Result<()> {
+        self.gpu.pool.empty_cache()
     }
 
     /// (free, total) device memory.
