@@ -1,6 +1,7 @@
 //! Finite-difference check (f64) of the whole decoder's hand-written backward: every weight tensor
 //! and the input embeddings, for Qwen2 (GQA, tied and untied) and LLaMA (with attention biases, and
-//! without), over a packed batch of two sequences.
+//! without), over a packed batch of two sequences; gradient checkpointing and the forward-only pass
+//! against the plain training forward.
 
 mod common;
 
@@ -126,4 +127,53 @@ fn llama_untied_decoder_gradients() {
 #[test]
 fn llama_tied_with_attention_bias_decoder_gradients() {
     Case::new(config(Arch::Llama, true, true)).check();
+}
+
+/// Hidden state, input gradient, weight gradients and saved values of one forward + backward.
+fn run_once(case: &mut Case, checkpointing: bool) -> (Vec<f64>, Vec<f64>, ParamSet<Vec<f64>>, usize) {
+    case.model.gradient_checkpointing = checkpointing;
+    let be = B::new();
+    let w = case.weights(&be);
+    let x = case.model.embed(&be, &w, &case.ids).unwrap();
+    let acts = case.model.forward(&be, &w, x, &case.layout).unwrap();
+    let logits = case.model.lm_head(&be, &w, &acts.hidden).unwrap();
+    let mut dlogits = vec![0.0; logits.len()];
+    be.cross_entropy(&logits, &case.targets, case.model.cfg.vocab, 0.1, &mut dlogits).unwrap();
+    let mut grads = ParamSet::zeros(&be, &case.model.specs).unwrap();
+    let dh = case.model.lm_head_backward(&be, &w, &acts.hidden, &dlogits, Some(&mut grads)).unwrap();
+    let dx = case.model.backward(&be, &w, &acts, &dh, Some(&mut grads)).unwrap();
+    case.model.embed_backward(&be, &mut grads, &case.ids, &dx).unwrap();
+    (acts.hidden.clone(), dx, grads, case.model.saved_values(&be, &acts))
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients_from_fewer_saved_values() {
+    for cfg in [config(Arch::Qwen2, false, false), config(Arch::Llama, true, true)] {
+        let mut case = Case::new(cfg);
+        let (h_full, dx_full, g_full, saved_full) = run_once(&mut case, false);
+        let (h_ckpt, dx_ckpt, g_ckpt, saved_ckpt) = run_once(&mut case, true);
+        assert_eq!(h_full, h_ckpt, "checkpointing changed the forward");
+        assert_eq!(dx_full, dx_ckpt, "checkpointing changed the input gradient");
+        for (spec, (a, b)) in g_full.specs.iter().zip(g_full.bufs.iter().zip(&g_ckpt.bufs)) {
+            assert!(a.iter().any(|&v| v != 0.0), "{}: no gradient at all", spec.name);
+            assert_eq!(a, b, "{}: checkpointing changed the gradient", spec.name);
+        }
+        // Per block: 14 saved tensors (with the 10-wide MLP) against the 12-wide input alone.
+        let t = case.layout.tokens();
+        let c = &case.model.cfg;
+        let tail = 2 * t * c.hidden + t; // final residual, final hidden, its rstd
+        assert_eq!(saved_ckpt, c.layers * t * c.hidden + tail);
+        assert!(saved_full > 5 * saved_ckpt - 5 * tail, "full {saved_full} vs checkpointed {saved_ckpt}");
+    }
+}
+
+#[test]
+fn forward_only_hidden_states_equal_the_training_forward() {
+    let case = Case::new(config(Arch::Qwen2, true, false));
+    let be = B::new();
+    let w = case.weights(&be);
+    let x = case.model.embed(&be, &w, &case.ids).unwrap();
+    let acts = case.model.forward(&be, &w, x.clone(), &case.layout).unwrap();
+    let hidden = case.model.hidden_states(&be, &w, x, &case.layout).unwrap();
+    assert_eq!(acts.hidden, hidden);
 }

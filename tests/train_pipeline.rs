@@ -145,6 +145,22 @@ fn a_stopped_and_resumed_run_reproduces_the_uninterrupted_loss_curve_bit_for_bit
 }
 
 #[test]
+fn gradient_checkpointing_trains_the_same_run_bit_for_bit() {
+    let s = setup();
+    let teacher = model(&s, 24, 9);
+    let stages = [short(StageKind::Dpt, &s.pretrain, 2), short(StageKind::Dft, &s.sft, 2)];
+    let mut plain = model(&s, 16, 1);
+    let rc = RunConfig { log_every: 0, ..RunConfig::default() };
+    run(&s, "plain", &rc, &stages, &mut plain, Some(&teacher), None, None).unwrap();
+    let mut ckpt = model(&s, 16, 1);
+    let rc = RunConfig { gradient_checkpointing: true, ..rc };
+    run(&s, "checkpointed", &rc, &stages, &mut ckpt, Some(&teacher), None, None).unwrap();
+    assert!(ckpt.model.llm.gradient_checkpointing, "the run's setting reaches the student");
+    assert_eq!(metric_losses(&s.root.join("plain/metrics.jsonl")), metric_losses(&s.root.join("checkpointed/metrics.jsonl")));
+    assert!(same(&plain.weights.llm.bufs, &ckpt.weights.llm.bufs) && same(&plain.weights.projector.bufs, &ckpt.weights.projector.bufs));
+}
+
+#[test]
 fn an_interrupted_checkpoint_write_leaves_the_previous_one_usable() {
     let s = setup();
     let rc = RunConfig { log_every: 0, checkpoint_every: 1, ..RunConfig::default() };

@@ -9,8 +9,10 @@
 //!
 //! Phases, each closed by a device synchronisation so its time is its own: vision (the tower to
 //! `hidden_states[-2]`), teacher forward (projector + LLM to its final hidden states, by default
-//! through `Llm::prefill`, which saves no activations — `--teacher-forward saved` keeps them as a
-//! training forward does, 13.5 GB in bf16 at the anchor; with `--head direct` also its full logits), student forward (same), loss (the LM heads and the
+//! through `Llm::hidden_states`, which drops each block's activations as soon as the next block has
+//! its input; with `--head direct` also its full logits), student forward (the same, keeping what
+//! the backward needs: every block's activations, or with `--gradient-checkpointing` only each
+//! block's input, the backward then recomputing the block), loss (the LM heads and the
 //! objective with their gradients: the chunked fused head by default, or full logits →
 //! `distill_loss` → `lm_head_backward` with `--head direct`), backward (the student LLM and
 //! projector), optimizer (AdamW with global-norm clipping, then zeroing the gradients).
@@ -37,7 +39,6 @@ use crate::loss::{
     distill_loss, frozen_head_gram, fused_distill_loss, kept_vocab, visual_ranges, DistillConfig, FusedHeadOptions, HeadSide, Logits,
     LossCounts, LossInputs, RelationForm,
 };
-use crate::model::llm::KvCache;
 use crate::model::presets::{self, init_values, PresetModel, SIGLIP_PREFIX};
 use crate::model::{FeatureSelect, Llm, LlmConfig, Mllm, MllmGrads, MllmWeights, ParamSet, ParamSpec, VisionConfig, VisionTower};
 use crate::optim::{AdamW, AdamWConfig};
@@ -58,15 +59,6 @@ pub enum RelationArg {
     Identity,
     /// R = Z·Zᵀ on each image's logits (one 728-row chunk per image).
     Logits,
-}
-
-/// How the teacher's forward runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum TeacherForward {
-    /// `Llm::prefill`: keeps only a KV cache (allocated once), no activations for a backward.
-    Prefill,
-    /// `Mllm::forward`: saves every layer's activations as a training forward does.
-    Saved,
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,9 +84,10 @@ pub struct BenchStepArgs {
     head: HeadMode,
     #[arg(long, value_enum, default_value_t = RelationArg::Identity)]
     relation: RelationArg,
-    /// The teacher's forward (it never trains: nothing of it is needed for a backward).
-    #[arg(long, value_enum, default_value_t = TeacherForward::Prefill)]
-    teacher_forward: TeacherForward,
+    /// Gradient checkpointing in the student LLM: keep each block's input only and recompute
+    /// the block in the backward.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Rows per chunk of the fused head.
     #[arg(long, default_value_t = crate::loss::fused_head::DEFAULT_CHUNK_ROWS)]
     chunk_rows: usize,
@@ -258,7 +251,8 @@ fn bench<B: Backend>(
     let sh = shapes(a)?;
     let setup = Instant::now();
     let vision = VisionTower::new(sh.vision.clone());
-    let student = Mllm::new(vision, Llm::new(sh.student.clone()), -2, FeatureSelect::Patch)?;
+    let mut student = Mllm::new(vision, Llm::new(sh.student.clone()), -2, FeatureSelect::Patch)?;
+    student.llm.gradient_checkpointing = a.gradient_checkpointing;
     let teacher = Mllm::new(VisionTower::new(sh.vision.clone()), Llm::new(sh.teacher.clone()), -2, FeatureSelect::Patch)?;
     ensure!(student.visual_tokens() == sh.visual, "visual tokens {} vs layout {}", student.visual_tokens(), sh.visual);
     let seed = a.seed;
@@ -290,12 +284,6 @@ fn bench<B: Backend>(
     } else {
         None
     };
-    // The teacher's KV cache for --teacher-forward prefill, allocated once.
-    let slots: Vec<usize> = (0..sh.batch).collect();
-    let mut cache = match a.teacher_forward {
-        TeacherForward::Prefill => Some(KvCache::new(be, &sh.teacher, sh.batch, sh.seq_len)?),
-        TeacherForward::Saved => None,
-    };
     let mut gproj = ParamSet::zeros(be, &student.projector.specs)?;
     let mut gllm = ParamSet::zeros(be, &student.llm.specs)?;
     let mut opt = AdamW::new(be, &[&ws.projector, &ws.llm], AdamWConfig::default())?;
@@ -317,14 +305,7 @@ fn bench<B: Backend>(
         sync(be, &features)?;
         lap(0, &mut clock);
         let tfeat = be.duplicate(&features)?;
-        let t_hidden = match cache.as_mut() {
-            Some(cache) => {
-                let (x, _, _) = teacher.input_embeddings(be, &wt, &batch, Some(tfeat))?;
-                (0..batch.seq_lens.len()).for_each(|s| cache.clear(s));
-                teacher.llm.prefill(be, &wt.llm, x, &batch.seq_lens, &slots, cache)?
-            }
-            None => teacher.forward(be, &wt, &batch, Some(tfeat))?.llm.hidden,
-        };
+        let t_hidden = teacher.hidden_states(be, &wt, &batch, Some(tfeat))?;
         let tlogits = match a.head {
             HeadMode::Direct => Some(teacher.llm.lm_head(be, &wt.llm, &t_hidden)?),
             HeadMode::Fused => None,
@@ -408,7 +389,7 @@ fn bench<B: Backend>(
         "head": format!("{:?}", a.head).to_lowercase(),
         "relation": format!("{:?}", a.relation).to_lowercase(),
         "chunk_rows": a.chunk_rows,
-        "teacher_forward": format!("{:?}", a.teacher_forward).to_lowercase(),
+        "gradient_checkpointing": a.gradient_checkpointing,
         "shapes": {
             "student": format!("{} /{}: {}", a.student, a.scale, describe_llm(&sh.student)),
             "teacher": format!("{} /{}: {}", a.teacher, a.scale, describe_llm(&sh.teacher)),

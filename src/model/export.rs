@@ -630,7 +630,7 @@ pub fn mllm_logits<B: Backend>(
         Some(_) => Some(mllm.encode_images(be, &weights.vision, &batch.pixel_values)?),
         None => None,
     };
-    let acts = mllm.forward(be, weights, &batch, features)?;
-    let logits = mllm.llm.lm_head(be, &weights.llm, &acts.llm.hidden)?;
+    let hidden = mllm.hidden_states(be, weights, &batch, features)?;
+    let logits = mllm.llm.lm_head(be, &weights.llm, &hidden)?;
     be.download(&logits)
 }

@@ -67,9 +67,16 @@ struct LayerActs<Buf> {
     act: Buf,
 }
 
+/// What a block keeps for its backward: everything, or (gradient checkpointing) only its input,
+/// from which the backward recomputes the rest.
+enum SavedBlock<Buf> {
+    Full(LayerActs<Buf>),
+    Input(Buf),
+}
+
 /// Saved state of one forward pass.
 pub struct LlmActs<Buf> {
-    layers: Vec<LayerActs<Buf>>,
+    layers: Vec<SavedBlock<Buf>>,
     x_final: Buf,
     rstd_final: Buf,
     /// The final normed hidden state `[T, hidden]`: the LM head's input.
@@ -156,6 +163,10 @@ impl<Buf> KvCache<Buf> {
 pub struct Llm {
     pub cfg: LlmConfig,
     pub specs: Vec<ParamSpec>,
+    /// Gradient checkpointing: the training forward keeps only each block's input and the
+    /// backward recomputes the block (one more forward of compute for ~1/15 of the activation
+    /// memory; the gradients are bit-identical).
+    pub gradient_checkpointing: bool,
     embed: ParamId,
     layers: Vec<LayerIds>,
     norm: ParamId,
@@ -205,7 +216,7 @@ impl Llm {
         } else {
             add(ParamSpec::matrix("lm_head.weight".into(), cfg.vocab, h))
         };
-        Llm { cfg, specs, embed, layers, norm, lm_head }
+        Llm { cfg, specs, gradient_checkpointing: false, embed, layers, norm, lm_head }
     }
 
     fn attn_shape(&self) -> AttnShape {
@@ -224,29 +235,71 @@ impl Llm {
         be.embedding_backward(dx, ids, self.cfg.hidden, grads.get_mut(self.embed))
     }
 
-    /// Runs the blocks and the final norm on input embeddings `x [T, hidden]`.
-    pub fn forward<B: Backend>(&self, be: &B, w: &ParamSet<B::Buf>, x: B::Buf, layout: &SeqLayout) -> Result<LlmActs<B::Buf>> {
-        let c = &self.cfg;
+    fn check_input<B: Backend>(&self, be: &B, x: &B::Buf, layout: &SeqLayout) -> Result<()> {
         let t = layout.tokens();
-        ensure!(be.len(&x) == t * c.hidden, "llm forward: {} input values for {t} tokens of width {}", be.len(&x), c.hidden);
+        ensure!(be.len(x) == t * self.cfg.hidden, "llm forward: {} input values for {t} tokens of width {}", be.len(x), self.cfg.hidden);
         ensure!(layout.seq_lens.iter().sum::<usize>() == t, "llm forward: sequence lengths do not add up to {t} tokens");
-        let qd = c.heads * c.head_dim;
-        let mut layers = Vec::with_capacity(c.layers);
+        Ok(())
+    }
+
+    /// Runs the blocks and the final norm on input embeddings `x [T, hidden]`, keeping what the
+    /// backward needs (only each block's input under gradient checkpointing).
+    pub fn forward<B: Backend>(&self, be: &B, w: &ParamSet<B::Buf>, x: B::Buf, layout: &SeqLayout) -> Result<LlmActs<B::Buf>> {
+        self.check_input(be, &x, layout)?;
+        let mut layers = Vec::with_capacity(self.cfg.layers);
         let mut x = x;
         for ids in &self.layers {
-            let (x_out, acts) = self.block(be, w, ids, x, &layout.positions, |q, k, v| {
-                let mut attn = be.zeros(t * qd)?;
-                let mut lse = be.zeros(t * c.heads)?;
-                be.attention(self.attn_shape(), &layout.seq_lens, q, k, v, &mut attn, &mut lse)?;
-                Ok((attn, lse))
-            })?;
+            let (x_out, acts) = self.train_block(be, w, ids, x, layout)?;
             x = x_out;
-            layers.push(acts);
+            layers.push(if self.gradient_checkpointing { SavedBlock::Input(acts.x_in) } else { SavedBlock::Full(acts) });
         }
+        let t = layout.tokens();
         let mut rstd_final = be.zeros(t)?;
-        let mut hidden = be.zeros(t * c.hidden)?;
-        be.rmsnorm(&x, w.get(self.norm), c.rms_eps, &mut hidden, &mut rstd_final)?;
+        let mut hidden = be.zeros(t * self.cfg.hidden)?;
+        be.rmsnorm(&x, w.get(self.norm), self.cfg.rms_eps, &mut hidden, &mut rstd_final)?;
         Ok(LlmActs { layers, x_final: x, rstd_final, hidden, layout: layout.clone() })
+    }
+
+    /// The final normed hidden state `[T, hidden]` for a forward-only pass (the teacher): each
+    /// block's activations are dropped as soon as the next block has its input.
+    pub fn hidden_states<B: Backend>(&self, be: &B, w: &ParamSet<B::Buf>, x: B::Buf, layout: &SeqLayout) -> Result<B::Buf> {
+        self.check_input(be, &x, layout)?;
+        let mut x = x;
+        for ids in &self.layers {
+            x = self.train_block(be, w, ids, x, layout)?.0;
+        }
+        self.final_norm(be, w, &x)
+    }
+
+    /// Values kept by a training forward for its backward (to compare checkpointing's savings).
+    pub fn saved_values<B: Backend>(&self, be: &B, acts: &LlmActs<B::Buf>) -> usize {
+        let block = |s: &SavedBlock<B::Buf>| match s {
+            SavedBlock::Input(x) => be.len(x),
+            SavedBlock::Full(a) => [&a.x_in, &a.rstd1, &a.h1, &a.q, &a.k, &a.v, &a.attn, &a.lse, &a.x_mid, &a.rstd2, &a.h2, &a.gate, &a.up, &a.act]
+                .iter()
+                .map(|b| be.len(b))
+                .sum(),
+        };
+        acts.layers.iter().map(block).sum::<usize>() + be.len(&acts.x_final) + be.len(&acts.rstd_final) + be.len(&acts.hidden)
+    }
+
+    /// One block of a packed training batch (varlen attention over `layout`'s sequences).
+    fn train_block<B: Backend>(
+        &self,
+        be: &B,
+        w: &ParamSet<B::Buf>,
+        ids: &LayerIds,
+        x: B::Buf,
+        layout: &SeqLayout,
+    ) -> Result<(B::Buf, LayerActs<B::Buf>)> {
+        let c = &self.cfg;
+        let t = layout.tokens();
+        self.block(be, w, ids, x, &layout.positions, |q, k, v| {
+            let mut attn = be.zeros(t * c.heads * c.head_dim)?;
+            let mut lse = be.zeros(t * c.heads)?;
+            be.attention(self.attn_shape(), &layout.seq_lens, q, k, v, &mut attn, &mut lse)?;
+            Ok((attn, lse))
+        })
     }
 
     /// One decoder block on `x [T, hidden]` at RoPE `positions`. The attention step is the
@@ -452,7 +505,15 @@ impl Llm {
             be.add_assign(g.get_mut(self.norm), &dnorm)?;
         }
         let mut tmp_h = be.zeros(t * h)?;
-        for (ids, a) in self.layers.iter().zip(&acts.layers).rev() {
+        for (ids, saved) in self.layers.iter().zip(&acts.layers).rev() {
+            let recomputed;
+            let a = match saved {
+                SavedBlock::Full(a) => a,
+                SavedBlock::Input(x_in) => {
+                    recomputed = self.train_block(be, w, ids, be.duplicate(x_in)?, &acts.layout)?.1;
+                    &recomputed
+                }
+            };
             // Linear layer backward: dX (+)= dY·W, and (when training) dW += dYᵀ·X, db += Σ dY.
             let linear_back = |grads: &mut Option<&mut ParamSet<B::Buf>>,
                                    wt: ParamId,
@@ -543,7 +604,7 @@ impl<Buf> LoadedLlm<Buf> {
     pub fn logits<B: Backend<Buf = Buf>>(&self, be: &B, ids: &[u32]) -> Result<Buf> {
         ensure!(!ids.is_empty(), "no input ids: at least one token is needed");
         let x = self.model.embed(be, &self.weights, ids)?;
-        let acts = self.model.forward(be, &self.weights, x, &SeqLayout::from_lens(&[ids.len()]))?;
-        self.model.lm_head(be, &self.weights, &acts.hidden)
+        let hidden = self.model.hidden_states(be, &self.weights, x, &SeqLayout::from_lens(&[ids.len()]))?;
+        self.model.lm_head(be, &self.weights, &hidden)
     }
 }

@@ -129,6 +129,14 @@ impl Mllm {
         Ok(MllmActs { llm, projector, visual_starts: starts, ids: batch.ids.clone() })
     }
 
+    /// The final normed hidden state `[T, hidden]` of a forward-only pass (the teacher, and
+    /// inference): nothing is kept for a backward.
+    pub fn hidden_states<B: Backend>(&self, be: &B, w: &MllmWeights<B::Buf>, batch: &PackedBatch, features: Option<B::Buf>) -> Result<B::Buf> {
+        let (x, _, _) = self.input_embeddings(be, w, batch, features)?;
+        let layout = SeqLayout { positions: batch.positions.clone(), seq_lens: batch.seq_lens.clone() };
+        self.llm.hidden_states(be, &w.llm, x, &layout)
+    }
+
     /// The LLM's input `[T, hidden]`: token embeddings with each image's visual block replaced by
     /// its projected features. Shared by [`Mllm::forward`] and generation's prefill. Also returns
     /// the projector's saved state and the first row of each visual block.

@@ -96,6 +96,7 @@ pub fn run_stage<B: Backend>(
     resume_from: Option<&Path>,
 ) -> Result<()> {
     let name = stage.kind.name().to_uppercase();
+    student.model.llm.gradient_checkpointing = ctx.run.gradient_checkpointing;
     let objective = distill_config(stage);
     let teacher = match (objective.needs_teacher(), teacher) {
         (true, None) => bail!("stage {stage_index} ({name}) distils, but no teacher was given"),
@@ -223,7 +224,8 @@ pub fn run_stage<B: Backend>(
         for (b, r) in batches.iter().zip(&ranges) {
             tokens += b.n_tokens();
             let features = if b.pixel_values.is_empty() { None } else { Some(student.model.encode_images(be, &student.weights.vision, &b.pixel_values)?) };
-            // The teacher runs forward only; of its activations only the final hidden states are kept.
+            // The teacher runs forward only: no activation outlives its block; the final hidden states
+            // are all that is kept.
             let teacher_hidden = match teacher {
                 Some(t) => {
                     let tf = match (&features, shared_features) {
@@ -231,7 +233,7 @@ pub fn run_stage<B: Backend>(
                         (Some(_), false) => Some(t.model.encode_images(be, &t.weights.vision, &b.pixel_values)?),
                         (None, _) => None,
                     };
-                    Some(t.model.forward(be, &t.weights, b, tf)?.llm.hidden)
+                    Some(t.model.hidden_states(be, &t.weights, b, tf)?)
                 }
                 None => None,
             };
