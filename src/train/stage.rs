@@ -13,7 +13,7 @@ use super::config::{RunConfig, StageConfig, Target};
 use super::metrics::{describe, loss_fields, MetricsWriter};
 use super::model_state::MllmState;
 use crate::backend::Backend;
-use crate::data::{default_visual_placeholder, Dataset, DatasetOptions, EncodeOptions, PackedBatch, SampleEncoder, Template};
+use crate::data::{default_visual_placeholder, Dataset, DatasetOptions, EncodeOptions, ImageProcessorConfig, PackedBatch, SampleEncoder, Template};
 use crate::loss::{
     frozen_head_gram, fused_distill_loss, kept_vocab, lm_head_grad, visual_ranges, vocab_mismatch_note, DistillConfig, FusedHeadOptions, HeadSide, KlTargets,
     LossCounts, LossInputs, LossReport,
@@ -40,6 +40,39 @@ fn log(bar: &ProgressBar, line: String) {
         eprintln!("{line}");
     } else {
         bar.println(line);
+    }
+}
+
+/// One optimizer step's micro-batches and the reasons of the samples skipped while loading them.
+struct StepData {
+    batches: Vec<PackedBatch>,
+    skipped: Vec<String>,
+}
+
+/// Loads the micro-batches of a step from the stage's sample order.
+#[derive(Clone, Copy)]
+struct StepLoader<'a> {
+    dataset: &'a Dataset,
+    encoder: &'a SampleEncoder,
+    processor: &'a ImageProcessorConfig,
+    order: &'a [usize],
+    global_batch: usize,
+    micro_batch: usize,
+}
+
+impl StepLoader<'_> {
+    fn load(&self, step: u64) -> Result<StepData> {
+        let gb = self.global_batch;
+        let idx = &self.order[step as usize * gb..((step as usize + 1) * gb).min(self.order.len())];
+        let mut data = StepData { batches: Vec::new(), skipped: Vec::new() };
+        for chunk in idx.chunks(self.micro_batch) {
+            let loaded = self.dataset.load_batch(chunk, self.encoder, self.processor)?;
+            data.skipped.extend(loaded.skipped.iter().map(|s| s.to_string()));
+            if loaded.batch.n_sequences() > 0 {
+                data.batches.push(loaded.batch);
+            }
+        }
+        Ok(data)
     }
 }
 
@@ -191,124 +224,138 @@ pub fn run_stage<B: Backend>(
     bar.set_position(state.stage_step);
     let started = Instant::now();
 
-    while state.stage_step < steps {
-        if ctx.stop_after_global_step.is_some_and(|s| state.global_step >= s) {
-            bar.abandon();
-            return Ok(());
-        }
-        let step = state.stage_step;
-        let step_start = Instant::now();
-        let idx = &order[step as usize * gb..((step as usize + 1) * gb).min(order.len())];
-        let mut batches = Vec::new();
-        let mut skipped = 0usize;
-        for chunk in idx.chunks(stage.micro_batch()) {
-            let loaded = dataset.load_batch(chunk, &encoder, &student.processor)?;
-            for s in &loaded.skipped {
+    // The next step's batches (images decoded and preprocessed, samples tokenised and packed) are
+    // loaded on another thread while this step computes; at most one step ahead, in the same
+    // order as without it, so runs stay reproducible.
+    let loader = StepLoader { dataset: &dataset, encoder: &encoder, processor: &student.processor.clone(), order: &order, global_batch: gb, micro_batch: stage.micro_batch() };
+    let completed = std::thread::scope(|scope| -> Result<bool> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<StepData>>(0);
+        let first = state.stage_step;
+        scope.spawn(move || {
+            for step in first..steps {
+                let data = loader.load(step);
+                let failed = data.is_err();
+                // A closed channel: the stage stopped early; an error ends the loading too.
+                if tx.send(data).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        while state.stage_step < steps {
+            if ctx.stop_after_global_step.is_some_and(|s| state.global_step >= s) {
+                bar.abandon();
+                return Ok(false);
+            }
+            let step = state.stage_step;
+            let step_start = Instant::now();
+            let StepData { batches, skipped } = rx.recv().context("the data loader thread stopped")??;
+            for s in &skipped {
                 log(&bar, format!("skipped at batch time: {s}"));
             }
-            skipped += loaded.skipped.len();
-            if loaded.batch.n_sequences() > 0 {
-                batches.push(loaded.batch);
+            let skipped = skipped.len();
+            let ranges: Vec<Vec<std::ops::Range<usize>>> =
+                batches.iter().map(|b| visual_ranges(&b.groups, &b.seq_lens)).collect::<Result<_>>()?;
+            let counts: LossCounts = batches.iter().zip(&ranges).map(|(b, r)| LossCounts::of(&loss_inputs(b, r))).sum::<Result<LossCounts>>()?;
+
+            gproj.zero_all(be)?;
+            if let Some(g) = gllm.as_mut() {
+                g.zero_all(be)?;
+            }
+            let mut report = LossReport::default();
+            let mut tokens = 0usize;
+            for (b, r) in batches.iter().zip(&ranges) {
+                tokens += b.n_tokens();
+                let features = if b.pixel_values.is_empty() { None } else { Some(student.model.encode_images(be, &student.weights.vision, &b.pixel_values)?) };
+                // The teacher runs forward only: no activation outlives its block; the final hidden states
+                // are all that is kept.
+                let teacher_hidden = match teacher {
+                    Some(t) => {
+                        let tf = match (&features, shared_features) {
+                            (Some(f), true) => Some(be.duplicate(f)?),
+                            (Some(_), false) => Some(t.model.encode_images(be, &t.weights.vision, &b.pixel_values)?),
+                            (None, _) => None,
+                        };
+                        Some(t.model.hidden_states(be, &t.weights, b, tf)?)
+                    }
+                    None => None,
+                };
+                let acts = student.model.forward(be, &student.weights, b, features)?;
+                let s_side = HeadSide::of(&student.model.llm, &student.weights.llm, &acts.llm.hidden, student_gram.as_ref())?;
+                let t_side = match (teacher, &teacher_hidden) {
+                    (Some(t), Some(h)) => Some(HeadSide::of(&t.model.llm, &t.weights.llm, h, teacher_gram.as_ref())?),
+                    _ => None,
+                };
+                let mut dh = be.zeros(be.len(&acts.llm.hidden))?;
+                let dweight = gllm.as_mut().map(|g| lm_head_grad(&student.model.llm, g)).transpose()?;
+                let r = fused_distill_loss(be, &objective, &loss_inputs(b, r), s_side, t_side, &counts, &head_opts, &mut dh, dweight)?;
+                report.add(&r);
+                drop(teacher_hidden);
+                student.model.backward(be, &student.weights, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: gllm.as_mut() })?;
+            }
+
+            let lr = schedule.lr(step);
+            let mut record = serde_json::Map::new();
+            let finite = report.total.is_finite();
+            let update = if finite {
+                let w = &mut student.weights;
+                let rep = match gllm.as_ref() {
+                    Some(gl) => opt.step(be, &mut [&mut w.projector, &mut w.llm], &[&gproj, gl], lr as f32)?,
+                    None => opt.step(be, &mut [&mut w.projector], &[&gproj], lr as f32)?,
+                };
+                record.insert("grad_norm".into(), json!(rep.grad_norm));
+                !rep.skipped
+            } else {
+                false
+            };
+            if update {
+                state.nonfinite_streak = 0;
+            } else {
+                state.nonfinite_streak += 1;
+                state.nonfinite_total += 1;
+                log(&bar, format!("stage {stage_index} ({name}) step {}: non-finite loss or gradient, step skipped", step + 1));
+            }
+            state.stage_step += 1;
+            state.global_step += 1;
+            state.optimizer_step = opt.step;
+
+            let elapsed = step_start.elapsed().as_secs_f64();
+            record.insert("stage".into(), json!(stage.kind.name()));
+            record.insert("stage_index".into(), json!(stage_index));
+            record.insert("step".into(), json!(state.stage_step));
+            record.insert("global_step".into(), json!(state.global_step));
+            record.insert("lr".into(), json!(lr));
+            record.extend(loss_fields(&report));
+            record.insert("tokens".into(), json!(tokens));
+            record.insert("tokens_per_s".into(), json!(tokens as f64 / elapsed.max(1e-9)));
+            record.insert("skipped_samples".into(), json!(skipped));
+            record.insert("skipped_step".into(), json!(!update));
+            ctx.metrics.write(&Value::Object(record))?;
+            if state.nonfinite_streak >= ctx.run.max_nonfinite_streak {
+                bar.abandon();
+                bail!(
+                    "stopping: {} optimizer steps in a row had a non-finite loss or gradient (stage {stage_index} ({name}), step {}); \
+                     lower the learning rate or check the data",
+                    state.nonfinite_streak,
+                    step + 1
+                );
+            }
+            bar.set_message(format!("loss {:.4}", report.total));
+            bar.inc(1);
+            if ctx.run.log_every > 0 && (state.stage_step % ctx.run.log_every == 0 || state.stage_step == steps) {
+                log(&bar, format!("{name} step {}/{steps} lr {lr:.3e} {}", state.stage_step, describe(&report)));
+            }
+            if state.stage_step == steps {
+                state.stage_done = true;
+            }
+            let interval = ctx.run.checkpoint_every;
+            if state.stage_done || (interval > 0 && state.global_step % interval == 0) {
+                checkpoint::write(be, ctx.out_dir, state, &student.weights, Some((&opt, set_names)))?;
             }
         }
-        let ranges: Vec<Vec<std::ops::Range<usize>>> =
-            batches.iter().map(|b| visual_ranges(&b.groups, &b.seq_lens)).collect::<Result<_>>()?;
-        let counts: LossCounts = batches.iter().zip(&ranges).map(|(b, r)| LossCounts::of(&loss_inputs(b, r))).sum::<Result<LossCounts>>()?;
-
-        gproj.zero_all(be)?;
-        if let Some(g) = gllm.as_mut() {
-            g.zero_all(be)?;
-        }
-        let mut report = LossReport::default();
-        let mut tokens = 0usize;
-        for (b, r) in batches.iter().zip(&ranges) {
-            tokens += b.n_tokens();
-            let features = if b.pixel_values.is_empty() { None } else { Some(student.model.encode_images(be, &student.weights.vision, &b.pixel_values)?) };
-            // The teacher runs forward only: no activation outlives its block; the final hidden states
-            // are all that is kept.
-            let teacher_hidden = match teacher {
-                Some(t) => {
-                    let tf = match (&features, shared_features) {
-                        (Some(f), true) => Some(be.duplicate(f)?),
-                        (Some(_), false) => Some(t.model.encode_images(be, &t.weights.vision, &b.pixel_values)?),
-                        (None, _) => None,
-                    };
-                    Some(t.model.hidden_states(be, &t.weights, b, tf)?)
-                }
-                None => None,
-            };
-            let acts = student.model.forward(be, &student.weights, b, features)?;
-            let s_side = HeadSide::of(&student.model.llm, &student.weights.llm, &acts.llm.hidden, student_gram.as_ref())?;
-            let t_side = match (teacher, &teacher_hidden) {
-                (Some(t), Some(h)) => Some(HeadSide::of(&t.model.llm, &t.weights.llm, h, teacher_gram.as_ref())?),
-                _ => None,
-            };
-            let mut dh = be.zeros(be.len(&acts.llm.hidden))?;
-            let dweight = gllm.as_mut().map(|g| lm_head_grad(&student.model.llm, g)).transpose()?;
-            let r = fused_distill_loss(be, &objective, &loss_inputs(b, r), s_side, t_side, &counts, &head_opts, &mut dh, dweight)?;
-            report.add(&r);
-            drop(teacher_hidden);
-            student.model.backward(be, &student.weights, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: gllm.as_mut() })?;
-        }
-
-        let lr = schedule.lr(step);
-        let mut record = serde_json::Map::new();
-        let finite = report.total.is_finite();
-        let update = if finite {
-            let w = &mut student.weights;
-            let rep = match gllm.as_ref() {
-                Some(gl) => opt.step(be, &mut [&mut w.projector, &mut w.llm], &[&gproj, gl], lr as f32)?,
-                None => opt.step(be, &mut [&mut w.projector], &[&gproj], lr as f32)?,
-            };
-            record.insert("grad_norm".into(), json!(rep.grad_norm));
-            !rep.skipped
-        } else {
-            false
-        };
-        if update {
-            state.nonfinite_streak = 0;
-        } else {
-            state.nonfinite_streak += 1;
-            state.nonfinite_total += 1;
-            log(&bar, format!("stage {stage_index} ({name}) step {}: non-finite loss or gradient, step skipped", step + 1));
-        }
-        state.stage_step += 1;
-        state.global_step += 1;
-        state.optimizer_step = opt.step;
-
-        let elapsed = step_start.elapsed().as_secs_f64();
-        record.insert("stage".into(), json!(stage.kind.name()));
-        record.insert("stage_index".into(), json!(stage_index));
-        record.insert("step".into(), json!(state.stage_step));
-        record.insert("global_step".into(), json!(state.global_step));
-        record.insert("lr".into(), json!(lr));
-        record.extend(loss_fields(&report));
-        record.insert("tokens".into(), json!(tokens));
-        record.insert("tokens_per_s".into(), json!(tokens as f64 / elapsed.max(1e-9)));
-        record.insert("skipped_samples".into(), json!(skipped));
-        record.insert("skipped_step".into(), json!(!update));
-        ctx.metrics.write(&Value::Object(record))?;
-        if state.nonfinite_streak >= ctx.run.max_nonfinite_streak {
-            bar.abandon();
-            bail!(
-                "stopping: {} optimizer steps in a row had a non-finite loss or gradient (stage {stage_index} ({name}), step {}); \
-                 lower the learning rate or check the data",
-                state.nonfinite_streak,
-                step + 1
-            );
-        }
-        bar.set_message(format!("loss {:.4}", report.total));
-        bar.inc(1);
-        if ctx.run.log_every > 0 && (state.stage_step % ctx.run.log_every == 0 || state.stage_step == steps) {
-            log(&bar, format!("{name} step {}/{steps} lr {lr:.3e} {}", state.stage_step, describe(&report)));
-        }
-        if state.stage_step == steps {
-            state.stage_done = true;
-        }
-        let interval = ctx.run.checkpoint_every;
-        if state.stage_done || (interval > 0 && state.global_step % interval == 0) {
-            checkpoint::write(be, ctx.out_dir, state, &student.weights, Some((&opt, set_names)))?;
-        }
+        Ok(true)
+    })?;
+    if !completed {
+        return Ok(());
     }
     bar.finish_and_clear();
     eprintln!("stage {stage_index} ({name}): {steps} steps in {:.1}s", started.elapsed().as_secs_f64());
