@@ -29,9 +29,9 @@
 //   different seeds (e.g. base_seed + tensor index) so that they draw different noise, and use the
 //   same rule on the CPU.
 //
-// sum_squares_bf16: out[0] += Σ_j f32(x[j])² (fp32 per thread and per block, one atomicAdd per
-//   block: the order of the block additions varies, so the last bits of the sum may differ run to
-//   run; the launcher zeroes out[0] first).
+// sum_squares_bf16: partials[b] = block b's part of Σ_j f32(x[j])² (fp32 per thread and within
+//   the block, written as f64); the host adds the gridDim.x partials in f64 in block order. No
+//   atomics: the same grid gives the same bits every run, so the clipped update is reproducible.
 //
 // Launch configuration (both kernels are grid-stride loops: any grid is correct):
 //   block = (ADAMW_THREADS = 256, 1, 1), grid = (min(ceil(n / (8·256)), 8 · SM count), 1, 1)
@@ -187,7 +187,7 @@ adamw_bf16(__nv_bfloat16* __restrict__ param, const __nv_bfloat16* __restrict__ 
 }
 
 extern "C" __global__ void __launch_bounds__(ADAMW_THREADS)
-sum_squares_bf16(const __nv_bfloat16* __restrict__ x, long long n, float* __restrict__ out) {
+sum_squares_bf16(const __nv_bfloat16* __restrict__ x, long long n, double* __restrict__ partials) {
     __shared__ float scratch[32];
     long long head = (long long)(((16u - (reinterpret_cast<uintptr_t>(x) & 15u)) & 15u) >> 1);
     if (head > n) head = n;
@@ -211,5 +211,5 @@ sum_squares_bf16(const __nv_bfloat16* __restrict__ x, long long n, float* __rest
         for (int e = 0; e < 8; ++e) acc += a[e] * a[e];
     }
     acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) atomicAdd(out, acc);
+    if (threadIdx.x == 0) partials[blockIdx.x] = (double)acc;
 }

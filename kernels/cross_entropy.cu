@@ -50,7 +50,7 @@ extern "C" __global__ void cross_entropy_bf16(const bf16* logits, const int* tar
         if (x > m) {
             s = s * __expf(m - x) + 1.f;
             m = x;
-        } else {
+        } else if (x != -INFINITY) {  // exp(−inf − −inf) would be NaN; a −inf logit adds nothing
             s += __expf(x - m);
         }
     }

@@ -34,6 +34,10 @@ fn family(name: &str) {
         println!("skipped: no CUDA device");
         return;
     };
+    // One family at a time: they share the device, and the memory family's pool counts (and its
+    // out-of-memory case, which empties the cache) must not see another family's buffers.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     // The CUDA context is bound per thread; the harness runs tests on several threads.
     let seed = seed();
     let results = checks::run_family(be, name, seed).expect("known family");

@@ -5,7 +5,7 @@
 use anyhow::{bail, ensure, Result};
 
 use super::ops::args;
-use super::{align256, bf, check_len, f32p, int, CudaBackend, CudaBuf, DType};
+use super::{align256, bf, check_len, f32p, int, CudaBackend, CudaBuf, DType, GRID_YZ};
 use crate::backend::AttnShape;
 
 /// Head dims with a kernel.
@@ -50,6 +50,8 @@ fn check(shape: AttnShape, seq_lens: &[usize], q: &CudaBuf, k: &CudaBuf, v: &Cud
     let (h, hkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
     ensure!(h > 0 && hkv > 0 && d > 0 && h % hkv == 0, "attention: {h} heads cannot share {hkv} kv heads");
     names(d)?;
+    // One grid z-slice per sequence.
+    ensure!(seq_lens.len() <= GRID_YZ, "attention: {} sequences in one call; the CUDA kernels take at most {GRID_YZ}", seq_lens.len());
     let t: usize = seq_lens.iter().sum();
     check_len("attention q", q.len(), t * h * d)?;
     check_len("attention k", k.len(), t * hkv * d)?;

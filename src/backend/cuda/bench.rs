@@ -240,8 +240,8 @@ pub fn run(be: &CudaBackend, o: Options, mut log: impl FnMut(&str)) -> Result<Re
         })?;
         let bytes = 22.0 * n as f64;
         out.push(result("adamw_494m", format!("{n} params, bf16 params, fp32 moments, no master"), ta, o.reps, "TB/s", bytes, copy, "22 B/param: param r+w 4, grad 2, m r+w 8, v r+w 8", None));
-        let (_gw, sq) = be.work_f32(1)?;
-        let ts = time(be, o, || be.sum_squares_into(&g, sq))?;
+        let (_gw, sq) = be.work_f32(2 * be.sum_squares_blocks())?;
+        let ts = time(be, o, || be.sum_squares_partials(&g, sq).map(drop))?;
         drop(_gw);
         out.push(result("sum_squares_494m", format!("{n} bf16 gradients"), ts, o.reps, "TB/s", 2.0 * n as f64, copy, "2 B/param read", None));
     }

@@ -16,6 +16,7 @@ use anyhow::{anyhow, ensure, Result};
 use serde::Serialize;
 
 use super::{CudaBackend, CudaBuf, DType};
+use crate::backend::cpu::bf16::stochastic_round_bf16;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamWStep, AttnShape, Backend, Gemm, GeluKind, KlShape, IGNORE_INDEX};
 use crate::data::rng::SplitMix64;
@@ -254,6 +255,18 @@ fn memory(c: &mut Ctx) {
         c.record("pool: no driver allocation after the first step", 0.0, 0.0, String::new());
         Ok(())
     });
+    c.case("index arrays are uploaded once per content", |c| {
+        // Positions no other check uses, so the cache cannot hold them already.
+        let positions: Vec<u32> = (0..37).map(|i| 90_001 + 3 * i).collect();
+        let x = c.rand(37 * 64, -1.0, 1.0);
+        let mut q = c.up(&x)?;
+        let before = c.be.index_uploads();
+        c.be.rope(&mut q, &positions, 64, 10_000.0, false)?;
+        c.be.rope(&mut q, &positions, 64, 10_000.0, true)?;
+        let uploads = c.be.index_uploads() - before;
+        ensure!(uploads == 1, "{uploads} uploads of the same positions for two launches");
+        c.cmp_buf("rope then its inverse from cached positions", &q, &x, TOL_BF16)
+    });
     c.case("optimizer state f32", |c| {
         let x: Vec<f32> = (0..513).map(|_| c.uniform(-1.0, 1.0)).collect();
         let s = c.be.upload_state(&x)?;
@@ -345,8 +358,12 @@ fn elementwise(c: &mut Ctx) {
             c.be.scale(&mut gx, -0.37)?;
             c.cmp_buf(&format!("scale n={n}"), &gx, &want, TOL_BF16)?;
             let want = c.cpu.sum_squares(&x)?;
-            let got = c.be.sum_squares(&c.up(&x)?)?;
+            let gx = c.up(&x)?;
+            let got = c.be.sum_squares(&gx)?;
             c.cmp_scalar(&format!("sum_squares n={n} (f32 accumulation)"), got, want, TOL_F32);
+            let again = c.be.sum_squares(&gx)?;
+            let detail = if again.to_bits() == got.to_bits() { String::new() } else { format!("{got:e} then {again:e}") };
+            c.record(&format!("sum_squares n={n} gives the same bits twice"), 0.0, 0.0, detail);
             Ok(())
         });
     }
@@ -476,7 +493,7 @@ fn rope(c: &mut Ctx) {
 fn attention(c: &mut Ctx) {
     let lens = [1usize, 37, 130];
     for hd in [64usize, 72, 80, 128] {
-        for (h, hkv, causal) in [(4usize, 2usize, true), (3, 3, false), (2, 1, true)] {
+        for (h, hkv, causal) in [(4usize, 2usize, true), (3, 3, false), (2, 1, true), (4, 2, false)] {
             let name = format!("attention D={hd} H={h} Hkv={hkv} causal={causal} lens={lens:?}");
             c.case(&name, |c| {
                 let t: usize = lens.iter().sum();
@@ -684,6 +701,35 @@ fn relation(c: &mut Ctx) {
 }
 
 fn adamw(c: &mut Ctx) {
+    // Stochastic rounding draws the same noise as the CPU's `stochastic_round_bf16` (seed, step,
+    // element index): one step from equal inputs must give the CPU's f32 update rounded with that
+    // noise. A 1-ulp f32 difference in the update can flip a rounding (probability ~2⁻¹⁶ an
+    // element), so up to 0.1 % of elements may differ by one bf16 ulp; a wrong key, hash or index
+    // changes about half of them.
+    for n in [1001usize, 40_009] {
+        let name = format!("adamw n={n} stochastic rounding = CPU noise");
+        c.case(&name, |c| {
+            let p0 = c.rand(n, -1.0, 1.0);
+            let g = c.rand(n, -1.0, 1.0);
+            let h = AdamWStep { lr: 0.05, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.5, seed: 777 };
+            let mut want = p0.clone();
+            c.cpu.adamw(h, &mut want, &g, &mut vec![0.0; n], &mut vec![0.0; n], None)?;
+            let want: Vec<u16> = want.iter().enumerate().map(|(j, &x)| stochastic_round_bf16(x, h.seed, h.step, j as u64).to_bits()).collect();
+            let mut gp = c.up(&p0)?;
+            let (mut gm, mut gv) = (c.be.zeros_state(n)?, c.be.zeros_state(n)?);
+            c.be.adamw(h, &mut gp, &c.up(&g)?, &mut gm, &mut gv, None)?;
+            let got: Vec<u16> = c.be.download(&gp)?.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+            let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            let far = got.iter().zip(&want).filter(|(&a, &b)| (a as i32 - b as i32).abs() > 1).count();
+            let detail = if differ * 1000 > n || far > 0 {
+                format!("{differ} of {n} parameters differ from the CPU's stochastic rounding ({far} by more than one ulp)")
+            } else {
+                String::new()
+            };
+            c.record(&name, differ as f64 / n as f64, 1e-3, detail);
+            Ok(())
+        });
+    }
     for n in [1usize, 7, 1001, 40_009] {
         for master in [false, true] {
             let name = format!("adamw n={n} master={master} 3 steps");

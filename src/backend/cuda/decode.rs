@@ -6,7 +6,7 @@
 use anyhow::{anyhow, bail, ensure, Result};
 
 use super::ops::args;
-use super::{align256, bf, int, CudaBackend, CudaBuf};
+use super::{align256, bf, int, CudaBackend, CudaBuf, GRID_YZ};
 use crate::backend::{check_decode_args, AttnShape};
 
 /// Head dims with a decode kernel.
@@ -22,7 +22,6 @@ const MIN_CHUNK: usize = 256;
 /// Blocks per SM the split aims for (each block holds few loads in flight: see the kernel header).
 const BLOCKS_PER_SM: usize = 4;
 /// CUDA's limit on grid.y and grid.z.
-const GRID_YZ: usize = 65_535;
 
 /// Query heads per block: the smallest of 1, 2, 4, 8 that holds the GQA group; larger groups take
 /// several blocks of 8.

@@ -114,6 +114,13 @@ impl RawMemory for DriverMemory {
             let _ = unsafe { dr::free_sync(ptr) };
         }
     }
+
+    fn quiesce(&self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // An error here is an earlier launch's fault; the next sync reports it.
+            let _ = dr::ctx::synchronize();
+        }
+    }
 }
 
 pub(crate) type DevicePool = Pool<DriverMemory>;

@@ -97,14 +97,31 @@ pub(crate) struct Arena {
     mem: Option<DevMem>,
 }
 
+/// Index arrays (token ids, positions, sequence offsets, targets) on the device, found again by
+/// their contents. Why: a copy from pageable host memory waits for all queued GPU work, and a
+/// training step hands the same positions and sequence offsets to every layer's RoPE and
+/// attention; uploading them once per step instead of once per op keeps the host from stalling
+/// the GPU ~5 times a layer. Entries are never written after their upload; the least recently
+/// used goes back to the pool when the cache is full (the pool reuses it in stream order).
+#[derive(Default)]
+pub(crate) struct IdxCache {
+    entries: Vec<(Vec<u8>, DevMem)>,
+    uploads: u64,
+}
+
+const IDX_CACHE_ENTRIES: usize = 16;
+
 /// The CUDA backend on one device.
 pub struct CudaBackend {
     gpu: Gpu,
-    /// Index arrays uploaded per call.
-    idx: Mutex<Arena>,
+    /// Index arrays, uploaded once per distinct content.
+    idx: Mutex<IdxCache>,
     /// f32 temporaries (per-row losses, Gram matrices).
     work: Mutex<Arena>,
 }
+
+/// The largest gridDim.y or gridDim.z a launch may use.
+pub(crate) const GRID_YZ: usize = 65_535;
 
 /// Rounds up to a multiple of 256 bytes (cuBLAS and vector loads like aligned sub-buffers).
 pub(crate) fn align256(b: usize) -> usize {
@@ -118,7 +135,7 @@ impl CudaBackend {
     }
 
     pub fn on_device(ordinal: usize) -> Result<Self> {
-        Ok(CudaBackend { gpu: Gpu::open(ordinal)?, idx: Mutex::new(Arena::default()), work: Mutex::new(Arena::default()) })
+        Ok(CudaBackend { gpu: Gpu::open(ordinal)?, idx: Mutex::new(IdxCache::default()), work: Mutex::new(Arena::default()) })
     }
 
     /// Device name, compute capability and the PTX arch in use.
@@ -220,11 +237,38 @@ impl CudaBackend {
         Ok((g, p))
     }
 
-    /// Uploads `data` into the index scratch; the guard keeps it alive.
-    pub(crate) fn upload_idx<T: Copy>(&self, data: &[T]) -> Result<(MutexGuard<'_, Arena>, u64)> {
-        let (g, p) = self.arena(&self.idx, std::mem::size_of_val(data))?;
-        self.gpu.htod(p, data)?;
+    /// The device address of `data`, uploaded unless the cache holds the same contents. The
+    /// guard keeps the entry in place until the op has launched (one upload per op: a second
+    /// call while the guard is held would wait on itself).
+    pub(crate) fn upload_idx<T: bytemuck::Pod>(&self, data: &[T]) -> Result<(MutexGuard<'_, IdxCache>, u64)> {
+        let mut g = self.idx.lock().map_err(|_| anyhow!("CUDA index cache lock poisoned"))?;
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let p = match g.entries.iter().position(|(b, _)| b == bytes) {
+            Some(i) => {
+                let e = g.entries.remove(i);
+                let p = e.1.ptr();
+                g.entries.push(e);
+                p
+            }
+            None => {
+                // At least 4 bytes: kernels get a valid address even for an empty array.
+                let mem = self.gpu.alloc(bytes.len().max(4))?;
+                self.gpu.htod(mem.ptr(), bytes)?;
+                let p = mem.ptr();
+                if g.entries.len() == IDX_CACHE_ENTRIES {
+                    g.entries.remove(0);
+                }
+                g.entries.push((bytes.to_vec(), mem));
+                g.uploads += 1;
+                p
+            }
+        };
         Ok((g, p))
+    }
+
+    /// How many index arrays were copied to the device (cache misses) so far.
+    pub fn index_uploads(&self) -> u64 {
+        self.idx.lock().map(|g| g.uploads).unwrap_or(0)
     }
 
     /// f32 work space of `len` elements (uninitialised); the guard keeps it alive.

@@ -44,17 +44,25 @@ impl CudaBackend {
         (blocks as u32, 1, 1)
     }
 
-    /// Σ x² of a bf16 buffer on the device, left in f32 at `out` (zeroed here first).
-    pub(crate) fn sum_squares_into(&self, x: &CudaBuf, out: u64) -> Result<()> {
+    /// Launches Σ x² of a bf16 buffer as one f64 partial per block at `partials`; returns the
+    /// number of blocks (0 for an empty buffer: nothing is launched). `partials` must hold
+    /// [`Self::sum_squares_blocks`] doubles.
+    pub(crate) fn sum_squares_partials(&self, x: &CudaBuf, partials: u64) -> Result<usize> {
         let xp = bf(x, "sum_squares input")?;
-        self.gpu.memset_u8(out, 0, 4)?;
         if x.len == 0 {
-            return Ok(());
+            return Ok(0);
         }
+        let grid = self.stream_grid(x.len);
         let n = x.len as i64;
-        let mut a = args![xp, n, out];
-        // SAFETY: x holds n bf16 values; out one f32.
-        unsafe { self.gpu.launch("adamw", "sum_squares_bf16", self.stream_grid(x.len), (256, 1, 1), 0, &mut a) }
+        let mut a = args![xp, n, partials];
+        // SAFETY: x holds n bf16 values; partials one f64 per block of the grid.
+        unsafe { self.gpu.launch("adamw", "sum_squares_bf16", grid, (256, 1, 1), 0, &mut a)? };
+        Ok(grid.0 as usize)
+    }
+
+    /// The most blocks [`Self::sum_squares_partials`] launches.
+    pub(crate) fn sum_squares_blocks(&self) -> usize {
+        self.stream_grid(usize::MAX / 2).0 as usize
     }
 
     /// The softmax-KL launch on rows already on the device (`rows_dev`, `n_rows` ints): writes
@@ -228,9 +236,12 @@ impl Backend for CudaBackend {
     }
 
     fn sum_squares(&self, x: &CudaBuf) -> Result<f64> {
-        let (_g, out) = self.work_f32(1)?;
-        self.sum_squares_into(x, out)?;
-        Ok(self.download_f32_raw(out, 1)?[0] as f64)
+        let (_g, partials) = self.work_f32(2 * self.sum_squares_blocks())?;
+        let blocks = self.sum_squares_partials(x, partials)?;
+        let mut sums = vec![0f64; blocks];
+        self.gpu().dtoh(&mut sums, partials)?;
+        // In block order: the same bits every run.
+        Ok(sums.iter().sum())
     }
 
     fn embedding(&self, table: &CudaBuf, ids: &[u32], dim: usize, out: &mut CudaBuf) -> Result<()> {

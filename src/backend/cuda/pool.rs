@@ -25,6 +25,9 @@ pub(crate) trait RawMemory: Send + Sync {
     fn alloc(&self, bytes: usize) -> Result<Option<u64>>;
     /// Returns an allocation to the driver (errors cannot propagate from a drop: a failed free leaks).
     fn free(&self, ptr: u64, bytes: usize);
+    /// Waits until no queued work can still use a cached block: called before cached blocks go
+    /// back to the driver (a freed buffer's last kernels may still be running).
+    fn quiesce(&self) {}
 }
 
 /// Byte counts of the pool, all in whole blocks.
@@ -126,6 +129,10 @@ impl<R: RawMemory> Pool<R> {
     }
 
     fn release_cached(&self, st: &mut State) {
+        if st.free.is_empty() {
+            return;
+        }
+        self.raw.quiesce();
         for (size, list) in std::mem::take(&mut st.free) {
             for ptr in list {
                 self.raw.free(ptr, size);
@@ -177,11 +184,12 @@ mod tests {
         used: usize,
         next: u64,
         live: BTreeMap<u64, usize>,
+        quiesced: usize,
     }
 
     impl FakeDevice {
         fn new(capacity: usize) -> Self {
-            FakeDevice(Arc::new(Mutex::new(Fake { capacity, used: 0, next: 1 << 20, live: BTreeMap::new() })))
+            FakeDevice(Arc::new(Mutex::new(Fake { capacity, used: 0, next: 1 << 20, live: BTreeMap::new(), quiesced: 0 })))
         }
         fn used(&self) -> usize {
             self.0.lock().unwrap().used
@@ -206,7 +214,11 @@ mod tests {
         fn free(&self, ptr: u64, bytes: usize) {
             let mut f = self.0.lock().unwrap();
             assert_eq!(f.live.remove(&ptr), Some(bytes), "freed a block the driver did not hand out, or with the wrong size");
+            assert!(f.quiesced > 0, "a cached block went back to the driver without waiting for queued work");
             f.used -= bytes;
+        }
+        fn quiesce(&self) {
+            self.0.lock().unwrap().quiesced += 1;
         }
     }
 
@@ -291,6 +303,7 @@ mod tests {
         let s = pool.stats();
         assert_eq!((s.driver_frees, s.reserved, s.in_use), (2, 6 << 20, 6 << 20));
         assert_eq!(dev.used(), 6 << 20);
+        assert_eq!(dev.0.lock().unwrap().quiesced, 1, "one wait before the two blocks are freed");
         // Now truly out of memory: None, and the live block is untouched.
         assert!(pool.alloc(5 << 20).unwrap().is_none());
         pool.free(c.0, c.1);

@@ -7,10 +7,10 @@
 //! Images with the same number of rows share one pair of kernel launches (the kernels take a
 //! single n); the usual case, every image with 728 visual rows, is one group.
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 
 use super::ops::args;
-use super::{align256, bf, CudaBackend, CudaBuf};
+use super::{align256, bf, CudaBackend, CudaBuf, GRID_YZ};
 use crate::backend::KlShape;
 
 /// Blocks per image of the relation kernels (`RELATION_BLOCKS` in kernels/relation.cu).
@@ -68,6 +68,8 @@ pub(crate) fn relation_loss(
     let mut total = 0.0f64;
     for (n, starts) in &groups {
         let (n, c) = (*n, starts.len());
+        // One grid row per image of the group.
+        ensure!(c <= GRID_YZ, "relation_loss: {c} images of {n} rows in one call; the CUDA kernels take at most {GRID_YZ}");
         let lay = Layout::new(c, n);
         let (_guard, base) = be.work_f32(lay.total.div_ceil(4))?;
         let at = |off: usize| base + off as u64;
