@@ -173,6 +173,48 @@ fn relation_loss_at_728_visual_tokens() {
     assert!(common::max_rel_diff(&d32, &d64) < 1e-4, "f32 gradient off by {}", common::max_rel_diff(&d32, &d64));
 }
 
+/// `softmax_kl_ce` is `cross_entropy` on the listed labelled rows plus `softmax_kl`, bit for bit
+/// (the CE's gradient accumulated, rows outside the list untouched), with V_s ≠ V_t and τ = 2.
+#[test]
+fn softmax_kl_with_fused_ce_equals_the_two_ops() {
+    let be = B::new();
+    let mut rng = TestRng(31);
+    let (rows, vs, vt, kept) = (6, 13, 11, 9);
+    let s = rng.vec(rows * vs, 3.0);
+    let t = rng.vec(rows * vt, 3.0);
+    let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: 2.0 };
+    let listed = [4u32, 0, 3, 1];
+    let labels = [7, 12, IGNORE_INDEX, 0]; // row 3 is distilled without a label
+    let d0 = rng.vec(rows * vs, 1.0);
+
+    let mut d = d0.clone();
+    let (kl, ce) = be.softmax_kl_ce(&s, &t, shape, &listed, &labels, 0.3, 0.7, &mut d).unwrap();
+
+    let mut targets = vec![IGNORE_INDEX; rows];
+    for (&r, &l) in listed.iter().zip(&labels) {
+        targets[r as usize] = l;
+    }
+    let mut dce = vec![0.0; rows * vs];
+    let want_ce = be.cross_entropy(&s, &targets, vs, 0.7, &mut dce).unwrap();
+    let mut want_d = d0.clone();
+    be.add_assign(&mut want_d, &dce).unwrap();
+    let want_kl = be.softmax_kl(&s, &t, shape, &listed, 0.3, &mut want_d).unwrap();
+    assert_eq!((kl, ce), (want_kl, want_ce));
+    let naive_ce: f64 = [(4usize, 7usize), (0, 12), (1, 0)].iter().map(|&(r, l)| -log_softmax(&s[r * vs..(r + 1) * vs], 1.0)[l]).sum();
+    assert!((ce - naive_ce).abs() < 1e-12 * naive_ce, "{ce} vs {naive_ce}");
+    for (i, (a, b)) in d.iter().zip(&want_d).enumerate() {
+        assert!((a - b).abs() <= 1e-15 * b.abs().max(1.0), "gradient element {i}: {a} vs {b}");
+    }
+    assert_eq!(d[2 * vs..3 * vs], d0[2 * vs..3 * vs], "row 2 is not listed: untouched");
+    assert_eq!(d[5 * vs..], d0[5 * vs..]);
+
+    let err = |labels: &[i32]| be.softmax_kl_ce(&s, &t, shape, &listed[..labels.len()], labels, 1.0, 1.0, &mut d.clone()).unwrap_err().to_string();
+    let e = err(&[1, 13]);
+    assert!(e.contains("target 13") && e.contains("row 0"), "{e}");
+    let e = be.softmax_kl_ce(&s, &t, shape, &listed, &[1], 1.0, 1.0, &mut d).unwrap_err().to_string();
+    assert!(e.contains("1 targets for 4 rows"), "{e}");
+}
+
 #[test]
 fn backend_distill_ops_reject_bad_shapes_and_rows() {
     let be = B::new();

@@ -306,6 +306,24 @@ pub trait Backend: Send + Sync {
         scale: f32,
         dstudent: &mut Self::Buf,
     ) -> Result<f64>;
+    /// [`Backend::softmax_kl`] over `rows` with the same rows' cross-entropy fused in:
+    /// `targets[i]` labels row `rows[i]` (`IGNORE_INDEX`: no CE for that row), the CE over the
+    /// student's full vocabulary at temperature 1. Returns (Σ KL as `softmax_kl` returns it, Σ CE
+    /// over the labelled rows) and **accumulates** both gradients (`scale` for the KL, `ce_scale`
+    /// for the CE) into `dstudent`. For the rows that carry a label and a distillation target
+    /// (the response rows): the CUDA kernel reads each student row once for both.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_kl_ce(
+        &self,
+        student: &Self::Buf,
+        teacher: &Self::Buf,
+        shape: KlShape,
+        rows: &[u32],
+        targets: &[i32],
+        scale: f32,
+        ce_scale: f32,
+        dstudent: &mut Self::Buf,
+    ) -> Result<(f64, f64)>;
     /// Relation distillation (RDist): for each image `(start_row, n)`, Z = the n consecutive rows
     /// from `start_row` (first `kept` columns), R = Z·Zᵀ; returns Σ_images (1 − cos(vec R_s,
     /// vec R_t)) and **accumulates** `scale · ∂/∂Z_s` into `dstudent`.

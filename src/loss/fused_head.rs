@@ -14,7 +14,9 @@
 //!    and L_rel share one computation of those logits.
 //! 3. Per chunk: Z_s = H_s[chunk]·W_sᵀ and (when a KL or relation term needs it) Z_t = H_t[chunk]·W_tᵀ
 //!    by the backend GEMM; the backend's `cross_entropy` writes ∂Z_s, `softmax_kl` and
-//!    `relation_loss` accumulate onto it; then ∂H_s[chunk] = ∂Z_s·W_s and ∂W_s += ∂Z_sᵀ·H_s[chunk].
+//!    `relation_loss` accumulate onto it — when the response rows are exactly the labelled rows
+//!    (the usual case) `softmax_kl_ce` computes their CE and L_res together in one pass instead;
+//!    then ∂H_s[chunk] = ∂Z_s·W_s and ∂W_s += ∂Z_sᵀ·H_s[chunk].
 //! 4. With [`RelationForm::Identity`] L_rel needs no logits: R = H·(WᵀW)·Hᵀ per image
 //!    ([`super::relation_identity`]), its gradient added to ∂H_s (and to ∂W_s through ∂M_s).
 //!
@@ -284,15 +286,20 @@ pub fn fused_distill_loss<B: Backend>(
         be.gemm(Gemm::linear(c, vs, hs), &h_chunk, student.weight, &mut zs)?;
         let mut dz = be.zeros(c * vs)?;
         let local_targets: Vec<i32> = chunk.rows.iter().map(|&r| targets[r as usize]).collect();
-        if local_targets.iter().any(|&t| t != IGNORE_INDEX) {
-            ce_sum += be.cross_entropy(&zs, &local_targets, vs, ce_scale, &mut dz)?;
-        }
         let local = |bit: u8| -> Vec<u32> {
             chunk.rows.iter().enumerate().filter(|(_, &r)| role[r as usize] & bit != 0).map(|(l, _)| l as u32).collect()
         };
         let (res_rows, prompt_rows, vis_rows) = (local(RES), local(PROMPT), local(VIS));
+        let distils = !(res_rows.is_empty() && prompt_rows.is_empty() && vis_rows.is_empty() && chunk.images.is_empty());
+        // The response rows are usually exactly the labelled rows: then their CE is fused into the
+        // response KL (one read of each student row for both).
+        let labelled: Vec<u32> = (0..c as u32).filter(|&l| local_targets[l as usize] != IGNORE_INDEX).collect();
+        let fuse_ce = teacher.is_some() && distils && !res_rows.is_empty() && res_rows == labelled;
+        if !fuse_ce && !labelled.is_empty() {
+            ce_sum += be.cross_entropy(&zs, &local_targets, vs, ce_scale, &mut dz)?;
+        }
         if let (Some(t), Some(shape)) = (teacher, shape) {
-            if !(res_rows.is_empty() && prompt_rows.is_empty() && vis_rows.is_empty() && chunk.images.is_empty()) {
+            if distils {
                 let ht_chunk = gather(be, t.hidden, &chunk.rows, t.hidden_size)?;
                 let mut zt = be.zeros(c * t.vocab)?;
                 be.gemm(Gemm::linear(c, t.vocab, t.hidden_size), &ht_chunk, t.weight, &mut zt)?;
@@ -303,7 +310,14 @@ pub fn fused_distill_loss<B: Backend>(
                     }
                     be.softmax_kl(&zs, &zt, shape, rows, grad_scale(weight, count), dz)
                 };
-                res_sum += kl(&res_rows, cfg.alpha, step.response, &mut dz)?;
+                if fuse_ce {
+                    let res_targets: Vec<i32> = res_rows.iter().map(|&l| local_targets[l as usize]).collect();
+                    let (kl_sum, ce) = be.softmax_kl_ce(&zs, &zt, shape, &res_rows, &res_targets, grad_scale(cfg.alpha, step.response), ce_scale, &mut dz)?;
+                    res_sum += kl_sum;
+                    ce_sum += ce;
+                } else {
+                    res_sum += kl(&res_rows, cfg.alpha, step.response, &mut dz)?;
+                }
                 prompt_sum += kl(&prompt_rows, cfg.alpha, step.prompt, &mut dz)?;
                 vis_sum += kl(&vis_rows, cfg.beta, step.visual, &mut dz)?;
                 if !chunk.images.is_empty() {

@@ -7,8 +7,9 @@
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
+use super::loss::ce_row;
 use super::{check_len, Elem};
-use crate::backend::KlShape;
+use crate::backend::{KlShape, IGNORE_INDEX};
 
 /// Checks a [`KlShape`] against the buffers and returns the number of rows of the logits.
 fn check_shape<T>(what: &str, s: &[T], t: &[T], shape: KlShape, ds: &[T]) -> Result<usize> {
@@ -67,7 +68,6 @@ pub fn softmax_kl<T: Elem>(s: &[T], t: &[T], shape: KlShape, rows: &[u32], scale
     ensure!(tau.is_finite() && tau > 0.0, "{WHAT}: temperature must be positive and finite, got {tau}");
     let listed = listed_rows(WHAT, rows, n_rows)?;
     let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
-    let inv_tau = 1.0 / tau;
     let g_scale = scale as f64 * tau;
     // Per-row losses are collected in order and summed sequentially, so the result does not
     // depend on how rayon splits the rows (runs and resumed runs reproduce losses bit for bit).
@@ -76,30 +76,77 @@ pub fn softmax_kl<T: Elem>(s: &[T], t: &[T], shape: KlShape, rows: &[u32], scale
         .zip(s.par_chunks(vs))
         .zip(t.par_chunks(vt))
         .zip(listed.par_iter())
-        .map(|(((d, zs), zt), &on)| {
-            if !on {
-                return 0.0;
-            }
-            let (zs, zt, d) = (&zs[..kept], &zt[..kept], &mut d[..kept]);
-            let lse_s = lse_scaled(zs, inv_tau);
-            let lse_t = lse_scaled(zt, inv_tau);
-            let mut kl = 0.0;
-            for ((d, &a), &b) in d.iter_mut().zip(zs).zip(zt) {
-                let log_ps = a.f64() * inv_tau - lse_s;
-                let log_pt = b.f64() * inv_tau - lse_t;
-                let pt = log_pt.exp();
-                let ps = log_ps.exp();
-                if pt > 0.0 {
-                    kl += pt * (log_pt - log_ps);
-                } else if pt.is_nan() {
-                    kl = f64::NAN;
-                }
-                *d = *d + T::of(g_scale * (ps - pt));
-            }
-            tau * tau * kl
-        })
+        .map(|(((d, zs), zt), &on)| if on { kl_row(&zs[..kept], &zt[..kept], tau, g_scale, &mut d[..kept]) } else { 0.0 })
         .collect();
     Ok(per_row.iter().sum())
+}
+
+/// One row's τ²·KL(p_t‖p_s) over the kept columns `zs`, `zt`; adds `g_scale · (p_s − p_t)` to `d`.
+fn kl_row<T: Elem>(zs: &[T], zt: &[T], tau: f64, g_scale: f64, d: &mut [T]) -> f64 {
+    let inv_tau = 1.0 / tau;
+    let lse_s = lse_scaled(zs, inv_tau);
+    let lse_t = lse_scaled(zt, inv_tau);
+    let mut kl = 0.0;
+    for ((d, &a), &b) in d.iter_mut().zip(zs).zip(zt) {
+        let log_ps = a.f64() * inv_tau - lse_s;
+        let log_pt = b.f64() * inv_tau - lse_t;
+        let pt = log_pt.exp();
+        let ps = log_ps.exp();
+        if pt > 0.0 {
+            kl += pt * (log_pt - log_ps);
+        } else if pt.is_nan() {
+            kl = f64::NAN;
+        }
+        *d = *d + T::of(g_scale * (ps - pt));
+    }
+    tau * tau * kl
+}
+
+/// Softmax-KL with the rows' cross-entropy fused in; see
+/// [`crate::backend::Backend::softmax_kl_ce`]. Per listed row: the CE over the full student row
+/// (when it has a target), then the KL over the kept columns, both added to `ds`.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_kl_ce<T: Elem>(
+    s: &[T],
+    t: &[T],
+    shape: KlShape,
+    rows: &[u32],
+    targets: &[i32],
+    scale: f32,
+    ce_scale: f32,
+    ds: &mut [T],
+) -> Result<(f64, f64)> {
+    const WHAT: &str = "softmax_kl_ce";
+    let n_rows = check_shape(WHAT, s, t, shape, ds)?;
+    let tau = shape.temperature as f64;
+    ensure!(tau.is_finite() && tau > 0.0, "{WHAT}: temperature must be positive and finite, got {tau}");
+    ensure!(targets.len() == rows.len(), "{WHAT}: {} targets for {} rows", targets.len(), rows.len());
+    listed_rows(WHAT, rows, n_rows)?;
+    let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
+    if let Some((i, &tg)) = targets.iter().enumerate().find(|(_, &tg)| tg != IGNORE_INDEX && (tg < 0 || tg as usize >= vs)) {
+        bail!("{WHAT}: target {tg} of row {} is outside the student vocabulary of {vs}", rows[i]);
+    }
+    // Per buffer row: None (not listed) or its target.
+    let mut role: Vec<Option<i32>> = vec![None; n_rows];
+    for (&r, &tg) in rows.iter().zip(targets) {
+        role[r as usize] = Some(tg);
+    }
+    let (g_scale, ce_scale) = (scale as f64 * tau, T::of(ce_scale as f64));
+    let per_row: Vec<(f64, f64)> = ds
+        .par_chunks_mut(vs)
+        .zip(s.par_chunks(vs))
+        .zip(t.par_chunks(vt))
+        .zip(role.par_iter())
+        .map(|(((d, zs), zt), role)| match *role {
+            None => (0.0, 0.0),
+            Some(tg) => {
+                let ce = if tg == IGNORE_INDEX { 0.0 } else { ce_row(zs, tg as usize, ce_scale, d) };
+                (kl_row(&zs[..kept], &zt[..kept], tau, g_scale, &mut d[..kept]), ce)
+            }
+        })
+        .collect();
+    // In row order, as the unfused ops sum them.
+    Ok((per_row.iter().map(|p| p.0).sum(), per_row.iter().map(|p| p.1).sum()))
 }
 
 /// Relation distillation; see [`crate::backend::Backend::relation_loss`].

@@ -26,13 +26,20 @@ pub fn cross_entropy<T: Elem>(logits: &[T], targets: &[i32], vocab: usize, scale
                 d.iter_mut().for_each(|v| *v = T::zero());
                 return 0.0;
             }
-            let max = z.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-            let sum = z.iter().map(|&v| (v - max).exp()).sum::<T>();
-            let lse = max + sum.ln();
-            d.iter_mut().zip(z).for_each(|(d, &v)| *d = scale * (v - lse).exp());
-            d[t as usize] = d[t as usize] - scale;
-            (lse - z[t as usize]).f64()
+            d.iter_mut().for_each(|v| *v = T::zero());
+            ce_row(z, t as usize, scale, d)
         })
         .collect();
     Ok(per_row.iter().sum())
+}
+
+/// One row's cross-entropy against `target` (in range): returns −log softmax(z)[target] and
+/// **adds** `scale · (softmax(z) − onehot)` to `d`.
+pub fn ce_row<T: Elem>(z: &[T], target: usize, scale: T, d: &mut [T]) -> f64 {
+    let max = z.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+    let sum = z.iter().map(|&v| (v - max).exp()).sum::<T>();
+    let lse = max + sum.ln();
+    d.iter_mut().zip(z).for_each(|(d, &v)| *d = *d + scale * (v - lse).exp());
+    d[target] = d[target] - scale;
+    (lse - z[target]).f64()
 }

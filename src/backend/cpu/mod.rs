@@ -358,6 +358,20 @@ impl<T: Elem> Backend for CpuBackend<T> {
         distill::softmax_kl(student, teacher, shape, rows, scale, dstudent)
     }
 
+    fn softmax_kl_ce(
+        &self,
+        student: &Vec<T>,
+        teacher: &Vec<T>,
+        shape: KlShape,
+        rows: &[u32],
+        targets: &[i32],
+        scale: f32,
+        ce_scale: f32,
+        dstudent: &mut Vec<T>,
+    ) -> Result<(f64, f64)> {
+        distill::softmax_kl_ce(student, teacher, shape, rows, targets, scale, ce_scale, dstudent)
+    }
+
     fn relation_loss(
         &self,
         student: &Vec<T>,

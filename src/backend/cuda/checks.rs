@@ -649,6 +649,33 @@ fn softmax_kl(c: &mut Ctx) {
             c.cmp_buf(&format!("{name} dstudent (accumulate)"), &d, &want, TOL_BF16)
         });
     }
+    // The CE fused into the same launch: τ = 1 with V_s = kept (the kernel reuses the KL's student
+    // statistics), τ = 2 with extra student columns (a third statistic), a listed row without a
+    // label, and the real vocabulary.
+    let ce_cases: [(usize, usize, usize, usize, f32, Vec<u32>, Vec<i32>); 3] = [
+        (6, 1003, 1003, 1003, 1.0, vec![4, 0, 2], vec![17, 1002, 0]),
+        (5, 4099, 4096, 4096, 2.0, vec![0, 3, 1], vec![4098, IGNORE_INDEX, 5]),
+        (3, 151_936, 151_936, 151_936, 1.0, vec![2, 0], vec![151_935, 77]),
+    ];
+    for (rows, vs, vt, kept, tau, listed, labels) in ce_cases {
+        let name = format!("softmax_kl_ce {rows} rows Vs={vs} Vt={vt} kept={kept} tau={tau} labels={labels:?}");
+        c.case(&name, |c| {
+            let s = c.rand(rows * vs, -4.0, 4.0);
+            let t = c.rand(rows * vt, -4.0, 4.0);
+            let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: tau };
+            let (scale, ce_scale) = (0.5, 1.0 / 3.0);
+            let mut inc = vec![0.0; rows * vs];
+            c.cpu.softmax_kl_ce(&s, &t, shape, &listed, &labels, scale, ce_scale, &mut inc)?;
+            let pre = c.prefill_like(rows * vs, &inc);
+            let mut want = pre.clone();
+            let (wkl, wce) = c.cpu.softmax_kl_ce(&s, &t, shape, &listed, &labels, scale, ce_scale, &mut want)?;
+            let mut d = c.up(&pre)?;
+            let (gkl, gce) = c.be.softmax_kl_ce(&c.up(&s)?, &c.up(&t)?, shape, &listed, &labels, scale, ce_scale, &mut d)?;
+            c.cmp_scalar(&format!("{name} KL"), gkl, wkl, TOL_F32);
+            c.cmp_scalar(&format!("{name} CE"), gce, wce, TOL_F32);
+            c.cmp_buf(&format!("{name} dstudent (accumulate)"), &d, &want, TOL_BF16)
+        });
+    }
     c.case("softmax_kl bad rows are errors", |c| {
         let (s, t) = (c.up(&[0.0; 8])?, c.up(&[0.0; 8])?);
         let mut d = c.be.zeros(8)?;

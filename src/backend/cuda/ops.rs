@@ -93,6 +93,22 @@ impl CudaBackend {
     }
 }
 
+/// [`check_kl_shape`], a positive finite temperature, and listed rows in range and distinct.
+fn check_kl_rows(what: &str, s: &CudaBuf, t: &CudaBuf, shape: KlShape, rows: &[u32], ds: &CudaBuf) -> Result<()> {
+    let n_rows = check_kl_shape(what, s, t, shape, ds)?;
+    let tau = shape.temperature;
+    ensure!(tau.is_finite() && tau > 0.0, "{what}: temperature must be positive and finite, got {tau}");
+    let mut listed = vec![false; n_rows];
+    for (i, &r) in rows.iter().enumerate() {
+        let r = r as usize;
+        ensure!(r < n_rows, "{what}: row {r} (entry {i} of the row list) is outside the {n_rows} rows of the logits");
+        ensure!(!listed[r], "{what}: row {r} is listed twice");
+        listed[r] = true;
+    }
+    int(rows.len(), "listed rows")?;
+    Ok(())
+}
+
 /// Shape checks of the distillation losses, as the CPU backend's (returns the logit rows).
 fn check_kl_shape(what: &str, s: &CudaBuf, t: &CudaBuf, shape: KlShape, ds: &CudaBuf) -> Result<usize> {
     let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
@@ -481,27 +497,50 @@ impl Backend for CudaBackend {
     }
 
     fn softmax_kl(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, rows: &[u32], scale: f32, dstudent: &mut CudaBuf) -> Result<f64> {
-        const WHAT: &str = "softmax_kl";
-        let n_rows = check_kl_shape(WHAT, student, teacher, shape, dstudent)?;
-        let tau = shape.temperature;
-        ensure!(tau.is_finite() && tau > 0.0, "{WHAT}: temperature must be positive and finite, got {tau}");
-        let mut listed = vec![false; n_rows];
-        for (i, &r) in rows.iter().enumerate() {
-            let r = r as usize;
-            ensure!(r < n_rows, "{WHAT}: row {r} (entry {i} of the row list) is outside the {n_rows} rows of the logits");
-            ensure!(!listed[r], "{WHAT}: row {r} is listed twice");
-            listed[r] = true;
-        }
+        check_kl_rows("softmax_kl", student, teacher, shape, rows, dstudent)?;
         if rows.is_empty() {
             return Ok(0.0);
         }
         let rows_i32: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
-        int(rows.len(), "listed rows")?;
         let (_gi, rp) = self.upload_idx(&rows_i32)?;
         let (_gw, klp) = self.work_f32(rows.len())?;
         self.softmax_kl_launch(student, teacher, shape, rp, rows.len(), scale, None, klp, dstudent)?;
         let per_row = self.download_f32_raw(klp, rows.len())?;
         Ok(per_row.iter().map(|&x| x as f64).sum())
+    }
+
+    fn softmax_kl_ce(
+        &self,
+        student: &CudaBuf,
+        teacher: &CudaBuf,
+        shape: KlShape,
+        rows: &[u32],
+        targets: &[i32],
+        scale: f32,
+        ce_scale: f32,
+        dstudent: &mut CudaBuf,
+    ) -> Result<(f64, f64)> {
+        const WHAT: &str = "softmax_kl_ce";
+        check_kl_rows(WHAT, student, teacher, shape, rows, dstudent)?;
+        ensure!(targets.len() == rows.len(), "{WHAT}: {} targets for {} rows", targets.len(), rows.len());
+        let vs = shape.student_vocab;
+        if let Some((i, &t)) = targets.iter().enumerate().find(|(_, &t)| t != IGNORE_INDEX && (t < 0 || t as usize >= vs)) {
+            bail!("{WHAT}: target {t} of row {} is outside the student vocabulary of {vs}", rows[i]);
+        }
+        let n = rows.len();
+        if n == 0 {
+            return Ok((0.0, 0.0));
+        }
+        // Rows then targets in one upload (one index upload per op).
+        let packed: Vec<i32> = rows.iter().map(|&r| r as i32).chain(targets.iter().copied()).collect();
+        let (_gi, rp) = self.upload_idx(&packed)?;
+        let (_gw, klp) = self.work_f32(2 * n)?;
+        let (tp, cep) = (rp + 4 * n as u64, klp + 4 * n as u64);
+        self.softmax_kl_launch(student, teacher, shape, rp, n, scale, Some((tp, ce_scale, cep)), klp, dstudent)?;
+        let per_row = self.download_f32_raw(klp, 2 * n)?;
+        let (kl, ce) = per_row.split_at(n);
+        // Rows without a label have row_ce 0.
+        Ok((kl.iter().map(|&x| x as f64).sum(), ce.iter().map(|&x| x as f64).sum()))
     }
 
     fn relation_loss(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, images: &[(u32, u32)], scale: f32, dstudent: &mut CudaBuf) -> Result<f64> {
