@@ -16,7 +16,7 @@
 pub mod cpu;
 pub mod cuda;
 
-use anyhow::Result;
+use anyhow::{bail, ensure, Result};
 
 /// The label value that marks a position without a cross-entropy target.
 pub const IGNORE_INDEX: i32 = -100;
@@ -354,11 +354,70 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 }
 
+/// Checks a distillation op's [`KlShape`] against the lengths of its student logits, teacher
+/// logits and student gradient (the checks every backend's `softmax_kl`, `softmax_kl_ce` and
+/// `relation_loss` run first); returns the number of logit rows.
+pub fn check_kl_shape(what: &str, s_len: usize, t_len: usize, ds_len: usize, shape: KlShape) -> Result<usize> {
+    let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
+    ensure!(vs > 0 && vt > 0, "{what}: empty vocabulary (student {vs}, teacher {vt})");
+    ensure!(
+        kept > 0 && kept <= vs && kept <= vt,
+        "{what}: {kept} kept columns, but it must be in 1..=min(student vocabulary {vs}, teacher vocabulary {vt})"
+    );
+    ensure!(s_len % vs == 0, "{what}: student logits have {s_len} elements, not a multiple of the student vocabulary {vs}");
+    let rows = s_len / vs;
+    ensure!(t_len == rows * vt, "{what} teacher logits ({rows} rows of {vt}): expected {} elements, got {t_len}", rows * vt);
+    ensure!(ds_len == s_len, "{what} student gradient: expected {s_len} elements, got {ds_len}");
+    Ok(rows)
+}
+
+/// Per logit row whether `rows` lists it, after checking a positive finite temperature and that
+/// every row is in range and listed once (the rows' gradients are written in parallel, and a
+/// repeated row is a bug in the caller's selection).
+pub fn check_kl_rows(what: &str, rows: &[u32], n_rows: usize, temperature: f32) -> Result<Vec<bool>> {
+    ensure!(temperature.is_finite() && temperature > 0.0, "{what}: temperature must be positive and finite, got {temperature}");
+    let mut listed = vec![false; n_rows];
+    for (i, &r) in rows.iter().enumerate() {
+        let r = r as usize;
+        ensure!(r < n_rows, "{what}: row {r} (entry {i} of the row list) is outside the {n_rows} rows of the logits");
+        ensure!(!listed[r], "{what}: row {r} is listed twice");
+        listed[r] = true;
+    }
+    Ok(listed)
+}
+
+/// The labels of [`Backend::softmax_kl_ce`]: one per listed row, each `IGNORE_INDEX` or in the
+/// student vocabulary.
+pub fn check_ce_labels(what: &str, rows: &[u32], targets: &[i32], student_vocab: usize) -> Result<()> {
+    ensure!(targets.len() == rows.len(), "{what}: {} targets for {} rows", targets.len(), rows.len());
+    if let Some((i, &t)) = targets.iter().enumerate().find(|(_, &t)| t != IGNORE_INDEX && (t < 0 || t as usize >= student_vocab)) {
+        bail!("{what}: target {t} of row {} is outside the student vocabulary of {student_vocab}", rows[i]);
+    }
+    Ok(())
+}
+
+/// The images of [`Backend::relation_loss`]: each `(start, n)` non-empty, inside the `n_rows`
+/// logit rows, and no two overlapping (each image's gradient rows are written as one block).
+pub fn check_relation_images(what: &str, images: &[(u32, u32)], n_rows: usize) -> Result<()> {
+    let mut sorted: Vec<(usize, usize, usize)> = images.iter().enumerate().map(|(i, &(a, n))| (a as usize, n as usize, i)).collect();
+    sorted.sort_unstable();
+    for (k, &(start, n, i)) in sorted.iter().enumerate() {
+        ensure!(n > 0, "{what}: image {i} has no visual rows");
+        ensure!(start + n <= n_rows, "{what}: image {i} covers rows {start}..{} but the logits have {n_rows} rows", start + n);
+        if k > 0 {
+            let (ps, pn, pi) = sorted[k - 1];
+            if ps + pn > start {
+                bail!("{what}: images {pi} (rows {ps}..{}) and {i} (rows {start}..{}) overlap", ps + pn, start + n);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks the arguments of [`Backend::attention_decode`] from their lengths (`q`, `out`, each
 /// cache): the checks every backend's decode runs first.
 #[allow(clippy::too_many_arguments)]
 pub fn check_decode_args(shape: AttnShape, capacity: usize, slots: &[u32], lens: &[usize], q: usize, k_cache: usize, v_cache: usize, out: usize) -> Result<()> {
-    use anyhow::ensure;
     let (h, hkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
     ensure!(h > 0 && hkv > 0 && d > 0 && h % hkv == 0, "attention_decode: {h} heads cannot share {hkv} kv heads");
     ensure!(slots.len() == lens.len(), "attention_decode: {} slots but {} lengths", slots.len(), lens.len());

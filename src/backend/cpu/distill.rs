@@ -4,44 +4,12 @@
 //! and the cosine) are accumulated in f64 whatever the element type, so the f32 backend is as close
 //! to the exact value as its inputs allow; the Gram matrices use the element type's GEMM.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::Result;
 use rayon::prelude::*;
 
 use super::loss::ce_row;
-use super::{check_len, Elem};
-use crate::backend::{KlShape, IGNORE_INDEX};
-
-/// Checks a [`KlShape`] against the buffers and returns the number of rows of the logits.
-fn check_shape<T>(what: &str, s: &[T], t: &[T], shape: KlShape, ds: &[T]) -> Result<usize> {
-    let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
-    ensure!(vs > 0 && vt > 0, "{what}: empty vocabulary (student {vs}, teacher {vt})");
-    ensure!(
-        kept > 0 && kept <= vs && kept <= vt,
-        "{what}: {kept} kept columns, but it must be in 1..=min(student vocabulary {vs}, teacher vocabulary {vt})"
-    );
-    ensure!(
-        s.len() % vs == 0,
-        "{what}: student logits have {} elements, not a multiple of the student vocabulary {vs}",
-        s.len()
-    );
-    let rows = s.len() / vs;
-    check_len(&format!("{what} teacher logits ({rows} rows of {vt})"), t.len(), rows * vt)?;
-    check_len(&format!("{what} student gradient"), ds.len(), s.len())?;
-    Ok(rows)
-}
-
-/// Per buffer row, whether it is listed; errors on a row out of range or listed twice (the rows'
-/// gradients are written in parallel, and a repeated row is a bug in the caller's selection).
-fn listed_rows(what: &str, rows: &[u32], n_rows: usize) -> Result<Vec<bool>> {
-    let mut listed = vec![false; n_rows];
-    for (i, &r) in rows.iter().enumerate() {
-        let r = r as usize;
-        ensure!(r < n_rows, "{what}: row {r} (entry {i} of the row list) is outside the {n_rows} rows of the logits");
-        ensure!(!listed[r], "{what}: row {r} is listed twice");
-        listed[r] = true;
-    }
-    Ok(listed)
-}
+use super::Elem;
+use crate::backend::{check_ce_labels, check_kl_rows, check_kl_shape, check_relation_images, KlShape, IGNORE_INDEX};
 
 /// log-sum-exp of `z[..] / tau`, in f64.
 fn lse_scaled<T: Elem>(z: &[T], inv_tau: f64) -> f64 {
@@ -63,10 +31,9 @@ fn lse_scaled<T: Elem>(z: &[T], inv_tau: f64) -> f64 {
 /// `kept` on and rows not listed are left untouched.
 pub fn softmax_kl<T: Elem>(s: &[T], t: &[T], shape: KlShape, rows: &[u32], scale: f32, ds: &mut [T]) -> Result<f64> {
     const WHAT: &str = "softmax_kl";
-    let n_rows = check_shape(WHAT, s, t, shape, ds)?;
+    let n_rows = check_kl_shape(WHAT, s.len(), t.len(), ds.len(), shape)?;
+    let listed = check_kl_rows(WHAT, rows, n_rows, shape.temperature)?;
     let tau = shape.temperature as f64;
-    ensure!(tau.is_finite() && tau > 0.0, "{WHAT}: temperature must be positive and finite, got {tau}");
-    let listed = listed_rows(WHAT, rows, n_rows)?;
     let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
     let g_scale = scale as f64 * tau;
     // Per-row losses are collected in order and summed sequentially, so the result does not
@@ -117,15 +84,11 @@ pub fn softmax_kl_ce<T: Elem>(
     ds: &mut [T],
 ) -> Result<(f64, f64)> {
     const WHAT: &str = "softmax_kl_ce";
-    let n_rows = check_shape(WHAT, s, t, shape, ds)?;
+    let n_rows = check_kl_shape(WHAT, s.len(), t.len(), ds.len(), shape)?;
+    check_kl_rows(WHAT, rows, n_rows, shape.temperature)?;
+    check_ce_labels(WHAT, rows, targets, shape.student_vocab)?;
     let tau = shape.temperature as f64;
-    ensure!(tau.is_finite() && tau > 0.0, "{WHAT}: temperature must be positive and finite, got {tau}");
-    ensure!(targets.len() == rows.len(), "{WHAT}: {} targets for {} rows", targets.len(), rows.len());
-    listed_rows(WHAT, rows, n_rows)?;
     let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
-    if let Some((i, &tg)) = targets.iter().enumerate().find(|(_, &tg)| tg != IGNORE_INDEX && (tg < 0 || tg as usize >= vs)) {
-        bail!("{WHAT}: target {tg} of row {} is outside the student vocabulary of {vs}", rows[i]);
-    }
     // Per buffer row: None (not listed) or its target.
     let mut role: Vec<Option<i32>> = vec![None; n_rows];
     for (&r, &tg) in rows.iter().zip(targets) {
@@ -162,26 +125,9 @@ pub fn softmax_kl_ce<T: Elem>(
 /// the Gram matrices of the raw logits).
 pub fn relation_loss<T: Elem>(s: &[T], t: &[T], shape: KlShape, images: &[(u32, u32)], scale: f32, ds: &mut [T]) -> Result<f64> {
     const WHAT: &str = "relation_loss";
-    let n_rows = check_shape(WHAT, s, t, shape, ds)?;
+    let n_rows = check_kl_shape(WHAT, s.len(), t.len(), ds.len(), shape)?;
     let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
-    // Ranges in bounds, non-empty and disjoint (the gradient GEMM writes each image's rows).
-    let mut sorted: Vec<(usize, usize, usize)> =
-        images.iter().enumerate().map(|(i, &(a, n))| (a as usize, n as usize, i)).collect();
-    sorted.sort_unstable();
-    for (k, &(start, n, i)) in sorted.iter().enumerate() {
-        ensure!(n > 0, "{WHAT}: image {i} has no visual rows");
-        ensure!(
-            start + n <= n_rows,
-            "{WHAT}: image {i} covers rows {start}..{} but the logits have {n_rows} rows",
-            start + n
-        );
-        if k > 0 {
-            let (ps, pn, pi) = sorted[k - 1];
-            if ps + pn > start {
-                bail!("{WHAT}: images {pi} (rows {ps}..{}) and {i} (rows {start}..{}) overlap", ps + pn, start + n);
-            }
-        }
-    }
+    check_relation_images(WHAT, images, n_rows)?;
     let mut total = 0.0;
     let mut rs: Vec<T> = Vec::new();
     let mut rt: Vec<T> = Vec::new();

@@ -4,7 +4,7 @@
 use anyhow::{bail, ensure, Result};
 
 use super::{bf, check_len, f32p, int, to_bf16_bits, CudaBackend, CudaBuf, DType, KArg};
-use crate::backend::{AdamWStep, AttnShape, Backend, Gemm, GeluKind, KlShape, IGNORE_INDEX};
+use crate::backend::{check_ce_labels, check_kl_rows, check_kl_shape, check_relation_images, AdamWStep, AttnShape, Backend, Gemm, GeluKind, KlShape, IGNORE_INDEX};
 
 /// Kernel argument list from local variables: one [`KArg`] per parameter (the variable's address
 /// and size; the launch checks the sizes against the PTX). Only plain identifiers are accepted,
@@ -91,37 +91,6 @@ impl CudaBackend {
         // SAFETY: lengths were checked by the caller; rows_dev holds n_rows in-range, distinct rows.
         unsafe { self.gpu.launch("softmax_kl", "softmax_kl_bf16", (n_rows as u32, 1, 1), (512, 1, 1), 0, &mut a) }
     }
-}
-
-/// [`check_kl_shape`], a positive finite temperature, and listed rows in range and distinct.
-fn check_kl_rows(what: &str, s: &CudaBuf, t: &CudaBuf, shape: KlShape, rows: &[u32], ds: &CudaBuf) -> Result<()> {
-    let n_rows = check_kl_shape(what, s, t, shape, ds)?;
-    let tau = shape.temperature;
-    ensure!(tau.is_finite() && tau > 0.0, "{what}: temperature must be positive and finite, got {tau}");
-    let mut listed = vec![false; n_rows];
-    for (i, &r) in rows.iter().enumerate() {
-        let r = r as usize;
-        ensure!(r < n_rows, "{what}: row {r} (entry {i} of the row list) is outside the {n_rows} rows of the logits");
-        ensure!(!listed[r], "{what}: row {r} is listed twice");
-        listed[r] = true;
-    }
-    int(rows.len(), "listed rows")?;
-    Ok(())
-}
-
-/// Shape checks of the distillation losses, as the CPU backend's (returns the logit rows).
-fn check_kl_shape(what: &str, s: &CudaBuf, t: &CudaBuf, shape: KlShape, ds: &CudaBuf) -> Result<usize> {
-    let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
-    ensure!(vs > 0 && vt > 0, "{what}: empty vocabulary (student {vs}, teacher {vt})");
-    ensure!(
-        kept > 0 && kept <= vs && kept <= vt,
-        "{what}: {kept} kept columns, but it must be in 1..=min(student vocabulary {vs}, teacher vocabulary {vt})"
-    );
-    ensure!(s.len % vs == 0, "{what}: student logits have {} elements, not a multiple of the student vocabulary {vs}", s.len);
-    let rows = s.len / vs;
-    check_len(&format!("{what} teacher logits ({rows} rows of {vt})"), t.len, rows * vt)?;
-    check_len(&format!("{what} student gradient"), ds.len, s.len)?;
-    Ok(rows)
 }
 
 impl Backend for CudaBackend {
@@ -497,7 +466,9 @@ impl Backend for CudaBackend {
     }
 
     fn softmax_kl(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, rows: &[u32], scale: f32, dstudent: &mut CudaBuf) -> Result<f64> {
-        check_kl_rows("softmax_kl", student, teacher, shape, rows, dstudent)?;
+        const WHAT: &str = "softmax_kl";
+        let n_rows = check_kl_shape(WHAT, student.len, teacher.len, dstudent.len, shape)?;
+        check_kl_rows(WHAT, rows, n_rows, shape.temperature)?;
         if rows.is_empty() {
             return Ok(0.0);
         }
@@ -521,12 +492,9 @@ impl Backend for CudaBackend {
         dstudent: &mut CudaBuf,
     ) -> Result<(f64, f64)> {
         const WHAT: &str = "softmax_kl_ce";
-        check_kl_rows(WHAT, student, teacher, shape, rows, dstudent)?;
-        ensure!(targets.len() == rows.len(), "{WHAT}: {} targets for {} rows", targets.len(), rows.len());
-        let vs = shape.student_vocab;
-        if let Some((i, &t)) = targets.iter().enumerate().find(|(_, &t)| t != IGNORE_INDEX && (t < 0 || t as usize >= vs)) {
-            bail!("{WHAT}: target {t} of row {} is outside the student vocabulary of {vs}", rows[i]);
-        }
+        let n_rows = check_kl_shape(WHAT, student.len, teacher.len, dstudent.len, shape)?;
+        check_kl_rows(WHAT, rows, n_rows, shape.temperature)?;
+        check_ce_labels(WHAT, rows, targets, shape.student_vocab)?;
         let n = rows.len();
         if n == 0 {
             return Ok((0.0, 0.0));
@@ -545,19 +513,8 @@ impl Backend for CudaBackend {
 
     fn relation_loss(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, images: &[(u32, u32)], scale: f32, dstudent: &mut CudaBuf) -> Result<f64> {
         const WHAT: &str = "relation_loss";
-        let n_rows = check_kl_shape(WHAT, student, teacher, shape, dstudent)?;
-        let mut sorted: Vec<(usize, usize, usize)> = images.iter().enumerate().map(|(i, &(a, n))| (a as usize, n as usize, i)).collect();
-        sorted.sort_unstable();
-        for (k, &(start, n, i)) in sorted.iter().enumerate() {
-            ensure!(n > 0, "{WHAT}: image {i} has no visual rows");
-            ensure!(start + n <= n_rows, "{WHAT}: image {i} covers rows {start}..{} but the logits have {n_rows} rows", start + n);
-            if k > 0 {
-                let (ps, pn, pi) = sorted[k - 1];
-                if ps + pn > start {
-                    bail!("{WHAT}: images {pi} (rows {ps}..{}) and {i} (rows {start}..{}) overlap", ps + pn, start + n);
-                }
-            }
-        }
+        let n_rows = check_kl_shape(WHAT, student.len, teacher.len, dstudent.len, shape)?;
+        check_relation_images(WHAT, images, n_rows)?;
         super::relation::relation_loss(self, student, teacher, shape, images, scale, dstudent)
     }
 
