@@ -403,7 +403,7 @@ pub fn check_relation_images(what: &str, images: &[(u32, u32)], n_rows: usize) -
     sorted.sort_unstable();
     for (k, &(start, n, i)) in sorted.iter().enumerate() {
         ensure!(n > 0, "{what}: image {i} has no visual rows");
-        ensure!(start + n <= n_rows, "{what}: image {i} covers rows {start}..{} but the logits have {n_rows} rows", start + n);
+        ensure!(start + n <= n_rows, "{what}: image {i} covers rows {start}..{}, but there are only {n_rows} rows", start + n);
         if k > 0 {
             let (ps, pn, pi) = sorted[k - 1];
             if ps + pn > start {

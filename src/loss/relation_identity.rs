@@ -29,7 +29,7 @@
 
 use anyhow::{ensure, Result};
 
-use crate::backend::{Backend, Gemm};
+use crate::backend::{check_relation_images, Backend, Gemm};
 
 /// One model's side of [`relation_loss_identity`].
 #[derive(Debug)]
@@ -183,16 +183,7 @@ pub fn relation_loss_identity<B: Backend>(
     if let Some(d) = dgram.as_deref() {
         ensure!(be.len(d) == hs * hs, "{WHAT}: the Gram gradient is not [{hs}, {hs}]");
     }
-    let mut sorted: Vec<(usize, usize, usize)> = images.iter().enumerate().map(|(i, &(a, n))| (a as usize, n as usize, i)).collect();
-    sorted.sort_unstable();
-    for (k, &(start, n, i)) in sorted.iter().enumerate() {
-        ensure!(n > 0, "{WHAT}: image {i} has no visual rows");
-        ensure!(start + n <= rows, "{WHAT}: image {i} covers rows {start}..{} of {rows}", start + n);
-        if k > 0 {
-            let (ps, pn, pi) = sorted[k - 1];
-            ensure!(ps + pn <= start, "{WHAT}: images {pi} and {i} overlap");
-        }
-    }
+    check_relation_images(WHAT, images, rows)?;
 
     // R = (H·M)·Hᵀ; returns (H, T = H·M, R).
     let gram_of = |side: &GramSide<'_, B::Buf>, start: usize, n: usize| -> Result<(B::Buf, B::Buf, B::Buf)> {
