@@ -3,7 +3,10 @@
 # scripts/build-gpu-bundle.sh has put the binaries into device-bundle/ here:
 #   1. the CUDA test executable (tests/cuda_ops.rs),   2. kd-engine selftest,
 #   3. kd-engine bench-kernels,                         4. benches/compare_torch.py (PyTorch side),
-# each with its own timeout so one hang does not cost the rest, then one side-by-side table.
+#   5. decode speed (kd-engine generate --device cuda),
+# each with its own timeout so one hang does not cost the rest, then one side-by-side table. When
+# a CUDA test family fails, step 1b reruns each failed family alone (KD_CUDA_SYNC=1, and under
+# compute-sanitizer memcheck if installed) in step 5's time.
 # Everything is logged to $OUT (the device tool's folder that comes back; /tmp/kd-gpu-check
 # elsewhere): gpu-check.log, selftest.json, bench.json, torch.json, table.txt.
 # Usage: bash scripts/gpu-check.sh [--quick]     (--quick: smaller benchmark shapes)
@@ -38,6 +41,24 @@ step() {
 say "== 1. CUDA tests ($B/cuda_ops)"
 step 90 "^test |test result|FAIL|panicked" "$B/cuda_ops" --test-threads 1 --nocapture
 RC_TESTS=$RC; say "cuda_ops exit code $RC_TESTS"
+FAILED_FAMILIES=$(grep -E "^test [a-z_]+ \.\.\. FAILED" "$LOG" | awk '{print $2}' | sort -u)
+if [ "$RC_TESTS" != 0 ] && [ -n "$FAILED_FAMILIES" ]; then
+  # A kernel fault poisons the context, so every family after it fails too: rerun each failed
+  # family alone, synchronising after every launch (the fault is then reported at the launch that
+  # caused it), and under compute-sanitizer memcheck where the machine has it. This takes the
+  # decode-speed step's 100 s (step 5 is skipped), so the whole script still fits 580 s.
+  SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+  say "== 1b. failed families alone: $(echo $FAILED_FAMILIES) (sanitizer: ${SAN:-none})"
+  END=$((SECONDS + 100))
+  for fam in $FAILED_FAMILIES; do
+    [ $((END - SECONDS)) -gt 10 ] || { say "(no time left for $fam)"; continue; }
+    KD_CUDA_SYNC=1 step $(( (END - SECONDS) < 30 ? END - SECONDS : 30 )) "^test |FAIL|error|rel err" "$B/cuda_ops" --exact "$fam" --nocapture
+    if [ -n "$SAN" ] && [ $((END - SECONDS)) -gt 10 ]; then
+      step $((END - SECONDS)) "ERROR SUMMARY|Invalid|out of bounds|at 0x|by thread" "$SAN" --tool memcheck --print-limit 10 "$B/cuda_ops" --exact "$fam"
+    fi
+  done
+  SKIP_DECODE=1
+fi
 
 say "== 2. kd-engine selftest"
 step 60 "FAIL|passed, .* failed|skipped|^selftest|error" "$B/kd-engine" selftest --json "$OUT/selftest.json"
@@ -51,14 +72,19 @@ say "== 4. PyTorch side (benches/compare_torch.py $QUICK)"
 PYTHONUNBUFFERED=1 step 190 "Error|error|Traceback" python3 benches/compare_torch.py --json "$OUT/torch.json" $QUICK
 RC_TORCH=$RC; say "compare_torch exit code $RC_TORCH"
 
-say "== 5. decode speed: kd-engine generate on a random Qwen1.5-0.5B (bf16), 512-token prompt, 256 new tokens"
-# Issue 7's GPU figure: the KV-cache decode path with the CUDA decode-attention kernel. The model
-# goes to /tmp (1 GB), not $OUT (which comes back).
-M=/tmp/kd-qwen1.5-0.5b
-rm -rf "$M"
-step 40 "error" "$B/kd-engine" init --preset qwen1.5-0.5b --out "$M"
-step 60 "prefill|decode|error|panicked" "$B/kd-engine" generate --model "$M" --device cuda --input-ids "$(seq -s, 1 512)" --max-new-tokens 256 --json
-RC_DECODE=$RC; say "generate exit code $RC_DECODE"
+if [ -n "${SKIP_DECODE:-}" ]; then
+  say "== 5. decode speed: skipped (its time went to step 1b)"
+  RC_DECODE=skipped
+else
+  say "== 5. decode speed: kd-engine generate on a random Qwen1.5-0.5B (bf16), 512-token prompt, 256 new tokens"
+  # Issue 7's GPU figure: the KV-cache decode path with the CUDA decode-attention kernel. The model
+  # goes to /tmp (1 GB), not $OUT (which comes back).
+  M=/tmp/kd-qwen1.5-0.5b
+  rm -rf "$M"
+  step 40 "error" "$B/kd-engine" init --preset qwen1.5-0.5b --out "$M"
+  step 60 "prefill|decode|error|panicked" "$B/kd-engine" generate --model "$M" --device cuda --input-ids "$(seq -s, 1 512)" --max-new-tokens 256 --json
+  RC_DECODE=$RC; say "generate exit code $RC_DECODE"
+fi
 rm -f "$TMP"
 
 say "== side by side"
