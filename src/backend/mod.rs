@@ -155,8 +155,9 @@ pub trait Backend: Send + Sync {
     fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
     /// `x *= s`.
     fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()>;
-    /// Σ x², accumulated in f64 (for the global gradient norm).
-    fn sum_squares(&self, x: &Self::Buf) -> Result<f64>;
+    /// Σ x² over all the buffers, accumulated in f64 (the global gradient norm takes every
+    /// gradient tensor in one call: on CUDA one read-back for all of them).
+    fn sum_squares(&self, xs: &[&Self::Buf]) -> Result<f64>;
 
     // ---- embeddings ----
     /// `out[t, :] = table[ids[t], :]`; an id ≥ rows of the table is an error.

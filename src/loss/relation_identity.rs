@@ -127,8 +127,8 @@ fn scaled_copy<B: Backend>(be: &B, src: &B::Buf, c: f64) -> Result<B::Buf> {
 /// no gradient: the convention of the backend's `relation_loss`).
 pub fn gram_cosine<B: Backend>(be: &B, rs: &B::Buf, rt: &B::Buf, scale: f32) -> Result<(f64, Option<B::Buf>)> {
     ensure!(be.len(rs) == be.len(rt), "gram cosine: Gram matrices of {} and {} elements", be.len(rs), be.len(rt));
-    let ss = be.sum_squares(rs)?;
-    let tt = be.sum_squares(rt)?;
+    let ss = be.sum_squares(&[rs])?;
+    let tt = be.sum_squares(&[rt])?;
     let (ns, nt) = (ss.sqrt(), tt.sqrt());
     if ns == 0.0 || nt == 0.0 {
         return Ok((1.0, None));
@@ -139,7 +139,7 @@ pub fn gram_cosine<B: Backend>(be: &B, rs: &B::Buf, rt: &B::Buf, scale: f32) -> 
     let mut diff = be.duplicate(rs)?;
     be.scale(&mut diff, -1.0)?;
     be.add_assign(&mut diff, rt)?;
-    let dot = (be.sum_squares(&sum)? - be.sum_squares(&diff)?) / 4.0;
+    let dot = (be.sum_squares(&[&sum])? - be.sum_squares(&[&diff])?) / 4.0;
     drop((sum, diff));
     let loss = 1.0 - dot / (ns * nt);
     let c_t = -(scale as f64) / (ns * nt);

@@ -124,13 +124,8 @@ impl<S> AdamW<S> {
             grads.len(),
             self.m.len()
         );
-        let mut sq = 0.0;
-        for g in grads {
-            for b in &g.bufs {
-                sq += be.sum_squares(b)?;
-            }
-        }
-        let grad_norm = sq.sqrt();
+        let all: Vec<&B::Buf> = grads.iter().flat_map(|g| g.bufs.iter()).collect();
+        let grad_norm = be.sum_squares(&all)?.sqrt();
         if !grad_norm.is_finite() {
             return Ok(StepReport { grad_norm, clip_coef: 0.0, skipped: true });
         }

@@ -223,8 +223,8 @@ impl<T: Elem> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn sum_squares(&self, x: &Vec<T>) -> Result<f64> {
-        Ok(x.iter().map(|v| v.f64() * v.f64()).sum())
+    fn sum_squares(&self, xs: &[&Vec<T>]) -> Result<f64> {
+        Ok(xs.iter().map(|x| x.iter().map(|v| v.f64() * v.f64()).sum::<f64>()).sum())
     }
 
     fn embedding(&self, table: &Vec<T>, ids: &[u32], dim: usize, out: &mut Vec<T>) -> Result<()> {

@@ -357,13 +357,16 @@ fn elementwise(c: &mut Ctx) {
             let mut gx = c.up(&x)?;
             c.be.scale(&mut gx, -0.37)?;
             c.cmp_buf(&format!("scale n={n}"), &gx, &want, TOL_BF16)?;
-            let want = c.cpu.sum_squares(&x)?;
+            let want = c.cpu.sum_squares(&[&x])?;
             let gx = c.up(&x)?;
-            let got = c.be.sum_squares(&gx)?;
+            let got = c.be.sum_squares(&[&gx])?;
             c.cmp_scalar(&format!("sum_squares n={n} (f32 accumulation)"), got, want, TOL_F32);
-            let again = c.be.sum_squares(&gx)?;
+            let again = c.be.sum_squares(&[&gx])?;
             let detail = if again.to_bits() == got.to_bits() { String::new() } else { format!("{got:e} then {again:e}") };
             c.record(&format!("sum_squares n={n} gives the same bits twice"), 0.0, 0.0, detail);
+            let want = c.cpu.sum_squares(&[&x, &y, &x])?;
+            let got = c.be.sum_squares(&[&gx, &c.up(&y)?, &gx])?;
+            c.cmp_scalar(&format!("sum_squares of three buffers n={n}"), got, want, TOL_F32);
             Ok(())
         });
     }

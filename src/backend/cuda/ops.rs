@@ -220,12 +220,16 @@ impl Backend for CudaBackend {
         unsafe { self.launch_1d("elementwise", "scale_bf16", x.len, &mut a) }
     }
 
-    fn sum_squares(&self, x: &CudaBuf) -> Result<f64> {
-        let (_g, partials) = self.work_f32(2 * self.sum_squares_blocks())?;
-        let blocks = self.sum_squares_partials(x, partials)?;
-        let mut sums = vec![0f64; blocks];
+    fn sum_squares(&self, xs: &[&CudaBuf]) -> Result<f64> {
+        // Every buffer's partials side by side, then one read-back for all of them.
+        let (_g, partials) = self.work_f32(2 * self.sum_squares_blocks() * xs.len())?;
+        let mut used = 0usize;
+        for x in xs {
+            used += self.sum_squares_partials(x, partials + 8 * used as u64)?;
+        }
+        let mut sums = vec![0f64; used];
         self.gpu().dtoh(&mut sums, partials)?;
-        // In block order: the same bits every run.
+        // In buffer and block order: the same bits every run.
         Ok(sums.iter().sum())
     }
 
