@@ -4,11 +4,18 @@
 //
 // How: every CUDA thread of a block is a fiber (ucontext) on one OS thread; blocks run one after
 // another. A fiber runs until it reaches a collective (__syncthreads, a shuffle, ldmatrix, mma),
-// where it waits for the others it synchronises with, so a missing barrier usually shows up as a
-// wrong result. Warp collectives are emulated from the PTX ISA's definitions: each lane deposits
-// its operands, and after a warp barrier each lane computes its own result from all deposits.
-// What it does NOT model: real asynchrony of cp.async (copies complete immediately), the memory
-// model between blocks (blocks are sequential), timing, and ex2.approx's error (exact exp2f).
+// where it waits for the others it synchronises with. Warp collectives are emulated from the PTX
+// ISA's definitions: each lane deposits its operands, and after a warp barrier each lane computes
+// its own result from all deposits.
+// Schedules (KD_SIM_SCHEDULE): `lockstep` (default) runs every fiber to its next collective in
+// turn, so warps advance nearly together; `warps` runs one warp at a time from one __syncthreads
+// to the next, first warp first, and `warps-reverse` last warp first. A missing __syncthreads
+// then shows: under `warps` a warp reads shared memory that later warps have not written yet;
+// under `warps-reverse` a warp overwrites a tile that earlier warps have not read yet.
+// cp.async copies are deferred until the cp.async.wait_group that covers them (or the thread's
+// exit), so reading a tile before its wait sees the old contents.
+// What it does NOT model: the memory model between blocks (blocks are sequential), timing, and
+// ex2.approx's error (exact exp2f).
 // Included by kernels/common.cuh when KD_HOST_SIM is defined; never part of the GPU build.
 #pragma once
 
@@ -57,12 +64,39 @@ struct Barrier {
     unsigned long long generation = 0;
 };
 
+// A cp.async copy not yet performed.
+struct PendingCopy {
+    void* smem;
+    const void* gmem;
+    bool valid;
+};
+
 struct Fiber {
     ucontext_t ctx;
     std::vector<char> stack;
     int tid = 0;
     bool done = false;
+    // Waiting at __syncthreads for the block barrier to leave generation `block_gen`.
+    bool block_wait = false;
+    unsigned long long block_gen = 0;
+    // cp.async: issued copies, and the end of each committed group in `pending`.
+    std::vector<PendingCopy> pending;
+    std::vector<size_t> groups;
 };
+
+enum class Schedule { Lockstep, Warps, WarpsReverse };
+
+inline Schedule schedule() {
+    static Schedule s = [] {
+        const char* e = getenv("KD_SIM_SCHEDULE");
+        if (e == nullptr || strcmp(e, "lockstep") == 0) return Schedule::Lockstep;
+        if (strcmp(e, "warps") == 0) return Schedule::Warps;
+        if (strcmp(e, "warps-reverse") == 0) return Schedule::WarpsReverse;
+        fprintf(stderr, "sim: KD_SIM_SCHEDULE=%s is not lockstep, warps or warps-reverse\n", e);
+        abort();
+    }();
+    return s;
+}
 
 struct Block {
     std::vector<Fiber> fibers;
@@ -94,7 +128,25 @@ inline void wait_barrier(Barrier& b, int expected) {
         b.generation++;
         return;
     }
+    const bool is_block = &b == &block()->block_bar;
+    if (is_block) {
+        me().block_wait = true;
+        me().block_gen = gen;
+    }
     while (b.generation == gen) yield();
+    me().block_wait = false;
+}
+
+// Performs this thread's oldest pending cp.async copies, up to `end`.
+inline void complete_copies(size_t end) {
+    Fiber& f = me();
+    for (size_t i = 0; i < end; ++i) {
+        const PendingCopy& c = f.pending[i];
+        if (c.valid) memcpy(c.smem, c.gmem, 16);
+        else memset(c.smem, 0, 16);
+    }
+    f.pending.erase(f.pending.begin(), f.pending.begin() + (long)end);
+    for (size_t& g : f.groups) g -= end;
 }
 
 inline void warp_barrier() { wait_barrier(block()->warp_bars[me().tid >> 5], 32); }
@@ -102,6 +154,8 @@ inline uint64_t* warp_slots() { return &block()->slots[(size_t)(me().tid >> 5) *
 
 inline void fiber_entry() {
     block()->body();
+    me().groups.clear();
+    complete_copies(me().pending.size());  // outstanding copies still land
     me().done = true;
     block()->progressed = true;
     swapcontext(&me().ctx, &block()->sched);
@@ -136,15 +190,40 @@ inline void launch(kd_dim3 grid, kd_dim3 blk, size_t dyn_smem, std::function<voi
                     makecontext(&f.ctx, fiber_entry, 0);
                 }
                 int live = nt;
+                const int nw = nt / 32;
+                // Whether fiber t is parked at __syncthreads that has not released yet.
+                auto parked = [&b](int t) { return b.fibers[t].block_wait && b.block_bar.generation == b.fibers[t].block_gen; };
                 while (live > 0) {
                     b.progressed = false;
-                    live = 0;
-                    for (int t = 0; t < nt; ++t) {
-                        if (b.fibers[t].done) continue;
-                        b.cur = t;
-                        swapcontext(&b.sched, &b.fibers[t].ctx);
-                        if (!b.fibers[t].done) ++live;
+                    if (schedule() == Schedule::Lockstep) {
+                        for (int t = 0; t < nt; ++t) {
+                            if (b.fibers[t].done) continue;
+                            b.cur = t;
+                            swapcontext(&b.sched, &b.fibers[t].ctx);
+                        }
+                    } else {
+                        // One warp at a time, each up to its next __syncthreads (or its end).
+                        for (int k = 0; k < nw; ++k) {
+                            const int w = schedule() == Schedule::Warps ? k : nw - 1 - k;
+                            for (bool ran = true; ran;) {
+                                ran = false;
+                                const bool before = b.progressed;
+                                b.progressed = false;
+                                for (int t = 32 * w; t < 32 * w + 32; ++t) {
+                                    if (b.fibers[t].done || parked(t)) continue;
+                                    b.cur = t;
+                                    swapcontext(&b.sched, &b.fibers[t].ctx);
+                                    ran = true;
+                                }
+                                // A pass with no arrival anywhere: this warp is stuck (its lanes
+                                // wait on each other across a __syncthreads); the others may not be.
+                                if (!b.progressed) ran = false;
+                                b.progressed = b.progressed || before;
+                            }
+                        }
                     }
+                    live = 0;
+                    for (int t = 0; t < nt; ++t) live += !b.fibers[t].done;
                     if (live > 0 && !b.progressed) {
                         fprintf(stderr, "sim: deadlock in block (%u,%u,%u): %d threads wait forever\n", bx, by, bz, live);
                         abort();
@@ -283,11 +362,18 @@ inline void cp_async16(void* smem, const void* gmem, bool valid) {
         fprintf(stderr, "sim: cp.async address not 16-byte aligned\n");
         abort();
     }
-    if (valid) memcpy(smem, gmem, 16);
-    else memset(smem, 0, 16);
+    kd_sim::me().pending.push_back(kd_sim::PendingCopy{smem, gmem, valid});
 }
-inline void cp_async_commit() {}
+inline void cp_async_commit() { kd_sim::me().groups.push_back(kd_sim::me().pending.size()); }
+// cp.async.wait_group N: every committed group but the N most recent has landed.
 template <int N>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+    kd_sim::Fiber& f = kd_sim::me();
+    if (f.groups.size() <= (size_t)N) return;
+    const size_t done = f.groups.size() - N;
+    const size_t end = f.groups[done - 1];
+    f.groups.erase(f.groups.begin(), f.groups.begin() + (long)done);
+    kd_sim::complete_copies(end);
+}
 
 #define KD_DYNAMIC_SMEM(name) unsigned char* name = kd_sim::dyn_smem()
