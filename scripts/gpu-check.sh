@@ -41,7 +41,9 @@ step() {
 say "== 1. CUDA tests ($B/cuda_ops)"
 step 90 "^test |test result|FAIL|panicked" "$B/cuda_ops" --test-threads 1 --nocapture
 RC_TESTS=$RC; say "cuda_ops exit code $RC_TESTS"
-FAILED_FAMILIES=$(grep -E "^test [a-z_]+ \.\.\. FAILED" "$LOG" | awk '{print $2}' | sort -u)
+# The failed tests, from libtest's closing "failures:" list (with --nocapture a test's "... FAILED"
+# is not on the line of its name).
+FAILED_FAMILIES=$(awk '/^failures:$/ {n = 0; next} /^    [a-z_]+$/ {names[n++] = $1} END {for (i = 0; i < n; i++) print names[i]}' "$TMP" | sort -u)
 if [ "$RC_TESTS" != 0 ] && [ -n "$FAILED_FAMILIES" ]; then
   # A kernel fault poisons the context, so every family after it fails too: rerun each failed
   # family alone, synchronising after every launch (the fault is then reported at the launch that

@@ -1,8 +1,9 @@
 //! The CUDA kernels on the CPU: `kernels/sim/run.sh` builds `kernels/sim/sim_test.cpp` with g++
 //! against the emulation of the CUDA subset the kernels use (`kernels/sim/host_sim.h`: a fiber per
 //! thread, warp collectives from the PTX ISA, cp.async deferred to its wait) and checks every
-//! kernel family against double-precision references, then the attention and decode kernels again
-//! under the warp-serial schedules that turn a missing `__syncthreads` into a wrong result.
+//! kernel family against double-precision references, then relation, softmax-KL, attention and
+//! decode (the kernels whose warps share shared memory) again under the warp-serial schedules
+//! that turn a missing `__syncthreads` into a wrong result.
 //! This is what a machine without a GPU can check of the kernels' logic; `tests/cuda_ops.rs` runs
 //! them on a device. Needs g++ (skipped without it unless `KD_REQUIRE_KERNELS=1`, as CI sets).
 

@@ -173,8 +173,9 @@ fn relation_loss_at_728_visual_tokens() {
     assert!(common::max_rel_diff(&d32, &d64) < 1e-4, "f32 gradient off by {}", common::max_rel_diff(&d32, &d64));
 }
 
-/// `softmax_kl_ce` is `cross_entropy` on the listed labelled rows plus `softmax_kl`, bit for bit
-/// (the CE's gradient accumulated, rows outside the list untouched), with V_s ≠ V_t and τ = 2.
+/// `softmax_kl_ce` is `cross_entropy` on the listed labelled rows plus `softmax_kl`: the same
+/// loss sums bit for bit, the gradient to rounding (added into a non-zero gradient in another
+/// order), rows outside the list untouched; with V_s ≠ V_t and τ = 2.
 #[test]
 fn softmax_kl_with_fused_ce_equals_the_two_ops() {
     let be = B::new();

@@ -462,8 +462,8 @@ static void test_decode(int D, int H, int Hkv, std::vector<std::pair<int, int>> 
 
 int main(int argc, char** argv) {
     setvbuf(stdout, nullptr, _IONBF, 0);
-    // `quick`: a shorter set; `attention`: the quick attention and decode cases alone (the kernels
-    // with shared-memory tiles and barriers, for the schedule sweep of run.sh).
+    // `quick`: a shorter set; `attention`: the kernels whose warps share shared memory (relation,
+    // softmax-KL, attention, decode; quick cases), for the schedule sweep of run.sh.
     const std::string mode = argc > 1 ? argv[1] : "";
     const bool quick = mode == "quick" || mode == "attention";
     const bool rest = mode != "attention";
@@ -474,6 +474,7 @@ int main(int argc, char** argv) {
     test_adamw(1003, 0, true);
     test_adamw(1003, 5, true);
     test_adamw(1, 1, false);
+    }
     test_relation(20, 3);
     test_relation(7, 2);
     test_softmax_kl(1000, 1016, 1.0f, true, 0);    // vector path, extra teacher columns
@@ -482,7 +483,6 @@ int main(int argc, char** argv) {
     test_softmax_kl(203, 199, 1.5f, true, 1);      // scalar path, misaligned rows
     test_softmax_kl(203, 199, 1.0f, false, 0);     // no CE
     test_softmax_kl(1, 1, 1.0f, true, 0);          // one column
-    }
     test_attention<64>(flash_attn_fwd_bf16_d64, flash_attn_bwd_bf16_d64, {1, 70, 130}, 4, 2, 1);
     test_attention<64>(flash_attn_fwd_bf16_d64, flash_attn_bwd_bf16_d64, {1, 70, 130}, 4, 2, 0);
     test_attention<72>(flash_attn_fwd_bf16_d72, flash_attn_bwd_bf16_d72, {65, 3}, 2, 1, 1);

@@ -233,7 +233,9 @@ pub fn run_stage<B: Backend>(
         let first = state.stage_step;
         scope.spawn(move || {
             for step in first..steps {
-                let data = loader.load(step);
+                // A panic while loading (a bug, never user data) becomes an error of the run.
+                let data = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loader.load(step)))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the batches of step {} panicked (a kd-engine bug)", step + 1)));
                 let failed = data.is_err();
                 // A closed channel: the stage stopped early; an error ends the loading too.
                 if tx.send(data).is_err() || failed {

@@ -16,7 +16,7 @@ use cudarc::cublas::{result as blas_result, sys as blas_sys};
 use cudarc::driver::result::{self as dr, DriverError};
 use cudarc::driver::{sys, CudaContext};
 
-use super::pool::{Pool, PoolStats, RawMemory};
+use super::pool::{Block, Pool, PoolStats, RawMemory};
 
 #[cfg(kd_kernels)]
 mod ptx {
@@ -130,8 +130,8 @@ pub struct DevMem {
     ptr: sys::CUdeviceptr,
     /// The bytes asked for; the block behind it may be larger.
     bytes: usize,
-    block: usize,
-    pool: Option<Arc<DevicePool>>,
+    /// The pool's block and the pool (none for an empty buffer).
+    block: Option<(Block, Arc<DevicePool>)>,
 }
 
 impl DevMem {
@@ -145,8 +145,8 @@ impl DevMem {
 
 impl Drop for DevMem {
     fn drop(&mut self) {
-        if let Some(pool) = &self.pool {
-            pool.free(self.ptr, self.block);
+        if let Some((block, pool)) = self.block.take() {
+            pool.free(block);
         }
     }
 }
@@ -361,10 +361,10 @@ impl Gpu {
     /// says what was asked and what is free.
     pub fn alloc(&self, bytes: usize) -> Result<DevMem> {
         if bytes == 0 {
-            return Ok(DevMem { ptr: 0, bytes: 0, block: 0, pool: None });
+            return Ok(DevMem { ptr: 0, bytes: 0, block: None });
         }
         match self.pool.alloc(bytes)? {
-            Some((ptr, block)) => Ok(DevMem { ptr, bytes, block, pool: Some(self.pool.clone()) }),
+            Some(block) => Ok(DevMem { ptr: block.ptr, bytes, block: Some((block, self.pool.clone())) }),
             None => {
                 self.bind()?;
                 let (free, total) = dr::mem_get_info().unwrap_or((0, 0));

@@ -147,8 +147,8 @@ impl CudaBackend {
         &self.gpu.device_name
     }
 
-    /// (current, peak) bytes of kd-engine's live device buffers (whole pool blocks, as PyTorch's
-    /// `memory_allocated` counts them).
+    /// (current, peak) bytes of kd-engine's live device buffers (requests rounded up to 512 B,
+    /// as PyTorch's `memory_allocated` counts them).
     pub fn mem_stats(&self) -> (usize, usize) {
         let s = self.gpu.pool_stats();
         (s.in_use, s.peak_in_use)

@@ -10,8 +10,10 @@
 //!
 //! Sizes are rounded (512 B below 1 MiB, 64 KiB above) so shapes that differ by a few elements
 //! share blocks, and a cached block is reused for a request only when at most a quarter of it
-//! would sit unused; the bytes counted as in use are whole blocks, as PyTorch counts them. When the
-//! driver is out of memory, every cached block is returned to it and the request retried once.
+//! would sit unused. The bytes counted as in use are the requests rounded up to 512 B, as PyTorch's
+//! `memory_allocated` counts them (it splits large cached blocks, so its blocks fit the requests);
+//! the bytes held from the driver, whole blocks, are counted as reserved. When the driver is out
+//! of memory, every cached block is returned to it and the request retried once.
 //! The driver side is a trait so the bookkeeping is tested on the CPU.
 
 use std::collections::BTreeMap;
@@ -30,10 +32,10 @@ pub(crate) trait RawMemory: Send + Sync {
     fn quiesce(&self) {}
 }
 
-/// Byte counts of the pool, all in whole blocks.
+/// Byte counts of the pool.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
-    /// Bytes of blocks held by live buffers.
+    /// Bytes asked for by live buffers, each rounded up to 512.
     pub in_use: usize,
     pub peak_in_use: usize,
     /// Bytes the pool holds from the driver: in use plus cached.
@@ -46,6 +48,16 @@ pub struct PoolStats {
 }
 
 const SMALL: usize = 1 << 20;
+
+/// A block handed out by [`Pool::alloc`]; give it back with [`Pool::free`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Block {
+    pub ptr: u64,
+    /// The block's size (≥ the request).
+    pub size: usize,
+    /// What it counts as in use: the request rounded up to 512 bytes.
+    counted: usize,
+}
 
 /// The block size a request of `bytes` is served with.
 pub(crate) fn block_size(bytes: usize) -> usize {
@@ -71,11 +83,13 @@ impl State {
         Some((ptr, size))
     }
 
-    fn hand_out(&mut self, size: usize) {
+    fn hand_out(&mut self, ptr: u64, size: usize, bytes: usize) -> Block {
+        let counted = bytes.div_ceil(512) * 512;
         let s = &mut self.stats;
-        s.in_use += size;
+        s.in_use += counted;
         s.peak_in_use = s.peak_in_use.max(s.in_use);
         s.peak_reserved = s.peak_reserved.max(s.reserved);
+        Block { ptr, size, counted }
     }
 }
 
@@ -93,15 +107,14 @@ impl<R: RawMemory> Pool<R> {
         self.state.lock().map_err(|_| anyhow!("the device memory pool's lock is poisoned (an earlier panic)"))
     }
 
-    /// A block of at least `bytes` (> 0): `Ok(Some((ptr, block_bytes)))`, or `Ok(None)` when the
-    /// device is out of memory even after the cache was returned to the driver.
-    pub fn alloc(&self, bytes: usize) -> Result<Option<(u64, usize)>> {
+    /// A block of at least `bytes` (> 0), or `Ok(None)` when the device is out of memory even
+    /// after the cache was returned to the driver.
+    pub fn alloc(&self, bytes: usize) -> Result<Option<Block>> {
         let block = block_size(bytes);
         let mut st = self.lock()?;
         if let Some((ptr, size)) = st.take_fit(block) {
             st.stats.reuses += 1;
-            st.hand_out(size);
-            return Ok(Some((ptr, size)));
+            return Ok(Some(st.hand_out(ptr, size, bytes)));
         }
         let ptr = match self.raw.alloc(block)? {
             Some(p) => p,
@@ -115,16 +128,15 @@ impl<R: RawMemory> Pool<R> {
         };
         st.stats.driver_allocs += 1;
         st.stats.reserved += block;
-        st.hand_out(block);
-        Ok(Some((ptr, block)))
+        Ok(Some(st.hand_out(ptr, block, bytes)))
     }
 
     /// Takes back a block from [`Self::alloc`] into the cache.
-    pub fn free(&self, ptr: u64, block: usize) {
+    pub fn free(&self, b: Block) {
         // A poisoned lock means a panic elsewhere; the block then leaks rather than being reused.
         if let Ok(mut st) = self.state.lock() {
-            st.stats.in_use -= block;
-            st.free.entry(block).or_default().push(ptr);
+            st.stats.in_use -= b.counted;
+            st.free.entry(b.size).or_default().push(b.ptr);
         }
     }
 
@@ -240,11 +252,11 @@ mod tests {
         let step = |pool: &Pool<FakeDevice>| {
             let a = pool.alloc(4096 * 1024 * 2).unwrap().unwrap();
             let b = pool.alloc(1000).unwrap().unwrap();
-            pool.free(b.0, b.1);
+            pool.free(b);
             let c = pool.alloc(3_000_000).unwrap().unwrap();
             let d = pool.alloc(999).unwrap().unwrap(); // same block class as b: reuses it
-            for (p, s) in [a, c, d] {
-                pool.free(p, s);
+            for x in [a, c, d] {
+                pool.free(x);
             }
         };
         step(&pool);
@@ -259,33 +271,36 @@ mod tests {
         assert_eq!(s.in_use, 0);
         assert_eq!(s.reserved, dev.used());
         assert_eq!(s.reuses, 1 + 5 * 4);
-        assert_eq!(s.peak_in_use, block_size(4096 * 1024 * 2) + block_size(3_000_000) + 1024);
+        // In use counts requests rounded to 512 B (3 000 000 → 3 000 320), reserved whole blocks.
+        assert_eq!(s.peak_in_use, 4096 * 1024 * 2 + 3_000_320 + 1024);
+        assert_eq!(s.peak_reserved, block_size(4096 * 1024 * 2) + block_size(3_000_000) + 1024);
     }
 
     #[test]
     fn live_blocks_never_overlap() {
         let dev = FakeDevice::new(1 << 30);
         let pool = Pool::new(dev.clone());
-        let mut live: Vec<(u64, usize, usize)> = Vec::new();
+        let mut live: Vec<(Block, usize)> = Vec::new();
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
         for i in 0..2000 {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
             if live.len() > 8 && rng % 3 == 0 {
-                let (p, b, _) = live.swap_remove((rng as usize / 3) % live.len());
-                pool.free(p, b);
+                let (b, _) = live.swap_remove((rng as usize / 3) % live.len());
+                pool.free(b);
                 continue;
             }
             let want = 1 + (rng >> 20) as usize % if i % 5 == 0 { 8 << 20 } else { 64 << 10 };
-            let (p, b) = pool.alloc(want).unwrap().unwrap();
+            let blk = pool.alloc(want).unwrap().unwrap();
+            let (p, b) = (blk.ptr, blk.size);
             assert!(b >= want && b - want <= b / 4 + 64 * 1024, "block {b} for {want} bytes");
-            for &(q, c, _) in &live {
-                assert!(p + b as u64 <= q || q + c as u64 <= p, "block at {p} overlaps a live one at {q}");
+            for &(o, _) in &live {
+                assert!(p + b as u64 <= o.ptr || o.ptr + o.size as u64 <= p, "block at {p} overlaps a live one at {}", o.ptr);
             }
-            live.push((p, b, want));
+            live.push((blk, want));
         }
-        let in_use: usize = live.iter().map(|l| l.1).sum();
+        let in_use: usize = live.iter().map(|l| l.1.div_ceil(512) * 512).sum();
         assert_eq!(pool.stats().in_use, in_use);
         assert!(pool.stats().reuses > 0);
     }
@@ -296,8 +311,8 @@ mod tests {
         let pool = Pool::new(dev.clone());
         let a = pool.alloc(4 << 20).unwrap().unwrap();
         let b = pool.alloc(4 << 20).unwrap().unwrap();
-        pool.free(a.0, a.1);
-        pool.free(b.0, b.1);
+        pool.free(a);
+        pool.free(b);
         // 6 MiB fits no cached 4 MiB block; the device has 2 MiB left, so the cache must go back.
         let c = pool.alloc(6 << 20).unwrap().expect("fits once the cache is released");
         let s = pool.stats();
@@ -306,7 +321,7 @@ mod tests {
         assert_eq!(dev.0.lock().unwrap().quiesced, 1, "one wait before the two blocks are freed");
         // Now truly out of memory: None, and the live block is untouched.
         assert!(pool.alloc(5 << 20).unwrap().is_none());
-        pool.free(c.0, c.1);
+        pool.free(c);
         assert_eq!(pool.stats().peak_reserved, 8 << 20);
     }
 
@@ -316,11 +331,11 @@ mod tests {
         let pool = Pool::new(dev.clone());
         let a = pool.alloc(100).unwrap().unwrap();
         let b = pool.alloc(5 << 20).unwrap().unwrap();
-        pool.free(b.0, b.1);
+        pool.free(b);
         pool.empty_cache().unwrap();
         assert_eq!(dev.live(), 1, "the block in use stays");
-        assert_eq!(pool.stats().reserved, a.1);
-        pool.free(a.0, a.1);
+        assert_eq!(pool.stats().reserved, a.size);
+        pool.free(a);
         pool.reset_peaks();
         assert_eq!(pool.stats().peak_in_use, 0);
         drop(pool);
@@ -332,10 +347,10 @@ mod tests {
         let dev = FakeDevice::new(1 << 30);
         let pool = Pool::new(dev.clone());
         let big = pool.alloc(64 << 20).unwrap().unwrap();
-        pool.free(big.0, big.1);
+        pool.free(big);
         let small = pool.alloc(1 << 20).unwrap().unwrap();
-        assert_ne!(small.0, big.0);
-        assert_eq!(small.1, 1 << 20);
+        assert_ne!(small.ptr, big.ptr);
+        assert_eq!(small.size, 1 << 20);
         assert_eq!(pool.stats().driver_allocs, 2);
     }
 }
