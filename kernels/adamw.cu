@@ -29,13 +29,14 @@
 //   different seeds (e.g. base_seed + tensor index) so that they draw different noise, and use the
 //   same rule on the CPU.
 //
-// sum_squares_bf16: partials[b] = block b's part of Σ_j f32(x[j])² (fp32 per thread and within
-//   the block, written as f64); the host adds the gridDim.x partials in f64 in block order. No
-//   atomics: the same grid gives the same bits every run, so the clipped update is reproducible.
+// sum_squares_bf16: partials[b] = block b's part of Σ_j f32(x[j])², accumulated in f64 (as the
+//   CPU does: a square above f32's range stays finite); the host adds the gridDim.x partials in
+//   block order. No atomics: the same grid gives the same bits every run, so the clipped update
+//   is reproducible.
 //
 // Launch configuration (both kernels are grid-stride loops: any grid is correct):
 //   block = (ADAMW_THREADS = 256, 1, 1), grid = (min(ceil(n / (8·256)), 8 · SM count), 1, 1)
-//   shared memory: static (128 B in sum_squares), dynamic = 0. Launch nothing when n == 0.
+//   shared memory: static (2 KB in sum_squares), dynamic = 0. Launch nothing when n == 0.
 //
 // Why this way. Both are memory-bound streams: per element AdamW moves 2+2 (param r/w) + 2 (grad)
 // + 8 + 8 (m, v r/w) = 22 bytes, + 8 with a master copy. Each thread handles 8 consecutive elements
@@ -188,28 +189,28 @@ adamw_bf16(__nv_bfloat16* __restrict__ param, const __nv_bfloat16* __restrict__ 
 
 extern "C" __global__ void __launch_bounds__(ADAMW_THREADS)
 sum_squares_bf16(const __nv_bfloat16* __restrict__ x, long long n, double* __restrict__ partials) {
-    __shared__ float scratch[32];
+    __shared__ double scratch[ADAMW_THREADS];
     long long head = (long long)(((16u - (reinterpret_cast<uintptr_t>(x) & 15u)) & 15u) >> 1);
     if (head > n) head = n;
     const long long n_vec = (n - head) / 8;
     const long long tail = head + 8 * n_vec;
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    float acc = 0.0f;
+    double acc = 0.0;
     for (long long j = t0; j < head; j += stride) {
-        float a = bf16_to_f32(x[j]);
+        const double a = bf16_to_f32(x[j]);
         acc += a * a;
     }
     for (long long j = tail + t0; j < n; j += stride) {
-        float a = bf16_to_f32(x[j]);
+        const double a = bf16_to_f32(x[j]);
         acc += a * a;
     }
     for (long long i = t0; i < n_vec; i += stride) {
         float a[8];
         unpack_bf16x8(ldg_u4(x + head + 8 * i), a);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc += a[e] * a[e];
+        for (int e = 0; e < 8; ++e) acc += (double)a[e] * a[e];
     }
-    acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) partials[blockIdx.x] = (double)acc;
+    acc = block_sum_f64(acc, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }

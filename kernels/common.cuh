@@ -174,3 +174,17 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     v = lane < n_warps ? scratch[lane] : 0.0f;
     return warp_sum(v);
 }
+
+// Block sum of a double (every thread gets the result): a shared-memory tree over `sh`
+// [blockDim.x] (a power of two), no shuffles; a fixed order, so the same bits every run.
+__device__ __forceinline__ double block_sum_f64(double v, double* sh) {
+    const int tid = threadIdx.x;
+    __syncthreads();  // sh may still be read by a previous call
+    sh[tid] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (tid < s) sh[tid] += sh[tid + s];
+        __syncthreads();
+    }
+    return sh[0];
+}

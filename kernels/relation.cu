@@ -52,19 +52,6 @@ __device__ __forceinline__ void relation_chunk(long long nn, int b, long long* b
     *end = e < nn ? e : nn;
 }
 
-// Block sum of a double (every thread gets the result): shared-memory tree, no shuffles.
-__device__ __forceinline__ double block_sum_f64(double v, double* sh) {
-    const int tid = threadIdx.x;
-    __syncthreads();
-    sh[tid] = v;
-    __syncthreads();
-    for (int s = RELATION_THREADS / 2; s > 0; s >>= 1) {
-        if (tid < s) sh[tid] += sh[tid + s];
-        __syncthreads();
-    }
-    return sh[0];
-}
-
 extern "C" __global__ void __launch_bounds__(RELATION_THREADS)
 relation_cosine_partials(const float* __restrict__ gram_s, const float* __restrict__ gram_t, int n, int n_images,
                          double* __restrict__ partials) {

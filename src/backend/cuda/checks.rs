@@ -360,7 +360,7 @@ fn elementwise(c: &mut Ctx) {
             let want = c.cpu.sum_squares(&[&x])?;
             let gx = c.up(&x)?;
             let got = c.be.sum_squares(&[&gx])?;
-            c.cmp_scalar(&format!("sum_squares n={n} (f32 accumulation)"), got, want, TOL_F32);
+            c.cmp_scalar(&format!("sum_squares n={n} (f64 accumulation)"), got, want, TOL_F32);
             let again = c.be.sum_squares(&[&gx])?;
             let detail = if again.to_bits() == got.to_bits() { String::new() } else { format!("{got:e} then {again:e}") };
             c.record(&format!("sum_squares n={n} gives the same bits twice"), 0.0, 0.0, detail);
