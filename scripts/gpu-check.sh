@@ -18,25 +18,8 @@ mkdir -p "$OUT"
 QUICK=${1:-}
 LOG="$OUT/gpu-check.log"
 : >"$LOG"
-say() { echo "$@" | tee -a "$LOG"; }
-
-say "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname)"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1 | tee -a "$LOG"
+source scripts/gpu-common.sh  # say, step, the GPU line
 [ -x "$B/kd-engine" ] && [ -x "$B/cuda_ops" ] || { say "missing $B/kd-engine or $B/cuda_ops: run scripts/build-gpu-bundle.sh on the build machine and carry device-bundle"; exit 2; }
-
-# step SECONDS PATTERN CMD...: runs CMD under a timeout, its output into the log, and prints the
-# lines of it that match PATTERN. Sets RC to CMD's exit status (124: timed out).
-TMP=$(mktemp)
-step() {
-  local secs=$1 pattern=$2
-  shift 2
-  timeout "$secs" "$@" >"$TMP" 2>&1
-  RC=$?
-  cat "$TMP" >>"$LOG"
-  grep -E "$pattern" "$TMP" | tail -40
-  [ "$RC" = 124 ] && say "TIMED OUT after $secs s: $*"
-  return 0
-}
 
 say "== 1. CUDA tests ($B/cuda_ops)"
 step 90 "^test |test result|FAIL|panicked" "$B/cuda_ops" --test-threads 1 --nocapture

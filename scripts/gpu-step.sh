@@ -22,24 +22,7 @@ WARMUP=${WARMUP:-3}
 mkdir -p "$OUT"
 LOG="$OUT/gpu-step.log"
 : >"$LOG"
-say() { echo "$@" | tee -a "$LOG"; }
-
-say "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname)"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1 | tee -a "$LOG"
-
-# step SECONDS PATTERN CMD...: runs CMD under a timeout, its output into the log, and prints the
-# lines of it that match PATTERN. Sets RC to CMD's exit status (124, or 137 if killed: timed out).
-TMP=$(mktemp)
-step() {
-  local secs=$1 pattern=$2
-  shift 2
-  timeout -k 5 "$secs" "$@" >"$TMP" 2>&1
-  RC=$?
-  cat "$TMP" >>"$LOG"
-  grep -E "$pattern" "$TMP" | tail -40
-  { [ "$RC" = 124 ] || [ "$RC" = 137 ]; } && say "TIMED OUT after $secs s: $*"
-  return 0
-}
+source scripts/gpu-common.sh  # say, step, the GPU line
 
 rm -f "$OUT/kd_fused.json" "$OUT/kd_direct.json" "$OUT/torch.json"
 if [ -x "$B/kd-engine" ]; then
