@@ -372,10 +372,9 @@ pub fn check_kl_shape(what: &str, s_len: usize, t_len: usize, ds_len: usize, sha
     Ok(rows)
 }
 
-/// Per logit row whether `rows` lists it, after checking a positive finite temperature and that
-/// every row is in range and listed once (the rows' gradients are written in parallel, and a
-/// repeated row is a bug in the caller's selection).
-pub fn check_kl_rows(what: &str, rows: &[u32], n_rows: usize, temperature: f32) -> Result<Vec<bool>> {
+/// A positive finite temperature, and every listed row in range and listed once (the rows'
+/// gradients are written in parallel, and a repeated row is a bug in the caller's selection).
+pub fn check_kl_rows(what: &str, rows: &[u32], n_rows: usize, temperature: f32) -> Result<()> {
     ensure!(temperature.is_finite() && temperature > 0.0, "{what}: temperature must be positive and finite, got {temperature}");
     let mut listed = vec![false; n_rows];
     for (i, &r) in rows.iter().enumerate() {
@@ -384,7 +383,7 @@ pub fn check_kl_rows(what: &str, rows: &[u32], n_rows: usize, temperature: f32) 
         ensure!(!listed[r], "{what}: row {r} is listed twice");
         listed[r] = true;
     }
-    Ok(listed)
+    Ok(())
 }
 
 /// The labels of [`Backend::softmax_kl_ce`]: one per listed row, each `IGNORE_INDEX` or in the

@@ -294,7 +294,7 @@ pub fn fused_distill_loss<B: Backend>(
         // The response rows are usually exactly the labelled rows: then their CE is fused into the
         // response KL (one read of each student row for both).
         let labelled: Vec<u32> = (0..c as u32).filter(|&l| local_targets[l as usize] != IGNORE_INDEX).collect();
-        let fuse_ce = teacher.is_some() && distils && !res_rows.is_empty() && res_rows == labelled;
+        let fuse_ce = teacher.is_some() && !res_rows.is_empty() && res_rows == labelled;
         if !fuse_ce && !labelled.is_empty() {
             ce_sum += be.cross_entropy(&zs, &local_targets, vs, ce_scale, &mut dz)?;
         }

@@ -30,22 +30,7 @@ fn lse_scaled<T: Elem>(z: &[T], inv_tau: f64) -> f64 {
 /// derivative of τ²·KL with respect to the raw student logits) into `ds[r, ..kept]`; columns from
 /// `kept` on and rows not listed are left untouched.
 pub fn softmax_kl<T: Elem>(s: &[T], t: &[T], shape: KlShape, rows: &[u32], scale: f32, ds: &mut [T]) -> Result<f64> {
-    const WHAT: &str = "softmax_kl";
-    let n_rows = check_kl_shape(WHAT, s.len(), t.len(), ds.len(), shape)?;
-    let listed = check_kl_rows(WHAT, rows, n_rows, shape.temperature)?;
-    let tau = shape.temperature as f64;
-    let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
-    let g_scale = scale as f64 * tau;
-    // Per-row losses are collected in order and summed sequentially, so the result does not
-    // depend on how rayon splits the rows (runs and resumed runs reproduce losses bit for bit).
-    let per_row: Vec<f64> = ds
-        .par_chunks_mut(vs)
-        .zip(s.par_chunks(vs))
-        .zip(t.par_chunks(vt))
-        .zip(listed.par_iter())
-        .map(|(((d, zs), zt), &on)| if on { kl_row(&zs[..kept], &zt[..kept], tau, g_scale, &mut d[..kept]) } else { 0.0 })
-        .collect();
-    Ok(per_row.iter().sum())
+    Ok(kl_with_ce("softmax_kl", s, t, shape, rows, None, scale, 0.0, ds)?.0)
 }
 
 /// One row's τ²·KL(p_t‖p_s) over the kept columns `zs`, `zt`; adds `g_scale · (p_s − p_t)` to `d`.
@@ -83,16 +68,35 @@ pub fn softmax_kl_ce<T: Elem>(
     ce_scale: f32,
     ds: &mut [T],
 ) -> Result<(f64, f64)> {
-    const WHAT: &str = "softmax_kl_ce";
-    let n_rows = check_kl_shape(WHAT, s.len(), t.len(), ds.len(), shape)?;
-    check_kl_rows(WHAT, rows, n_rows, shape.temperature)?;
-    check_ce_labels(WHAT, rows, targets, shape.student_vocab)?;
+    kl_with_ce("softmax_kl_ce", s, t, shape, rows, Some(targets), scale, ce_scale, ds)
+}
+
+/// The listed rows' KL and, with `targets`, their CE: (Σ KL, Σ CE). Per-row values are collected
+/// in row order and summed sequentially, so the result does not depend on how rayon splits the
+/// rows (runs and resumed runs reproduce losses bit for bit).
+#[allow(clippy::too_many_arguments)]
+fn kl_with_ce<T: Elem>(
+    what: &str,
+    s: &[T],
+    t: &[T],
+    shape: KlShape,
+    rows: &[u32],
+    targets: Option<&[i32]>,
+    scale: f32,
+    ce_scale: f32,
+    ds: &mut [T],
+) -> Result<(f64, f64)> {
+    let n_rows = check_kl_shape(what, s.len(), t.len(), ds.len(), shape)?;
+    check_kl_rows(what, rows, n_rows, shape.temperature)?;
+    if let Some(targets) = targets {
+        check_ce_labels(what, rows, targets, shape.student_vocab)?;
+    }
     let tau = shape.temperature as f64;
     let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
-    // Per buffer row: None (not listed) or its target.
+    // Per buffer row: None (not listed) or its CE target (IGNORE_INDEX: none).
     let mut role: Vec<Option<i32>> = vec![None; n_rows];
-    for (&r, &tg) in rows.iter().zip(targets) {
-        role[r as usize] = Some(tg);
+    for (i, &r) in rows.iter().enumerate() {
+        role[r as usize] = Some(targets.map_or(IGNORE_INDEX, |t| t[i]));
     }
     let (g_scale, ce_scale) = (scale as f64 * tau, T::of(ce_scale as f64));
     let per_row: Vec<(f64, f64)> = ds
@@ -108,7 +112,6 @@ pub fn softmax_kl_ce<T: Elem>(
             }
         })
         .collect();
-    // In row order, as the unfused ops sum them.
     Ok((per_row.iter().map(|p| p.0).sum(), per_row.iter().map(|p| p.1).sum()))
 }
 

@@ -22,11 +22,10 @@ pub fn cross_entropy<T: Elem>(logits: &[T], targets: &[i32], vocab: usize, scale
         .zip(logits.par_chunks(vocab))
         .zip(targets.par_iter())
         .map(|((d, z), &t)| {
+            d.iter_mut().for_each(|v| *v = T::zero());
             if t == IGNORE_INDEX {
-                d.iter_mut().for_each(|v| *v = T::zero());
                 return 0.0;
             }
-            d.iter_mut().for_each(|v| *v = T::zero());
             ce_row(z, t as usize, scale, d)
         })
         .collect();

@@ -325,8 +325,9 @@ impl Gpu {
         // SAFETY: a fresh handle and the legacy default stream.
         unsafe { blas_result::set_stream(blas, stream as _) }.map_err(blas_err("cublasSetStream"))?;
         let sync_each = std::env::var("KD_CUDA_SYNC").is_ok_and(|v| v == "1");
+        let pool = Arc::new(Pool::new(DriverMemory { ctx: ctx.clone() }));
         Ok(Gpu {
-            ctx: ctx.clone(),
+            ctx,
             stream,
             blas,
             modules,
@@ -336,7 +337,7 @@ impl Gpu {
             cc,
             arch,
             sm_count,
-            pool: Arc::new(Pool::new(DriverMemory { ctx: ctx.clone() })),
+            pool,
             sync_each,
         })
     }

@@ -164,11 +164,6 @@ impl CudaBackend {
         self.gpu.pool.reset_peaks()
     }
 
-    /// Returns the pool's cached (unused) blocks to the driver.
-    pub fn empty_cache(&self) -> Result<()> {
-        self.gpu.pool.empty_cache()
-    }
-
     /// (free, total) device memory.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
         self.gpu.mem_info()

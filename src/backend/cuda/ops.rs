@@ -65,6 +65,43 @@ impl CudaBackend {
         self.stream_grid(usize::MAX / 2).0 as usize
     }
 
+    /// The listed rows' KL and, with `ce` = (targets, scale), their CE, in one launch:
+    /// (Σ KL, Σ CE), summed on the host in row order.
+    #[allow(clippy::too_many_arguments)]
+    fn kl_with_ce(
+        &self,
+        what: &str,
+        student: &CudaBuf,
+        teacher: &CudaBuf,
+        shape: KlShape,
+        rows: &[u32],
+        ce: Option<(&[i32], f32)>,
+        scale: f32,
+        dstudent: &mut CudaBuf,
+    ) -> Result<(f64, f64)> {
+        let n_rows = check_kl_shape(what, student.len, teacher.len, dstudent.len, shape)?;
+        check_kl_rows(what, rows, n_rows, shape.temperature)?;
+        if let Some((targets, _)) = ce {
+            check_ce_labels(what, rows, targets, shape.student_vocab)?;
+        }
+        let n = rows.len();
+        if n == 0 {
+            return Ok((0.0, 0.0));
+        }
+        int(n, "listed rows")?;
+        // Rows, then the targets if any, in one upload (one index upload per op).
+        let packed: Vec<i32> = rows.iter().map(|&r| r as i32).chain(ce.into_iter().flat_map(|c| c.0.iter().copied())).collect();
+        let (_gi, rp) = self.upload_idx(&packed)?;
+        let outputs = if ce.is_some() { 2 * n } else { n };
+        let (_gw, klp) = self.work_f32(outputs)?;
+        let ce_dev = ce.map(|(_, ce_scale)| (rp + 4 * n as u64, ce_scale, klp + 4 * n as u64));
+        self.softmax_kl_launch(student, teacher, shape, rp, n, scale, ce_dev, klp, dstudent)?;
+        let per_row = self.download_f32_raw(klp, outputs)?;
+        let (kl, ce) = per_row.split_at(n);
+        // Rows without a label have row_ce 0.
+        Ok((kl.iter().map(|&x| x as f64).sum(), ce.iter().map(|&x| x as f64).sum()))
+    }
+
     /// The softmax-KL launch on rows already on the device (`rows_dev`, `n_rows` ints): writes
     /// `row_kl` (f32 [n_rows]) and accumulates into `dstudent`; with `ce` = (targets, scale,
     /// row_ce) also the fused cross-entropy. Used by [`Backend::softmax_kl`] and the benchmarks.
@@ -470,18 +507,7 @@ impl Backend for CudaBackend {
     }
 
     fn softmax_kl(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, rows: &[u32], scale: f32, dstudent: &mut CudaBuf) -> Result<f64> {
-        const WHAT: &str = "softmax_kl";
-        let n_rows = check_kl_shape(WHAT, student.len, teacher.len, dstudent.len, shape)?;
-        check_kl_rows(WHAT, rows, n_rows, shape.temperature)?;
-        if rows.is_empty() {
-            return Ok(0.0);
-        }
-        let rows_i32: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
-        let (_gi, rp) = self.upload_idx(&rows_i32)?;
-        let (_gw, klp) = self.work_f32(rows.len())?;
-        self.softmax_kl_launch(student, teacher, shape, rp, rows.len(), scale, None, klp, dstudent)?;
-        let per_row = self.download_f32_raw(klp, rows.len())?;
-        Ok(per_row.iter().map(|&x| x as f64).sum())
+        Ok(self.kl_with_ce("softmax_kl", student, teacher, shape, rows, None, scale, dstudent)?.0)
     }
 
     fn softmax_kl_ce(
@@ -495,24 +521,7 @@ impl Backend for CudaBackend {
         ce_scale: f32,
         dstudent: &mut CudaBuf,
     ) -> Result<(f64, f64)> {
-        const WHAT: &str = "softmax_kl_ce";
-        let n_rows = check_kl_shape(WHAT, student.len, teacher.len, dstudent.len, shape)?;
-        check_kl_rows(WHAT, rows, n_rows, shape.temperature)?;
-        check_ce_labels(WHAT, rows, targets, shape.student_vocab)?;
-        let n = rows.len();
-        if n == 0 {
-            return Ok((0.0, 0.0));
-        }
-        // Rows then targets in one upload (one index upload per op).
-        let packed: Vec<i32> = rows.iter().map(|&r| r as i32).chain(targets.iter().copied()).collect();
-        let (_gi, rp) = self.upload_idx(&packed)?;
-        let (_gw, klp) = self.work_f32(2 * n)?;
-        let (tp, cep) = (rp + 4 * n as u64, klp + 4 * n as u64);
-        self.softmax_kl_launch(student, teacher, shape, rp, n, scale, Some((tp, ce_scale, cep)), klp, dstudent)?;
-        let per_row = self.download_f32_raw(klp, 2 * n)?;
-        let (kl, ce) = per_row.split_at(n);
-        // Rows without a label have row_ce 0.
-        Ok((kl.iter().map(|&x| x as f64).sum(), ce.iter().map(|&x| x as f64).sum()))
+        self.kl_with_ce("softmax_kl_ce", student, teacher, shape, rows, Some((targets, ce_scale)), scale, dstudent)
     }
 
     fn relation_loss(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, images: &[(u32, u32)], scale: f32, dstudent: &mut CudaBuf) -> Result<f64> {
