@@ -57,7 +57,7 @@ fn run_on<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
                 (None, None, Some(_)) => resume.as_ref().and_then(|c| c.parent()).map(Path::to_path_buf).unwrap_or_else(fresh_run_dir),
                 (None, None, None) => fresh_run_dir(),
             };
-            let state = run_config(be, &cfg, &out, resume, progress)?;
+            let state = run_config(be, &crate::dist::Solo, &cfg, &out, resume, progress)?;
             eprintln!(
                 "done: {} optimizer steps ({} skipped for non-finite values); run folder {}",
                 state.global_step,

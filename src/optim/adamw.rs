@@ -53,19 +53,24 @@ pub struct StepReport {
 /// gradient norm for clipping is global over all of them, as `clip_grad_norm_` over
 /// `model.parameters()` is. The state lives in the backend's optimizer-state buffers
 /// ([`Backend::State`]: f32 moments on CUDA, whatever the parameters are stored in).
+///
+/// Under ZeRO-1 a rank holds the state of only some tensors (`held`); the others have empty
+/// state buffers and are neither updated nor saved by this rank.
 pub struct AdamW<S> {
     pub cfg: AdamWConfig,
     pub m: Vec<ParamSet<S>>,
     pub v: Vec<ParamSet<S>>,
     /// f32 master copies of the parameters, when `cfg.master_weights` is set.
     pub master: Option<Vec<ParamSet<S>>>,
+    /// `held[set][tensor]`: this optimizer keeps that tensor's state and updates it.
+    pub held: Vec<Vec<bool>>,
     /// Updates applied so far (the next one is `step + 1`).
     pub step: u64,
 }
 
-/// A zero-filled state set laid out like `specs`.
-fn zero_state<B: Backend>(be: &B, specs: &[crate::model::ParamSpec]) -> Result<ParamSet<B::State>> {
-    let bufs = specs.iter().map(|s| be.zeros_state(s.numel())).collect::<Result<_>>()?;
+/// A zero-filled state set laid out like `specs`; tensors not `held` get empty buffers.
+fn zero_state<B: Backend>(be: &B, specs: &[crate::model::ParamSpec], held: &[bool]) -> Result<ParamSet<B::State>> {
+    let bufs = specs.iter().zip(held).map(|(s, &h)| be.zeros_state(if h { s.numel() } else { 0 })).collect::<Result<_>>()?;
     Ok(ParamSet { specs: specs.to_vec(), bufs })
 }
 
@@ -79,13 +84,21 @@ fn tensor_seed(seed: u64, set: usize, index: usize) -> u64 {
 }
 
 impl<S> AdamW<S> {
+    /// State for every tensor of `params`.
     pub fn new<B: Backend<State = S>>(be: &B, params: &[&ParamSet<B::Buf>], cfg: AdamWConfig) -> Result<Self> {
-        let zeros = || params.iter().map(|p| zero_state(be, &p.specs)).collect::<Result<Vec<_>>>();
+        Self::holding(be, params, cfg, |_, _| true)
+    }
+
+    /// State only for the tensors `holds(set, tensor)` selects (ZeRO-1: those this rank owns).
+    pub fn holding<B: Backend<State = S>>(be: &B, params: &[&ParamSet<B::Buf>], cfg: AdamWConfig, holds: impl Fn(usize, usize) -> bool) -> Result<Self> {
+        let held: Vec<Vec<bool>> = params.iter().enumerate().map(|(s, p)| (0..p.specs.len()).map(|i| holds(s, i)).collect()).collect();
+        let zeros = || params.iter().zip(&held).map(|(p, h)| zero_state(be, &p.specs, h)).collect::<Result<Vec<_>>>();
         let master = if cfg.master_weights {
             let sets = params
                 .iter()
-                .map(|p| {
-                    let bufs = p.bufs.iter().map(|b| be.upload_state(&be.download(b)?)).collect::<Result<_>>()?;
+                .zip(&held)
+                .map(|(p, h)| {
+                    let bufs = p.bufs.iter().zip(h).map(|(b, &h)| if h { be.upload_state(&be.download(b)?) } else { be.zeros_state(0) }).collect::<Result<_>>()?;
                     Ok(ParamSet { specs: p.specs.clone(), bufs })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -93,14 +106,14 @@ impl<S> AdamW<S> {
         } else {
             None
         };
-        Ok(AdamW { cfg, m: zeros()?, v: zeros()?, master, step: 0 })
+        Ok(AdamW { cfg, m: zeros()?, v: zeros()?, master, held, step: 0 })
     }
 
     /// Sets the master copies (if any) from the current parameters, e.g. after loading weights.
     pub fn sync_master<B: Backend<State = S>>(&mut self, be: &B, params: &[&ParamSet<B::Buf>]) -> Result<()> {
         if let Some(master) = &mut self.master {
-            for (ms, p) in master.iter_mut().zip(params) {
-                for (mb, b) in ms.bufs.iter_mut().zip(&p.bufs) {
+            for ((ms, p), held) in master.iter_mut().zip(params).zip(&self.held) {
+                for ((mb, b), _) in ms.bufs.iter_mut().zip(&p.bufs).zip(held).filter(|(_, &h)| h) {
                     *mb = be.upload_state(&be.download(b)?)?;
                 }
             }
@@ -117,6 +130,21 @@ impl<S> AdamW<S> {
         grads: &[&ParamSet<B::Buf>],
         lr: f32,
     ) -> Result<StepReport> {
+        let all: Vec<&B::Buf> = grads.iter().flat_map(|g| g.bufs.iter()).collect();
+        let grad_norm = be.sum_squares(&all)?.sqrt();
+        self.apply(be, params, grads, lr, grad_norm)
+    }
+
+    /// The update of [`AdamW::step`] given the global gradient norm (computed across ranks in
+    /// data-parallel training): clips by it, then updates the tensors this optimizer holds.
+    pub fn apply<B: Backend<State = S>>(
+        &mut self,
+        be: &B,
+        params: &mut [&mut ParamSet<B::Buf>],
+        grads: &[&ParamSet<B::Buf>],
+        lr: f32,
+        grad_norm: f64,
+    ) -> Result<StepReport> {
         anyhow::ensure!(
             params.len() == self.m.len() && grads.len() == self.m.len(),
             "adamw: {} parameter sets and {} gradient sets for an optimizer over {}",
@@ -124,8 +152,6 @@ impl<S> AdamW<S> {
             grads.len(),
             self.m.len()
         );
-        let all: Vec<&B::Buf> = grads.iter().flat_map(|g| g.bufs.iter()).collect();
-        let grad_norm = be.sum_squares(&all)?.sqrt();
         if !grad_norm.is_finite() {
             return Ok(StepReport { grad_norm, clip_coef: 0.0, skipped: true });
         }
@@ -136,6 +162,9 @@ impl<S> AdamW<S> {
         self.step += 1;
         for (s, (p, g)) in params.iter_mut().zip(grads).enumerate() {
             for (i, spec) in g.specs.iter().enumerate() {
+                if !self.held[s][i] {
+                    continue;
+                }
                 let h = AdamWStep {
                     lr,
                     beta1: self.cfg.beta1,

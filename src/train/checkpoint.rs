@@ -42,11 +42,13 @@ fn download_set<B: Backend>(be: &B, prefix: &str, set: &ParamSet<B::Buf>, out: &
     Ok(())
 }
 
-fn download_state_set<B: Backend>(be: &B, prefix: &str, set: &ParamSet<B::State>, out: &mut Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<()> {
-    for (spec, buf) in set.specs.iter().zip(&set.bufs) {
-        out.push((format!("{prefix}.{}", spec.name), spec.shape.clone(), be.download_state(buf)?));
-    }
-    Ok(())
+/// A tensor on the host as a checkpoint file holds it: name, shape, values.
+pub type HostTensor = (String, Vec<usize>, Vec<f32>);
+
+/// The name of an optimizer tensor in `optimizer.safetensors`: `kind` (`m`, `v`, `master`),
+/// then the parameter set, then the parameter.
+pub fn optimizer_entry_name(kind: &str, set: &str, param: &str) -> String {
+    format!("{kind}.{set}.{param}")
 }
 
 fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
@@ -56,13 +58,14 @@ fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Res
 
 /// Writes `run_dir/checkpoint` atomically: into `checkpoint.tmp`, then swapped in by renames
 /// (`checkpoint` → `checkpoint.old`, `checkpoint.tmp` → `checkpoint`, `checkpoint.old` removed).
-/// [`latest`] falls back to `checkpoint.old` if a crash left only that.
+/// [`latest`] falls back to `checkpoint.old` if a crash left only that. `optimizer` holds the
+/// optimizer state on the host (in data-parallel training, gathered from every rank).
 pub fn write<B: Backend>(
     be: &B,
     run_dir: &Path,
     state: &TrainState,
     weights: &MllmWeights<B::Buf>,
-    opt: Option<(&AdamW<B::State>, &[&str])>,
+    optimizer: Option<&[HostTensor]>,
 ) -> Result<PathBuf> {
     let final_dir = run_dir.join("checkpoint");
     let tmp = run_dir.join("checkpoint.tmp");
@@ -75,16 +78,8 @@ pub fn write<B: Backend>(
     download_set(be, "projector", &weights.projector, &mut w)?;
     download_set(be, "llm", &weights.llm, &mut w)?;
     write_tensors(&tmp.join(WEIGHTS), &w)?;
-    if let Some((opt, names)) = opt {
-        let mut t = Vec::new();
-        for (i, name) in names.iter().enumerate() {
-            download_state_set(be, &format!("m.{name}"), &opt.m[i], &mut t)?;
-            download_state_set(be, &format!("v.{name}"), &opt.v[i], &mut t)?;
-            if let Some(master) = &opt.master {
-                download_state_set(be, &format!("master.{name}"), &master[i], &mut t)?;
-            }
-        }
-        write_tensors(&tmp.join(OPTIMIZER), &t)?;
+    if let Some(t) = optimizer {
+        write_tensors(&tmp.join(OPTIMIZER), t)?;
     }
     std::fs::write(tmp.join(STATE), serde_json::to_string_pretty(state)?).with_context(|| format!("writing {}", tmp.join(STATE).display()))?;
     if final_dir.exists() {
@@ -123,9 +118,11 @@ fn load_set<B: Backend>(be: &B, src: &WeightSource, prefix: &str, set: &mut Para
     Ok(())
 }
 
-fn load_state_set<B: Backend>(be: &B, src: &WeightSource, prefix: &str, set: &mut ParamSet<B::State>) -> Result<()> {
-    for (spec, buf) in set.specs.iter().zip(set.bufs.iter_mut()) {
-        *buf = be.upload_state(&src.read_f32(&format!("{prefix}.{}", spec.name), &spec.shape)?)?;
+/// Loads the tensors of `set` this rank `held`s (all of them without ZeRO-1): a checkpoint holds
+/// every tensor whatever world size wrote it, so a run resumes at any world size.
+fn load_state_set<B: Backend>(be: &B, src: &WeightSource, kind: &str, name: &str, set: &mut ParamSet<B::State>, held: &[bool]) -> Result<()> {
+    for ((spec, buf), _) in set.specs.iter().zip(set.bufs.iter_mut()).zip(held).filter(|(_, &h)| h) {
+        *buf = be.upload_state(&src.read_f32(&optimizer_entry_name(kind, name, &spec.name), &spec.shape)?)?;
     }
     Ok(())
 }
@@ -145,12 +142,12 @@ pub fn load_optimizer<B: Backend>(be: &B, ckpt: &Path, opt: &mut AdamW<B::State>
     ensure!(path.is_file(), "{}: the checkpoint has no optimizer state to resume a stage from", ckpt.display());
     let src = WeightSource::open(&path)?;
     for (i, name) in names.iter().enumerate() {
-        load_state_set(be, &src, &format!("m.{name}"), &mut opt.m[i])?;
-        load_state_set(be, &src, &format!("v.{name}"), &mut opt.v[i])?;
+        load_state_set(be, &src, "m", name, &mut opt.m[i], &opt.held[i])?;
+        load_state_set(be, &src, "v", name, &mut opt.v[i], &opt.held[i])?;
         if let Some(master) = &mut opt.master {
-            let first = master[i].specs.first().map(|s| format!("master.{name}.{}", s.name));
+            let first = master[i].specs.first().map(|s| optimizer_entry_name("master", name, &s.name));
             if first.is_some_and(|n| src.info(&n).is_some()) {
-                load_state_set(be, &src, &format!("master.{name}"), &mut master[i])?;
+                load_state_set(be, &src, "master", name, &mut master[i], &opt.held[i])?;
             }
         }
     }

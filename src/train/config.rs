@@ -75,6 +75,26 @@ pub struct RunConfig {
     /// backward: activation memory ÷ ~15 for one more student forward of compute.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Data parallelism (several ranks): shard the optimizer state across ranks (ZeRO-1) rather
+    /// than keep all of it on every rank. The two train the same weights.
+    #[serde(default = "defaults::yes")]
+    pub zero: bool,
+    /// Data parallelism: MiB of bf16 gradients per reduction bucket (one NCCL group each).
+    #[serde(default = "defaults::bucket_mb")]
+    pub bucket_mb: usize,
+    /// Data parallelism: seconds a rank waits for the others at a collective before the whole
+    /// job stops with an error naming the missing ranks (a rank died or hung).
+    #[serde(default = "defaults::dist_timeout_s")]
+    pub dist_timeout_s: f64,
+}
+
+impl RunConfig {
+    pub fn dist_options(&self) -> crate::dist::DistOptions {
+        crate::dist::DistOptions { zero: self.zero, bucket_elems: (self.bucket_mb.max(1) << 20) / 2 }
+    }
+    pub fn dist_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.dist_timeout_s)
+    }
 }
 
 impl Default for RunConfig {
@@ -88,6 +108,9 @@ impl Default for RunConfig {
             max_skip_fraction: defaults::max_skip_fraction(),
             max_nonfinite_streak: defaults::max_nonfinite_streak(),
             gradient_checkpointing: false,
+            zero: true,
+            bucket_mb: defaults::bucket_mb(),
+            dist_timeout_s: defaults::dist_timeout_s(),
         }
     }
 }
@@ -273,6 +296,12 @@ mod defaults {
     pub fn yes() -> bool {
         true
     }
+    pub fn bucket_mb() -> usize {
+        32
+    }
+    pub fn dist_timeout_s() -> f64 {
+        600.0
+    }
     pub fn max_len() -> usize {
         crate::data::DEFAULT_MAX_LEN
     }
@@ -310,6 +339,9 @@ impl TrainConfig {
         if let Some(t) = &self.teacher {
             check_source("teacher", t)?;
         }
+        let t = self.run.dist_timeout_s;
+        ensure!(t.is_finite() && t > 0.0 && t < 1e9, "run.dist_timeout_s: must be a positive number of seconds, found {t}");
+        ensure!(self.run.bucket_mb >= 1, "run.bucket_mb: must be at least 1");
         ensure!(
             matches!(self.run.device.as_str(), "auto" | "cpu" | "cuda"),
             "run.device: \"{}\" is not auto, cpu or cuda",

@@ -12,6 +12,7 @@ use super::model_state::{load_model, MllmState};
 use super::plot::{plot_losses, read_metrics_jsonl};
 use super::stage::{run_stage, RunContext};
 use crate::backend::Backend;
+use crate::dist::{Collective, Solo};
 use crate::model::{export_llava, ExportOptions};
 
 /// How a recipe run is driven.
@@ -34,22 +35,46 @@ pub fn run_stages<B: Backend>(
     student: &mut MllmState<B::Buf>,
     teacher: Option<&MllmState<B::Buf>>,
 ) -> Result<TrainState> {
+    run_stages_ranked(be, &Solo, r, stages, student, teacher)
+}
+
+/// [`run_stages`] as one rank of a data-parallel job: every rank trains on its part of each
+/// global batch; rank 0 writes the metrics, plots and checkpoints.
+pub fn run_stages_ranked<B: Backend>(
+    be: &B,
+    comm: &dyn Collective<B>,
+    r: &RecipeRun<'_>,
+    stages: &[StageConfig],
+    student: &mut MllmState<B::Buf>,
+    teacher: Option<&MllmState<B::Buf>>,
+) -> Result<TrainState> {
+    let lead = comm.rank() == 0;
     std::fs::create_dir_all(&r.out_dir).with_context(|| format!("creating {}", r.out_dir.display()))?;
     let mut state = TrainState { seed: r.run.seed, ..TrainState::default() };
     if let Some(ckpt) = &r.resume {
         state = checkpoint::read_state(ckpt)?;
         checkpoint::load_weights(be, ckpt, &mut student.weights)?;
-        eprintln!(
+        if lead {
+            eprintln!(
             "resuming from {}: stage {} step {}{}",
             ckpt.display(),
             state.stage_index,
             state.stage_step,
             if state.stage_done { " (stage finished)" } else { "" }
-        );
+            );
+        }
     }
     let metrics_path = r.out_dir.join("metrics.jsonl");
-    let mut metrics = MetricsWriter::append(&metrics_path)?;
-    let mut ctx = RunContext { run: r.run, out_dir: &r.out_dir, metrics: &mut metrics, progress: r.progress, stop_after_global_step: r.stop_after_global_step, vocab_note_logged: false };
+    let mut metrics = if lead { Some(MetricsWriter::append(&metrics_path)?) } else { None };
+    let mut ctx = RunContext {
+        run: r.run,
+        out_dir: &r.out_dir,
+        comm,
+        metrics: metrics.as_mut(),
+        progress: r.progress,
+        stop_after_global_step: r.stop_after_global_step,
+        vocab_note_logged: false,
+    };
     for (i, stage) in stages.iter().enumerate() {
         if i < state.stage_index || (i == state.stage_index && state.stage_done) {
             continue;
@@ -59,6 +84,9 @@ pub fn run_stages<B: Backend>(
             return Ok(state);
         }
     }
+    if !lead {
+        return Ok(state);
+    }
     let records = read_metrics_jsonl(&metrics_path)?;
     if !records.is_empty() {
         plot_losses(&records, &r.out_dir, "kd-engine")?;
@@ -66,14 +94,21 @@ pub fn run_stages<B: Backend>(
     Ok(state)
 }
 
-/// `kd-engine train --config FILE`: loads the models a config names and runs its recipe.
-pub fn run_config<B: Backend>(be: &B, cfg: &TrainConfig, out_dir: &Path, resume: Option<PathBuf>, progress: bool) -> Result<TrainState> {
+/// `kd-engine train --config FILE`: loads the models a config names and runs its recipe, as one
+/// rank of `comm` (every rank loads the models; rank 0 writes the config copy and the export).
+pub fn run_config<B: Backend>(be: &B, comm: &dyn Collective<B>, cfg: &TrainConfig, out_dir: &Path, resume: Option<PathBuf>, progress: bool) -> Result<TrainState> {
+    let lead = comm.rank() == 0;
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    std::fs::write(out_dir.join("config.toml"), toml::to_string_pretty(cfg)?).with_context(|| format!("writing the config copy into {}", out_dir.display()))?;
+    if lead {
+        std::fs::write(out_dir.join("config.toml"), toml::to_string_pretty(cfg)?).with_context(|| format!("writing the config copy into {}", out_dir.display()))?;
+    }
     let mut student = load_model(be, "student", &cfg.student, cfg.run.seed)?;
     let teacher = cfg.teacher.as_ref().map(|t| load_model(be, "teacher", t, cfg.run.seed)).transpose()?;
     let run = RecipeRun { run: &cfg.run, out_dir: out_dir.to_path_buf(), progress, resume, stop_after_global_step: None };
-    let state = run_stages(be, &run, &cfg.stages, &mut student, teacher.as_ref())?;
+    let state = run_stages_ranked(be, comm, &run, &cfg.stages, &mut student, teacher.as_ref())?;
+    if !lead {
+        return Ok(state);
+    }
     let export_dir = out_dir.join("student");
     let tokenizer = cfg.student.tokenizer.clone().or_else(|| cfg.student.llm.clone()).or_else(|| cfg.student.llava.clone());
     let opts = ExportOptions { tokenizer: tokenizer.as_deref(), image_processor: Some(student.processor.clone()), ..ExportOptions::default() };

@@ -13,19 +13,24 @@ use super::config::{RunConfig, StageConfig, Target};
 use super::metrics::{describe, loss_fields, MetricsWriter};
 use super::model_state::MllmState;
 use crate::backend::Backend;
+use crate::dist::data_parallel::{step_counts, step_report, sum_over_ranks};
+use crate::dist::{Collective, GradSync};
 use crate::data::{default_visual_placeholder, Dataset, DatasetOptions, EncodeOptions, ImageProcessorConfig, PackedBatch, SampleEncoder, Template};
 use crate::loss::{
     frozen_head_gram, fused_distill_loss, kept_vocab, lm_head_grad, visual_ranges, vocab_mismatch_note, DistillConfig, FusedHeadOptions, HeadSide, KlTargets,
     LossCounts, LossInputs, LossReport,
 };
 use crate::model::{MllmGrads, ParamSet};
-use crate::optim::{AdamW, AdamWConfig, CosineSchedule};
+use crate::optim::{AdamWConfig, CosineSchedule};
 
 /// What a stage needs from the run around it.
-pub struct RunContext<'a> {
+pub struct RunContext<'a, B: Backend> {
     pub run: &'a RunConfig,
     pub out_dir: &'a Path,
-    pub metrics: &'a mut MetricsWriter,
+    /// The other ranks of a data-parallel job ([`crate::dist::Solo`] for one).
+    pub comm: &'a dyn Collective<B>,
+    /// Rank 0 writes the metrics (and the checkpoints); the other ranks have none.
+    pub metrics: Option<&'a mut MetricsWriter>,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
     /// Stop after this many optimizer steps of the whole run (tests of resume use it).
@@ -49,7 +54,7 @@ struct StepData {
     skipped: Vec<String>,
 }
 
-/// Loads the micro-batches of a step from the stage's sample order.
+/// Loads this rank's micro-batches of a step from the stage's sample order.
 #[derive(Clone, Copy)]
 struct StepLoader<'a> {
     dataset: &'a Dataset,
@@ -58,12 +63,18 @@ struct StepLoader<'a> {
     order: &'a [usize],
     global_batch: usize,
     micro_batch: usize,
+    rank: usize,
+    world: usize,
 }
 
 impl StepLoader<'_> {
+    /// Rank r of W takes the r-th contiguous block of `global_batch / W` samples (whole
+    /// micro-batches): the ranks' micro-batches, in rank order, are those one rank would load.
     fn load(&self, step: u64) -> Result<StepData> {
         let gb = self.global_batch;
-        let idx = &self.order[step as usize * gb..((step as usize + 1) * gb).min(self.order.len())];
+        let batch = &self.order[(step as usize * gb).min(self.order.len())..((step as usize + 1) * gb).min(self.order.len())];
+        let per_rank = gb / self.world;
+        let idx = &batch[(self.rank * per_rank).min(batch.len())..((self.rank + 1) * per_rank).min(batch.len())];
         let mut data = StepData { batches: Vec::new(), skipped: Vec::new() };
         for chunk in idx.chunks(self.micro_batch) {
             let loaded = self.dataset.load_batch(chunk, self.encoder, self.processor)?;
@@ -120,7 +131,7 @@ fn loss_inputs<'a>(b: &'a PackedBatch, images: &'a [std::ops::Range<usize>]) -> 
 #[allow(clippy::too_many_arguments)]
 pub fn run_stage<B: Backend>(
     be: &B,
-    ctx: &mut RunContext<'_>,
+    ctx: &mut RunContext<'_, B>,
     stage: &StageConfig,
     stage_index: usize,
     student: &mut MllmState<B::Buf>,
@@ -143,7 +154,7 @@ pub fn run_stage<B: Backend>(
             "teacher and student give different numbers of visual tokens per image ({nt} vs {ns}): distillation pairs them row by row"
         );
         if let Some(note) = vocab_mismatch_note(student.model.llm.cfg.vocab, t.model.llm.cfg.vocab) {
-            if !ctx.vocab_note_logged {
+            if !ctx.vocab_note_logged && ctx.comm.rank() == 0 {
                 eprintln!("note: {note}");
                 ctx.vocab_note_logged = true;
             }
@@ -166,10 +177,21 @@ pub fn run_stage<B: Backend>(
         ..DatasetOptions::default()
     };
     let dataset = Dataset::load(&stage.data, &encoder, &opts).with_context(|| format!("stage {stage_index} ({name})"))?;
-    eprintln!("stage {stage_index} ({name}): {}: {}", stage.data.display(), dataset.report());
+    if ctx.comm.rank() == 0 {
+        eprintln!("stage {stage_index} ({name}): {}: {}", stage.data.display(), dataset.report());
+    }
 
     let order = sample_order(&dataset, ctx.run.seed, stage_index, stage.epochs);
     let gb = stage.global_batch;
+    let (rank, world) = (ctx.comm.rank(), ctx.comm.world());
+    ensure!(
+        gb % (stage.micro_batch() * world) == 0,
+        "stage {stage_index} ({name}): global_batch {gb} does not split into {world} ranks × whole micro-batches of {}; \
+         make global_batch a multiple of micro_batch × world size",
+        stage.micro_batch()
+    );
+    // Micro-batches per rank and step (fewer when the last batch of the stage is short).
+    let slots = gb / stage.micro_batch() / world;
     let total_steps = order.len().div_ceil(gb) as u64;
     let steps = stage.max_steps.map_or(total_steps, |m| m.min(total_steps));
     let schedule = CosineSchedule::new(stage.lr, stage.warmup_ratio, steps);
@@ -182,10 +204,12 @@ pub fn run_stage<B: Backend>(
         max_grad_norm: (stage.max_grad_norm > 0.0).then_some(stage.max_grad_norm as f32),
         ..AdamWConfig::default()
     };
-    let mut opt = {
+    let (sync, mut opt) = {
         let w = &student.weights;
         let sets: Vec<&ParamSet<B::Buf>> = if trains_llm { vec![&w.projector, &w.llm] } else { vec![&w.projector] };
-        AdamW::new(be, &sets, adam_cfg)?
+        let sync = GradSync::new(ctx.comm, ctx.run.dist_options(), &sets);
+        let opt = sync.optimizer(be, &sets, adam_cfg)?;
+        (sync, opt)
     };
     let mut gproj = ParamSet::zeros(be, &student.model.projector.specs)?;
     let mut gllm = if trains_llm { Some(ParamSet::zeros(be, &student.model.llm.specs)?) } else { None };
@@ -214,7 +238,7 @@ pub fn run_stage<B: Backend>(
         _ => (None, None),
     };
 
-    let bar = if ctx.progress { ProgressBar::new(steps) } else { ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::hidden()) };
+    let bar = if ctx.progress && rank == 0 { ProgressBar::new(steps) } else { ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::hidden()) };
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps, {per_sec}, eta {eta} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -227,7 +251,16 @@ pub fn run_stage<B: Backend>(
     // The next step's batches (images decoded and preprocessed, samples tokenised and packed) are
     // loaded on another thread while this step computes; at most one step ahead, in the same
     // order as without it, so runs stay reproducible.
-    let loader = StepLoader { dataset: &dataset, encoder: &encoder, processor: &student.processor.clone(), order: &order, global_batch: gb, micro_batch: stage.micro_batch() };
+    let loader = StepLoader {
+        dataset: &dataset,
+        encoder: &encoder,
+        processor: &student.processor.clone(),
+        order: &order,
+        global_batch: gb,
+        micro_batch: stage.micro_batch(),
+        rank,
+        world,
+    };
     let completed = std::thread::scope(|scope| -> Result<bool> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<StepData>>(0);
         let first = state.stage_step;
@@ -251,19 +284,21 @@ pub fn run_stage<B: Backend>(
             let step = state.stage_step;
             let step_start = Instant::now();
             let StepData { batches, skipped } = rx.recv().context("the data loader thread stopped")??;
+            let who = if world > 1 { format!("rank {rank}: ") } else { String::new() };
             for s in &skipped {
-                log(&bar, format!("skipped at batch time: {s}"));
+                log(&bar, format!("{who}skipped at batch time: {s}"));
             }
-            let skipped = skipped.len();
             let ranges: Vec<Vec<std::ops::Range<usize>>> =
                 batches.iter().map(|b| visual_ranges(&b.groups, &b.seq_lens)).collect::<Result<_>>()?;
             let counts: LossCounts = batches.iter().zip(&ranges).map(|(b, r)| LossCounts::of(&loss_inputs(b, r))).sum::<Result<LossCounts>>()?;
+            // Every mean is over the whole step: all ranks' rows (SPEC §1).
+            let counts = step_counts(ctx.comm, &counts)?;
 
             gproj.zero_all(be)?;
             if let Some(g) = gllm.as_mut() {
                 g.zero_all(be)?;
             }
-            let mut report = LossReport::default();
+            let mut reports: Vec<LossReport> = Vec::with_capacity(batches.len());
             let mut tokens = 0usize;
             for (b, r) in batches.iter().zip(&ranges) {
                 tokens += b.n_tokens();
@@ -290,19 +325,24 @@ pub fn run_stage<B: Backend>(
                 let mut dh = be.zeros(be.len(&acts.llm.hidden))?;
                 let dweight = gllm.as_mut().map(|g| lm_head_grad(&student.model.llm, g)).transpose()?;
                 let r = fused_distill_loss(be, &objective, &loss_inputs(b, r), s_side, t_side, &counts, &head_opts, &mut dh, dweight)?;
-                report.add(&r);
+                reports.push(r);
                 drop(teacher_hidden);
                 student.model.backward(be, &student.weights, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: gllm.as_mut() })?;
             }
 
+            let report = step_report(ctx.comm, &reports, slots)?;
+            let totals = sum_over_ranks(ctx.comm, &[tokens, skipped.len()])?;
+            let (tokens, skipped) = (totals[0], totals[1]);
+
             let lr = schedule.lr(step);
             let mut record = serde_json::Map::new();
+            // The same on every rank (the report is the step's), so all take or skip the step.
             let finite = report.total.is_finite();
             let update = if finite {
                 let w = &mut student.weights;
-                let rep = match gllm.as_ref() {
-                    Some(gl) => opt.step(be, &mut [&mut w.projector, &mut w.llm], &[&gproj, gl], lr as f32)?,
-                    None => opt.step(be, &mut [&mut w.projector], &[&gproj], lr as f32)?,
+                let rep = match gllm.as_mut() {
+                    Some(gl) => sync.step(be, &mut opt, &mut [&mut w.projector, &mut w.llm], &mut [&mut gproj, gl], lr as f32)?,
+                    None => sync.step(be, &mut opt, &mut [&mut w.projector], &mut [&mut gproj], lr as f32)?,
                 };
                 record.insert("grad_norm".into(), json!(rep.grad_norm));
                 !rep.skipped
@@ -314,7 +354,9 @@ pub fn run_stage<B: Backend>(
             } else {
                 state.nonfinite_streak += 1;
                 state.nonfinite_total += 1;
-                log(&bar, format!("stage {stage_index} ({name}) step {}: non-finite loss or gradient, step skipped", step + 1));
+                if rank == 0 {
+                    log(&bar, format!("stage {stage_index} ({name}) step {}: non-finite loss or gradient, step skipped", step + 1));
+                }
             }
             state.stage_step += 1;
             state.global_step += 1;
@@ -331,7 +373,9 @@ pub fn run_stage<B: Backend>(
             record.insert("tokens_per_s".into(), json!(tokens as f64 / elapsed.max(1e-9)));
             record.insert("skipped_samples".into(), json!(skipped));
             record.insert("skipped_step".into(), json!(!update));
-            ctx.metrics.write(&Value::Object(record))?;
+            if let Some(m) = ctx.metrics.as_deref_mut() {
+                m.write(&Value::Object(record))?;
+            }
             if state.nonfinite_streak >= ctx.run.max_nonfinite_streak {
                 bar.abandon();
                 bail!(
@@ -343,7 +387,7 @@ pub fn run_stage<B: Backend>(
             }
             bar.set_message(format!("loss {:.4}", report.total));
             bar.inc(1);
-            if ctx.run.log_every > 0 && (state.stage_step % ctx.run.log_every == 0 || state.stage_step == steps) {
+            if rank == 0 && ctx.run.log_every > 0 && (state.stage_step % ctx.run.log_every == 0 || state.stage_step == steps) {
                 log(&bar, format!("{name} step {}/{steps} lr {lr:.3e} {}", state.stage_step, describe(&report)));
             }
             if state.stage_step == steps {
@@ -351,7 +395,10 @@ pub fn run_stage<B: Backend>(
             }
             let interval = ctx.run.checkpoint_every;
             if state.stage_done || (interval > 0 && state.global_step % interval == 0) {
-                checkpoint::write(be, ctx.out_dir, state, &student.weights, Some((&opt, set_names)))?;
+                // Written once, by rank 0, with every rank's share of the optimizer state.
+                if let Some(tensors) = sync.optimizer_tensors(be, &opt, set_names)? {
+                    checkpoint::write(be, ctx.out_dir, state, &student.weights, Some(&tensors))?;
+                }
             }
         }
         Ok(true)
@@ -360,6 +407,8 @@ pub fn run_stage<B: Backend>(
         return Ok(());
     }
     bar.finish_and_clear();
-    eprintln!("stage {stage_index} ({name}): {steps} steps in {:.1}s", started.elapsed().as_secs_f64());
+    if rank == 0 {
+        eprintln!("stage {stage_index} ({name}): {steps} steps in {:.1}s", started.elapsed().as_secs_f64());
+    }
     Ok(())
 }

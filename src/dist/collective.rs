@@ -1,0 +1,85 @@
+//! The collective operations data-parallel training uses, behind one trait so the step loop is
+//! written once for NCCL and for ranks-as-threads.
+//!
+//! Every rank calls the same operations in the same order (the step loop is deterministic), and
+//! every operation is bounded in time: a peer that died or hung turns into an error
+//! ([`PeerFailure`]) on every rank still running, never a wait without end.
+
+use anyhow::Result;
+
+use crate::backend::Backend;
+
+/// A buffer and the rank that owns it (ZeRO-1: the rank holding its optimizer state).
+pub struct Owned<'a, Buf> {
+    pub buf: &'a mut Buf,
+    pub owner: usize,
+}
+
+/// The operations of data-parallel training. Buffer lists are one bucket each: an implementation
+/// moves them in one exchange (one NCCL group).
+pub trait Collective<B: Backend>: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Every rank's `xs` (the same length on every rank), in rank order.
+    fn all_gather_host(&self, xs: &[f64]) -> Result<Vec<Vec<f64>>>;
+    /// Replaces every buffer with its sum over the ranks.
+    fn all_reduce(&self, be: &B, bufs: &mut [&mut B::Buf]) -> Result<()>;
+    /// Sums every buffer over the ranks into its owner's copy (the other copies are left
+    /// unspecified): ZeRO-1's reduce-scatter, at the granularity of whole tensors.
+    fn reduce_to_owners(&self, be: &B, bufs: &mut [Owned<'_, B::Buf>]) -> Result<()>;
+    /// Copies every buffer from its owner to every rank: ZeRO-1's all-gather of the updated
+    /// parameters.
+    fn broadcast_from_owners(&self, be: &B, bufs: &mut [Owned<'_, B::Buf>]) -> Result<()>;
+    /// `owner`'s host values (`len` of them; `local` is `Some` exactly on the owner) on every rank:
+    /// optimizer state on its way to the rank that writes the checkpoint.
+    fn host_from(&self, local: Option<&[f32]>, len: usize, owner: usize) -> Result<Vec<f32>>;
+}
+
+/// The error a rank gets when another rank failed, left or hung: the job is over. Whoever runs
+/// the ranks reports the failing rank's own error first when there is one.
+#[derive(Debug)]
+pub struct PeerFailure(pub String);
+
+impl std::fmt::Display for PeerFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PeerFailure {}
+
+/// Sums each rank's value in rank order (0 + x₀ + x₁ + …): the same bits on every rank and with
+/// every implementation, whatever order the ranks arrive in.
+pub fn sum_in_rank_order(values: impl IntoIterator<Item = f64>) -> f64 {
+    values.into_iter().fold(0.0, |a, x| a + x)
+}
+
+/// World size 1: nothing to exchange, and nothing is loaded (no NCCL).
+pub struct Solo;
+
+impl<B: Backend> Collective<B> for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_gather_host(&self, xs: &[f64]) -> Result<Vec<Vec<f64>>> {
+        Ok(vec![xs.to_vec()])
+    }
+    fn all_reduce(&self, _: &B, _: &mut [&mut B::Buf]) -> Result<()> {
+        Ok(())
+    }
+    fn reduce_to_owners(&self, _: &B, _: &mut [Owned<'_, B::Buf>]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast_from_owners(&self, _: &B, _: &mut [Owned<'_, B::Buf>]) -> Result<()> {
+        Ok(())
+    }
+    fn host_from(&self, local: Option<&[f32]>, len: usize, owner: usize) -> Result<Vec<f32>> {
+        match local {
+            Some(x) if owner == 0 && x.len() == len => Ok(x.to_vec()),
+            _ => anyhow::bail!("host_from: a single rank must own and pass its {len} values (owner {owner})"),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! What a training step needs from the other ranks: the step-wide loss counts and reports, the
+//! gradient reduction and the optimizer step (plain data parallelism or ZeRO-1), and the
+//! optimizer state gathered for a checkpoint.
+//!
+//! The reference is the 1-rank run with the same global batch: every rank takes a contiguous
+//! block of whole micro-batches of each global batch, every mean divides by the step's count over
+//! all ranks, and the loss reports are summed in global micro-batch order, so the losses of a step
+//! are those of one rank bit for bit whenever the weights are. Gradients are summed in rank order;
+//! one rank accumulates micro-batch after micro-batch into its gradient buffers, so N ranks add
+//! the same terms in another association: equal up to rounding (the tests state the tolerance).
+
+use anyhow::{ensure, Result};
+
+use super::collective::{sum_in_rank_order, Collective, Owned};
+use super::partition::Partition;
+use crate::backend::Backend;
+use crate::loss::{LossCounts, LossReport};
+use crate::model::ParamSet;
+use crate::optim::{AdamW, AdamWConfig, StepReport};
+use crate::train::checkpoint::{optimizer_entry_name, HostTensor};
+
+/// How the ranks share the optimizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DistOptions {
+    /// ZeRO-1: each tensor's optimizer state on one rank (gradients reduced to it, the updated
+    /// parameters sent from it); otherwise every rank holds all of it (gradients all-reduced).
+    pub zero: bool,
+    /// Elements per gradient bucket: one exchange (one NCCL group) per bucket.
+    pub bucket_elems: usize,
+}
+
+/// Sums each rank's counts over the ranks (in rank order: exact for counts below 2⁵³).
+pub fn sum_over_ranks<B: Backend>(comm: &dyn Collective<B>, values: &[usize]) -> Result<Vec<usize>> {
+    let local: Vec<f64> = values.iter().map(|&v| v as f64).collect();
+    let all = comm.all_gather_host(&local)?;
+    Ok((0..values.len()).map(|i| sum_in_rank_order(all.iter().map(|r| r[i])) as usize).collect())
+}
+
+/// The step's loss counts over all ranks.
+pub fn step_counts<B: Backend>(comm: &dyn Collective<B>, local: &LossCounts) -> Result<LossCounts> {
+    let v = sum_over_ranks(comm, &[local.ce, local.response, local.prompt, local.visual, local.images])?;
+    Ok(LossCounts { ce: v[0], response: v[1], prompt: v[2], visual: v[3], images: v[4] })
+}
+
+const REPORT_LEN: usize = 11;
+
+fn encode(r: Option<&LossReport>, out: &mut Vec<f64>) {
+    let opt = |x: Option<f64>| [x.is_some() as u8 as f64, x.unwrap_or(0.0)];
+    match r {
+        None => out.extend([0.0; REPORT_LEN]),
+        Some(r) => {
+            out.extend([1.0, r.ce, r.total]);
+            for x in [r.response, r.prompt, r.visual, r.relation] {
+                out.extend(opt(x));
+            }
+        }
+    }
+}
+
+fn decode(v: &[f64]) -> Option<LossReport> {
+    let opt = |i: usize| (v[i] != 0.0).then_some(v[i + 1]);
+    (v[0] != 0.0).then(|| LossReport { ce: v[1], total: v[2], response: opt(3), prompt: opt(5), visual: opt(7), relation: opt(9) })
+}
+
+/// The step's report: every rank's micro-batch reports (at most `slots` each; a micro-batch whose
+/// samples were all skipped has none) added in global micro-batch order, as one rank adds them.
+pub fn step_report<B: Backend>(comm: &dyn Collective<B>, local: &[LossReport], slots: usize) -> Result<LossReport> {
+    ensure!(local.len() <= slots, "{} micro-batch reports for {slots} micro-batches", local.len());
+    let mut v = Vec::with_capacity(slots * REPORT_LEN);
+    (0..slots).for_each(|i| encode(local.get(i), &mut v));
+    let mut total = LossReport::default();
+    for rank in comm.all_gather_host(&v)? {
+        for r in rank.chunks(REPORT_LEN).filter_map(decode) {
+            total.add(&r);
+        }
+    }
+    Ok(total)
+}
+
+/// Gradient reduction and the optimizer step of one stage across the ranks.
+pub struct GradSync<'a, B: Backend> {
+    comm: &'a dyn Collective<B>,
+    opts: DistOptions,
+    partition: Partition,
+}
+
+impl<'a, B: Backend> GradSync<'a, B> {
+    /// For the trainable sets `params` (their shapes fix the partition, the same on every rank).
+    pub fn new(comm: &'a dyn Collective<B>, opts: DistOptions, params: &[&ParamSet<B::Buf>]) -> Self {
+        GradSync { comm, opts, partition: Partition::balanced(params, comm.world()) }
+    }
+
+    fn sharded(&self) -> bool {
+        self.opts.zero && self.comm.world() > 1
+    }
+
+    /// The optimizer of this rank: the state of the tensors it owns under ZeRO-1, else all.
+    pub fn optimizer(&self, be: &B, params: &[&ParamSet<B::Buf>], cfg: AdamWConfig) -> Result<AdamW<B::State>> {
+        let rank = self.comm.rank();
+        let sharded = self.sharded();
+        AdamW::holding(be, params, cfg, |s, i| !sharded || self.partition.owner(s, i) == rank)
+    }
+
+    /// Calls `op` on consecutive buckets of `sets`' buffers (with their owners), each at most
+    /// `bucket_elems` elements unless one buffer alone is larger.
+    fn for_buckets(&self, be: &B, sets: &mut [&mut ParamSet<B::Buf>], mut op: impl FnMut(&mut [Owned<'_, B::Buf>]) -> Result<()>) -> Result<()> {
+        let mut bucket: Vec<Owned<'_, B::Buf>> = Vec::new();
+        let mut elems = 0usize;
+        for (s, set) in sets.iter_mut().enumerate() {
+            for (i, buf) in set.bufs.iter_mut().enumerate() {
+                let n = be.len(buf);
+                if !bucket.is_empty() && elems + n > self.opts.bucket_elems {
+                    op(&mut bucket)?;
+                    bucket.clear();
+                    elems = 0;
+                }
+                elems += n;
+                bucket.push(Owned { buf, owner: self.partition.owner(s, i) });
+            }
+        }
+        if !bucket.is_empty() {
+            op(&mut bucket)?;
+        }
+        Ok(())
+    }
+
+    /// Reduces the gradients, clips by their global norm and updates the parameters on every
+    /// rank. The norm is Σ over ranks (in rank order) of Σ x² over the tensors each rank owns,
+    /// computed the same way with or without ZeRO-1, so both give the same bits; on one rank it is
+    /// Σ x² over every gradient, as [`AdamW::step`] computes it.
+    pub fn step(&self, be: &B, opt: &mut AdamW<B::State>, params: &mut [&mut ParamSet<B::Buf>], grads: &mut [&mut ParamSet<B::Buf>], lr: f32) -> Result<StepReport> {
+        let world = self.comm.world();
+        if world > 1 {
+            if self.sharded() {
+                self.for_buckets(be, grads, |b| self.comm.reduce_to_owners(be, b))?;
+            } else {
+                self.for_buckets(be, grads, |b| {
+                    let mut bufs: Vec<&mut B::Buf> = b.iter_mut().map(|o| &mut *o.buf).collect();
+                    self.comm.all_reduce(be, &mut bufs)
+                })?;
+            }
+        }
+        let owned_sum_squares = |rank: usize| -> Result<f64> {
+            let bufs: Vec<&B::Buf> = grads
+                .iter()
+                .enumerate()
+                .flat_map(|(s, g)| g.bufs.iter().enumerate().filter(move |(i, _)| self.partition.owner(s, *i) == rank).map(|(_, b)| b))
+                .collect();
+            be.sum_squares(&bufs)
+        };
+        let sum_squares = if self.sharded() {
+            let mine = owned_sum_squares(self.comm.rank())?;
+            sum_in_rank_order(self.comm.all_gather_host(&[mine])?.iter().map(|r| r[0]))
+        } else {
+            sum_in_rank_order((0..world).map(owned_sum_squares).collect::<Result<Vec<_>>>()?)
+        };
+        let grads_ref: Vec<&ParamSet<B::Buf>> = grads.iter().map(|g| &**g).collect();
+        let report = opt.apply(be, params, &grads_ref, lr, sum_squares.sqrt())?;
+        if self.sharded() && !report.skipped {
+            self.for_buckets(be, params, |b| self.comm.broadcast_from_owners(be, b))?;
+        }
+        Ok(report)
+    }
+
+    /// The optimizer state as a checkpoint holds it (`names[set]` names each set), complete on
+    /// rank 0 (`Some`), `None` elsewhere; under ZeRO-1 each tensor comes from its owner.
+    pub fn optimizer_tensors(&self, be: &B, opt: &AdamW<B::State>, names: &[&str]) -> Result<Option<Vec<HostTensor>>> {
+        let rank = self.comm.rank();
+        if !self.sharded() && rank != 0 {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        for (s, name) in names.iter().enumerate() {
+            let mut kinds: Vec<(&str, &ParamSet<B::State>)> = vec![("m", &opt.m[s]), ("v", &opt.v[s])];
+            if let Some(master) = &opt.master {
+                kinds.push(("master", &master[s]));
+            }
+            for (kind, set) in kinds {
+                for (i, (spec, buf)) in set.specs.iter().zip(&set.bufs).enumerate() {
+                    let owner = if self.sharded() { self.partition.owner(s, i) } else { 0 };
+                    let local = if opt.held[s][i] && (rank == 0 || owner == rank) { Some(be.download_state(buf)?) } else { None };
+                    let values = if owner == 0 { local } else { Some(self.comm.host_from(local.as_deref(), spec.numel(), owner)?) };
+                    if rank == 0 {
+                        let values = values.ok_or_else(|| anyhow::anyhow!("optimizer state of {name}.{} missing on rank 0", spec.name))?;
+                        out.push((optimizer_entry_name(kind, name, &spec.name), spec.shape.clone(), values));
+                    }
+                }
+            }
+        }
+        Ok((rank == 0).then_some(out))
+    }
+}
