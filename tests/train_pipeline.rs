@@ -181,10 +181,14 @@ fn an_interrupted_checkpoint_write_leaves_the_previous_one_usable() {
     let mut fresh = model(&s, 16, 5);
     checkpoint::load_weights(&Be::new(), &ck, &mut fresh.weights).unwrap();
     assert!(same(&fresh.weights.projector.bufs, &m.weights.projector.bufs));
-    // The next write replaces the stale temporary folder and succeeds.
+    // A first run killed while writing its first checkpoint left only the temporary folder: the
+    // next run there replaces it and succeeds.
+    let first = s.root.join("ck2");
+    std::fs::create_dir_all(first.join("checkpoint.tmp")).unwrap();
+    std::fs::write(first.join("checkpoint.tmp/weights.safetensors"), b"\x10\x00").unwrap();
     let mut m2 = model(&s, 16, 1);
-    run(&s, "ck", &rc, &[short(StageKind::Pt, &s.pretrain, 1)], &mut m2, None, None, None).unwrap();
-    assert!(dir.join("checkpoint/state.json").is_file() && !dir.join("checkpoint.tmp").exists());
+    run(&s, "ck2", &rc, &[short(StageKind::Pt, &s.pretrain, 1)], &mut m2, None, None, None).unwrap();
+    assert!(first.join("checkpoint/state.json").is_file() && !first.join("checkpoint.tmp").exists());
 }
 
 #[test]
@@ -314,4 +318,176 @@ max_steps = 1
         // bf16 export: equal to the checkpoint's f32 weights within bf16 rounding.
         assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 4e-3 * y.abs().max(1e-3)));
     }
+}
+
+/// The error with its causes, as the command line prints it.
+fn err<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
+    format!("{:#}", r.unwrap_err())
+}
+
+/// Resumes the run in `dir` from its checkpoint, with fresh initial weights.
+fn resume(s: &Setup, dir: &str, rc: &RunConfig, stages: &[StageConfig]) -> anyhow::Result<checkpoint::TrainState> {
+    let ckpt = checkpoint::latest(&s.root.join(dir))?;
+    let mut m = model(s, 16, 77);
+    run(s, dir, rc, stages, &mut m, None, Some(ckpt), None)
+}
+
+#[test]
+fn a_metrics_line_cut_by_a_kill_is_dropped_on_resume_with_the_lines_after_the_checkpoint() {
+    let s = setup();
+    let rc = RunConfig { log_every: 0, checkpoint_every: 2, ..RunConfig::default() };
+    let stages = [short(StageKind::Pt, &s.pretrain, 4)];
+    run(&s, "full", &rc, &stages, &mut model(&s, 16, 1), None, None, None).unwrap();
+    // Killed after step 3 (checkpoint at step 2) in the middle of writing step 4's line.
+    run(&s, "killed", &rc, &stages, &mut model(&s, 16, 1), None, None, Some(3)).unwrap();
+    let metrics = s.root.join("killed/metrics.jsonl");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&metrics).unwrap();
+    std::io::Write::write_all(&mut f, b"{\"stage\":\"pt\",\"stage_ind").unwrap();
+    drop(f);
+    resume(&s, "killed", &rc, &stages).unwrap();
+    assert_eq!(metric_losses(&metrics), metric_losses(&s.root.join("full/metrics.jsonl")), "one line per step, none twice, no fragment");
+    assert!(s.root.join("killed/losses_all_stages.png").is_file());
+}
+
+#[test]
+fn a_fresh_run_into_a_folder_holding_a_run_is_refused_and_the_run_kept() {
+    let s = setup();
+    let rc = RunConfig { log_every: 0, ..RunConfig::default() };
+    let stages = [short(StageKind::Pt, &s.pretrain, 1)];
+    run(&s, "mine", &rc, &stages, &mut model(&s, 16, 1), None, None, None).unwrap();
+    let dir = s.root.join("mine");
+    let before = std::fs::read(dir.join("checkpoint/weights.safetensors")).unwrap();
+    let e = run(&s, "mine", &rc, &stages, &mut model(&s, 16, 2), None, None, None).unwrap_err().to_string();
+    assert!(e.contains("already holds a run") && e.contains("--resume") && e.contains("another folder"), "{e}");
+    assert_eq!(std::fs::read(dir.join("checkpoint/weights.safetensors")).unwrap(), before, "the run is untouched");
+}
+
+#[test]
+fn a_run_folder_locked_by_a_live_process_is_refused_and_a_stale_lock_taken_over() {
+    let s = setup();
+    let rc = RunConfig { log_every: 0, ..RunConfig::default() };
+    let stages = [short(StageKind::Pt, &s.pretrain, 1)];
+    let dir = s.root.join("busy");
+    std::fs::create_dir_all(&dir).unwrap();
+    // This test process is alive: the folder is in use.
+    std::fs::write(dir.join("kd-engine.lock"), format!("{}\n", std::process::id())).unwrap();
+    let e = run(&s, "busy", &rc, &stages, &mut model(&s, 16, 1), None, None, None).unwrap_err().to_string();
+    assert!(e.contains("in use by process") && e.contains(&std::process::id().to_string()), "{e}");
+    assert!(!dir.join("checkpoint").exists());
+    // A process that has exited holds nothing: its lock is taken over, and released at the end.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    std::fs::write(dir.join("kd-engine.lock"), format!("{dead}\n")).unwrap();
+    run(&s, "busy", &rc, &stages, &mut model(&s, 16, 1), None, None, None).unwrap();
+    assert!(dir.join("checkpoint/state.json").is_file() && !dir.join("kd-engine.lock").exists());
+}
+
+#[test]
+fn resume_refuses_a_checkpoint_of_another_config_naming_both_values() {
+    let s = setup();
+    let rc = RunConfig { log_every: 0, checkpoint_every: 1, ..RunConfig::default() };
+    let stages = [short(StageKind::Pt, &s.pretrain, 3), short(StageKind::Sft, &s.sft, 2)];
+    run(&s, "a", &rc, &stages, &mut model(&s, 16, 1), None, None, Some(2)).unwrap();
+    let other_seed = RunConfig { seed: 7, ..rc.clone() };
+    let e = err(resume(&s, "a", &other_seed, &stages));
+    assert!(e.contains("seed") && e.contains("42") && e.contains('7'), "{e}");
+    let e = err(resume(&s, "a", &rc, &[short(StageKind::Dpt, &s.pretrain, 3), stages[1].clone()]));
+    assert!(e.contains("stage 0") && e.contains("pt") && e.contains("dpt"), "{e}");
+    let e = err(resume(&s, "a", &rc, &stages[..1]));
+    assert!(e.contains("2 stages") && e.contains('1'), "{e}");
+    let e = err(resume(&s, "a", &rc, &[StageConfig { global_batch: 4, ..stages[0].clone() }, stages[1].clone()]));
+    assert!(e.contains("global_batch") && e.contains('8') && e.contains('4'), "{e}");
+    let e = err(resume(&s, "a", &rc, &[StageConfig { epochs: 2.0, ..stages[0].clone() }, stages[1].clone()]));
+    assert!(e.contains("epochs") && e.contains('1') && e.contains('2'), "{e}");
+    let e = err(resume(&s, "a", &rc, &[short(StageKind::Pt, &s.pretrain, 5), stages[1].clone()]));
+    assert!(e.contains("max_steps") && e.contains('3') && e.contains('5'), "{e}");
+    // The checkpoint stands at step 2 of stage 0; a data file cut to one step's samples cannot hold it.
+    let list: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&s.pretrain).unwrap()).unwrap();
+    let small = s.root.join("data/small.json");
+    std::fs::write(&small, serde_json::to_string(&list[..8]).unwrap()).unwrap();
+    let e = err(resume(&s, "a", &rc, &[short(StageKind::Pt, &small, 3), stages[1].clone()]));
+    assert!(e.contains("step 2") && e.contains("1 step"), "{e}");
+    // The same config resumes.
+    resume(&s, "a", &rc, &stages).unwrap();
+}
+
+#[test]
+fn a_flipped_byte_in_a_checkpoint_file_is_an_error_naming_the_file() {
+    let s = setup();
+    let rc = RunConfig { log_every: 0, checkpoint_every: 1, ..RunConfig::default() };
+    let stages = [short(StageKind::Sft, &s.sft, 3)];
+    run(&s, "flip", &rc, &stages, &mut model(&s, 16, 1), None, None, Some(1)).unwrap();
+    for file in ["weights.safetensors", "optimizer.safetensors"] {
+        let path = s.root.join("flip/checkpoint").join(file);
+        let good = std::fs::read(&path).unwrap();
+        let mut bad = good.clone();
+        let at = bad.len() - 5; // inside the tensor data: the file still parses
+        bad[at] ^= 0x10;
+        std::fs::write(&path, &bad).unwrap();
+        let e = format!("{:#}", resume(&s, "flip", &rc, &stages).unwrap_err());
+        assert!(e.contains(file) && e.contains("checksum"), "{e}");
+        std::fs::write(&path, &good).unwrap();
+    }
+    resume(&s, "flip", &rc, &stages).unwrap();
+}
+
+#[test]
+fn temporary_files_of_an_interrupted_export_or_plot_are_removed_by_the_next_run() {
+    let s = setup();
+    let rc = RunConfig { log_every: 0, checkpoint_every: 1, ..RunConfig::default() };
+    let stages = [short(StageKind::Pt, &s.pretrain, 2)];
+    run(&s, "tmp", &rc, &stages, &mut model(&s, 16, 1), None, None, Some(1)).unwrap();
+    let dir = s.root.join("tmp");
+    let export = dir.join(".student.kd-export-4242");
+    std::fs::create_dir_all(&export).unwrap();
+    std::fs::write(export.join("model.safetensors"), b"half").unwrap();
+    let plot = dir.join(".losses_all_stages.png.tmp-4242-0");
+    std::fs::write(&plot, b"half").unwrap();
+    resume(&s, "tmp", &rc, &stages).unwrap();
+    assert!(!export.exists() && !plot.exists());
+}
+
+#[test]
+fn a_step_whose_samples_all_fail_at_batch_time_is_skipped_and_counted_toward_max_skip_fraction() {
+    let s = setup();
+    // Images of another size than the tower's, read without resizing: they decode (so loading
+    // keeps them) and fail when their batch is built.
+    let spec = StudySpec { pretrain_samples: 16, sft_samples: 8, eval_questions: 2, train_images: 8, eval_images: 2, image_size: 20, ..StudySpec::quick() };
+    let files = write_study_data(&s.root.join("data12"), &spec).unwrap();
+    let mut m = model(&s, 16, 1);
+    m.processor.do_resize = false;
+    let before = m.weights.clone();
+    let rc = RunConfig { log_every: 0, max_skip_fraction: 1.0, ..RunConfig::default() };
+    let st = run(&s, "empty", &rc, &[short(StageKind::Pt, &files.pretrain, 2)], &mut m, None, None, None).unwrap();
+    assert!(same(&before.projector.bufs, &m.weights.projector.bufs), "no optimizer step on no samples");
+    assert_eq!((st.global_step, st.optimizer_step, st.empty_steps), (2, 0, 2));
+    let lines = std::fs::read_to_string(s.root.join("empty/metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().filter(|l| l.contains("\"skipped_step\":true") && l.contains("\"skipped_samples\":8")).count(), 2, "{lines}");
+    let rc = RunConfig { log_every: 0, ..RunConfig::default() };
+    let e = err(run(&s, "empty-limit", &rc, &[short(StageKind::Pt, &files.pretrain, 2)], &mut m, None, None, None));
+    assert!(e.contains("max_skip_fraction") && e.contains("batch time"), "{e}");
+}
+
+#[test]
+fn absurd_epoch_counts_train_to_max_steps_without_building_the_whole_order() {
+    let s = setup();
+    let rc = RunConfig { log_every: 0, ..RunConfig::default() };
+    for (i, epochs) in [1e9, 1e30, f64::MAX].into_iter().enumerate() {
+        let stage = StageConfig { epochs, ..short(StageKind::Pt, &s.pretrain, 2) };
+        let st = run(&s, &format!("epochs-{i}"), &rc, &[stage], &mut model(&s, 16, 1), None, None, None).unwrap();
+        assert_eq!(st.global_step, 2, "epochs {epochs}");
+    }
+}
+
+#[test]
+fn zero_streak_and_zero_max_steps_are_refused_naming_the_key() {
+    let s = setup();
+    let stages = [short(StageKind::Pt, &s.pretrain, 2)];
+    let rc = RunConfig { log_every: 0, max_nonfinite_streak: 0, ..RunConfig::default() };
+    let e = err(run(&s, "streak", &rc, &stages, &mut model(&s, 16, 1), None, None, None));
+    assert!(e.contains("run.max_nonfinite_streak") && e.contains("at least 1"), "{e}");
+    let rc = RunConfig { log_every: 0, ..RunConfig::default() };
+    let e = err(run(&s, "steps", &rc, &[StageConfig { max_steps: Some(0), ..stages[0].clone() }], &mut model(&s, 16, 1), None, None, None));
+    assert!(e.contains("stage.0.max_steps") && e.contains("at least 1"), "{e}");
 }

@@ -304,22 +304,37 @@ impl Dataset {
         if samples.is_empty() {
             bail!("dataset {} has no usable sample: {report}", path.display());
         }
-        if report.skipped_fraction() > opts.max_skip_fraction {
-            bail!(
-                "dataset {}: skipped {} of {} samples ({:.1}%), more than max_skip_fraction {:.1}% \
-                 (a wrong --image-folder or template?): {report}",
-                path.display(),
-                report.skipped(),
-                report.total,
-                100.0 * report.skipped_fraction(),
-                100.0 * opts.max_skip_fraction
-            );
-        }
-        Ok(Self {
+        let dataset = Self {
             path: path.to_path_buf(),
             samples,
             report,
-        })
+        };
+        dataset.check_skip_fraction(0, opts.max_skip_fraction)?;
+        Ok(dataset)
+    }
+
+    /// Fails when the records skipped at load plus `at_batch_time` (distinct samples left out
+    /// of their batches since) are more than `max_fraction` of the file's records.
+    pub fn check_skip_fraction(&self, at_batch_time: usize, max_fraction: f64) -> Result<()> {
+        let report = &self.report;
+        let skipped = report.skipped() + at_batch_time;
+        let fraction = skipped as f64 / report.total.max(1) as f64;
+        if fraction <= max_fraction {
+            return Ok(());
+        }
+        let when = if at_batch_time == 0 {
+            String::new()
+        } else {
+            format!(", {} at load and {at_batch_time} at batch time", report.skipped())
+        };
+        bail!(
+            "dataset {}: skipped {skipped} of {} samples ({:.1}%{when}), more than max_skip_fraction {:.1}% \
+             (a wrong --image-folder or template?): {report}",
+            self.path.display(),
+            report.total,
+            100.0 * fraction,
+            100.0 * max_fraction
+        )
     }
 
     pub fn path(&self) -> &Path {

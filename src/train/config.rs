@@ -115,6 +115,21 @@ impl Default for RunConfig {
     }
 }
 
+impl RunConfig {
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            self.max_nonfinite_streak >= 1,
+            "run.max_nonfinite_streak: must be at least 1 (the run stops after this many non-finite steps in a row), found 0"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.max_skip_fraction),
+            "run.max_skip_fraction: must be between 0 and 1, found {}",
+            self.max_skip_fraction
+        );
+        Ok(())
+    }
+}
+
 /// Where a model's parts come from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -214,7 +229,7 @@ impl StageConfig {
         self.template.as_deref().unwrap_or(self.kind.default_template())
     }
 
-    fn check(&self, i: usize) -> Result<()> {
+    pub fn check(&self, i: usize) -> Result<()> {
         let at = |field: &str| format!("stage.{i}.{field}");
         ensure!(self.lr.is_finite() && self.lr >= 0.0, "{}: must be a non-negative number, found {}", at("lr"), self.lr);
         ensure!(self.global_batch > 0, "{}: must be at least 1", at("global_batch"));
@@ -227,6 +242,7 @@ impl StageConfig {
             self.global_batch
         );
         ensure!(self.epochs > 0.0 && self.epochs.is_finite(), "{}: must be positive, found {}", at("epochs"), self.epochs);
+        ensure!(self.max_steps != Some(0), "{}: must be at least 1 (leave it out to train all epochs)", at("max_steps"));
         ensure!((0.0..1.0).contains(&self.warmup_ratio), "{}: must be in [0, 1), found {}", at("warmup_ratio"), self.warmup_ratio);
         ensure!(self.temperature > 0.0, "{}: must be positive, found {}", at("temperature"), self.temperature);
         ensure!(self.max_len > 0, "{}: must be positive", at("max_len"));
@@ -326,6 +342,7 @@ impl TrainConfig {
 
     pub fn check(&self) -> Result<()> {
         ensure!(!self.stages.is_empty(), "no [[stage]]: a recipe needs at least one stage");
+        self.run.check()?;
         for (i, s) in self.stages.iter().enumerate() {
             s.check(i)?;
             if s.kind.distills() && self.teacher.is_none() {

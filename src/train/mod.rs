@@ -7,5 +7,7 @@ pub mod metrics;
 pub mod model_state;
 pub mod plot;
 pub mod recipe;
+pub mod run_folder;
+pub mod sample_order;
 pub mod stage;
 pub mod study;

@@ -1,15 +1,16 @@
-//! Running a recipe: its stages in order over one student (and teacher), resumable, then the
-//! loss plots and the exported student.
+//! Running a recipe: its stages in order over one student (and teacher), resumable, in a run
+//! folder it holds alone ([`RunFolder`]), then the loss plots and the exported student.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::checkpoint::{self, TrainState};
+use super::checkpoint::{self, StageStamp, TrainState};
 use super::config::{RunConfig, StageConfig, TrainConfig};
-use super::metrics::MetricsWriter;
-use super::model_state::{load_model, MllmState};
+use super::metrics::{cut_to_step, MetricsWriter};
+use super::model_state::{check_token_ids, load_model, MllmState};
 use super::plot::{plot_losses, read_metrics_jsonl};
+use super::run_folder::RunFolder;
 use super::stage::{run_stage, RunContext};
 use crate::backend::Backend;
 use crate::dist::{Collective, Solo};
@@ -39,7 +40,7 @@ pub fn run_stages<B: Backend>(
 }
 
 /// [`run_stages`] as one rank of a data-parallel job: every rank trains on its part of each
-/// global batch; rank 0 writes the metrics, plots and checkpoints.
+/// global batch; rank 0 holds the run folder and writes the metrics, plots and checkpoints.
 pub fn run_stages_ranked<B: Backend>(
     be: &B,
     comm: &dyn Collective<B>,
@@ -48,11 +49,46 @@ pub fn run_stages_ranked<B: Backend>(
     student: &mut MllmState<B::Buf>,
     teacher: Option<&MllmState<B::Buf>>,
 ) -> Result<TrainState> {
+    let _folder = hold_folder(comm, &r.out_dir, r.resume.is_some())?;
+    train_stages(be, comm, r, stages, student, teacher)
+}
+
+/// Rank 0 takes the run folder ([`RunFolder::open`]) for as long as the result is kept.
+fn hold_folder<B: Backend>(comm: &dyn Collective<B>, out_dir: &Path, resuming: bool) -> Result<Option<RunFolder>> {
+    (comm.rank() == 0).then(|| RunFolder::open(out_dir, resuming)).transpose()
+}
+
+/// The stages of [`run_stages_ranked`], in a folder rank 0 holds.
+fn train_stages<B: Backend>(
+    be: &B,
+    comm: &dyn Collective<B>,
+    r: &RecipeRun<'_>,
+    stages: &[StageConfig],
+    student: &mut MllmState<B::Buf>,
+    teacher: Option<&MllmState<B::Buf>>,
+) -> Result<TrainState> {
     let lead = comm.rank() == 0;
+    r.run.check()?;
+    for (i, stage) in stages.iter().enumerate() {
+        stage.check(i)?;
+    }
+    if let Some(t) = teacher {
+        check_token_ids("teacher (it reads the student's token ids)", &student.tokenizer, t.model.llm.cfg.vocab)?;
+    }
     std::fs::create_dir_all(&r.out_dir).with_context(|| format!("creating {}", r.out_dir.display()))?;
-    let mut state = TrainState { seed: r.run.seed, ..TrainState::default() };
+    let metrics_path = r.out_dir.join("metrics.jsonl");
+    let mut state = TrainState { seed: r.run.seed, recipe: StageStamp::of(stages), ..TrainState::default() };
     if let Some(ckpt) = &r.resume {
         state = checkpoint::read_state(ckpt)?;
+        checkpoint::check_resume(&state, r.run, stages).with_context(|| format!("resuming from {}", ckpt.display()))?;
+        state.recipe = StageStamp::of(stages);
+        if lead {
+            checkpoint::verify(ckpt)?;
+            let dropped = cut_to_step(&metrics_path, state.global_step)?;
+            if dropped > 0 {
+                eprintln!("{}: dropped {dropped} line(s) after the checkpoint's step {} (written again now)", metrics_path.display(), state.global_step);
+            }
+        }
         checkpoint::load_weights(be, ckpt, &mut student.weights)?;
         if lead {
             eprintln!(
@@ -64,7 +100,6 @@ pub fn run_stages_ranked<B: Backend>(
             );
         }
     }
-    let metrics_path = r.out_dir.join("metrics.jsonl");
     let mut metrics = if lead { Some(MetricsWriter::append(&metrics_path)?) } else { None };
     let mut ctx = RunContext {
         run: r.run,
@@ -98,14 +133,14 @@ pub fn run_stages_ranked<B: Backend>(
 /// rank of `comm` (every rank loads the models; rank 0 writes the config copy and the export).
 pub fn run_config<B: Backend>(be: &B, comm: &dyn Collective<B>, cfg: &TrainConfig, out_dir: &Path, resume: Option<PathBuf>, progress: bool) -> Result<TrainState> {
     let lead = comm.rank() == 0;
-    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let _folder = hold_folder(comm, out_dir, resume.is_some())?;
     if lead {
         std::fs::write(out_dir.join("config.toml"), toml::to_string_pretty(cfg)?).with_context(|| format!("writing the config copy into {}", out_dir.display()))?;
     }
     let mut student = load_model(be, "student", &cfg.student, cfg.run.seed)?;
     let teacher = cfg.teacher.as_ref().map(|t| load_model(be, "teacher", t, cfg.run.seed)).transpose()?;
     let run = RecipeRun { run: &cfg.run, out_dir: out_dir.to_path_buf(), progress, resume, stop_after_global_step: None };
-    let state = run_stages_ranked(be, comm, &run, &cfg.stages, &mut student, teacher.as_ref())?;
+    let state = train_stages(be, comm, &run, &cfg.stages, &mut student, teacher.as_ref())?;
     if !lead {
         return Ok(state);
     }

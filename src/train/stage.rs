@@ -12,6 +12,7 @@ use super::checkpoint::{self, TrainState};
 use super::config::{RunConfig, StageConfig, Target};
 use super::metrics::{describe, loss_fields, MetricsWriter};
 use super::model_state::MllmState;
+use super::sample_order::SampleOrder;
 use crate::backend::Backend;
 use crate::dist::data_parallel::{step_counts, step_report, sum_over_ranks};
 use crate::dist::{Collective, GradSync};
@@ -55,12 +56,11 @@ struct StepData {
 }
 
 /// Loads this rank's micro-batches of a step from the stage's sample order.
-#[derive(Clone, Copy)]
 struct StepLoader<'a> {
     dataset: &'a Dataset,
     encoder: &'a SampleEncoder,
     processor: &'a ImageProcessorConfig,
-    order: &'a [usize],
+    order: SampleOrder,
     global_batch: usize,
     micro_batch: usize,
     rank: usize,
@@ -70,10 +70,9 @@ struct StepLoader<'a> {
 impl StepLoader<'_> {
     /// Rank r of W takes the r-th contiguous block of `global_batch / W` samples (whole
     /// micro-batches): the ranks' micro-batches, in rank order, are those one rank would load.
-    fn load(&self, step: u64) -> Result<StepData> {
-        let gb = self.global_batch;
-        let batch = &self.order[(step as usize * gb).min(self.order.len())..((step as usize + 1) * gb).min(self.order.len())];
-        let per_rank = gb / self.world;
+    fn load(&mut self, step: u64) -> Result<StepData> {
+        let batch = self.order.step_indices(self.dataset, step, self.global_batch);
+        let per_rank = self.global_batch / self.world;
         let idx = &batch[(self.rank * per_rank).min(batch.len())..((self.rank + 1) * per_rank).min(batch.len())];
         let mut data = StepData { batches: Vec::new(), skipped: Vec::new() };
         for chunk in idx.chunks(self.micro_batch) {
@@ -105,21 +104,6 @@ pub fn distill_config(stage: &StageConfig) -> DistillConfig {
         rdist: stage.rdist,
         temperature: stage.temperature as f32,
     }
-}
-
-/// The sample order of a stage: `ceil(len · epochs)` indices, each epoch a fresh permutation
-/// seeded by (run seed, stage, epoch), so a resumed run sees exactly the same order.
-pub fn sample_order(dataset: &Dataset, seed: u64, stage_index: usize, epochs: f64) -> Vec<usize> {
-    let total = (dataset.len() as f64 * epochs).ceil() as usize;
-    let mut order = Vec::with_capacity(total);
-    let mut epoch = 0u64;
-    while order.len() < total {
-        let epoch_seed = seed ^ (stage_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03);
-        order.extend(dataset.order(epoch_seed));
-        epoch += 1;
-    }
-    order.truncate(total);
-    order
 }
 
 fn loss_inputs<'a>(b: &'a PackedBatch, images: &'a [std::ops::Range<usize>]) -> LossInputs<'a> {
@@ -181,7 +165,7 @@ pub fn run_stage<B: Backend>(
         eprintln!("stage {stage_index} ({name}): {}: {}", stage.data.display(), dataset.report());
     }
 
-    let order = sample_order(&dataset, ctx.run.seed, stage_index, stage.epochs);
+    let order = SampleOrder::new(&dataset, ctx.run.seed, stage_index, stage.epochs);
     let gb = stage.global_batch;
     let (rank, world) = (ctx.comm.rank(), ctx.comm.world());
     ensure!(
@@ -192,7 +176,7 @@ pub fn run_stage<B: Backend>(
     );
     // Micro-batches per rank and step (fewer when the last batch of the stage is short).
     let slots = gb / stage.micro_batch() / world;
-    let total_steps = order.len().div_ceil(gb) as u64;
+    let total_steps = order.steps(gb);
     let steps = stage.max_steps.map_or(total_steps, |m| m.min(total_steps));
     let schedule = CosineSchedule::new(stage.lr, stage.warmup_ratio, steps);
 
@@ -214,6 +198,12 @@ pub fn run_stage<B: Backend>(
     let mut gproj = ParamSet::zeros(be, &student.model.projector.specs)?;
     let mut gllm = if trains_llm { Some(ParamSet::zeros(be, &student.model.llm.specs)?) } else { None };
     let resuming_inside = state.stage_index == stage_index && !state.stage_done && state.stage_step > 0;
+    ensure!(
+        !resuming_inside || state.stage_step < steps,
+        "the checkpoint stands at step {} of stage {stage_index} ({name}), but its data ({}) now makes {steps} step(s): resume with the data it was trained on",
+        state.stage_step,
+        stage.data.display()
+    );
     if resuming_inside {
         let ckpt = resume_from.context("resuming inside a stage needs its checkpoint")?;
         checkpoint::load_optimizer(be, ckpt, &mut opt, set_names, state.optimizer_step)?;
@@ -251,16 +241,19 @@ pub fn run_stage<B: Backend>(
     // The next step's batches (images decoded and preprocessed, samples tokenised and packed) are
     // loaded on another thread while this step computes; at most one step ahead, in the same
     // order as without it, so runs stay reproducible.
-    let loader = StepLoader {
+    let mut loader = StepLoader {
         dataset: &dataset,
         encoder: &encoder,
         processor: &student.processor.clone(),
-        order: &order,
+        order,
         global_batch: gb,
         micro_batch: stage.micro_batch(),
         rank,
         world,
     };
+    // Distinct samples this rank left out of their batches so far: they count toward
+    // max_skip_fraction with those skipped at load.
+    let mut batch_skips = std::collections::HashSet::new();
     let completed = std::thread::scope(|scope| -> Result<bool> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<StepData>>(0);
         let first = state.stage_step;
@@ -288,6 +281,8 @@ pub fn run_stage<B: Backend>(
             for s in &skipped {
                 log(&bar, format!("{who}skipped at batch time: {s}"));
             }
+            let skipped_now = skipped.len();
+            batch_skips.extend(skipped);
             let ranges: Vec<Vec<std::ops::Range<usize>>> =
                 batches.iter().map(|b| visual_ranges(&b.groups, &b.seq_lens)).collect::<Result<_>>()?;
             let counts: LossCounts = batches.iter().zip(&ranges).map(|(b, r)| LossCounts::of(&loss_inputs(b, r))).sum::<Result<LossCounts>>()?;
@@ -331,14 +326,18 @@ pub fn run_stage<B: Backend>(
             }
 
             let report = step_report(ctx.comm, &reports, slots)?;
-            let totals = sum_over_ranks(ctx.comm, &[tokens, skipped.len()])?;
+            let totals = sum_over_ranks(ctx.comm, &[tokens, skipped_now, batch_skips.len()])?;
             let (tokens, skipped) = (totals[0], totals[1]);
+            dataset.check_skip_fraction(totals[2], ctx.run.max_skip_fraction).with_context(|| format!("stage {stage_index} ({name}) step {}", step + 1))?;
+            // No rank had a sample left: there is nothing to step on (AdamW would still move the
+            // weights on its moments), so the step is skipped and counted.
+            let empty = tokens == 0;
 
             let lr = schedule.lr(step);
             let mut record = serde_json::Map::new();
             // The same on every rank (the report is the step's), so all take or skip the step.
             let finite = report.total.is_finite();
-            let update = if finite {
+            let update = if finite && !empty {
                 let w = &mut student.weights;
                 let rep = match gllm.as_mut() {
                     Some(gl) => sync.step(be, &mut opt, &mut [&mut w.projector, &mut w.llm], &mut [&mut gproj, gl], lr as f32)?,
@@ -349,7 +348,12 @@ pub fn run_stage<B: Backend>(
             } else {
                 false
             };
-            if update {
+            if empty {
+                state.empty_steps += 1;
+                if rank == 0 {
+                    log(&bar, format!("stage {stage_index} ({name}) step {}: every sample failed at batch time, step skipped", step + 1));
+                }
+            } else if update {
                 state.nonfinite_streak = 0;
             } else {
                 state.nonfinite_streak += 1;
