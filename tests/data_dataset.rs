@@ -443,3 +443,52 @@ fn batches_from_the_dataset_pack_each_encoded_sample() {
     }
     assert_eq!(offset, b.n_tokens());
 }
+
+/// A PNG that declares `width`×`height` 8-bit grey pixels in its header; its pixel data is a
+/// few bytes (a decoder must refuse the file from its header).
+fn png_header_only(width: u32, height: u32) -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        png.extend_from_slice(&body);
+        png.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+    };
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit greyscale, no interlace
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
+    chunk(b"IEND", &[]);
+    png
+}
+
+#[test]
+fn decompression_bombs_and_non_utf8_lines_are_skipped_with_their_reason() {
+    let tmp = TempDir::new("bomb");
+    // 14000 × 13000 = 182 M pixels: above PIL's limit (178,956,970), 182 MB of grey pixels.
+    let bomb = png_header_only(14_000, 13_000);
+    std::fs::write(tmp.0.join("images/bomb.png"), &bomb).unwrap();
+    std::fs::write(tmp.0.join("images/rocket.jpg"), fixture_image("rocket.jpg")).unwrap();
+    let e = kd_engine::data::decode_rgb(&bomb).unwrap_err();
+    assert!(e.downcast_ref::<kd_engine::data::ImageTooLarge>().is_some(), "{e:#}");
+    assert!(format!("{e:#}").contains("decompression-bomb limit"), "{e:#}");
+
+    let mut text = Vec::new();
+    text.extend_from_slice(format!(r#"{{"id": "good", "image": "rocket.jpg", "conversations": {}}}"#, conv("<image>\nwhat is it?", "a cat.")).as_bytes());
+    text.push(b'\n');
+    text.extend_from_slice(format!(r#"{{"id": "bomb", "image": "bomb.png", "conversations": {}}}"#, conv("<image>", "a cat.")).as_bytes());
+    text.push(b'\n');
+    text.extend_from_slice(b"{\"id\": \"latin1\", \"conversations\": [{\"from\": \"human\", \"value\": \"caf\xe9\"}]}\n");
+    text.extend_from_slice(format!(r#"{{"id": "text", "conversations": {}}}"#, conv("what is it?", "a cat.")).as_bytes());
+    let path = tmp.0.join("data.jsonl");
+    std::fs::write(&path, text).unwrap();
+    for check in [ImageCheck::Decode, ImageCheck::Header] {
+        let ds = Dataset::load(&path, &encoder(), &DatasetOptions { image_check: check, ..lenient(&tmp.0) }).unwrap();
+        let report = ds.report();
+        assert_eq!((report.kept, report.count(SkipReason::ImageTooLarge), report.count(SkipReason::BadJson)), (2, 1, 1), "{check:?}: {report}");
+        assert!(report.examples.iter().any(|e| e.starts_with("line 3") && e.contains("UTF-8")), "{report:?}");
+        assert!(report.to_string().contains("1 image too large"), "{report}");
+    }
+}

@@ -491,3 +491,39 @@ fn zero_streak_and_zero_max_steps_are_refused_naming_the_key() {
     let e = err(run(&s, "steps", &rc, &[StageConfig { max_steps: Some(0), ..stages[0].clone() }], &mut model(&s, 16, 1), None, None, None));
     assert!(e.contains("stage.0.max_steps") && e.contains("at least 1"), "{e}");
 }
+
+#[test]
+fn token_ids_beyond_a_models_vocabulary_are_refused_at_load_naming_the_model() {
+    let s = setup();
+    let be = Be::new();
+    // A tokenizer with an id (300) past the fixture LLM's 256 embedding rows.
+    let tok = s.root.join("big-tokenizer.json");
+    std::fs::write(&tok, r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "far": 300}, "unk_token": "<unk>"}}"#).unwrap();
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let src = kd_engine::train::config::ModelSource {
+        llava: None,
+        llm: Some(fixtures.join("llm/qwen2_gqa_tied")),
+        vision: Some(fixtures.join("siglip/tiny")),
+        projector: None,
+        tokenizer: Some(tok),
+        feature_layer: -2,
+        feature_select: "patch".into(),
+    };
+    let e = err(kd_engine::train::model_state::load_model(&be, "student", &src, 1).map(|_| ()));
+    assert!(e.contains("student") && e.contains("up to 300") && e.contains("256 rows"), "{e}");
+    // A teacher reads the student's ids: one with fewer rows than the student's tokenizer is refused
+    // before any step.
+    let teacher = new_model(&be, &s.vision, &llm_cfg(vocab(&s) - 1, 24), &s.tokenizer, 2).unwrap();
+    let e = err(run(&s, "small-teacher", &RunConfig::default(), &[short(StageKind::Dpt, &s.pretrain, 1)], &mut model(&s, 16, 1), Some(&teacher), None, None));
+    assert!(e.contains("teacher") && e.contains(&format!("{} rows", vocab(&s) - 1)), "{e}");
+    assert!(!s.root.join("small-teacher/metrics.jsonl").exists());
+}
+
+#[test]
+fn quick_with_a_config_is_refused() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kd-engine")).args(["train", "--config", "/nonexistent.toml", "--quick"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--quick") && err.contains("--config"), "{err}");
+}

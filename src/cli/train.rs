@@ -30,6 +30,10 @@ fn fresh_run_dir() -> PathBuf {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    ensure!(
+        a.config.is_none() || !(a.quick || a.ablation || a.seeds != 1),
+        "--quick, --ablation and --seeds choose the built-in study's runs; a --config recipe takes none of them"
+    );
     // The device: a config's `run.device` ("cpu", "cuda"; anything else defers to --device).
     let device = match &a.config {
         Some(path) => {

@@ -30,7 +30,7 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use super::batch::{collate, PackedBatch};
-use super::image::load_rgb;
+use super::image::{check_image_size, load_rgb, ImageTooLarge};
 use super::processor::{preprocess, ImageProcessorConfig};
 use super::rng::shuffled_indices;
 use super::template::{
@@ -88,6 +88,8 @@ pub enum SkipReason {
     BadRecord,
     MissingImage,
     CorruptImage,
+    /// More pixels than PIL's decompression-bomb limit (not decoded).
+    ImageTooLarge,
     TooManyImages,
     UnknownRole,
     NoAnswer,
@@ -103,12 +105,22 @@ impl SkipReason {
             Self::BadRecord => "bad record",
             Self::MissingImage => "missing image",
             Self::CorruptImage => "corrupt image",
+            Self::ImageTooLarge => "image too large",
             Self::TooManyImages => "more than one image",
             Self::UnknownRole => "unknown role",
             Self::NoAnswer => "no answer",
             Self::BadTurnOrder => "bad turn order",
             Self::MisplacedImageTag => "misplaced <image> tag",
             Self::TooLong => "too long",
+        }
+    }
+
+    /// The reason of an image that failed to load: too large, else corrupt.
+    fn of_image_error(err: &anyhow::Error) -> Self {
+        if err.downcast_ref::<ImageTooLarge>().is_some() {
+            Self::ImageTooLarge
+        } else {
+            Self::CorruptImage
         }
     }
 
@@ -273,8 +285,6 @@ impl Dataset {
         );
         let text =
             fs::read(path).with_context(|| format!("cannot read dataset {}", path.display()))?;
-        let text = String::from_utf8(text)
-            .with_context(|| format!("dataset {} is not UTF-8", path.display()))?;
         let image_root = match &opts.image_folder {
             Some(dir) => dir.clone(),
             None => path.parent().map(Path::to_path_buf).unwrap_or_default(),
@@ -411,12 +421,10 @@ fn prepare(sample: &Sample, encoder: &SampleEncoder, processor: &ImageProcessorC
     let pixels = match &sample.image {
         None => None,
         Some(path) => {
-            let reason = if path.exists() {
-                SkipReason::CorruptImage
-            } else {
-                SkipReason::MissingImage
-            };
-            let image = load_rgb(path).map_err(|e| skip(reason, e))?;
+            let image = load_rgb(path).map_err(|e| {
+                let reason = if path.exists() { SkipReason::of_image_error(&e) } else { SkipReason::MissingImage };
+                skip(reason, e)
+            })?;
             Some(preprocess(&image, processor).map_err(|e| skip(SkipReason::CorruptImage, e))?)
         }
     };
@@ -451,7 +459,7 @@ fn validate(sample: Sample, encoder: &SampleEncoder, check: ImageCheck) -> Check
             ImageCheck::Header => read_image_header(path),
         };
         if let Err(e) = checked {
-            return Err(skip(SkipReason::CorruptImage, format!("{e:#}")));
+            return Err(skip(SkipReason::of_image_error(&e), format!("{e:#}")));
         }
     }
     Ok(sample)
@@ -467,14 +475,15 @@ fn read_image_header(path: &Path) -> Result<()> {
     if w == 0 || h == 0 {
         bail!("image {} has an empty size {w}x{h}", path.display());
     }
-    Ok(())
+    check_image_size(w, h).with_context(|| format!("image {}", path.display()))
 }
 
 /// Splits the file into records: a JSON list (the whole file must parse) or JSON lines (each
-/// line parses on its own, and a bad line is one skipped record).
-fn parse_records(text: &str, image_root: &Path) -> Result<Vec<Checked>> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    if text.trim_start().starts_with('[') {
+/// line parses on its own, and a bad line, not UTF-8 included, is one skipped record).
+fn parse_records(bytes: &[u8], image_root: &Path) -> Result<Vec<Checked>> {
+    let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(bytes);
+    if bytes.trim_ascii_start().starts_with(b"[") {
+        let text = std::str::from_utf8(bytes).context("the JSON list is not UTF-8")?;
         let list: Vec<Value> = serde_json::from_str(text).context("invalid JSON list")?;
         Ok(list
             .into_iter()
@@ -482,20 +491,22 @@ fn parse_records(text: &str, image_root: &Path) -> Result<Vec<Checked>> {
             .map(|(i, v)| parse_record(v, format!("item {}", i + 1), image_root))
             .collect())
     } else {
-        Ok(text
-            .lines()
+        Ok(bytes
+            .split(|&b| b == b'\n')
             .enumerate()
-            .filter(|(_, line)| !line.trim().is_empty())
+            .filter(|(_, line)| !line.trim_ascii().is_empty())
             .map(|(i, line)| {
                 let source = format!("line {}", i + 1);
+                let bad = |detail: String| SkippedSample {
+                    source: source.clone(),
+                    id: None,
+                    reason: SkipReason::BadJson,
+                    detail,
+                };
+                let line = std::str::from_utf8(line).map_err(|e| bad(format!("not UTF-8: {e}")))?;
                 match serde_json::from_str::<Value>(line) {
-                    Ok(v) => parse_record(v, source, image_root),
-                    Err(e) => Err(SkippedSample {
-                        source,
-                        id: None,
-                        reason: SkipReason::BadJson,
-                        detail: e.to_string(),
-                    }),
+                    Ok(v) => parse_record(v, source.clone(), image_root),
+                    Err(e) => Err(bad(e.to_string())),
                 }
             })
             .collect())

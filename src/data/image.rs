@@ -14,6 +14,9 @@
 //! * animated GIFs give their first frame; EXIF orientation is ignored (PIL's `open` does not
 //!   rotate, and neither does the processor).
 //!
+//! An image of more pixels than PIL accepts (its decompression-bomb limit, [`MAX_IMAGE_PIXELS`])
+//! is refused from its header, before any pixel is decoded ([`ImageTooLarge`]).
+//!
 //! A decoder that fills in missing data instead of failing would hide a truncated file, so JPEG
 //! streams are also checked structurally for their end-of-image marker (PIL raises "image file
 //! is truncated" there).
@@ -29,6 +32,38 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+
+/// PIL raises `DecompressionBombError` above twice `Image.MAX_IMAGE_PIXELS` (89,478,485).
+pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
+
+/// An image whose header declares more than [`MAX_IMAGE_PIXELS`] pixels (a decompression bomb).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageTooLarge {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl std::fmt::Display for ImageTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the image is {}x{} = {} pixels, more than PIL's decompression-bomb limit of {MAX_IMAGE_PIXELS} pixels; not decoded",
+            self.width,
+            self.height,
+            self.width as u64 * self.height as u64
+        )
+    }
+}
+
+impl std::error::Error for ImageTooLarge {}
+
+/// Refuses a size beyond [`MAX_IMAGE_PIXELS`] (read from a header, before decoding).
+pub fn check_image_size(width: u32, height: u32) -> Result<()> {
+    if width as u64 * height as u64 > MAX_IMAGE_PIXELS {
+        return Err(ImageTooLarge { width, height }.into());
+    }
+    Ok(())
+}
 
 /// An 8-bit RGB image, row-major, 3 bytes per pixel, no padding.
 #[derive(Clone, PartialEq, Eq)]
@@ -111,6 +146,8 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
     let decoder = reader
         .into_decoder()
         .with_context(|| format!("corrupt {format:?} header"))?;
+    let (width, height) = decoder.dimensions();
+    check_image_size(width, height)?;
     let original = decoder.original_color_type();
     let image = DynamicImage::from_decoder(decoder)
         .with_context(|| format!("corrupt or truncated {format:?} data"))?;

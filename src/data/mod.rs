@@ -21,7 +21,7 @@ pub use dataset::{
     Dataset, DatasetOptions, ImageCheck, LoadedBatch, Sample, SampleEncoder, SkipReason,
     SkipReport, SkippedSample, DEFAULT_MAX_SKIP_FRACTION,
 };
-pub use image::{decode_rgb, load_rgb, RgbImage};
+pub use image::{check_image_size, decode_rgb, load_rgb, ImageTooLarge, RgbImage, MAX_IMAGE_PIXELS};
 pub use processor::{preprocess, ImageProcessorConfig, PREPROCESSOR_CONFIG_FILE};
 pub use resample::{resize, Resample};
 pub use rng::{shuffled_indices, SplitMix64};

@@ -335,7 +335,10 @@ impl TrainConfig {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let cfg: TrainConfig = toml::Value::Table(value).try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}", e.message()))?;
+        let cfg: TrainConfig = match toml::Value::Table(value.clone()).try_into() {
+            Ok(cfg) => cfg,
+            Err(e) => return Err(locate_error(&value).unwrap_or_else(|| anyhow::anyhow!("{}", e.message()))),
+        };
         cfg.check()?;
         Ok(cfg)
     }
@@ -381,6 +384,36 @@ fn check_source(what: &str, s: &ModelSource) -> Result<()> {
         s.feature_select
     );
     Ok(())
+}
+
+/// The first section of `root` that does not deserialize, its error prefixed with the dotted
+/// key (`stage.1.global_batch: invalid type ...`). Deserializing a value loses the positions a
+/// type error needs, so each section is written back to TOML text and read from there, where
+/// the error's span points at the offending line.
+fn locate_error(root: &toml::Table) -> Option<anyhow::Error> {
+    fn section<T: serde::de::DeserializeOwned>(name: &str, table: &toml::Table) -> Option<anyhow::Error> {
+        let text = toml::to_string(table).ok()?;
+        let e = toml::from_str::<T>(&text).err()?;
+        let line = e.span().and_then(|span| {
+            let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+            text[start..].lines().next()
+        });
+        Some(match line.and_then(|l| l.split_once('=')) {
+            Some((key, _)) => anyhow::anyhow!("{name}.{}: {}", key.trim(), e.message()),
+            None => anyhow::anyhow!("{name}: {}", e.message()),
+        })
+    }
+    let table = |key: &str| root.get(key).and_then(toml::Value::as_table);
+    if let Some(e) = table("run").and_then(|t| section::<RunConfig>("run", t)) {
+        return Some(e);
+    }
+    for who in ["student", "teacher"] {
+        if let Some(e) = table(who).and_then(|t| section::<ModelSource>(who, t)) {
+            return Some(e);
+        }
+    }
+    let stages = root.get("stage").and_then(toml::Value::as_array)?;
+    stages.iter().enumerate().find_map(|(i, v)| v.as_table().and_then(|t| section::<StageConfig>(&format!("stage.{i}"), t)))
 }
 
 /// Applies one `dotted.key=value` override; `stage.N` indexes the stage list. The value is read
@@ -485,7 +518,15 @@ global_batch = 128
         let e = TrainConfig::parse(&BASE.replace("lr = 2e-5", "lrr = 2e-5"), &[]).unwrap_err().to_string();
         assert!(e.contains("lrr"), "{e}");
         let e = TrainConfig::parse(&BASE.replace("global_batch = 128", "global_batch = \"x\""), &[]).unwrap_err().to_string();
-        assert!(e.contains("global_batch") || e.contains("invalid type"), "{e}");
+        assert!(e.contains("stage.1.global_batch") && e.contains("invalid type"), "{e}");
+        let e = TrainConfig::parse(BASE, &["run.seed=\"seven\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("run.seed") && e.contains("invalid type"), "{e}");
+        let e = TrainConfig::parse(BASE, &["student.feature_layer=1.5".into()]).unwrap_err().to_string();
+        assert!(e.contains("student.feature_layer"), "{e}");
+        let e = TrainConfig::parse(BASE, &["run.max_nonfinite_streak=0".into()]).unwrap_err().to_string();
+        assert!(e.contains("run.max_nonfinite_streak") && e.contains("at least 1"), "{e}");
+        let e = TrainConfig::parse(BASE, &["stage.0.max_steps=0".into()]).unwrap_err().to_string();
+        assert!(e.contains("stage.0.max_steps") && e.contains("at least 1"), "{e}");
         let e = TrainConfig::parse(BASE, &["stage.0.micro_batch=7".into()]).unwrap_err().to_string();
         assert!(e.contains("stage.0.micro_batch"), "{e}");
         let e = TrainConfig::parse(BASE, &["stage.5.lr=1".into()]).unwrap_err().to_string();

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use tokenizers::Tokenizer;
 
 use super::config::ModelSource;
@@ -60,7 +60,26 @@ pub fn parse_select(name: &str) -> Result<FeatureSelect> {
 }
 
 /// Loads a model as a config's `[student]` or `[teacher]` describes it.
+/// Refuses a tokenizer whose ids reach past the LLM's embedding rows: found when the model is
+/// loaded, not as an out-of-range row in the first step that meets such a token.
+pub fn check_token_ids(what: &str, tokenizer: &Tokenizer, vocab: usize) -> Result<()> {
+    let max = tokenizer.get_vocab(true).into_values().max().unwrap_or(0) as usize;
+    ensure!(
+        max < vocab,
+        "{what}: the tokenizer has token ids up to {max}, but the LLM's vocabulary has {vocab} rows (ids 0..={}); \
+         use the tokenizer the model was trained with",
+        vocab.saturating_sub(1)
+    );
+    Ok(())
+}
+
 pub fn load_model<B: Backend>(be: &B, what: &str, src: &ModelSource, seed: u64) -> Result<MllmState<B::Buf>> {
+    let m = load_parts(be, what, src, seed)?;
+    check_token_ids(what, &m.tokenizer, m.model.llm.cfg.vocab)?;
+    Ok(m)
+}
+
+fn load_parts<B: Backend>(be: &B, what: &str, src: &ModelSource, seed: u64) -> Result<MllmState<B::Buf>> {
     let select = parse_select(&src.feature_select)?;
     if let Some(dir) = &src.llava {
         let l = crate::model::load_llava(be, dir).with_context(|| format!("{what}: loading the MLLM folder {}", dir.display()))?;
