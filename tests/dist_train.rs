@@ -361,9 +361,10 @@ impl Collective<Cpu> for Faulty {
 #[test]
 fn a_rank_that_fails_panics_or_hangs_ends_the_job_with_an_error_naming_it() {
     let s = setup();
-    for (fault, at) in [(Fault::Error, 9), (Fault::Panic, 2), (Fault::Hang, 14)] {
+    // One run folder per job: a fresh run refuses a folder that holds a run.
+    for (fault, at, dir) in [(Fault::Error, 9, "faulty-error"), (Fault::Panic, 2, "faulty-panic"), (Fault::Hang, 14, "faulty-hang")] {
         let started = Instant::now();
-        let e = train_with::<f32, _>(&s, job(2, "faulty", true), move |g| Faulty { inner: g, fault, at, calls: 0.into() }).unwrap_err();
+        let e = train_with::<f32, _>(&s, job(2, dir, true), move |g| Faulty { inner: g, fault, at, calls: 0.into() }).unwrap_err();
         let e = format!("{e:#}");
         let took = started.elapsed();
         match fault {
