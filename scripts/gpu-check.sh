@@ -2,6 +2,7 @@
 # The GPU check, run ON the GPU machine (it has no Rust) from the repository root, after
 # scripts/build-gpu-bundle.sh has put the binaries into device-bundle/ here:
 #   1. the CUDA test executable (tests/cuda_ops.rs),   2. kd-engine selftest,
+#   2b. the NCCL communicator with 1 rank (kd-engine selftest --nccl),
 #   3. kd-engine bench-kernels,                         4. benches/compare_torch.py (PyTorch side),
 #   5. decode speed (kd-engine generate --device cuda),
 # each with its own timeout so one hang does not cost the rest, then one side-by-side table. When
@@ -49,12 +50,23 @@ say "== 2. kd-engine selftest"
 step 60 "FAIL|passed, .* failed|skipped|^selftest|error" "$B/kd-engine" selftest --json "$OUT/selftest.json"
 RC_SELF=$RC; say "selftest exit code $RC_SELF"
 
+say "== 2b. NCCL communicator, 1 rank (kd-engine selftest --nccl)"
+# cudarc opens libnccl.so; PyTorch's nvidia-nccl wheel ships only libnccl.so.2: link it in a
+# folder of our own on LD_LIBRARY_PATH.
+NCCL_LIB=$(ldconfig -p 2>/dev/null | awk '/libnccl\.so/ {print $NF; exit}')
+[ -n "$NCCL_LIB" ] || NCCL_LIB=$(python3 -c "import glob, site; print(next(iter(sorted(p for d in site.getsitepackages() for p in glob.glob(d + '/nvidia/**/libnccl.so*', recursive=True))), ''))" 2>/dev/null)
+NCCL_DIR=$(mktemp -d)
+[ -n "$NCCL_LIB" ] && ln -sf "$NCCL_LIB" "$NCCL_DIR/libnccl.so"
+say "libnccl: ${NCCL_LIB:-not found}"
+LD_LIBRARY_PATH="$NCCL_DIR:${LD_LIBRARY_PATH:-}" step 15 "^nccl|error|panicked" "$B/kd-engine" selftest --nccl
+RC_NCCL=$RC; say "selftest --nccl exit code $RC_NCCL"
+
 say "== 3. kd-engine bench-kernels $QUICK"
 step 140 "error|panicked" "$B/kd-engine" bench-kernels --json "$OUT/bench.json" $QUICK
 RC_BENCH=$RC; say "bench-kernels exit code $RC_BENCH"
 
 say "== 4. PyTorch side (benches/compare_torch.py $QUICK)"
-PYTHONUNBUFFERED=1 step 190 "Error|error|Traceback" python3 benches/compare_torch.py --json "$OUT/torch.json" $QUICK
+PYTHONUNBUFFERED=1 step 175 "Error|error|Traceback" python3 benches/compare_torch.py --json "$OUT/torch.json" $QUICK
 RC_TORCH=$RC; say "compare_torch exit code $RC_TORCH"
 
 if [ -n "${SKIP_DECODE:-}" ]; then
@@ -109,5 +121,5 @@ for k in kd["kernels"]:
 print("speedup = fastest PyTorch variant's median / kd-engine's median (> 1: kd-engine faster)")
 PY
 
-say "== summary: cuda_ops $RC_TESTS, selftest $RC_SELF, bench-kernels $RC_BENCH, compare_torch $RC_TORCH, generate $RC_DECODE (0 = ok, 124 = timed out)"
-[ "$RC_TESTS" = 0 ] && [ "$RC_SELF" = 0 ] && [ "$RC_BENCH" = 0 ] && [ "$RC_TORCH" = 0 ] && [ "$RC_DECODE" = 0 ]
+say "== summary: cuda_ops $RC_TESTS, selftest $RC_SELF, nccl $RC_NCCL, bench-kernels $RC_BENCH, compare_torch $RC_TORCH, generate $RC_DECODE (0 = ok, 124 = timed out)"
+[ "$RC_TESTS" = 0 ] && [ "$RC_SELF" = 0 ] && [ "$RC_NCCL" = 0 ] && [ "$RC_BENCH" = 0 ] && [ "$RC_TORCH" = 0 ] && [ "$RC_DECODE" = 0 ]

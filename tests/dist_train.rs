@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use kd_engine::backend::cpu::{CpuBackend, Elem};
 use kd_engine::backend::GeluKind;
 use kd_engine::data::{write_study_data, StudySpec};
+use kd_engine::dist::check::check_collective;
 use kd_engine::dist::collective::Owned;
 use kd_engine::dist::{run_threads, Collective, GradSync, ThreadGroup};
 use kd_engine::optim::AdamWConfig;
@@ -375,5 +376,13 @@ fn a_rank_that_fails_panics_or_hangs_ends_the_job_with_an_error_naming_it() {
             Fault::Hang => assert!(e.contains("rank(s) [1] did not arrive within 2.0 s") && e.contains("abandoned"), "{e}"),
         }
         assert!(took < Duration::from_secs(7), "{fault:?}: the job took {took:?} to stop");
+    }
+}
+
+#[test]
+fn the_thread_collectives_pass_the_conformance_check_nccl_runs_on_a_gpu() {
+    for world in [1, 2, 3] {
+        let done = run_threads(world, Duration::from_secs(5), |g| check_collective(&CpuBackend::<f32>::new(), &g)).unwrap();
+        assert!(done.iter().all(|d| d.len() == 5), "{world} ranks: {done:?}");
     }
 }

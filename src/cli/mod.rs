@@ -8,6 +8,7 @@ mod eval;
 mod forward;
 mod generate;
 mod init;
+mod launch;
 mod selftest;
 mod train;
 
@@ -107,6 +108,8 @@ pub enum Command {
     BenchStep(bench_step::BenchStepArgs),
     /// Run every CUDA kernel against the CPU backend on fresh random inputs.
     Selftest(selftest::SelftestArgs),
+    /// Start one process per GPU for data-parallel training: `launch --gpus 8 -- train --config FILE`.
+    Launch(launch::LaunchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -123,6 +126,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::BenchKernels(a) => bench_kernels::run(a),
         Command::BenchStep(a) => bench_step::run(a),
         Command::Selftest(a) => selftest::run(a),
+        Command::Launch(a) => launch::run(a),
     }
 }
 

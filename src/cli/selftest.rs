@@ -7,6 +7,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use crate::backend::cuda::{self, checks, CudaBackend};
+use crate::dist::check::check_collective;
+use crate::dist::launch::RankEnv;
+
+use super::train::nccl_communicator;
 
 #[derive(clap::Args, Debug)]
 pub struct SelftestArgs {
@@ -21,6 +25,10 @@ pub struct SelftestArgs {
     /// the seed is printed so a failure can be replayed).
     #[arg(long)]
     seed: Option<u64>,
+    /// Check the NCCL communicator instead (every collective data parallelism uses): one rank by
+    /// itself, or each rank of `kd-engine launch --gpus N -- selftest --nccl`.
+    #[arg(long)]
+    nccl: bool,
 }
 
 pub fn run(a: SelftestArgs) -> Result<()> {
@@ -30,6 +38,9 @@ pub fn run(a: SelftestArgs) -> Result<()> {
     }
     if !cuda::kernels_built() {
         bail!("a CUDA device is present but this kd-engine was built without kernels (nvcc was not found at build time): nothing to test");
+    }
+    if a.nccl {
+        return nccl_check();
     }
     let be = CudaBackend::new()?;
     let seed = a.seed.unwrap_or_else(|| {
@@ -54,5 +65,16 @@ pub fn run(a: SelftestArgs) -> Result<()> {
     if failed > 0 {
         bail!("{failed} of {} CUDA checks failed (seed {seed})", results.len());
     }
+    Ok(())
+}
+
+/// `selftest --nccl`: joins the job the launcher variables describe (one rank without them),
+/// builds the NCCL communicator even for one rank, and checks every collective on it.
+fn nccl_check() -> Result<()> {
+    let env = RankEnv::from_env()?.unwrap_or(RankEnv { rank: 0, world: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: 0 });
+    let be = CudaBackend::on_device(env.local_rank)?;
+    let comm = nccl_communicator(&be, &env, std::time::Duration::from_secs(60))?;
+    let done = check_collective(&be, &comm)?;
+    println!("nccl: rank {} of {} on {}: passed {}", env.rank, env.world, be.describe(), done.join(", "));
     Ok(())
 }

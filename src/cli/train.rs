@@ -2,10 +2,17 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Result};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
 
 use super::Device;
+use crate::backend::cuda::nccl::{unique_id, NcclComm};
+use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
+use crate::dist::launch::RankEnv;
+use crate::dist::rendezvous::{fetch, serve};
+use crate::dist::{Collective, Solo};
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
 use crate::train::recipe::run_config;
@@ -34,6 +41,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         a.config.is_none() || !(a.quick || a.ablation || a.seeds != 1),
         "--quick, --ablation and --seeds choose the built-in study's runs; a --config recipe takes none of them"
     );
+    // One rank of a multi-process job when the launcher variables say so (WORLD_SIZE > 1).
+    let env = RankEnv::from_env()?.filter(|e| e.world > 1);
     // The device: a config's `run.device` ("cpu", "cuda"; anything else defers to --device).
     let device = match &a.config {
         Some(path) => {
@@ -46,10 +55,45 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         None => a.device,
     };
-    crate::with_backend!(device, be => run_on(&be, &a))
+    if let Some(env) = env {
+        return run_rank(&a, device, &env);
+    }
+    crate::with_backend!(device, be => run_on(&be, &Solo, &a))
 }
 
-fn run_on<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
+/// One rank of a multi-process job: CUDA on GPU `LOCAL_RANK`, NCCL between the ranks.
+fn run_rank(a: &TrainArgs, device: Device, env: &RankEnv) -> Result<()> {
+    let (rank, w) = (env.rank, env.world);
+    let Some(path) = &a.config else { bail!("WORLD_SIZE={w}: data-parallel training runs a recipe from --config (the built-in study runs as one process)") };
+    ensure!(
+        device != Device::Cpu,
+        "WORLD_SIZE={w}: multi-process training runs on CUDA with NCCL; on the CPU, data parallelism runs only as threads of one process (the tests)"
+    );
+    if let Some(why) = crate::backend::cuda::unavailable_reason() {
+        bail!("WORLD_SIZE={w}: rank {rank} needs CUDA: {why}");
+    }
+    let be = CudaBackend::on_device(env.local_rank).with_context(|| format!("rank {rank}: opening GPU {} (LOCAL_RANK)", env.local_rank))?;
+    let timeout = TrainConfig::load(path, &a.overrides)?.run.dist_timeout();
+    let comm = nccl_communicator(&be, env, timeout)?;
+    run_on(&be, &comm, a).with_context(|| format!("rank {rank} of {w}"))
+}
+
+/// The NCCL communicator of the job `env` describes: rank 0 makes the unique id and serves it on
+/// `MASTER_PORT` (not for one rank), the others fetch it from `MASTER_ADDR:MASTER_PORT`.
+pub fn nccl_communicator<'a>(be: &'a CudaBackend, env: &RankEnv, timeout: Duration) -> Result<NcclComm<'a>> {
+    let id = if env.rank == 0 {
+        let id = unique_id()?;
+        if env.world > 1 {
+            serve(env.master_port, env.world, &id, timeout)?;
+        }
+        id
+    } else {
+        fetch(&format!("{}:{}", env.master_addr, env.master_port), env.rank, env.world, timeout)?
+    };
+    NcclComm::init(be, &id, env.rank, env.world, timeout).with_context(|| format!("rank {} of {}: joining the NCCL communicator", env.rank, env.world))
+}
+
+fn run_on<B: Backend>(be: &B, comm: &dyn Collective<B>, a: &TrainArgs) -> Result<()> {
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match &a.config {
         Some(path) => {
@@ -59,9 +103,13 @@ fn run_on<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
                 (Some(o), _, _) | (None, Some(o), _) => o.clone(),
                 // Resuming continues the run folder that holds the checkpoint.
                 (None, None, Some(_)) => resume.as_ref().and_then(|c| c.parent()).map(Path::to_path_buf).unwrap_or_else(fresh_run_dir),
-                (None, None, None) => fresh_run_dir(),
+                (None, None, None) if comm.world() == 1 => fresh_run_dir(),
+                (None, None, None) => bail!("a job of {} ranks needs its run folder named (--out or run.out): the ranks must agree on it", comm.world()),
             };
-            let state = run_config(be, &crate::dist::Solo, &cfg, &out, resume, progress)?;
+            let state = run_config(be, comm, &cfg, &out, resume, progress)?;
+            if comm.rank() != 0 {
+                return Ok(());
+            }
             eprintln!(
                 "done: {} optimizer steps ({} skipped for non-finite values); run folder {}",
                 state.global_step,

@@ -9,9 +9,12 @@
 //! one rank, [`partition`]), and [`launch`] / [`rendezvous`] start and connect the processes of a
 //! multi-GPU job.
 
+pub mod check;
 pub mod collective;
 pub mod data_parallel;
+pub mod launch;
 pub mod partition;
+pub mod rendezvous;
 pub mod threads;
 
 pub use collective::{Collective, PeerFailure, Solo};

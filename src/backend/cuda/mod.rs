@@ -34,6 +34,7 @@ pub mod bench;
 pub mod checks;
 mod decode;
 mod device;
+pub mod nccl;
 mod ops;
 mod pool;
 mod relation;

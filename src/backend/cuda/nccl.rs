@@ -1,0 +1,231 @@
+//! NCCL under the collective interface ([`crate::dist::Collective`]): one process per GPU, the
+//! communicator made from a unique id that rank 0 creates and shares (`dist::rendezvous`).
+//!
+//! libnccl is loaded at run time like the rest of CUDA (cudarc's `nccl` feature, dynamic
+//! loading): a build without it runs everywhere, and world size 1 never touches it. Collectives
+//! run on the backend's stream (the legacy default stream), each bucket in one NCCL group. The
+//! host waits for them by polling an event and `ncclCommGetAsyncError` against a deadline, never
+//! in a blocking synchronize: a peer that died or hung makes this rank abort its communicator and
+//! fail with a [`PeerFailure`] within the timeout (the launcher then stops the job).
+
+use std::ffi::c_void;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Result};
+use cudarc::driver::result as dr;
+use cudarc::driver::sys;
+use cudarc::nccl::{result as nc, sys as ns};
+
+use super::{CudaBackend, CudaBuf, DType};
+use crate::dist::collective::{Collective, Owned, PeerFailure};
+
+/// Why NCCL cannot be used here, or `None` when libnccl loads.
+pub fn nccl_unavailable() -> Option<String> {
+    // SAFETY: only tries to open the library (no symbol is called).
+    if unsafe { ns::is_culib_present() } {
+        None
+    } else {
+        Some(
+            "libnccl was not found: cudarc looks for libnccl.so (not libnccl.so.2 alone); put a folder holding libnccl.so \
+             (e.g. a symlink to the libnccl.so.2 of PyTorch's nvidia-nccl wheel) on LD_LIBRARY_PATH"
+                .into(),
+        )
+    }
+}
+
+fn nccl_err(what: &'static str) -> impl FnOnce(nc::NcclError) -> anyhow::Error {
+    move |e| anyhow!("NCCL error in {what}: {:?}", e.0)
+}
+
+/// A fresh NCCL unique id (rank 0 makes it and shares it with the others).
+pub fn unique_id() -> Result<Vec<u8>> {
+    if let Some(why) = nccl_unavailable() {
+        bail!("{why}");
+    }
+    let id = nc::get_uniqueid().map_err(nccl_err("ncclGetUniqueId"))?;
+    Ok(id.internal.iter().map(|&c| c as u8).collect())
+}
+
+/// This rank's NCCL communicator.
+pub struct NcclComm<'a> {
+    be: &'a CudaBackend,
+    comm: ns::ncclComm_t,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    /// NCCL communicators are not thread-safe: one collective at a time; `true` once aborted.
+    state: Mutex<bool>,
+}
+
+// SAFETY: the raw communicator is used only under `state`'s lock, with the backend's context
+// bound on the calling thread.
+unsafe impl Send for NcclComm<'_> {}
+unsafe impl Sync for NcclComm<'_> {}
+
+impl<'a> NcclComm<'a> {
+    /// Joins the communicator of `world` ranks named by `id` as `rank` (every rank calls it).
+    pub fn init(be: &'a CudaBackend, id: &[u8], rank: usize, world: usize, timeout: Duration) -> Result<Self> {
+        if let Some(why) = nccl_unavailable() {
+            bail!("{why}");
+        }
+        ensure!(id.len() == 128, "an NCCL unique id has 128 bytes, got {}", id.len());
+        let mut uid = ns::ncclUniqueId { internal: [0; 128] };
+        uid.internal.iter_mut().zip(id).for_each(|(d, &b)| *d = b as ::core::ffi::c_char);
+        be.gpu().bind()?;
+        let mut comm: ns::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: a valid out pointer and id; every rank of the job makes the same call.
+        unsafe { nc::comm_init_rank(&mut comm, world as i32, uid, rank as i32) }.map_err(nccl_err("ncclCommInitRank"))?;
+        Ok(NcclComm { be, comm, rank, world, timeout, state: Mutex::new(false) })
+    }
+
+    /// Runs `enqueue` (NCCL calls on the backend's stream) in one group and waits for it within
+    /// the timeout.
+    fn run(&self, op: &'static str, enqueue: impl FnOnce(ns::ncclComm_t) -> Result<()>) -> Result<()> {
+        let mut aborted = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *aborted {
+            bail!(PeerFailure(format!("NCCL {op}: the communicator was aborted by an earlier failure")));
+        }
+        self.be.gpu().bind()?;
+        nc::group_start().map_err(nccl_err("ncclGroupStart"))?;
+        let queued = enqueue(self.comm);
+        nc::group_end().map_err(nccl_err("ncclGroupEnd"))?;
+        queued?;
+        let ev = dr::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| anyhow!("cuEventCreate: {e}"))?;
+        let waited = self.wait(op, ev);
+        // SAFETY: created above, destroyed once.
+        let _ = unsafe { dr::event::destroy(ev) };
+        if let Err(e) = waited {
+            if e.downcast_ref::<PeerFailure>().is_some() {
+                // SAFETY: a live communicator; after this it is never used again.
+                let _ = unsafe { nc::comm_abort(self.comm) };
+                *aborted = true;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn wait(&self, op: &'static str, ev: sys::CUevent) -> Result<()> {
+        // SAFETY: a live event, recorded on the backend's (legacy default) stream.
+        unsafe { dr::event::record(ev, std::ptr::null_mut()) }.map_err(|e| anyhow!("cuEventRecord: {e}"))?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            // SAFETY: a live event.
+            match unsafe { dr::event::query(ev) } {
+                Ok(()) => return Ok(()),
+                Err(dr::DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) => {}
+                Err(e) => bail!("CUDA error while waiting for NCCL {op}: {e}"),
+            }
+            let mut async_err = ns::ncclResult_t::ncclSuccess;
+            // SAFETY: a live communicator and a valid out pointer.
+            unsafe { ns::ncclCommGetAsyncError(self.comm, &mut async_err) };
+            if !matches!(async_err, ns::ncclResult_t::ncclSuccess | ns::ncclResult_t::ncclInProgress) {
+                bail!(PeerFailure(format!("NCCL {op} failed on rank {}: {async_err:?} (a rank died or the network failed); the job stops", self.rank)));
+            }
+            if Instant::now() >= deadline {
+                bail!(PeerFailure(format!(
+                    "NCCL {op} did not complete within {:.0} s on rank {} of {}: another rank died or hung; the job stops",
+                    self.timeout.as_secs_f64(),
+                    self.rank,
+                    self.world
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+impl Drop for NcclComm<'_> {
+    fn drop(&mut self) {
+        let aborted = *self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !aborted && self.be.gpu().bind().is_ok() {
+            // SAFETY: a live communicator, destroyed once.
+            let _ = unsafe { nc::comm_destroy(self.comm) };
+        }
+    }
+}
+
+fn dtype(b: &CudaBuf) -> ns::ncclDataType_t {
+    match b.dtype() {
+        DType::Bf16 => ns::ncclDataType_t::ncclBfloat16,
+        DType::F32 => ns::ncclDataType_t::ncclFloat32,
+    }
+}
+
+fn ptr(b: &CudaBuf) -> *mut c_void {
+    b.ptr() as *mut c_void
+}
+
+const NULL_STREAM: ns::cudaStream_t = std::ptr::null_mut();
+
+impl Collective<CudaBackend> for NcclComm<'_> {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn all_gather_host(&self, xs: &[f64]) -> Result<Vec<Vec<f64>>> {
+        let n = xs.len();
+        if n == 0 {
+            return Ok(vec![Vec::new(); self.world]);
+        }
+        // f64 travels in f32-typed buffers of twice the length (the backend has no f64 buffers).
+        let send = self.be.alloc(2 * n, DType::F32)?;
+        let recv = self.be.alloc(2 * n * self.world, DType::F32)?;
+        self.be.gpu().htod(send.ptr(), xs)?;
+        self.run("all_gather", |c| {
+            // SAFETY: send holds n f64, recv n·world.
+            unsafe { nc::all_gather(ptr(&send), ptr(&recv), n, ns::ncclDataType_t::ncclFloat64, c, NULL_STREAM) }.map_err(nccl_err("ncclAllGather"))?;
+            Ok(())
+        })?;
+        let mut all = vec![0f64; n * self.world];
+        self.be.gpu().dtoh(&mut all, recv.ptr())?;
+        Ok(all.chunks(n).map(<[f64]>::to_vec).collect())
+    }
+    fn all_reduce(&self, _: &CudaBackend, bufs: &mut [&mut CudaBuf]) -> Result<()> {
+        self.run("all_reduce", |c| {
+            for b in bufs.iter() {
+                // SAFETY: in place over the buffer's own length and type.
+                unsafe { nc::all_reduce(ptr(b), ptr(b), b.len(), dtype(b), ns::ncclRedOp_t::ncclSum, c, NULL_STREAM) }.map_err(nccl_err("ncclAllReduce"))?;
+            }
+            Ok(())
+        })
+    }
+    fn reduce_to_owners(&self, _: &CudaBackend, bufs: &mut [Owned<'_, CudaBuf>]) -> Result<()> {
+        self.run("reduce", |c| {
+            for b in bufs.iter() {
+                // SAFETY: in place over the buffer's own length and type.
+                unsafe { nc::reduce(ptr(b.buf), ptr(b.buf), b.buf.len(), dtype(b.buf), ns::ncclRedOp_t::ncclSum, b.owner as i32, c, NULL_STREAM) }
+                    .map_err(nccl_err("ncclReduce"))?;
+            }
+            Ok(())
+        })
+    }
+    fn broadcast_from_owners(&self, _: &CudaBackend, bufs: &mut [Owned<'_, CudaBuf>]) -> Result<()> {
+        self.run("broadcast", |c| {
+            for b in bufs.iter() {
+                // SAFETY: in place over the buffer's own length and type.
+                unsafe { nc::broadcast(ptr(b.buf), ptr(b.buf), b.buf.len(), dtype(b.buf), b.owner as i32, c, NULL_STREAM) }.map_err(nccl_err("ncclBroadcast"))?;
+            }
+            Ok(())
+        })
+    }
+    fn host_from(&self, local: Option<&[f32]>, len: usize, owner: usize) -> Result<Vec<f32>> {
+        let buf = self.be.alloc(len, DType::F32)?;
+        if owner == self.rank {
+            let data = local.ok_or_else(|| anyhow!("host_from: the owner passed no values"))?;
+            ensure!(data.len() == len, "host_from: {} values for {len}", data.len());
+            self.be.gpu().htod(buf.ptr(), data)?;
+        }
+        self.run("broadcast", |c| {
+            // SAFETY: buf holds len f32 on every rank.
+            unsafe { nc::broadcast(ptr(&buf), ptr(&buf), len, ns::ncclDataType_t::ncclFloat32, owner as i32, c, NULL_STREAM) }.map_err(nccl_err("ncclBroadcast"))?;
+            Ok(())
+        })?;
+        let mut out = vec![0f32; len];
+        self.be.gpu().dtoh(&mut out, buf.ptr())?;
+        Ok(out)
+    }
+}
