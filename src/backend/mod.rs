@@ -157,7 +157,13 @@ pub trait Backend: Send + Sync {
     fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()>;
     /// Σ x² over all the buffers, accumulated in f64 (the global gradient norm takes every
     /// gradient tensor in one call: on CUDA one read-back for all of them).
-    fn sum_squares(&self, xs: &[&Self::Buf]) -> Result<f64>;
+    fn sum_squares(&self, xs: &[&Self::Buf]) -> Result<f64> {
+        let whole: Vec<(&Self::Buf, std::ops::Range<usize>)> = xs.iter().map(|x| (*x, 0..self.len(x))).collect();
+        self.sum_squares_ranges(&whole)
+    }
+    /// Σ x² over an element range of each buffer (the ranges a rank owns under ZeRO-1), in f64,
+    /// summed range by range in order; a range past its buffer is an error.
+    fn sum_squares_ranges(&self, parts: &[(&Self::Buf, std::ops::Range<usize>)]) -> Result<f64>;
 
     // ---- embeddings ----
     /// `out[t, :] = table[ids[t], :]`; an id ≥ rows of the table is an error.
@@ -344,11 +350,17 @@ pub trait Backend: Send + Sync {
     /// `param` is its rounding; without it, a backend whose `Buf` is narrower than f32 rounds the
     /// updated value stochastically with noise from a counter hash of (`h.seed`, `h.step`, element
     /// index), so the expected parameter is the exact update.
+    ///
+    /// The update covers `param[offset .. offset + m.len()]` from the same range of `grad`: `m`,
+    /// `v` and `master` hold that range only (an optimizer piece of a larger tensor; the noise's
+    /// element index counts from the range's start).
+    #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
         h: AdamWStep,
         param: &mut Self::Buf,
         grad: &Self::Buf,
+        offset: usize,
         m: &mut Self::State,
         v: &mut Self::State,
         master: Option<&mut Self::State>,

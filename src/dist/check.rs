@@ -5,7 +5,7 @@
 
 use anyhow::{ensure, Result};
 
-use super::collective::{Collective, Owned};
+use super::collective::{Collective, Owned, Part};
 use crate::backend::Backend;
 
 /// `len` values of rank `r`: `r + 1 + (i mod 7)`, all small integers.
@@ -33,25 +33,37 @@ pub fn check_collective<B: Backend>(be: &B, comm: &dyn Collective<B>) -> Result<
     }
     done.push("all_reduce (one bucket of 2 buffers)".into());
 
-    // Buffer i owned by rank i mod world.
+    // The first buffer in three parts (owned by ranks 0, 1, 2 mod world), the second whole
+    // (owned by the last rank).
+    let parts = |i: usize, n: usize| -> Vec<Part> {
+        if i == 0 {
+            [(0, 400), (400, 200), (600, n - 600)].iter().enumerate().map(|(k, &(start, len))| Part { start, len, owner: k % world }).collect()
+        } else {
+            vec![Part { start: 0, len: n, owner: world - 1 }]
+        }
+    };
     let mut bufs: Vec<B::Buf> = lens.iter().map(|&n| be.upload(&values(rank, n))).collect::<Result<_>>()?;
-    let mut owned: Vec<Owned<'_, B::Buf>> = bufs.iter_mut().enumerate().map(|(i, buf)| Owned { buf, owner: i % world }).collect();
+    let mut owned: Vec<Owned<'_, B::Buf>> = bufs.iter_mut().zip(&lens).enumerate().map(|(i, (buf, &n))| Owned { buf, parts: parts(i, n) }).collect();
     comm.reduce_to_owners(be, &mut owned)?;
     for (i, (b, &n)) in bufs.iter().zip(&lens).enumerate() {
-        if i % world == rank {
-            let want: Vec<f32> = (0..n).map(|j| (0..world).map(|r| values(r, n)[j]).sum()).collect();
-            ensure!(be.download(b)? == want, "reduce_to_owners: buffer {i} on its owner is not the sum");
+        let got = be.download(b)?;
+        let sum: Vec<f32> = (0..n).map(|j| (0..world).map(|r| values(r, n)[j]).sum()).collect();
+        for p in parts(i, n).iter().filter(|p| p.owner == rank) {
+            ensure!(got[p.range()] == sum[p.range()], "reduce_to_owners: part {:?} of buffer {i} on its owner is not the sum", p.range());
         }
     }
-    done.push("reduce_to_owners".into());
+    done.push("reduce_to_owners (parts of buffers)".into());
 
     let mut bufs: Vec<B::Buf> = lens.iter().map(|&n| be.upload(&values(rank, n))).collect::<Result<_>>()?;
-    let mut owned: Vec<Owned<'_, B::Buf>> = bufs.iter_mut().enumerate().map(|(i, buf)| Owned { buf, owner: i % world }).collect();
+    let mut owned: Vec<Owned<'_, B::Buf>> = bufs.iter_mut().zip(&lens).enumerate().map(|(i, (buf, &n))| Owned { buf, parts: parts(i, n) }).collect();
     comm.broadcast_from_owners(be, &mut owned)?;
     for (i, (b, &n)) in bufs.iter().zip(&lens).enumerate() {
-        ensure!(be.download(b)? == values(i % world, n), "broadcast_from_owners: buffer {i} is not its owner's");
+        let got = be.download(b)?;
+        for p in parts(i, n) {
+            ensure!(got[p.range()] == values(p.owner, n)[p.range()], "broadcast_from_owners: part {:?} of buffer {i} is not its owner's", p.range());
+        }
     }
-    done.push("broadcast_from_owners".into());
+    done.push("broadcast_from_owners (parts of buffers)".into());
 
     let owner = world - 1;
     let got = comm.host_from((rank == owner).then(|| values(owner, 5)).as_deref(), 5, owner)?;

@@ -9,10 +9,36 @@ use anyhow::Result;
 
 use crate::backend::Backend;
 
-/// A buffer and the rank that owns it (ZeRO-1: the rank holding its optimizer state).
+/// A run of a buffer's elements and the rank that owns it (ZeRO-1: the rank holding the
+/// optimizer state of that piece of the tensor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub start: usize,
+    pub len: usize,
+    pub owner: usize,
+}
+
+impl Part {
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.start..self.start + self.len
+    }
+}
+
+/// A buffer and the owners of its parts (which cover it, in order).
 pub struct Owned<'a, Buf> {
     pub buf: &'a mut Buf,
-    pub owner: usize,
+    pub parts: Vec<Part>,
+}
+
+/// Checks that every part lies inside its buffer (`len` gives a buffer's length).
+pub fn check_parts<Buf>(bufs: &[Owned<'_, Buf>], len: impl Fn(&Buf) -> usize) -> Result<()> {
+    for b in bufs {
+        let n = len(b.buf);
+        if let Some(p) = b.parts.iter().find(|p| p.start + p.len > n) {
+            anyhow::bail!("part {:?} lies past the end of its buffer of {n} elements", p.range());
+        }
+    }
+    Ok(())
 }
 
 /// The operations of data-parallel training. Buffer lists are one bucket each: an implementation
@@ -24,10 +50,10 @@ pub trait Collective<B: Backend>: Send + Sync {
     fn all_gather_host(&self, xs: &[f64]) -> Result<Vec<Vec<f64>>>;
     /// Replaces every buffer with its sum over the ranks.
     fn all_reduce(&self, be: &B, bufs: &mut [&mut B::Buf]) -> Result<()>;
-    /// Sums every buffer over the ranks into its owner's copy (the other copies are left
-    /// unspecified): ZeRO-1's reduce-scatter, at the granularity of whole tensors.
+    /// Sums every part over the ranks into its owner's copy (the other copies are left
+    /// unspecified): ZeRO-1's reduce-scatter, at the granularity of optimizer pieces.
     fn reduce_to_owners(&self, be: &B, bufs: &mut [Owned<'_, B::Buf>]) -> Result<()>;
-    /// Copies every buffer from its owner to every rank: ZeRO-1's all-gather of the updated
+    /// Copies every part from its owner to every rank: ZeRO-1's all-gather of the updated
     /// parameters.
     fn broadcast_from_owners(&self, be: &B, bufs: &mut [Owned<'_, B::Buf>]) -> Result<()>;
     /// `owner`'s host values (`len` of them; `local` is `Some` exactly on the owner) on every rank:

@@ -11,18 +11,18 @@
 
 use anyhow::{ensure, Result};
 
-use super::collective::{sum_in_rank_order, Collective, Owned};
+use super::collective::{sum_in_rank_order, Collective, Owned, Part};
 use super::partition::Partition;
 use crate::backend::Backend;
 use crate::loss::{LossCounts, LossReport};
-use crate::model::ParamSet;
-use crate::optim::{AdamW, AdamWConfig, StepReport};
+use crate::model::{ParamSet, ParamSpec};
+use crate::optim::{pieces, AdamW, AdamWConfig, Piece, PieceState, StepReport};
 use crate::train::checkpoint::{optimizer_entry_name, HostTensor};
 
 /// How the ranks share the optimizer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DistOptions {
-    /// ZeRO-1: each tensor's optimizer state on one rank (gradients reduced to it, the updated
+    /// ZeRO-1: each optimizer piece's state on one rank (its gradients reduced to it, its updated
     /// parameters sent from it); otherwise every rank holds all of it (gradients all-reduced).
     pub zero: bool,
     /// Elements per gradient bucket: one exchange (one NCCL group) per bucket.
@@ -81,28 +81,40 @@ pub fn step_report<B: Backend>(comm: &dyn Collective<B>, local: &[LossReport], s
 pub struct GradSync<'a, B: Backend> {
     comm: &'a dyn Collective<B>,
     opts: DistOptions,
+    cfg: AdamWConfig,
+    pieces: Vec<Piece>,
     partition: Partition,
+    /// `parts[set][tensor]`: the tensor's pieces with their owners.
+    parts: Vec<Vec<Vec<Part>>>,
 }
 
 impl<'a, B: Backend> GradSync<'a, B> {
-    /// For the trainable sets `params` (their shapes fix the partition, the same on every rank).
-    pub fn new(comm: &'a dyn Collective<B>, opts: DistOptions, params: &[&ParamSet<B::Buf>]) -> Self {
-        GradSync { comm, opts, partition: Partition::balanced(params, comm.world()) }
+    /// For the trainable sets `params` and the optimizer `cfg` (shapes and piece size fix the
+    /// partition, the same on every rank).
+    pub fn new(comm: &'a dyn Collective<B>, opts: DistOptions, params: &[&ParamSet<B::Buf>], cfg: AdamWConfig) -> Self {
+        let specs: Vec<&[ParamSpec]> = params.iter().map(|p| p.specs.as_slice()).collect();
+        let pieces = pieces(&specs, cfg.piece_elems);
+        let partition = Partition::balanced(&pieces, comm.world());
+        let mut parts: Vec<Vec<Vec<Part>>> = params.iter().map(|p| vec![Vec::new(); p.specs.len()]).collect();
+        for (p, &owner) in pieces.iter().zip(&partition.owners) {
+            parts[p.set][p.tensor].push(Part { start: p.start, len: p.len, owner });
+        }
+        GradSync { comm, opts, cfg, pieces, partition, parts }
     }
 
     fn sharded(&self) -> bool {
         self.opts.zero && self.comm.world() > 1
     }
 
-    /// The optimizer of this rank: the state of the tensors it owns under ZeRO-1, else all.
-    pub fn optimizer(&self, be: &B, params: &[&ParamSet<B::Buf>], cfg: AdamWConfig) -> Result<AdamW<B::State>> {
+    /// The optimizer of this rank: the state of the pieces it owns under ZeRO-1, else all.
+    pub fn optimizer(&self, be: &B, params: &[&ParamSet<B::Buf>]) -> Result<AdamW<B::State>> {
         let rank = self.comm.rank();
         let sharded = self.sharded();
-        AdamW::holding(be, params, cfg, |s, i| !sharded || self.partition.owner(s, i) == rank)
+        AdamW::holding(be, params, self.cfg, |k| !sharded || self.partition.owners[k] == rank)
     }
 
-    /// Calls `op` on consecutive buckets of `sets`' buffers (with their owners), each at most
-    /// `bucket_elems` elements unless one buffer alone is larger.
+    /// Calls `op` on consecutive buckets of `sets`' buffers (with their parts' owners), each at
+    /// most `bucket_elems` elements unless one buffer alone is larger.
     fn for_buckets(&self, be: &B, sets: &mut [&mut ParamSet<B::Buf>], mut op: impl FnMut(&mut [Owned<'_, B::Buf>]) -> Result<()>) -> Result<()> {
         let mut bucket: Vec<Owned<'_, B::Buf>> = Vec::new();
         let mut elems = 0usize;
@@ -115,7 +127,7 @@ impl<'a, B: Backend> GradSync<'a, B> {
                     elems = 0;
                 }
                 elems += n;
-                bucket.push(Owned { buf, owner: self.partition.owner(s, i) });
+                bucket.push(Owned { buf, parts: self.parts[s][i].clone() });
             }
         }
         if !bucket.is_empty() {
@@ -125,9 +137,8 @@ impl<'a, B: Backend> GradSync<'a, B> {
     }
 
     /// Reduces the gradients, clips by their global norm and updates the parameters on every
-    /// rank. The norm is Σ over ranks (in rank order) of Σ x² over the tensors each rank owns,
-    /// computed the same way with or without ZeRO-1, so both give the same bits; on one rank it is
-    /// Σ x² over every gradient, as [`AdamW::step`] computes it.
+    /// rank. The norm is Σ over ranks (in rank order) of Σ g² over the pieces each rank owns,
+    /// computed the same way with or without ZeRO-1, so both give the same bits.
     pub fn step(&self, be: &B, opt: &mut AdamW<B::State>, params: &mut [&mut ParamSet<B::Buf>], grads: &mut [&mut ParamSet<B::Buf>], lr: f32) -> Result<StepReport> {
         let world = self.comm.world();
         if world > 1 {
@@ -141,12 +152,14 @@ impl<'a, B: Backend> GradSync<'a, B> {
             }
         }
         let owned_sum_squares = |rank: usize| -> Result<f64> {
-            let bufs: Vec<&B::Buf> = grads
+            let ranges: Vec<(&B::Buf, std::ops::Range<usize>)> = self
+                .pieces
                 .iter()
-                .enumerate()
-                .flat_map(|(s, g)| g.bufs.iter().enumerate().filter(move |(i, _)| self.partition.owner(s, *i) == rank).map(|(_, b)| b))
+                .zip(&self.partition.owners)
+                .filter(|(_, &o)| o == rank)
+                .map(|(p, _)| (&grads[p.set].bufs[p.tensor], p.start..p.start + p.len))
                 .collect();
-            be.sum_squares(&bufs)
+            be.sum_squares_ranges(&ranges)
         };
         let sum_squares = if self.sharded() {
             let mine = owned_sum_squares(self.comm.rank())?;
@@ -162,31 +175,48 @@ impl<'a, B: Backend> GradSync<'a, B> {
         Ok(report)
     }
 
-    /// The optimizer state as a checkpoint holds it (`names[set]` names each set), complete on
-    /// rank 0 (`Some`), `None` elsewhere; under ZeRO-1 each tensor comes from its owner.
+    /// The optimizer state as a checkpoint holds it (whole tensors, `names[set]` naming each
+    /// set), complete on rank 0 (`Some`), `None` elsewhere; under ZeRO-1 each piece comes from
+    /// its owner.
     pub fn optimizer_tensors(&self, be: &B, opt: &AdamW<B::State>, names: &[&str]) -> Result<Option<Vec<HostTensor>>> {
         let rank = self.comm.rank();
-        if !self.sharded() && rank != 0 {
+        let sharded = self.sharded();
+        if !sharded && rank != 0 {
             return Ok(None);
         }
+        let kinds: &[&str] = if opt.cfg.master_weights { &["m", "v", "master"] } else { &["m", "v"] };
         let mut out = Vec::new();
         for (s, name) in names.iter().enumerate() {
-            let mut kinds: Vec<(&str, &ParamSet<B::State>)> = vec![("m", &opt.m[s]), ("v", &opt.v[s])];
-            if let Some(master) = &opt.master {
-                kinds.push(("master", &master[s]));
-            }
-            for (kind, set) in kinds {
-                for (i, (spec, buf)) in set.specs.iter().zip(&set.bufs).enumerate() {
-                    let owner = if self.sharded() { self.partition.owner(s, i) } else { 0 };
-                    let local = if opt.held[s][i] && (rank == 0 || owner == rank) { Some(be.download_state(buf)?) } else { None };
-                    let values = if owner == 0 { local } else { Some(self.comm.host_from(local.as_deref(), spec.numel(), owner)?) };
+            for kind in kinds {
+                for (i, spec) in opt.specs[s].iter().enumerate() {
+                    let mut values = Vec::with_capacity(if rank == 0 { spec.numel() } else { 0 });
+                    for (k, p) in opt.pieces.iter().enumerate().filter(|(_, p)| (p.set, p.tensor) == (s, i)) {
+                        let owner = if sharded { self.partition.owners[k] } else { 0 };
+                        let local = match (&opt.state[k], rank == 0 || owner == rank) {
+                            (Some(st), true) => Some(be.download_state(piece_state(st, kind)?)?),
+                            _ => None,
+                        };
+                        let piece = if owner == 0 { local } else { Some(self.comm.host_from(local.as_deref(), p.len, owner)?) };
+                        if rank == 0 {
+                            values.extend(piece.ok_or_else(|| anyhow::anyhow!("optimizer state of {name}.{} missing on rank 0", spec.name))?);
+                        }
+                    }
                     if rank == 0 {
-                        let values = values.ok_or_else(|| anyhow::anyhow!("optimizer state of {name}.{} missing on rank 0", spec.name))?;
                         out.push((optimizer_entry_name(kind, name, &spec.name), spec.shape.clone(), values));
                     }
                 }
             }
         }
         Ok((rank == 0).then_some(out))
+    }
+}
+
+/// The `kind` buffer (`m`, `v`, `master`) of a piece's state.
+pub fn piece_state<'s, S>(st: &'s PieceState<S>, kind: &str) -> Result<&'s S> {
+    match kind {
+        "m" => Ok(&st.m),
+        "v" => Ok(&st.v),
+        "master" => st.master.as_ref().ok_or_else(|| anyhow::anyhow!("this optimizer keeps no master weights")),
+        other => anyhow::bail!("no optimizer state called {other}"),
     }
 }

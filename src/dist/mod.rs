@@ -5,7 +5,7 @@
 //! [`ThreadGroup`] (ranks as threads of one process, over the CPU backend: the engine the tests
 //! compare against the 1-rank run), and NCCL on CUDA (`backend::cuda::nccl`). On top of it,
 //! [`data_parallel`] holds the step-wide sums (loss counts, reports) and the optimizer step with
-//! its gradient reduction (plain all-reduce, or ZeRO-1: each tensor's optimizer state lives on
+//! its gradient reduction (plain all-reduce, or ZeRO-1: each optimizer piece's state lives on
 //! one rank, [`partition`]), and [`launch`] / [`rendezvous`] start and connect the processes of a
 //! multi-GPU job.
 

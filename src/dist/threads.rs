@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 
-use super::collective::{Collective, Owned, PeerFailure};
+use super::collective::{check_parts, Collective, Owned, PeerFailure};
 use crate::backend::cpu::{CpuBackend, Elem};
 
 /// One round's deposits, shared by the ranks that read them.
@@ -184,29 +184,39 @@ impl<T: Elem> Collective<CpuBackend<T>> for ThreadGroup {
         Ok(())
     }
     fn reduce_to_owners(&self, _: &CpuBackend<T>, bufs: &mut [Owned<'_, Vec<T>>]) -> Result<()> {
+        check_parts(bufs, Vec::len)?;
         let d = self.exchange("reduce_to_owners", concat(bufs.iter().map(|b| &*b.buf)))?;
         check_lengths(&d, "reduce_to_owners")?;
         let mut off = 0;
         for b in bufs.iter_mut() {
-            if b.owner == self.rank {
-                sum_into(&d, off, b.buf)?;
+            for part in b.parts.iter().filter(|p| p.owner == self.rank) {
+                sum_into(&d, off + part.start, &mut b.buf[part.range()])?;
             }
             off += b.buf.len();
         }
         Ok(())
     }
     fn broadcast_from_owners(&self, _: &CpuBackend<T>, bufs: &mut [Owned<'_, Vec<T>>]) -> Result<()> {
-        // Each rank sends only the buffers it owns; the receivers find them by walking the list.
-        let mine = concat(bufs.iter().filter(|b| b.owner == self.rank).map(|b| &*b.buf));
+        check_parts(bufs, Vec::len)?;
+        // Each rank sends only the parts it owns; the receivers find them by walking the list.
+        let mine: Vec<f64> = bufs
+            .iter()
+            .flat_map(|b| b.parts.iter().filter(|p| p.owner == self.rank).flat_map(|p| b.buf[p.range()].iter().map(|v| v.f64())))
+            .collect();
         let d = self.exchange("broadcast_from_owners", mine)?;
         let mut offsets = vec![0usize; self.shared.world];
         for b in bufs.iter_mut() {
-            let (o, n) = (b.owner, b.buf.len());
-            let src = d.get(o).and_then(|(_, v)| v.get(offsets[o]..offsets[o] + n)).ok_or_else(|| anyhow!("broadcast: rank {o} sent fewer values than the buffers it owns"))?;
-            if o != self.rank {
-                b.buf.iter_mut().zip(src).for_each(|(x, &y)| *x = T::of(y));
+            for part in &b.parts {
+                let o = part.owner;
+                let src = d
+                    .get(o)
+                    .and_then(|(_, v)| v.get(offsets[o]..offsets[o] + part.len))
+                    .ok_or_else(|| anyhow!("broadcast: rank {o} sent fewer values than the parts it owns"))?;
+                if o != self.rank {
+                    b.buf[part.range()].iter_mut().zip(src).for_each(|(x, &y)| *x = T::of(y));
+                }
+                offsets[o] += part.len;
             }
-            offsets[o] += n;
         }
         Ok(())
     }

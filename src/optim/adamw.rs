@@ -5,7 +5,11 @@
 use anyhow::Result;
 
 use crate::backend::{AdamWStep, Backend};
-use crate::model::ParamSet;
+use crate::model::{ParamSet, ParamSpec};
+
+/// 4 Mi elements: the 0.5B student's tied embedding (155.6 M) becomes 38 pieces, every other
+/// tensor of it one, so its state spreads evenly over up to ~100 ranks.
+pub const DEFAULT_PIECE_ELEMS: usize = 1 << 22;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
@@ -21,6 +25,9 @@ pub struct AdamWConfig {
     pub master_weights: bool,
     /// Seed of the stochastic rounding's counter hash (mixed with the tensor's index).
     pub seed: u64,
+    /// Most elements one optimizer piece covers (a multiple of 8): larger tensors are cut into
+    /// pieces, the unit ZeRO-1 spreads over ranks (see [`Piece`]).
+    pub piece_elems: usize,
 }
 
 impl Default for AdamWConfig {
@@ -34,6 +41,7 @@ impl Default for AdamWConfig {
             max_grad_norm: Some(1.0),
             master_weights: false,
             seed: 0,
+            piece_elems: DEFAULT_PIECE_ELEMS,
         }
     }
 }
@@ -49,29 +57,55 @@ pub struct StepReport {
     pub skipped: bool,
 }
 
+/// A run of one tensor's elements that the optimizer updates in one call. Tensors are cut into
+/// pieces of at most [`AdamWConfig::piece_elems`] elements whatever the world size, so ZeRO-1 can
+/// spread a large tensor's state over several ranks while every world size performs exactly the
+/// same updates (on CUDA the stochastic-rounding noise is drawn per piece: its seed and its
+/// element indices are the piece's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub set: usize,
+    pub tensor: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// The pieces of `specs[set]`, in (set, tensor, start) order; an empty tensor has none.
+pub fn pieces(specs: &[&[ParamSpec]], piece_elems: usize) -> Vec<Piece> {
+    let size = piece_elems.max(8).next_multiple_of(8);
+    let mut out = Vec::new();
+    for (set, ss) in specs.iter().enumerate() {
+        for (tensor, spec) in ss.iter().enumerate() {
+            let n = spec.numel();
+            out.extend((0..n).step_by(size).map(|start| Piece { set, tensor, start, len: size.min(n - start) }));
+        }
+    }
+    out
+}
+
+/// The optimizer state of one piece.
+pub struct PieceState<S> {
+    pub m: S,
+    pub v: S,
+    /// f32 master copy of the piece's parameters, when `cfg.master_weights` is set.
+    pub master: Option<S>,
+}
+
 /// AdamW state over the trainable parameter sets of a stage (e.g. projector and LLM): the
 /// gradient norm for clipping is global over all of them, as `clip_grad_norm_` over
 /// `model.parameters()` is. The state lives in the backend's optimizer-state buffers
-/// ([`Backend::State`]: f32 moments on CUDA, whatever the parameters are stored in).
-///
-/// Under ZeRO-1 a rank holds the state of only some tensors (`held`); the others have empty
-/// state buffers and are neither updated nor saved by this rank.
+/// ([`Backend::State`]: f32 moments on CUDA, whatever the parameters are stored in), one set per
+/// [`Piece`]; under ZeRO-1 a rank holds the state of its pieces only and updates only them.
 pub struct AdamW<S> {
     pub cfg: AdamWConfig,
-    pub m: Vec<ParamSet<S>>,
-    pub v: Vec<ParamSet<S>>,
-    /// f32 master copies of the parameters, when `cfg.master_weights` is set.
-    pub master: Option<Vec<ParamSet<S>>>,
-    /// `held[set][tensor]`: this optimizer keeps that tensor's state and updates it.
-    pub held: Vec<Vec<bool>>,
+    /// The parameter sets' layouts (names and shapes for checkpoints).
+    pub specs: Vec<Vec<ParamSpec>>,
+    /// Every piece of every trainable tensor, in (set, tensor, start) order.
+    pub pieces: Vec<Piece>,
+    /// `state[k]`: piece k's state, `None` where another rank holds it.
+    pub state: Vec<Option<PieceState<S>>>,
     /// Updates applied so far (the next one is `step + 1`).
     pub step: u64,
-}
-
-/// A zero-filled state set laid out like `specs`; tensors not `held` get empty buffers.
-fn zero_state<B: Backend>(be: &B, specs: &[crate::model::ParamSpec], held: &[bool]) -> Result<ParamSet<B::State>> {
-    let bufs = specs.iter().zip(held).map(|(s, &h)| be.zeros_state(if h { s.numel() } else { 0 })).collect::<Result<_>>()?;
-    Ok(ParamSet { specs: specs.to_vec(), bufs })
 }
 
 /// The per-tensor seed of the stochastic rounding: the run's seed mixed with the tensor's place,
@@ -83,39 +117,62 @@ fn tensor_seed(seed: u64, set: usize, index: usize) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A piece's seed: its tensor's for the first piece, mixed again with the start for the others.
+fn piece_seed(seed: u64, p: &Piece) -> u64 {
+    let t = tensor_seed(seed, p.set, p.tensor);
+    if p.start == 0 {
+        t
+    } else {
+        tensor_seed(t, 0, p.start)
+    }
+}
+
+/// Host values of piece `p` of `params`, downloading each tensor once for its consecutive pieces.
+struct TensorCache {
+    key: Option<(usize, usize)>,
+    values: Vec<f32>,
+}
+
+impl TensorCache {
+    fn piece<B: Backend>(&mut self, be: &B, params: &[&ParamSet<B::Buf>], p: &Piece) -> Result<&[f32]> {
+        if self.key != Some((p.set, p.tensor)) {
+            self.values = be.download(&params[p.set].bufs[p.tensor])?;
+            self.key = Some((p.set, p.tensor));
+        }
+        Ok(&self.values[p.start..p.start + p.len])
+    }
+}
+
 impl<S> AdamW<S> {
     /// State for every tensor of `params`.
     pub fn new<B: Backend<State = S>>(be: &B, params: &[&ParamSet<B::Buf>], cfg: AdamWConfig) -> Result<Self> {
-        Self::holding(be, params, cfg, |_, _| true)
+        Self::holding(be, params, cfg, |_| true)
     }
 
-    /// State only for the tensors `holds(set, tensor)` selects (ZeRO-1: those this rank owns).
-    pub fn holding<B: Backend<State = S>>(be: &B, params: &[&ParamSet<B::Buf>], cfg: AdamWConfig, holds: impl Fn(usize, usize) -> bool) -> Result<Self> {
-        let held: Vec<Vec<bool>> = params.iter().enumerate().map(|(s, p)| (0..p.specs.len()).map(|i| holds(s, i)).collect()).collect();
-        let zeros = || params.iter().zip(&held).map(|(p, h)| zero_state(be, &p.specs, h)).collect::<Result<Vec<_>>>();
-        let master = if cfg.master_weights {
-            let sets = params
-                .iter()
-                .zip(&held)
-                .map(|(p, h)| {
-                    let bufs = p.bufs.iter().zip(h).map(|(b, &h)| if h { be.upload_state(&be.download(b)?) } else { be.zeros_state(0) }).collect::<Result<_>>()?;
-                    Ok(ParamSet { specs: p.specs.clone(), bufs })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Some(sets)
-        } else {
-            None
-        };
-        Ok(AdamW { cfg, m: zeros()?, v: zeros()?, master, held, step: 0 })
+    /// State only for the pieces whose index `holds` selects (ZeRO-1: those this rank owns).
+    pub fn holding<B: Backend<State = S>>(be: &B, params: &[&ParamSet<B::Buf>], cfg: AdamWConfig, holds: impl Fn(usize) -> bool) -> Result<Self> {
+        let specs: Vec<Vec<ParamSpec>> = params.iter().map(|p| p.specs.clone()).collect();
+        let spec_refs: Vec<&[ParamSpec]> = specs.iter().map(Vec::as_slice).collect();
+        let pieces = pieces(&spec_refs, cfg.piece_elems);
+        let mut cache = TensorCache { key: None, values: Vec::new() };
+        let mut state = Vec::with_capacity(pieces.len());
+        for (k, p) in pieces.iter().enumerate() {
+            state.push(if holds(k) {
+                let master = if cfg.master_weights { Some(be.upload_state(cache.piece(be, params, p)?)?) } else { None };
+                Some(PieceState { m: be.zeros_state(p.len)?, v: be.zeros_state(p.len)?, master })
+            } else {
+                None
+            });
+        }
+        Ok(AdamW { cfg, specs, pieces, state, step: 0 })
     }
 
     /// Sets the master copies (if any) from the current parameters, e.g. after loading weights.
     pub fn sync_master<B: Backend<State = S>>(&mut self, be: &B, params: &[&ParamSet<B::Buf>]) -> Result<()> {
-        if let Some(master) = &mut self.master {
-            for ((ms, p), held) in master.iter_mut().zip(params).zip(&self.held) {
-                for ((mb, b), _) in ms.bufs.iter_mut().zip(&p.bufs).zip(held).filter(|(_, &h)| h) {
-                    *mb = be.upload_state(&be.download(b)?)?;
-                }
+        let mut cache = TensorCache { key: None, values: Vec::new() };
+        for (p, st) in self.pieces.iter().zip(&mut self.state) {
+            if let Some(master) = st.as_mut().and_then(|s| s.master.as_mut()) {
+                *master = be.upload_state(cache.piece(be, params, p)?)?;
             }
         }
         Ok(())
@@ -136,7 +193,7 @@ impl<S> AdamW<S> {
     }
 
     /// The update of [`AdamW::step`] given the global gradient norm (computed across ranks in
-    /// data-parallel training): clips by it, then updates the tensors this optimizer holds.
+    /// data-parallel training): clips by it, then updates the pieces this optimizer holds.
     pub fn apply<B: Backend<State = S>>(
         &mut self,
         be: &B,
@@ -146,11 +203,11 @@ impl<S> AdamW<S> {
         grad_norm: f64,
     ) -> Result<StepReport> {
         anyhow::ensure!(
-            params.len() == self.m.len() && grads.len() == self.m.len(),
+            params.len() == self.specs.len() && grads.len() == self.specs.len(),
             "adamw: {} parameter sets and {} gradient sets for an optimizer over {}",
             params.len(),
             grads.len(),
-            self.m.len()
+            self.specs.len()
         );
         if !grad_norm.is_finite() {
             return Ok(StepReport { grad_norm, clip_coef: 0.0, skipped: true });
@@ -160,25 +217,36 @@ impl<S> AdamW<S> {
             None => 1.0,
         };
         self.step += 1;
-        for (s, (p, g)) in params.iter_mut().zip(grads).enumerate() {
-            for (i, spec) in g.specs.iter().enumerate() {
-                if !self.held[s][i] {
-                    continue;
-                }
-                let h = AdamWStep {
-                    lr,
-                    beta1: self.cfg.beta1,
-                    beta2: self.cfg.beta2,
-                    eps: self.cfg.eps,
-                    weight_decay: if spec.decay { self.cfg.weight_decay } else { 0.0 },
-                    step: self.step,
-                    grad_scale: clip_coef as f32,
-                    seed: tensor_seed(self.cfg.seed, s, i),
-                };
-                let master = self.master.as_mut().map(|ms| &mut ms[s].bufs[i]);
-                be.adamw(h, &mut p.bufs[i], &g.bufs[i], &mut self.m[s].bufs[i], &mut self.v[s].bufs[i], master)?;
-            }
+        for (p, st) in self.pieces.iter().zip(&mut self.state) {
+            let Some(st) = st else { continue };
+            let h = AdamWStep {
+                lr,
+                beta1: self.cfg.beta1,
+                beta2: self.cfg.beta2,
+                eps: self.cfg.eps,
+                weight_decay: if self.specs[p.set][p.tensor].decay { self.cfg.weight_decay } else { 0.0 },
+                step: self.step,
+                grad_scale: clip_coef as f32,
+                seed: piece_seed(self.cfg.seed, p),
+            };
+            be.adamw(h, &mut params[p.set].bufs[p.tensor], &grads[p.set].bufs[p.tensor], p.start, &mut st.m, &mut st.v, st.master.as_mut())?;
         }
         Ok(StepReport { grad_norm, clip_coef, skipped: false })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_are_cut_into_pieces_of_at_most_the_piece_size() {
+        let a = [ParamSpec::matrix("w".into(), 10, 10), ParamSpec::vector("b".into(), 0), ParamSpec::vector("c".into(), 16)];
+        let b = [ParamSpec::vector("d".into(), 5)];
+        let p = pieces(&[&a, &b], 40);
+        let got: Vec<(usize, usize, usize, usize)> = p.iter().map(|p| (p.set, p.tensor, p.start, p.len)).collect();
+        assert_eq!(got, [(0, 0, 0, 40), (0, 0, 40, 40), (0, 0, 80, 20), (0, 2, 0, 16), (1, 0, 0, 5)]);
+        // Sizes are rounded up to a multiple of 8 (16-byte aligned bf16 pieces).
+        assert_eq!(pieces(&[&a], 30)[1].start, 32);
     }
 }

@@ -3,5 +3,5 @@
 pub mod adamw;
 pub mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig, StepReport};
+pub use adamw::{pieces, AdamW, AdamWConfig, Piece, PieceState, StepReport, DEFAULT_PIECE_ELEMS};
 pub use schedule::CosineSchedule;

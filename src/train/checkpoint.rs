@@ -260,15 +260,6 @@ fn load_set<B: Backend>(be: &B, src: &WeightSource, prefix: &str, set: &mut Para
     Ok(())
 }
 
-/// Loads the tensors of `set` this rank `held`s (all of them without ZeRO-1): a checkpoint holds
-/// every tensor whatever world size wrote it, so a run resumes at any world size.
-fn load_state_set<B: Backend>(be: &B, src: &WeightSource, kind: &str, name: &str, set: &mut ParamSet<B::State>, held: &[bool]) -> Result<()> {
-    for ((spec, buf), _) in set.specs.iter().zip(set.bufs.iter_mut()).zip(held).filter(|(_, &h)| h) {
-        *buf = be.upload_state(&src.read_f32(&optimizer_entry_name(kind, name, &spec.name), &spec.shape)?)?;
-    }
-    Ok(())
-}
-
 /// Restores the trainable weights of a checkpoint into `weights`.
 pub fn load_weights<B: Backend>(be: &B, ckpt: &Path, weights: &mut MllmWeights<B::Buf>) -> Result<()> {
     let src = WeightSource::open(&ckpt.join(WEIGHTS))?;
@@ -278,19 +269,33 @@ pub fn load_weights<B: Backend>(be: &B, ckpt: &Path, weights: &mut MllmWeights<B
 
 /// Restores optimizer moments written for the sets `names` (same order as the optimizer's), and
 /// the f32 master weights when the optimizer keeps them (a checkpoint written without them leaves
-/// the master copies as they are: taken from the loaded weights).
+/// the master copies as they are: taken from the loaded weights). The file holds whole tensors
+/// whatever world size wrote it; each piece this rank holds takes its range, so a run resumes at
+/// any world size.
 pub fn load_optimizer<B: Backend>(be: &B, ckpt: &Path, opt: &mut AdamW<B::State>, names: &[&str], step: u64) -> Result<()> {
     let path = ckpt.join(OPTIMIZER);
     ensure!(path.is_file(), "{}: the checkpoint has no optimizer state to resume a stage from", ckpt.display());
+    ensure!(names.len() == opt.specs.len(), "{} set names for an optimizer over {} sets", names.len(), opt.specs.len());
     let src = WeightSource::open(&path)?;
-    for (i, name) in names.iter().enumerate() {
-        load_state_set(be, &src, "m", name, &mut opt.m[i], &opt.held[i])?;
-        load_state_set(be, &src, "v", name, &mut opt.v[i], &opt.held[i])?;
-        if let Some(master) = &mut opt.master {
-            let first = master[i].specs.first().map(|s| optimizer_entry_name("master", name, &s.name));
-            if first.is_some_and(|n| src.info(&n).is_some()) {
-                load_state_set(be, &src, "master", name, &mut master[i], &opt.held[i])?;
-            }
+    let name_of = |kind: &str, set: usize, tensor: usize| optimizer_entry_name(kind, names[set], &opt.specs[set][tensor].name);
+    let first_master = opt.specs.iter().enumerate().find(|(_, s)| !s.is_empty()).map(|(set, _)| name_of("master", set, 0));
+    let master_saved = first_master.is_some_and(|n| src.info(&n).is_some());
+    // One read of each tensor for its consecutive pieces.
+    let mut cache: Option<((usize, usize), Vec<Vec<f32>>)> = None;
+    for (p, st) in opt.pieces.iter().zip(opt.state.iter_mut()) {
+        let Some(st) = st else { continue };
+        if cache.as_ref().map(|c| c.0) != Some((p.set, p.tensor)) {
+            let shape = &opt.specs[p.set][p.tensor].shape;
+            let kinds: &[&str] = if st.master.is_some() && master_saved { &["m", "v", "master"] } else { &["m", "v"] };
+            let values = kinds.iter().map(|k| src.read_f32(&name_of(k, p.set, p.tensor), shape)).collect::<Result<Vec<_>>>()?;
+            cache = Some(((p.set, p.tensor), values));
+        }
+        let values = &cache.as_ref().map(|c| &c.1).context("the tensor cache was just filled")?;
+        let range = p.start..p.start + p.len;
+        st.m = be.upload_state(&values[0][range.clone()])?;
+        st.v = be.upload_state(&values[1][range.clone()])?;
+        if let (Some(master), Some(saved)) = (st.master.as_mut(), values.get(2)) {
+            *master = be.upload_state(&saved[range])?;
         }
     }
     opt.step = step;

@@ -86,6 +86,10 @@ pub struct RunConfig {
     /// job stops with an error naming the missing ranks (a rank died or hung).
     #[serde(default = "defaults::dist_timeout_s")]
     pub dist_timeout_s: f64,
+    /// Most elements of one optimizer piece (a multiple of 8): larger tensors are updated in
+    /// pieces, the unit ZeRO-1 spreads over ranks. The same at every world size.
+    #[serde(default = "defaults::optimizer_piece")]
+    pub optimizer_piece: usize,
 }
 
 impl RunConfig {
@@ -111,6 +115,7 @@ impl Default for RunConfig {
             zero: true,
             bucket_mb: defaults::bucket_mb(),
             dist_timeout_s: defaults::dist_timeout_s(),
+            optimizer_piece: defaults::optimizer_piece(),
         }
     }
 }
@@ -318,6 +323,9 @@ mod defaults {
     pub fn dist_timeout_s() -> f64 {
         600.0
     }
+    pub fn optimizer_piece() -> usize {
+        crate::optim::DEFAULT_PIECE_ELEMS
+    }
     pub fn max_len() -> usize {
         crate::data::DEFAULT_MAX_LEN
     }
@@ -362,6 +370,8 @@ impl TrainConfig {
         let t = self.run.dist_timeout_s;
         ensure!(t.is_finite() && t > 0.0 && t < 1e9, "run.dist_timeout_s: must be a positive number of seconds, found {t}");
         ensure!(self.run.bucket_mb >= 1, "run.bucket_mb: must be at least 1");
+        let p = self.run.optimizer_piece;
+        ensure!(p >= 8 && p % 8 == 0, "run.optimizer_piece: must be a positive multiple of 8 elements, found {p}");
         ensure!(
             matches!(self.run.device.as_str(), "auto" | "cpu" | "cuda"),
             "run.device: \"{}\" is not auto, cpu or cuda",

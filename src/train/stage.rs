@@ -186,13 +186,14 @@ pub fn run_stage<B: Backend>(
     let adam_cfg = AdamWConfig {
         weight_decay: stage.weight_decay as f32,
         max_grad_norm: (stage.max_grad_norm > 0.0).then_some(stage.max_grad_norm as f32),
+        piece_elems: ctx.run.optimizer_piece,
         ..AdamWConfig::default()
     };
     let (sync, mut opt) = {
         let w = &student.weights;
         let sets: Vec<&ParamSet<B::Buf>> = if trains_llm { vec![&w.projector, &w.llm] } else { vec![&w.projector] };
-        let sync = GradSync::new(ctx.comm, ctx.run.dist_options(), &sets);
-        let opt = sync.optimizer(be, &sets, adam_cfg)?;
+        let sync = GradSync::new(ctx.comm, ctx.run.dist_options(), &sets, adam_cfg);
+        let opt = sync.optimizer(be, &sets)?;
         (sync, opt)
     };
     let mut gproj = ParamSet::zeros(be, &student.model.projector.specs)?;

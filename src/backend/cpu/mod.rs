@@ -13,7 +13,7 @@ mod norm;
 
 use std::marker::PhantomData;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use num_traits::{Float, FromPrimitive, ToPrimitive};
 
 use super::{AdamWStep, AttnShape, Backend, Gemm, GeluKind, KlShape};
@@ -223,8 +223,15 @@ impl<T: Elem> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn sum_squares(&self, xs: &[&Vec<T>]) -> Result<f64> {
-        Ok(xs.iter().map(|x| x.iter().map(|v| v.f64() * v.f64()).sum::<f64>()).sum())
+    fn sum_squares_ranges(&self, parts: &[(&Vec<T>, std::ops::Range<usize>)]) -> Result<f64> {
+        let sums = parts
+            .iter()
+            .map(|(x, r)| {
+                let s = x.get(r.clone()).with_context(|| format!("sum_squares: range {r:?} of a buffer of {}", x.len()))?;
+                Ok(s.iter().map(|v| v.f64() * v.f64()).sum::<f64>())
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        Ok(sums.into_iter().sum())
     }
 
     fn embedding(&self, table: &Vec<T>, ids: &[u32], dim: usize, out: &mut Vec<T>) -> Result<()> {
@@ -400,10 +407,15 @@ impl<T: Elem> Backend for CpuBackend<T> {
         h: AdamWStep,
         param: &mut Vec<T>,
         grad: &Vec<T>,
+        offset: usize,
         m: &mut Vec<T>,
         v: &mut Vec<T>,
         master: Option<&mut Vec<T>>,
     ) -> Result<()> {
+        let range = offset..offset + m.len();
+        let (n, glen) = (param.len(), grad.len());
+        let param = param.get_mut(range.clone()).with_context(|| format!("adamw: elements {range:?} of {n} parameters"))?;
+        let grad = grad.get(range.clone()).with_context(|| format!("adamw: elements {range:?} of {glen} gradients"))?;
         match master {
             // The CPU stores parameters in T (≥ f32): a master copy is updated like the
             // parameters and the parameters are set to it, so both paths give the same values.

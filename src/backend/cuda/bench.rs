@@ -236,12 +236,12 @@ pub fn run(be: &CudaBackend, o: Options, mut log: impl FnMut(&str)) -> Result<Re
         let ta = time(be, o, || {
             step += 1;
             let h = AdamWStep { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step, grad_scale: 1.0, seed: 7 };
-            be.adamw(h, &mut p, &g, &mut m, &mut v, None)
+            be.adamw(h, &mut p, &g, 0, &mut m, &mut v, None)
         })?;
         let bytes = 22.0 * n as f64;
         out.push(result("adamw_494m", format!("{n} params, bf16 params, fp32 moments, no master"), ta, o.reps, "TB/s", bytes, copy, "22 B/param: param r+w 4, grad 2, m r+w 8, v r+w 8", None));
         let (_gw, sq) = be.work_f32(2 * be.sum_squares_blocks())?;
-        let ts = time(be, o, || be.sum_squares_partials(&g, sq).map(drop))?;
+        let ts = time(be, o, || be.sum_squares_partials(&g, 0..n, sq).map(drop))?;
         drop(_gw);
         out.push(result("sum_squares_494m", format!("{n} bf16 gradients"), ts, o.reps, "TB/s", 2.0 * n as f64, copy, "2 B/param read", None));
     }

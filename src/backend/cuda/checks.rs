@@ -367,6 +367,11 @@ fn elementwise(c: &mut Ctx) {
             let want = c.cpu.sum_squares(&[&x, &y, &x])?;
             let got = c.be.sum_squares(&[&gx, &c.up(&y)?, &gx])?;
             c.cmp_scalar(&format!("sum_squares of three buffers n={n}"), got, want, TOL_F32);
+            // ZeRO-1's norm: element ranges of buffers (a range starting inside one).
+            let (r1, r2) = (n / 3..n, 0..n / 2);
+            let want = c.cpu.sum_squares_ranges(&[(&x, r1.clone()), (&x, r2.clone())])?;
+            let got = c.be.sum_squares_ranges(&[(&gx, r1), (&gx, r2)])?;
+            c.cmp_scalar(&format!("sum_squares_ranges n={n}"), got, want, TOL_F32);
             Ok(())
         });
     }
@@ -743,11 +748,11 @@ fn adamw(c: &mut Ctx) {
             let g = c.rand(n, -1.0, 1.0);
             let h = AdamWStep { lr: 0.05, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.5, seed: 777 };
             let mut want = p0.clone();
-            c.cpu.adamw(h, &mut want, &g, &mut vec![0.0; n], &mut vec![0.0; n], None)?;
+            c.cpu.adamw(h, &mut want, &g, 0, &mut vec![0.0; n], &mut vec![0.0; n], None)?;
             let want: Vec<u16> = want.iter().enumerate().map(|(j, &x)| stochastic_round_bf16(x, h.seed, h.step, j as u64).to_bits()).collect();
             let mut gp = c.up(&p0)?;
             let (mut gm, mut gv) = (c.be.zeros_state(n)?, c.be.zeros_state(n)?);
-            c.be.adamw(h, &mut gp, &c.up(&g)?, &mut gm, &mut gv, None)?;
+            c.be.adamw(h, &mut gp, &c.up(&g)?, 0, &mut gm, &mut gv, None)?;
             let got: Vec<u16> = c.be.download(&gp)?.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
             let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
             let far = got.iter().zip(&want).filter(|(&a, &b)| (a as i32 - b as i32).abs() > 1).count();
@@ -760,6 +765,30 @@ fn adamw(c: &mut Ctx) {
             Ok(())
         });
     }
+    // An optimizer piece of a larger tensor (ZeRO-1): only elements offset..offset+len change,
+    // and the noise's element index counts from the piece's start.
+    let (total, offset, len) = (5000usize, 1208usize, 3001usize);
+    c.case("adamw piece at an offset", |c| {
+        let p0 = c.rand(total, -1.0, 1.0);
+        let g = c.rand(total, -1.0, 1.0);
+        let h = AdamWStep { lr: 0.05, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.5, seed: 99 };
+        let mut want = p0.clone();
+        c.cpu.adamw(h, &mut want, &g, offset, &mut vec![0.0; len], &mut vec![0.0; len], None)?;
+        let want: Vec<u16> = want
+            .iter()
+            .enumerate()
+            .map(|(j, &x)| (if (offset..offset + len).contains(&j) { stochastic_round_bf16(x, h.seed, h.step, (j - offset) as u64) } else { half::bf16::from_f32(x) }).to_bits())
+            .collect();
+        let mut gp = c.up(&p0)?;
+        let (mut gm, mut gv) = (c.be.zeros_state(len)?, c.be.zeros_state(len)?);
+        c.be.adamw(h, &mut gp, &c.up(&g)?, offset, &mut gm, &mut gv, None)?;
+        let got: Vec<u16> = c.be.download(&gp)?.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+        let outside = got.iter().zip(&want).enumerate().filter(|(j, (a, b))| !(offset..offset + len).contains(j) && a != b).count();
+        let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        let detail = if outside > 0 || differ * 1000 > len { format!("{differ} of {len} differ, {outside} outside the piece") } else { String::new() };
+        c.record("adamw piece at an offset", differ as f64 / len as f64, 1e-3, detail);
+        Ok(())
+    });
     for n in [1usize, 7, 1001, 40_009] {
         for master in [false, true] {
             let name = format!("adamw n={n} master={master} 3 steps");
@@ -775,11 +804,11 @@ fn adamw(c: &mut Ctx) {
                     // lr large enough that the update shows above bf16 rounding of the parameters.
                     let h = AdamWStep { lr: 0.05, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5, seed: 1234 };
                     if master {
-                        c.cpu.adamw(h, &mut wp, &g, &mut wm, &mut wv, Some(&mut wmaster))?;
+                        c.cpu.adamw(h, &mut wp, &g, 0, &mut wm, &mut wv, Some(&mut wmaster))?;
                     } else {
-                        c.cpu.adamw(h, &mut wp, &g, &mut wm, &mut wv, None)?;
+                        c.cpu.adamw(h, &mut wp, &g, 0, &mut wm, &mut wv, None)?;
                     }
-                    c.be.adamw(h, &mut gp, &c.up(&g)?, &mut gm, &mut gv, gmaster.as_mut())?;
+                    c.be.adamw(h, &mut gp, &c.up(&g)?, 0, &mut gm, &mut gv, gmaster.as_mut())?;
                 }
                 c.cmp_buf(&format!("{name} params (bf16)"), &gp, &wp, TOL_BF16)?;
                 c.cmp_buf(&format!("{name} m (f32)"), &gm, &wm, TOL_F32)?;

@@ -18,7 +18,7 @@ use cudarc::driver::sys;
 use cudarc::nccl::{result as nc, sys as ns};
 
 use super::{CudaBackend, CudaBuf, DType};
-use crate::dist::collective::{Collective, Owned, PeerFailure};
+use crate::dist::collective::{check_parts, Collective, Owned, Part, PeerFailure};
 
 /// Why NCCL cannot be used here, or `None` when libnccl loads.
 pub fn nccl_unavailable() -> Option<String> {
@@ -157,6 +157,12 @@ fn ptr(b: &CudaBuf) -> *mut c_void {
     b.ptr() as *mut c_void
 }
 
+/// The device address of a part of a buffer.
+fn part_ptr(b: &CudaBuf, p: &Part) -> *mut c_void {
+    (b.ptr() + (p.start * b.dtype().size()) as u64) as *mut c_void
+}
+
+
 const NULL_STREAM: ns::cudaStream_t = std::ptr::null_mut();
 
 impl Collective<CudaBackend> for NcclComm<'_> {
@@ -194,20 +200,27 @@ impl Collective<CudaBackend> for NcclComm<'_> {
         })
     }
     fn reduce_to_owners(&self, _: &CudaBackend, bufs: &mut [Owned<'_, CudaBuf>]) -> Result<()> {
+        check_parts(bufs, CudaBuf::len)?;
         self.run("reduce", |c| {
             for b in bufs.iter() {
-                // SAFETY: in place over the buffer's own length and type.
-                unsafe { nc::reduce(ptr(b.buf), ptr(b.buf), b.buf.len(), dtype(b.buf), ns::ncclRedOp_t::ncclSum, b.owner as i32, c, NULL_STREAM) }
-                    .map_err(nccl_err("ncclReduce"))?;
+                for p in &b.parts {
+                    let at = part_ptr(b.buf, p);
+                    // SAFETY: in place over a checked range of the buffer, in its own type.
+                    unsafe { nc::reduce(at, at, p.len, dtype(b.buf), ns::ncclRedOp_t::ncclSum, p.owner as i32, c, NULL_STREAM) }.map_err(nccl_err("ncclReduce"))?;
+                }
             }
             Ok(())
         })
     }
     fn broadcast_from_owners(&self, _: &CudaBackend, bufs: &mut [Owned<'_, CudaBuf>]) -> Result<()> {
+        check_parts(bufs, CudaBuf::len)?;
         self.run("broadcast", |c| {
             for b in bufs.iter() {
-                // SAFETY: in place over the buffer's own length and type.
-                unsafe { nc::broadcast(ptr(b.buf), ptr(b.buf), b.buf.len(), dtype(b.buf), b.owner as i32, c, NULL_STREAM) }.map_err(nccl_err("ncclBroadcast"))?;
+                for p in &b.parts {
+                    let at = part_ptr(b.buf, p);
+                    // SAFETY: in place over a checked range of the buffer, in its own type.
+                    unsafe { nc::broadcast(at, at, p.len, dtype(b.buf), p.owner as i32, c, NULL_STREAM) }.map_err(nccl_err("ncclBroadcast"))?;
+                }
             }
             Ok(())
         })

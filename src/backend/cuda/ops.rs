@@ -44,16 +44,17 @@ impl CudaBackend {
         (blocks as u32, 1, 1)
     }
 
-    /// Launches Σ x² of a bf16 buffer as one f64 partial per block at `partials`; returns the
-    /// number of blocks (0 for an empty buffer: nothing is launched). `partials` must hold
-    /// [`Self::sum_squares_blocks`] doubles.
-    pub(crate) fn sum_squares_partials(&self, x: &CudaBuf, partials: u64) -> Result<usize> {
-        let xp = bf(x, "sum_squares input")?;
-        if x.len == 0 {
+    /// Launches Σ x² of elements `range` of a bf16 buffer as one f64 partial per block at
+    /// `partials`; returns the number of blocks (0 for an empty range: nothing is launched).
+    /// `partials` must hold [`Self::sum_squares_blocks`] doubles.
+    pub(crate) fn sum_squares_partials(&self, x: &CudaBuf, range: std::ops::Range<usize>, partials: u64) -> Result<usize> {
+        ensure!(range.start <= range.end && range.end <= x.len, "sum_squares: range {range:?} of a buffer of {}", x.len);
+        let xp = bf(x, "sum_squares input")? + 2 * range.start as u64;
+        if range.is_empty() {
             return Ok(0);
         }
-        let grid = self.stream_grid(x.len);
-        let n = x.len as i64;
+        let grid = self.stream_grid(range.len());
+        let n = range.len() as i64;
         let mut a = args![xp, n, partials];
         // SAFETY: x holds n bf16 values; partials one f64 per block of the grid.
         unsafe { self.gpu.launch("adamw", "sum_squares_bf16", grid, (256, 1, 1), 0, &mut a)? };
@@ -257,12 +258,12 @@ impl Backend for CudaBackend {
         unsafe { self.launch_1d("elementwise", "scale_bf16", x.len, &mut a) }
     }
 
-    fn sum_squares(&self, xs: &[&CudaBuf]) -> Result<f64> {
-        // Every buffer's partials side by side, then one read-back for all of them.
-        let (_g, partials) = self.work_f32(2 * self.sum_squares_blocks() * xs.len())?;
+    fn sum_squares_ranges(&self, parts: &[(&CudaBuf, std::ops::Range<usize>)]) -> Result<f64> {
+        // Every range's partials side by side, then one read-back for all of them.
+        let (_g, partials) = self.work_f32(2 * self.sum_squares_blocks() * parts.len())?;
         let mut used = 0usize;
-        for x in xs {
-            used += self.sum_squares_partials(x, partials + 8 * used as u64)?;
+        for (x, r) in parts {
+            used += self.sum_squares_partials(x, r.clone(), partials + 8 * used as u64)?;
         }
         let mut sums = vec![0f64; used];
         self.gpu().dtoh(&mut sums, partials)?;
@@ -531,14 +532,15 @@ impl Backend for CudaBackend {
         super::relation::relation_loss(self, student, teacher, shape, images, scale, dstudent)
     }
 
-    fn adamw(&self, h: AdamWStep, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, master: Option<&mut CudaBuf>) -> Result<()> {
-        let n = param.len;
-        check_len("adamw gradient", grad.len, n)?;
-        check_len("adamw first moment", m.len, n)?;
+    fn adamw(&self, h: AdamWStep, param: &mut CudaBuf, grad: &CudaBuf, offset: usize, m: &mut CudaBuf, v: &mut CudaBuf, master: Option<&mut CudaBuf>) -> Result<()> {
+        let n = m.len;
+        check_len("adamw gradient", grad.len, param.len)?;
         check_len("adamw second moment", v.len, n)?;
+        ensure!(offset + n <= param.len, "adamw: elements {offset}..{} of {} parameters", offset + n, param.len);
         ensure!(h.step >= 1, "adamw: step counts from 1");
-        let pp = bf(param, "adamw parameters")?;
-        let gp = bf(grad, "adamw gradient")?;
+        // The piece starts `offset` bf16 elements in (the kernel counts noise indices from it).
+        let pp = bf(param, "adamw parameters")? + 2 * offset as u64;
+        let gp = bf(grad, "adamw gradient")? + 2 * offset as u64;
         let mp = f32p(m, "adamw first moment")?;
         let vp = f32p(v, "adamw second moment")?;
         let masterp = match master {
