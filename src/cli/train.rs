@@ -12,6 +12,7 @@ use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
 use crate::dist::launch::RankEnv;
 use crate::dist::rendezvous::{fetch, serve};
+use crate::dist::watchdog::Watchdog;
 use crate::dist::{Collective, Solo};
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
@@ -90,6 +91,9 @@ pub fn nccl_communicator<'a>(be: &'a CudaBackend, env: &RankEnv, timeout: Durati
     } else {
         fetch(&format!("{}:{}", env.master_addr, env.master_port), env.rank, env.world, timeout)?
     };
+    // ncclCommInitRank blocks until every rank has joined: a rank that dies after the rendezvous
+    // would hang the others there, so the process exits at the deadline instead.
+    let _watchdog = Watchdog::exit_after(timeout, format!("rank {} of {}: joining the NCCL communicator", env.rank, env.world));
     NcclComm::init(be, &id, env.rank, env.world, timeout).with_context(|| format!("rank {} of {}: joining the NCCL communicator", env.rank, env.world))
 }
 

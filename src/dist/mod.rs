@@ -16,6 +16,7 @@ pub mod launch;
 pub mod partition;
 pub mod rendezvous;
 pub mod threads;
+pub mod watchdog;
 
 pub use collective::{Collective, PeerFailure, Solo};
 pub use data_parallel::{DistOptions, GradSync};
