@@ -14,7 +14,11 @@
 // The distillation rows that also carry a label use the CE fused into softmax_kl.cu instead; this
 // kernel serves plain L_ce (PT and SFT stages, and rows without a teacher).
 
+#ifdef KD_HOST_SIM
+#include "sim/host_sim.h"  // the CPU emulation (kernels/sim/): the simulated device runs this file too
+#else
 #include <cuda_bf16.h>
+#endif
 
 typedef __nv_bfloat16 bf16;
 

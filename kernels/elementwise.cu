@@ -18,7 +18,11 @@
 // its angles in double (positions reach tens of thousands and θ 1e6: an fp32 angle would be off
 // by ~1e-3 rad), once per (token, frequency) and applies them to every head.
 
+#ifdef KD_HOST_SIM
+#include "sim/host_sim.h"  // the CPU emulation (kernels/sim/): the simulated device runs this file too
+#else
 #include <cuda_bf16.h>
+#endif
 
 typedef __nv_bfloat16 bf16;
 

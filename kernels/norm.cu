@@ -14,7 +14,11 @@
 // E[x²] − E[x]² cancels. The weight gradient is a column sum over rows, done like the bias
 // gradient: one block per 32 columns, deterministic, no atomics.
 
+#ifdef KD_HOST_SIM
+#include "sim/host_sim.h"  // the CPU emulation (kernels/sim/): the simulated device runs this file too
+#else
 #include <cuda_bf16.h>
+#endif
 
 typedef __nv_bfloat16 bf16;
 

@@ -21,6 +21,7 @@
 
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -71,9 +72,21 @@ struct PendingCopy {
     bool valid;
 };
 
+// Fiber stacks, kept for the life of the process and reused by every block: mapped once, never
+// zeroed again (a block of 1024 threads would otherwise clear 256 MiB per block).
+constexpr size_t kStackBytes = 256 * 1024;
+inline char* fiber_stack(size_t i) {
+    static std::vector<char*> stacks;
+    while (stacks.size() <= i) {
+        void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) { fprintf(stderr, "sim: cannot map a fiber stack\n"); abort(); }
+        stacks.push_back(static_cast<char*>(p));
+    }
+    return stacks[i];
+}
+
 struct Fiber {
     ucontext_t ctx;
-    std::vector<char> stack;
     int tid = 0;
     bool done = false;
     // Waiting at __syncthreads for the block barrier to leave generation `block_gen`.
@@ -182,10 +195,9 @@ inline void launch(kd_dim3 grid, kd_dim3 blk, size_t dyn_smem, std::function<voi
                 for (int t = 0; t < nt; ++t) {
                     Fiber& f = b.fibers[t];
                     f.tid = t;
-                    f.stack.resize(256 * 1024);
                     getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = f.stack.data();
-                    f.ctx.uc_stack.ss_size = f.stack.size();
+                    f.ctx.uc_stack.ss_sp = fiber_stack((size_t)t);
+                    f.ctx.uc_stack.ss_size = kStackBytes;
                     f.ctx.uc_link = nullptr;
                     makecontext(&f.ctx, fiber_entry, 0);
                 }
@@ -281,6 +293,15 @@ inline uint4 ldg_u4(const void* p) {
 
 inline float kd_exp2(float x) { return exp2f(x); }
 
+// The CUDA intrinsics that elementwise.cu, norm.cu and cross_entropy.cu call directly (they do not
+// go through common.cuh). __expf is the SFU's approximation on a GPU; here it is exact.
+inline float __bfloat162float(__nv_bfloat16 x) { return bf16_to_f32(x); }
+inline __nv_bfloat16 __float2bfloat16(float x) { return f32_to_bf16(x); }
+inline __nv_bfloat16 __float2bfloat16_rn(float x) { return f32_to_bf16(x); }
+inline float kd_sim_expf(float x) { return expf(x); }
+#define __expf kd_sim_expf
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+
 inline float shfl_xor_f32(float v, int mask) {
     using namespace kd_sim;
     uint64_t* s = warp_slots();
@@ -291,6 +312,9 @@ inline float shfl_xor_f32(float v, int mask) {
     warp_barrier();
     return r;
 }
+
+// Every lane of the warp takes part (the kernels pass the full mask).
+inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) { return shfl_xor_f32(v, lane_mask); }
 
 inline uint16_t kd_sim_ld16(uintptr_t a) { uint16_t h; memcpy(&h, reinterpret_cast<const void*>(a), 2); return h; }
 

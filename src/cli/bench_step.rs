@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 
 use super::{resolve_device, Device};
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::sim;
 use crate::backend::Backend;
 use crate::data::{Group, PackedBatch};
 use crate::loss::fused_head::{lm_head_grad, rows_with_logits};
@@ -463,6 +464,22 @@ fn print_report(r: &Value) {
             p["reuses"]
         );
     }
+    let c = &r["simulated_device_per_step"];
+    if c.is_object() {
+        println!(
+            "  simulated device, per step: {} launches, {} memsets ({} bytes), {} host→device copies ({} bytes), {} device→host copies, {} syncs ({} host waits incl. bench-step's 6), {} GEMMs ({:.3} GFLOP)",
+            f(&c["launches"]),
+            f(&c["memsets"]),
+            f(&c["memset_bytes"]),
+            f(&c["htod_copies"]),
+            f(&c["htod_bytes"]),
+            f(&c["dtoh_copies"]),
+            f(&c["syncs"]),
+            f(&c["host_syncs"]),
+            f(&c["gemm_calls"]),
+            f(&c["gemm_flops"]) / 1e9
+        );
+    }
     println!("  loss {:.4} (ce {:.4})", f(&r["loss"]["total"]), f(&r["loss"]["ce"]));
 }
 
@@ -502,6 +519,19 @@ fn dry_run(a: &BenchStepArgs) -> Result<()> {
     Ok(())
 }
 
+/// The simulated device's counters divided by the timed steps. They include bench-step's own
+/// six phase synchronisations per step (each a device-to-host read of one value).
+fn per_step(c: &sim::Counters, steps: usize) -> Value {
+    let mut v = serde_json::to_value(c).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        for x in o.values_mut() {
+            *x = json!(x.as_f64().unwrap_or(f64::NAN) / steps.max(1) as f64);
+        }
+        o.insert("host_syncs".into(), json!(c.host_syncs() as f64 / steps.max(1) as f64));
+    }
+    v
+}
+
 pub fn run(a: BenchStepArgs) -> Result<()> {
     if a.dry_run {
         return dry_run(&a);
@@ -513,11 +543,17 @@ pub fn run(a: BenchStepArgs) -> Result<()> {
             let peak = || Some(be.mem_stats().1 as u64);
             // Driver allocations inside the timed steps show whether the pool served them all.
             let allocs_at_reset = std::cell::Cell::new(0u64);
+            // On the simulated device, what the timed steps asked of the driver and cuBLAS.
+            let counted_from = std::cell::Cell::new(None);
             let reset = || {
                 be.reset_peak();
                 allocs_at_reset.set(be.pool_stats().driver_allocs);
+                counted_from.set(sim::counters());
             };
             let mut r = bench(&be, &a, &peak, &reset, "kd-engine's device buffers, high-water mark over the timed steps", 2)?;
+            if let (Some(from), Some(now)) = (counted_from.get(), sim::counters()) {
+                r["simulated_device_per_step"] = per_step(&now.since(&from), a.steps);
+            }
             let p = be.pool_stats();
             r["device_pool"] = json!({
                 "peak_reserved_bytes": p.peak_reserved,

@@ -17,6 +17,7 @@ use cudarc::driver::result::{self as dr, DriverError};
 use cudarc::driver::{sys, CudaContext};
 
 use super::pool::{Block, Pool, PoolStats, RawMemory};
+use super::sim;
 
 #[cfg(kd_kernels)]
 mod ptx {
@@ -44,6 +45,8 @@ pub fn built_arches() -> Vec<&'static str> {
 /// panics on a missing libcuda, so that is checked first), `cuInit` must succeed and report at
 /// least one device. Returns the number of devices or why there is none.
 pub fn probe() -> std::result::Result<usize, String> {
+    // KD_CUDA_SIM=1: the simulated device takes the driver's place before cudarc looks for it.
+    sim::activate()?;
     // SAFETY: is_culib_present only tries to open the library by its candidate names.
     let present = std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false);
     if !present {
@@ -146,6 +149,7 @@ impl DevMem {
 impl Drop for DevMem {
     fn drop(&mut self) {
         if let Some((block, pool)) = self.block.take() {
+            sim::reclaim(block.ptr);
             pool.free(block);
         }
     }
@@ -365,7 +369,10 @@ impl Gpu {
             return Ok(DevMem { ptr: 0, bytes: 0, block: None });
         }
         match self.pool.alloc(bytes)? {
-            Some(block) => Ok(DevMem { ptr: block.ptr, bytes, block: Some((block, self.pool.clone())) }),
+            Some(block) => {
+                sim::lend(block.ptr, bytes);
+                Ok(DevMem { ptr: block.ptr, bytes, block: Some((block, self.pool.clone())) })
+            }
             None => {
                 self.bind()?;
                 let (free, total) = dr::mem_get_info().unwrap_or((0, 0));

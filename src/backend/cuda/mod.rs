@@ -38,6 +38,7 @@ pub mod nccl;
 mod ops;
 mod pool;
 mod relation;
+pub mod sim;
 
 use std::sync::{Mutex, MutexGuard};
 

@@ -1,0 +1,70 @@
+// cuda_sim.h: what the pieces of the simulated CUDA device share (driver.cpp, cublas.cpp and the
+// generated kernel modules). The simulated device is a pair of shared libraries built by build.rs
+// from kernels/*.cu with host_sim.h: libkd_cuda_sim.so exports the driver API entry points that
+// cudarc loads (its soname is libcuda.so), libkd_cublas_sim.so the cuBLAS ones (soname
+// libcublas.so). kd-engine loads both by path when KD_CUDA_SIM=1, before cudarc opens "libcuda.so"
+// by name, so the dynamic loader hands cudarc these instead (a name that matches the soname of a
+// loaded library resolves to it); the same binary and Rust code then run unchanged.
+//
+// Device memory is host memory: a CUdeviceptr is the address itself, so kernels run by the
+// emulator dereference it directly. Every allocation has guard zones on both sides, and the
+// caching pool above tells the device which part of a block a buffer uses (kd_sim_lend), so that
+// writes past a buffer, into a cached (freed) block, or outside an allocation are caught after the
+// launch that made them.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <mutex>
+#include <string>
+#include <vector>
+
+#define KD_SIM_EXPORT extern "C" __attribute__((visibility("default")))
+
+// The counters a run can read (kd_sim_counters); mirrored by src/backend/cuda/sim.rs.
+struct KdSimCounters {
+    uint64_t launches;
+    uint64_t memsets;
+    uint64_t memset_bytes;
+    uint64_t htod_copies;
+    uint64_t htod_bytes;
+    uint64_t dtoh_copies;
+    uint64_t dtoh_bytes;
+    uint64_t dtod_copies;
+    uint64_t dtod_bytes;
+    // cuCtxSynchronize, cuStreamSynchronize and cuEventSynchronize.
+    uint64_t syncs;
+    uint64_t gemm_calls;
+    double gemm_flops;
+    uint64_t driver_allocs;
+    uint64_t driver_frees;
+};
+
+// The namespace is visible outside the driver library: the cuBLAS library links against it.
+namespace __attribute__((visibility("default"))) kd_simdev {
+
+// A host-compiled kernel: its parameter sizes (checked against the PTX at module load) and a
+// function that unpacks cuLaunchKernel's `kernelParams` by the kernel's own C++ signature and runs
+// the grid on the emulator.
+struct HostKernel {
+    void* fn;
+    std::vector<size_t> param_sizes;
+    void (*run)(void* fn, void** params, unsigned grid[3], unsigned block[3], size_t smem);
+};
+
+void register_kernel(const char* name, HostKernel k);
+
+// One lock for the whole device: cuBLAS calls hold it too, so a GEMM never runs beside a launch
+// or an allocation.
+std::recursive_mutex& device_lock();
+
+// What the driver checks for cuBLAS: that [ptr, ptr + bytes) lies inside one live buffer.
+// Returns an empty string when it does, else why not.
+std::string check_range(uint64_t ptr, size_t bytes);
+// cuBLAS work is counted with the driver's counters; a fault makes the context's error sticky.
+void count_gemm(double flops);
+bool context_current();
+void fail_sticky(int cuda_error, const std::string& why);
+
+}  // namespace kd_simdev

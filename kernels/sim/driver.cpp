@@ -1,0 +1,745 @@
+// driver.cpp: the CUDA driver API of the simulated device (libkd_cuda_sim.so, soname libcuda.so):
+// the subset cudarc and src/backend/cuda/device.rs call, answered on the CPU. See cuda_sim.h for
+// how it is loaded in place of the real libcuda.
+//
+// Faithful where the real driver refuses: cuInit first, a current context for every call that
+// needs one, handles checked, launch configurations checked against the device's limits and the
+// kernel's __launch_bounds__ (the PTX's .maxntid), dynamic shared memory over 48 KiB only after
+// cuFuncSetAttribute and never over the device's opt-in maximum, copies and memsets inside one
+// live buffer. Each answers with the CUresult the real driver documents for it. A kernel that
+// writes outside its buffers (found from guard zones after every launch) is an illegal address,
+// sticky like the real one: every later call of the context fails with it.
+// Kernels run synchronously at launch (on the emulator: every thread a fiber, blocks one after
+// another), so events time the host, and the stream is always idle.
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "cuda_sim.h"
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef struct KdCtx* CUcontext;
+typedef struct KdModule* CUmodule;
+typedef struct KdFunction* CUfunction;
+typedef struct KdEvent* CUevent;
+typedef struct KdStream* CUstream;
+
+enum {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_NOT_INITIALIZED = 3,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_IMAGE = 200,
+    CUDA_ERROR_INVALID_CONTEXT = 201,
+    CUDA_ERROR_INVALID_PTX = 218,
+    CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_NOT_READY = 600,
+    CUDA_ERROR_ILLEGAL_ADDRESS = 700,
+    CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
+};
+
+// The device it presents: an H200's limits (compute capability 9.0, 132 SMs, 227 KiB of opt-in
+// shared memory per block), with memory bounded by the host (KD_SIM_DEVICE_MEMORY_MIB, default 8 GiB).
+static const char* kDeviceName = "kd-engine simulated CUDA device (H200 limits, kernels on the CPU emulator)";
+static const int kSmCount = 132;
+static const int kMaxThreadsPerBlock = 1024;
+static const size_t kDefaultSmem = 48 * 1024;
+static const size_t kMaxSmemOptin = 232448;
+static const size_t kGuard = 4096;
+static const unsigned char kGuardByte = 0xA5;
+static const unsigned char kFreshByte = 0xFF;  // f32 and bf16 NaN, int -1: reads of unwritten memory show
+
+struct KdCtx { int device; };
+struct KdEvent { bool recorded = false; std::chrono::steady_clock::time_point at; };
+struct KdFunction {
+    std::string name;
+    const kd_simdev::HostKernel* kernel;
+    unsigned maxntid;  // 0: no __launch_bounds__
+    int max_dynamic_smem = (int)kDefaultSmem;
+};
+struct KdModule { std::map<std::string, std::unique_ptr<KdFunction>> functions; };
+
+struct Allocation {
+    unsigned char* raw;  // kGuard bytes, then the allocation, then kGuard bytes
+    size_t size;
+    // What the buffer lent from this block uses (kd_sim_lend); the rest of the block is guarded.
+    // `lent == false`: the caching pool holds the block free, so all of it is guarded.
+    size_t used;
+    bool lent;
+};
+
+namespace {
+
+struct Driver {
+    bool initialised = false;
+    KdCtx primary{0};
+    int primary_refs = 0;
+    std::map<uint64_t, Allocation> allocs;  // by device address
+    size_t allocated = 0;
+    size_t capacity = 0;
+    std::set<KdModule*> modules;
+    std::set<KdFunction*> functions;
+    std::set<KdEvent*> events;
+    KdSimCounters counters{};
+    int sticky = CUDA_SUCCESS;
+};
+
+Driver& drv() {
+    static Driver* d = new Driver();  // never destroyed: cudarc may call in from atexit handlers
+    return *d;
+}
+
+thread_local CUcontext current_ctx = nullptr;
+
+std::map<std::string, kd_simdev::HostKernel>& registry() {
+    static auto* r = new std::map<std::string, kd_simdev::HostKernel>();
+    return *r;
+}
+
+void say(const std::string& s) { fprintf(stderr, "kd-cuda-sim: %s\n", s.c_str()); }
+
+// The checks at the top of every call that needs a context.
+CUresult ready() {
+    Driver& d = drv();
+    if (!d.initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (current_ctx == nullptr) return CUDA_ERROR_INVALID_CONTEXT;
+    return d.sticky;
+}
+
+// The live allocation holding `ptr`, or null.
+Allocation* find_alloc(uint64_t ptr, uint64_t* base) {
+    auto& a = drv().allocs;
+    auto it = a.upper_bound(ptr);
+    if (it == a.begin()) return nullptr;
+    --it;
+    if (ptr >= it->first + it->second.size) return nullptr;
+    *base = it->first;
+    return &it->second;
+}
+
+std::string hex(uint64_t x) {
+    char b[32];
+    snprintf(b, sizeof b, "0x%llx", (unsigned long long)x);
+    return b;
+}
+
+std::string range_problem(uint64_t ptr, size_t bytes) {
+    uint64_t base = 0;
+    Allocation* a = find_alloc(ptr, &base);
+    if (a == nullptr) return "address " + hex(ptr) + " is not in any live allocation";
+    const size_t off = (size_t)(ptr - base);
+    if (!a->lent) return "address " + hex(ptr) + " is in a block the caching pool holds free (use after free)";
+    if (bytes > a->used - std::min(off, a->used))
+        return std::to_string(bytes) + " bytes at offset " + std::to_string(off) + " run past the end of a " +
+               std::to_string(a->used) + "-byte buffer (allocation " + hex(base) + ")";
+    return "";
+}
+
+void fill_guards(uint64_t base, Allocation& a) {
+    memset(a.raw, kGuardByte, kGuard);
+    const size_t from = a.lent ? a.used : 0;
+    memset(a.raw + kGuard + from, kGuardByte, a.size - from + kGuard);
+}
+
+// The first byte of [p, p + n) that is not the guard pattern, or -1.
+long first_bad(const unsigned char* p, size_t n) {
+    static unsigned char pattern[4096];
+    static bool init = (memset(pattern, kGuardByte, sizeof pattern), true);
+    (void)init;
+    for (size_t o = 0; o < n; o += sizeof pattern) {
+        const size_t len = std::min(sizeof pattern, n - o);
+        if (memcmp(p + o, pattern, len) != 0)
+            for (size_t i = 0; i < len; ++i)
+                if (p[o + i] != kGuardByte) return (long)(o + i);
+    }
+    return -1;
+}
+
+// After a launch: every guard zone must be intact, else the kernel wrote outside its buffers.
+CUresult check_guards(const std::string& kernel) {
+    for (auto& [base, a] : drv().allocs) {
+        long bad = first_bad(a.raw, kGuard);
+        std::string where;
+        if (bad >= 0) where = std::to_string(kGuard - (size_t)bad) + " bytes before the start of a " + std::to_string(a.lent ? a.used : a.size) + "-byte buffer";
+        if (where.empty()) {
+            const size_t from = a.lent ? a.used : 0;
+            // A free cached block is checked in its first 64 KiB (where a stale pointer lands);
+            // a lent buffer's slack and the tail guard in full.
+            const size_t tail = a.size - from + kGuard;
+            bad = first_bad(a.raw + kGuard + from, a.lent ? tail : std::min(tail, (size_t)64 << 10));
+            if (bad >= 0)
+                where = a.lent ? "at byte " + std::to_string(from + (size_t)bad) + " of a " + std::to_string(a.used) + "-byte buffer (past its end)"
+                               : "at byte " + std::to_string((size_t)bad) + " of a block the caching pool holds free (use after free)";
+        }
+        if (!where.empty()) {
+            drv().sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
+            say("kernel " + kernel + " wrote outside its buffers: " + where + " (allocation " + hex(base) + ")");
+            return CUDA_ERROR_ILLEGAL_ADDRESS;
+        }
+    }
+    return CUDA_SUCCESS;
+}
+
+// Parameter sizes and .maxntid of every `.entry` of a PTX text.
+struct PtxEntry {
+    std::vector<size_t> params;
+    unsigned maxntid = 0;
+};
+
+std::map<std::string, PtxEntry> parse_ptx(const std::string& ptx) {
+    std::map<std::string, PtxEntry> out;
+    size_t pos = 0;
+    while ((pos = ptx.find(".entry ", pos)) != std::string::npos) {
+        pos += 7;
+        const size_t open = ptx.find('(', pos), body = ptx.find('{', pos);
+        if (open == std::string::npos || body == std::string::npos) break;
+        std::string name = ptx.substr(pos, open - pos);
+        while (!name.empty() && isspace((unsigned char)name.back())) name.pop_back();
+        const size_t close = ptx.find(')', open);
+        PtxEntry e;
+        std::string params = ptx.substr(open + 1, close - open - 1);
+        size_t p = 0;
+        while ((p = params.find(".param", p)) != std::string::npos) {
+            size_t end = params.find(',', p);
+            std::string decl = params.substr(p, end == std::string::npos ? std::string::npos : end - p);
+            p += 6;
+            // `.param .u64 ...`, `.param .align 8 .b8 name[24]`
+            size_t bits = 0, count = 1;
+            size_t t = decl.find(" .", 6);
+            std::string rest = decl.substr(t == std::string::npos ? 6 : t + 1);
+            if (rest.rfind(".align", 0) == 0) rest = rest.substr(rest.find(" .", 6) + 1);
+            bits = strtoul(rest.c_str() + 2, nullptr, 10);
+            size_t br = decl.find('[');
+            if (br != std::string::npos) count = strtoul(decl.c_str() + br + 1, nullptr, 10);
+            e.params.push_back(br != std::string::npos ? count * std::max<size_t>(bits, 8) / 8 : bits / 8);
+        }
+        const std::string between = ptx.substr(close, body - close);
+        const size_t mx = between.find(".maxntid");
+        if (mx != std::string::npos) {
+            unsigned x = 1, y = 1, z = 1;
+            sscanf(between.c_str() + mx + 8, " %u , %u , %u", &x, &y, &z);
+            e.maxntid = x * y * z;
+        }
+        out[name] = e;
+        pos = body;
+    }
+    return out;
+}
+
+}  // namespace
+
+// ---- shared with cublas.cpp and the kernel modules ----
+namespace kd_simdev {
+std::recursive_mutex& device_lock() {
+    static auto* m = new std::recursive_mutex();
+    return *m;
+}
+void register_kernel(const char* name, HostKernel k) { registry()[name] = k; }
+std::string check_range(uint64_t ptr, size_t bytes) {
+    std::lock_guard<std::recursive_mutex> g(device_lock());
+    return bytes == 0 ? "" : range_problem(ptr, bytes);
+}
+void count_gemm(double flops) {
+    std::lock_guard<std::recursive_mutex> g(device_lock());
+    drv().counters.gemm_calls++;
+    drv().counters.gemm_flops += flops;
+}
+bool context_current() { return drv().initialised && current_ctx != nullptr; }
+void fail_sticky(int e, const std::string& why) {
+    std::lock_guard<std::recursive_mutex> g(device_lock());
+    drv().sticky = e;
+    say(why);
+}
+}  // namespace kd_simdev
+
+#define LOCK std::lock_guard<std::recursive_mutex> kd_guard(kd_simdev::device_lock())
+#define TRY(x)                           \
+    do {                                 \
+        CUresult kd_r = (x);             \
+        if (kd_r != CUDA_SUCCESS) return kd_r; \
+    } while (0)
+
+// ---- the kd-engine side channel (src/backend/cuda/sim.rs) ----
+
+// The pool lends [ptr, ptr + used) of the block at ptr to a new buffer: that part is filled with
+// NaN bytes like a fresh allocation, the rest of the block becomes guard zone.
+KD_SIM_EXPORT int kd_sim_lend(uint64_t ptr, size_t used) {
+    LOCK;
+    uint64_t base = 0;
+    Allocation* a = find_alloc(ptr, &base);
+    if (a == nullptr || base != ptr || used > a->size) return CUDA_ERROR_INVALID_VALUE;
+    a->lent = true;
+    a->used = used;
+    memset(a->raw + kGuard, kFreshByte, used);
+    fill_guards(base, *a);
+    return CUDA_SUCCESS;
+}
+
+// The buffer at ptr went back to the pool's cache: the whole block becomes guard zone.
+KD_SIM_EXPORT int kd_sim_reclaim(uint64_t ptr) {
+    LOCK;
+    uint64_t base = 0;
+    Allocation* a = find_alloc(ptr, &base);
+    if (a == nullptr || base != ptr) return CUDA_ERROR_INVALID_VALUE;
+    a->lent = false;
+    fill_guards(base, *a);
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT void kd_sim_counters(KdSimCounters* out) {
+    LOCK;
+    *out = drv().counters;
+}
+
+// ---- initialisation, device, context ----
+
+KD_SIM_EXPORT CUresult cuInit(unsigned flags) {
+    LOCK;
+    if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    Driver& d = drv();
+    if (!d.initialised) {
+        const char* mib = getenv("KD_SIM_DEVICE_MEMORY_MIB");
+        d.capacity = (size_t)(mib ? strtoull(mib, nullptr, 10) : 8192) << 20;
+        d.initialised = true;
+    }
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuDriverGetVersion(int* v) {
+    if (v == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    *v = 13000;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuDeviceGetCount(int* n) {
+    LOCK;
+    if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (n == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    *n = 1;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuDeviceGet(CUdevice* dev, int ordinal) {
+    LOCK;
+    if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (dev == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *dev = 0;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuDeviceGetName(char* name, int len, CUdevice dev) {
+    LOCK;
+    if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (name == nullptr || len <= 0) return CUDA_ERROR_INVALID_VALUE;
+    snprintf(name, (size_t)len, "%s", kDeviceName);
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice dev) {
+    LOCK;
+    if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (bytes == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    *bytes = drv().capacity;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuDeviceGetAttribute(int* v, int attrib, CUdevice dev) {
+    LOCK;
+    if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (v == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    switch (attrib) {
+        case 1: *v = kMaxThreadsPerBlock; break;       // MAX_THREADS_PER_BLOCK
+        case 2: case 3: *v = 1024; break;              // MAX_BLOCK_DIM_X, _Y
+        case 4: *v = 64; break;                        // MAX_BLOCK_DIM_Z
+        case 5: *v = 2147483647; break;                // MAX_GRID_DIM_X
+        case 6: case 7: *v = 65535; break;             // MAX_GRID_DIM_Y, _Z
+        case 8: *v = (int)kDefaultSmem; break;         // MAX_SHARED_MEMORY_PER_BLOCK
+        case 10: *v = 32; break;                       // WARP_SIZE
+        case 16: *v = kSmCount; break;                 // MULTIPROCESSOR_COUNT
+        case 75: *v = 9; break;                        // COMPUTE_CAPABILITY_MAJOR
+        case 76: *v = 0; break;                        // COMPUTE_CAPABILITY_MINOR
+        case 97: *v = (int)kMaxSmemOptin; break;       // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+        case 115: *v = 0; break;                       // MEMORY_POOLS_SUPPORTED: no stream-ordered allocator
+        default: return CUDA_ERROR_INVALID_VALUE;
+    }
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice dev) {
+    LOCK;
+    if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (ctx == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    drv().primary_refs++;
+    *ctx = &drv().primary;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
+    LOCK;
+    if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (drv().primary_refs == 0) return CUDA_ERROR_INVALID_CONTEXT;
+    drv().primary_refs--;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuCtxGetCurrent(CUcontext* ctx) {
+    if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (ctx == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    *ctx = current_ctx;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuCtxSetCurrent(CUcontext ctx) {
+    LOCK;
+    if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (ctx != nullptr && (ctx != &drv().primary || drv().primary_refs == 0)) return CUDA_ERROR_INVALID_CONTEXT;
+    current_ctx = ctx;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuCtxSynchronize() {
+    LOCK;
+    TRY(ready());
+    drv().counters.syncs++;
+    return CUDA_SUCCESS;
+}
+
+static bool valid_stream(CUstream s) {
+    // The legacy default stream (null, CU_STREAM_LEGACY) and the per-thread one: no others exist.
+    return s == nullptr || s == (CUstream)0x1 || s == (CUstream)0x2;
+}
+
+KD_SIM_EXPORT CUresult cuStreamSynchronize(CUstream s) {
+    LOCK;
+    TRY(ready());
+    if (!valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
+    drv().counters.syncs++;
+    return CUDA_SUCCESS;
+}
+
+// ---- memory ----
+
+KD_SIM_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* dptr, size_t bytes) {
+    LOCK;
+    TRY(ready());
+    if (dptr == nullptr || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    Driver& d = drv();
+    const size_t rounded = (bytes + 255) / 256 * 256;
+    if (rounded > d.capacity - d.allocated) return CUDA_ERROR_OUT_OF_MEMORY;
+    unsigned char* raw = static_cast<unsigned char*>(aligned_alloc(256, rounded + 2 * kGuard));
+    if (raw == nullptr) return CUDA_ERROR_OUT_OF_MEMORY;
+    Allocation a{raw, rounded, bytes, true};
+    memset(raw + kGuard, kFreshByte, bytes);
+    const uint64_t base = (uint64_t)(uintptr_t)(raw + kGuard);
+    fill_guards(base, a);
+    d.allocs[base] = a;
+    d.allocated += rounded;
+    d.counters.driver_allocs++;
+    *dptr = base;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuMemFree_v2(CUdeviceptr ptr) {
+    LOCK;
+    TRY(ready());
+    auto it = drv().allocs.find(ptr);
+    if (it == drv().allocs.end()) return CUDA_ERROR_INVALID_VALUE;
+    drv().allocated -= it->second.size;
+    free(it->second.raw);
+    drv().allocs.erase(it);
+    drv().counters.driver_frees++;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    LOCK;
+    TRY(ready());
+    if (free_bytes == nullptr || total == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    *total = drv().capacity;
+    *free_bytes = drv().capacity - drv().allocated;
+    return CUDA_SUCCESS;
+}
+
+static CUresult checked_range(uint64_t ptr, size_t bytes, const char* call) {
+    std::string why = kd_simdev::check_range(ptr, bytes);
+    if (why.empty()) return CUDA_SUCCESS;
+    say(std::string(call) + ": " + why);
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
+KD_SIM_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
+    LOCK;
+    TRY(ready());
+    if (bytes == 0) return CUDA_SUCCESS;
+    if (src == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    TRY(checked_range(dst, bytes, "cuMemcpyHtoD"));
+    memcpy((void*)(uintptr_t)dst, src, bytes);
+    drv().counters.htod_copies++;
+    drv().counters.htod_bytes += bytes;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
+    LOCK;
+    TRY(ready());
+    if (bytes == 0) return CUDA_SUCCESS;
+    if (dst == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    TRY(checked_range(src, bytes, "cuMemcpyDtoH"));
+    memcpy(dst, (const void*)(uintptr_t)src, bytes);
+    drv().counters.dtoh_copies++;
+    drv().counters.dtoh_bytes += bytes;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream s) {
+    LOCK;
+    TRY(ready());
+    if (!valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
+    if (bytes == 0) return CUDA_SUCCESS;
+    TRY(checked_range(src, bytes, "cuMemcpyDtoDAsync (source)"));
+    TRY(checked_range(dst, bytes, "cuMemcpyDtoDAsync (destination)"));
+    memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, bytes);
+    drv().counters.dtod_copies++;
+    drv().counters.dtod_bytes += bytes;
+    return CUDA_SUCCESS;
+}
+
+static CUresult memset_n(CUdeviceptr dst, const void* value, size_t width, size_t n, CUstream s, const char* call) {
+    LOCK;
+    TRY(ready());
+    if (!valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
+    if (n == 0) return CUDA_SUCCESS;
+    if (dst % width != 0) return CUDA_ERROR_INVALID_VALUE;  // D16/D32 need aligned destinations
+    TRY(checked_range(dst, n * width, call));
+    unsigned char* p = (unsigned char*)(uintptr_t)dst;
+    for (size_t i = 0; i < n; ++i) memcpy(p + i * width, value, width);
+    drv().counters.memsets++;
+    drv().counters.memset_bytes += n * width;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
+    return memset_n(dst, &v, 1, n, s, "cuMemsetD8Async");
+}
+KD_SIM_EXPORT CUresult cuMemsetD16Async(CUdeviceptr dst, unsigned short v, size_t n, CUstream s) {
+    return memset_n(dst, &v, 2, n, s, "cuMemsetD16Async");
+}
+KD_SIM_EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned int v, size_t n, CUstream s) {
+    return memset_n(dst, &v, 4, n, s, "cuMemsetD32Async");
+}
+
+// ---- modules and kernels ----
+
+KD_SIM_EXPORT CUresult cuModuleLoadData(CUmodule* module, const void* image) {
+    LOCK;
+    TRY(ready());
+    if (module == nullptr || image == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    const char* text = static_cast<const char*>(image);
+    // PTX only: a cubin or fatbin holds machine code for a real GPU, which this device cannot run.
+    if (memcmp(text, "\x7f" "ELF", 4) == 0) return CUDA_ERROR_INVALID_IMAGE;
+    const std::string ptx(text);
+    if (ptx.find(".version") == std::string::npos || ptx.find(".target") == std::string::npos) return CUDA_ERROR_INVALID_PTX;
+    auto m = std::make_unique<KdModule>();
+    for (const auto& [name, entry] : parse_ptx(ptx)) {
+        auto k = registry().find(name);
+        if (k == registry().end()) {
+            say("the PTX holds kernel " + name + ", which the simulated device was not built with (rebuild: build.rs compiles kernels/*.cu into it)");
+            return CUDA_ERROR_INVALID_PTX;
+        }
+        if (k->second.param_sizes != entry.params) {
+            std::string got, want;
+            for (size_t s : k->second.param_sizes) got += std::to_string(s) + " ";
+            for (size_t s : entry.params) want += std::to_string(s) + " ";
+            say("kernel " + name + ": the host build's parameter sizes [ " + got + "] differ from the PTX's [ " + want + "]");
+            return CUDA_ERROR_INVALID_PTX;
+        }
+        auto f = std::make_unique<KdFunction>();
+        f->name = name;
+        f->kernel = &k->second;
+        f->maxntid = entry.maxntid;
+        drv().functions.insert(f.get());
+        m->functions[name] = std::move(f);
+    }
+    *module = m.get();
+    drv().modules.insert(m.release());
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) {
+    LOCK;
+    TRY(ready());
+    if (f == nullptr || name == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (drv().modules.count(m) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    auto it = m->functions.find(name);
+    if (it == m->functions.end()) return CUDA_ERROR_NOT_FOUND;
+    *f = it->second.get();
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuModuleUnload(CUmodule m) {
+    LOCK;
+    TRY(ready());
+    if (drv().modules.count(m) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    for (auto& [_, f] : m->functions) drv().functions.erase(f.get());
+    drv().modules.erase(m);
+    delete m;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuFuncSetAttribute(CUfunction f, int attrib, int value) {
+    LOCK;
+    TRY(ready());
+    if (drv().functions.count(f) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    if (attrib != 8) return CUDA_ERROR_INVALID_VALUE;  // only MAX_DYNAMIC_SHARED_SIZE_BYTES is settable here
+    if (value < 0 || (size_t)value > kMaxSmemOptin) return CUDA_ERROR_INVALID_VALUE;
+    f->max_dynamic_smem = value;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                                      unsigned bz, unsigned smem, CUstream s, void** params, void** extra) {
+    LOCK;
+    TRY(ready());
+    if (drv().functions.count(f) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    if (!valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
+    if (extra != nullptr) return CUDA_ERROR_NOT_SUPPORTED;
+    if (gx == 0 || gy == 0 || gz == 0 || bx == 0 || by == 0 || bz == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (gx > 2147483647u || gy > 65535 || gz > 65535) return CUDA_ERROR_INVALID_VALUE;
+    if (bx > 1024 || by > 1024 || bz > 64) return CUDA_ERROR_INVALID_VALUE;
+    const unsigned long long threads = (unsigned long long)bx * by * bz;
+    if (threads > (unsigned long long)kMaxThreadsPerBlock) return CUDA_ERROR_INVALID_VALUE;
+    if (f->maxntid != 0 && threads > f->maxntid) return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
+    if (smem > (unsigned)f->max_dynamic_smem) return CUDA_ERROR_INVALID_VALUE;
+    if (!f->kernel->param_sizes.empty() && params == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (threads % 32 != 0) {
+        say("kernel " + f->name + ": a block of " + std::to_string(threads) + " threads; the emulator runs whole warps only");
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
+    f->kernel->run(f->kernel->fn, params, grid, block, smem);
+    drv().counters.launches++;
+    return check_guards(f->name);
+}
+
+// ---- events ----
+
+KD_SIM_EXPORT CUresult cuEventCreate(CUevent* e, unsigned flags) {
+    LOCK;
+    TRY(ready());
+    if (e == nullptr || flags > 0xF) return CUDA_ERROR_INVALID_VALUE;
+    *e = new KdEvent();
+    drv().events.insert(*e);
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuEventRecord(CUevent e, CUstream s) {
+    LOCK;
+    TRY(ready());
+    if (drv().events.count(e) == 0 || !valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
+    e->recorded = true;
+    e->at = std::chrono::steady_clock::now();
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuEventSynchronize(CUevent e) {
+    LOCK;
+    TRY(ready());
+    if (drv().events.count(e) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    drv().counters.syncs++;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuEventElapsedTime_v2(float* ms, CUevent start, CUevent end) {
+    LOCK;
+    TRY(ready());
+    if (ms == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (drv().events.count(start) == 0 || drv().events.count(end) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    if (!start->recorded || !end->recorded) return CUDA_ERROR_INVALID_HANDLE;
+    *ms = std::chrono::duration<float, std::milli>(end->at - start->at).count();
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) { return cuEventElapsedTime_v2(ms, start, end); }
+
+KD_SIM_EXPORT CUresult cuEventDestroy_v2(CUevent e) {
+    LOCK;
+    TRY(ready());
+    if (drv().events.erase(e) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    delete e;
+    return CUDA_SUCCESS;
+}
+
+// ---- errors ----
+
+static const char* error_name(CUresult r) {
+    switch (r) {
+        case CUDA_SUCCESS: return "CUDA_SUCCESS";
+        case CUDA_ERROR_INVALID_VALUE: return "CUDA_ERROR_INVALID_VALUE";
+        case CUDA_ERROR_OUT_OF_MEMORY: return "CUDA_ERROR_OUT_OF_MEMORY";
+        case CUDA_ERROR_NOT_INITIALIZED: return "CUDA_ERROR_NOT_INITIALIZED";
+        case CUDA_ERROR_INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
+        case CUDA_ERROR_INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
+        case CUDA_ERROR_INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
+        case CUDA_ERROR_INVALID_PTX: return "CUDA_ERROR_INVALID_PTX";
+        case CUDA_ERROR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
+        case CUDA_ERROR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
+        case CUDA_ERROR_NOT_READY: return "CUDA_ERROR_NOT_READY";
+        case CUDA_ERROR_ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
+        case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
+        case CUDA_ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
+        default: return nullptr;
+    }
+}
+
+static const char* error_string(CUresult r) {
+    switch (r) {
+        case CUDA_SUCCESS: return "no error";
+        case CUDA_ERROR_INVALID_VALUE: return "invalid argument";
+        case CUDA_ERROR_OUT_OF_MEMORY: return "out of memory";
+        case CUDA_ERROR_NOT_INITIALIZED: return "initialization error";
+        case CUDA_ERROR_INVALID_DEVICE: return "invalid device ordinal";
+        case CUDA_ERROR_INVALID_IMAGE: return "device kernel image is invalid";
+        case CUDA_ERROR_INVALID_CONTEXT: return "invalid device context";
+        case CUDA_ERROR_INVALID_PTX: return "a PTX JIT compilation failed";
+        case CUDA_ERROR_INVALID_HANDLE: return "invalid resource handle";
+        case CUDA_ERROR_NOT_FOUND: return "named symbol not found";
+        case CUDA_ERROR_NOT_READY: return "device not ready";
+        case CUDA_ERROR_ILLEGAL_ADDRESS: return "an illegal memory access was encountered";
+        case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: return "too many resources requested for launch";
+        case CUDA_ERROR_NOT_SUPPORTED: return "operation not supported";
+        default: return nullptr;
+    }
+}
+
+KD_SIM_EXPORT CUresult cuGetErrorName(CUresult r, const char** s) {
+    if (s == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    *s = error_name(r);
+    return *s ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+KD_SIM_EXPORT CUresult cuGetErrorString(CUresult r, const char** s) {
+    if (s == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    *s = error_string(r);
+    return *s ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
