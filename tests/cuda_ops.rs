@@ -2,8 +2,10 @@
 //! `kd_engine::backend::cuda::checks`, also run by `kd-engine selftest`), one test per op family.
 //!
 //! The one test target for all CUDA tests, so the executable sent to a GPU machine is a single
-//! file (SPEC §7). On a machine without a CUDA device every test prints `skipped: no CUDA device`
-//! and passes. `KD_CHECK_SEED` replays a run's inputs (each run otherwise draws fresh ones).
+//! file (SPEC §7). Without a CUDA device the tests run on the simulated CUDA device (the kernels
+//! on the CPU emulator behind the driver API, `src/backend/cuda/sim.rs`) when this build has it,
+//! as CI's does; only a build without it prints `skipped: no CUDA device`. `KD_CHECK_SEED`
+//! replays a run's inputs (each run otherwise draws fresh ones).
 
 use std::sync::OnceLock;
 
@@ -13,7 +15,11 @@ use kd_engine::backend::cuda::{self, checks, CudaBackend};
 fn backend() -> Option<&'static CudaBackend> {
     static BE: OnceLock<Option<CudaBackend>> = OnceLock::new();
     BE.get_or_init(|| {
+        if cuda::sim::use_simulated_if_no_device() {
+            eprintln!("no CUDA device: running on the simulated CUDA device (KD_CUDA_SIM=1)");
+        }
         if let Err(why) = cuda::probe() {
+            assert!(std::env::var("KD_REQUIRE_KERNELS").as_deref() != Ok("1"), "KD_REQUIRE_KERNELS=1 but neither a CUDA device nor the simulated one is available: {why}");
             eprintln!("no CUDA device: {why}");
             return None;
         }
@@ -108,7 +114,7 @@ fn adamw() {
 
 #[test]
 fn every_family_has_a_test() {
-    assert_eq!(checks::FAMILIES.len(), 12, "add a #[test] for the new family");
+    assert_eq!(checks::FAMILIES.len(), 13, "add a #[test] for the new family");
 }
 
 /// CI and the GPU bundle build with `KD_REQUIRE_KERNELS=1`: the kernels must then be in the binary.
@@ -124,6 +130,7 @@ fn kernels_are_built_when_required() {
 #[test]
 fn device_cuda_without_a_device_is_a_clear_error() {
     use kd_engine::cli::{resolve_device, Device};
+    backend(); // settles whether this process uses the simulated device
     match cuda::unavailable_reason() {
         Some(why) => {
             let e = resolve_device(Device::Cuda).unwrap_err().to_string();
@@ -134,4 +141,9 @@ fn device_cuda_without_a_device_is_a_clear_error() {
         None => assert_eq!(resolve_device(Device::Auto).unwrap(), Device::Cuda),
     }
     assert_eq!(resolve_device(Device::Cpu).unwrap(), Device::Cpu);
+}
+
+#[test]
+fn driver_errors() {
+    family("driver_errors");
 }

@@ -28,7 +28,7 @@ pub const TOL_RELATION_LOSS: f64 = 1e-3;
 
 /// The op families, each one test in `tests/cuda_ops.rs`.
 pub const FAMILIES: &[&str] =
-    &["memory", "gemm", "elementwise", "embedding", "norm", "rope", "attention", "attention_decode", "cross_entropy", "softmax_kl", "relation", "adamw"];
+    &["memory", "gemm", "elementwise", "embedding", "norm", "rope", "attention", "attention_decode", "cross_entropy", "softmax_kl", "relation", "adamw", "driver_errors"];
 
 /// One comparison.
 #[derive(Clone, Debug, Serialize)]
@@ -157,6 +157,7 @@ pub fn run_family(be: &CudaBackend, family: &str, seed: u64) -> Result<Vec<Check
         "softmax_kl" => softmax_kl(&mut c),
         "relation" => relation(&mut c),
         "adamw" => adamw(&mut c),
+        "driver_errors" => driver_errors(&mut c),
         _ => unreachable!("checked above"),
     }
     // A fault of an asynchronous launch that no download caught yet.
@@ -820,4 +821,97 @@ fn adamw(c: &mut Ctx) {
             });
         }
     }
+}
+
+/// What the driver refuses: launch configurations over the device's limits, shared memory over
+/// 48 KiB without the attribute, unknown names. Each refusal must carry the driver's error code
+/// and leave the context usable (checked by a correct launch at the end). On the simulated device
+/// also what it checks beyond a real driver's reach: copies past a buffer or into a freed one,
+/// and the NaN fill of fresh buffers. (A kernel writing out of bounds is sticky, so it is checked
+/// on its own: [`out_of_bounds_write_is_caught`].)
+fn driver_errors(c: &mut Ctx) {
+    use cudarc::driver::result as dr;
+    use cudarc::driver::sys::{CUfunction_attribute, CUresult};
+    fn expect(c: &mut Ctx, name: &str, got: std::result::Result<(), dr::DriverError>, want: &[CUresult]) {
+        let detail = match got {
+            Ok(()) => format!("accepted; the driver refuses it with {want:?}"),
+            Err(e) if want.contains(&e.0) => String::new(),
+            Err(e) => format!("refused with {:?}, expected {want:?}", e.0),
+        };
+        c.record(name, 0.0, 0.0, detail);
+    }
+    let launch = |c: &mut Ctx, f, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32| -> Result<std::result::Result<(), dr::DriverError>> {
+        let b = c.be.alloc(64, DType::Bf16)?;
+        let (p, s, n) = (b.ptr(), 1.0f32, 64i64);
+        let mut args = [&p as *const u64 as *mut std::ffi::c_void, &s as *const f32 as *mut _, &n as *const i64 as *mut _];
+        c.be.gpu().bind()?;
+        // SAFETY: scale_bf16(bf16*, float, long long) over a 64-element buffer; the grid-stride loop
+        // stays inside it whatever the grid.
+        Ok(unsafe { dr::launch_kernel(f, grid, block, smem, std::ptr::null_mut(), &mut args) })
+    };
+    use CUresult::{CUDA_ERROR_INVALID_VALUE as INVALID, CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES as RESOURCES, CUDA_ERROR_NOT_FOUND as NOT_FOUND};
+    c.case("driver refusals", |c| {
+        let scale = c.be.gpu().func("elementwise", "scale_bf16")?;
+        let r = launch(c, scale, (1, 1, 1), (1025, 1, 1), 0)?;
+        expect(c, "a block of 1025 threads is refused", r, &[INVALID]);
+        let r = launch(c, scale, (1, 1, 1), (32, 33, 1), 0)?;
+        expect(c, "a block of 32×33 threads is refused", r, &[INVALID]);
+        let r = launch(c, scale, (1, 65_536, 1), (32, 1, 1), 0)?;
+        expect(c, "gridDim.y of 65536 is refused", r, &[INVALID]);
+        let r = launch(c, scale, (1, 1, 1), (32, 1, 1), 64 << 10)?;
+        expect(c, "64 KiB of dynamic shared memory without the attribute is refused", r, &[INVALID]);
+        // SAFETY: a live function handle; the value is the point of the check.
+        let r = unsafe { dr::function::set_function_attribute(scale, CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 300_000) };
+        expect(c, "a dynamic shared memory attribute over the device's maximum is refused", r, &[INVALID]);
+        // adamw_bf16 is declared __launch_bounds__(256).
+        let adamw = c.be.gpu().func("adamw", "adamw_bf16")?;
+        let r = launch(c, adamw, (1, 1, 1), (512, 1, 1), 0)?;
+        expect(c, "512 threads for a kernel bounded to 256 are refused", r, &[INVALID, RESOURCES]);
+        let missing = c.be.gpu().func("elementwise", "no_such_kernel").err().map(|e| format!("{e:#}")).unwrap_or_default();
+        let detail = if missing.contains(&format!("{NOT_FOUND:?}")) { String::new() } else { format!("looking up a missing kernel gave: {missing:?}") };
+        c.record("a missing kernel name is CUDA_ERROR_NOT_FOUND", 0.0, 0.0, detail);
+        // The refusals left the context usable: a correct launch computes.
+        let x = c.rand(1000, -2.0, 2.0);
+        let mut b = c.up(&x)?;
+        c.be.scale(&mut b, 0.5)?;
+        let want: Vec<f32> = x.iter().map(|v| r16(v * 0.5)).collect();
+        c.cmp_buf("a correct launch after the refusals", &b, &want, TOL_BF16)
+    });
+    if !super::sim::active() {
+        return;
+    }
+    c.case("simulated device: memory checks", |c| {
+        let b = c.be.alloc(100, DType::Bf16)?;
+        let r = c.be.gpu().htod(b.ptr(), &[0u16; 200]).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        let detail = if r.contains("CUDA_ERROR_INVALID_VALUE") { String::new() } else { format!("a 400-byte copy into a 200-byte buffer gave {r:?}") };
+        c.record("simulated: a copy past the end of a buffer is refused", 0.0, 0.0, detail);
+        let p = b.ptr();
+        drop(b);
+        let r = c.be.gpu().htod(p, &[0u16; 4]).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        let detail = if r.contains("CUDA_ERROR_INVALID_VALUE") { String::new() } else { format!("a copy into a freed buffer gave {r:?}") };
+        c.record("simulated: a copy into a freed (cached) buffer is refused", 0.0, 0.0, detail);
+        let fresh = c.be.alloc(1000, DType::F32)?;
+        let v = c.be.download(&fresh)?;
+        let nans = v.iter().filter(|x| x.is_nan()).count();
+        let detail = if nans == v.len() { String::new() } else { format!("{} of {} elements of a fresh buffer are not NaN", v.len() - nans, v.len()) };
+        c.record("simulated: a fresh buffer reads as NaN", 0.0, 0.0, detail);
+        Ok(())
+    });
+}
+
+/// On the simulated device only: a kernel that writes past its buffer is caught after its launch,
+/// as an illegal address naming the kernel, and the error is sticky as on a GPU (every later call
+/// fails: the backend is unusable afterwards, so this runs in a process of its own). Returns the
+/// launch's error and the next synchronisation's.
+pub fn out_of_bounds_write_is_caught(be: &CudaBackend) -> Result<(String, String)> {
+    ensure!(super::sim::active(), "only the simulated device checks this (on a GPU it would poison the context)");
+    let b = be.alloc(100, DType::Bf16)?;
+    let (p, s, n) = (b.ptr(), 2.0f32, 130i64);
+    let mut args = super::ops::args![p, s, n];
+    // SAFETY (deliberately not): 130 elements of a 100-element buffer; the simulated device's
+    // guard zones catch the write before anything else uses that memory.
+    let launched = unsafe { be.gpu().launch("elementwise", "scale_bf16", (1, 1, 1), (256, 1, 1), 0, &mut args) };
+    let launch_err = launched.err().map(|e| format!("{e:#}")).unwrap_or_default();
+    let sync_err = be.synchronize().err().map(|e| format!("{e:#}")).unwrap_or_default();
+    Ok((launch_err, sync_err))
 }

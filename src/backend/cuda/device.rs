@@ -450,7 +450,7 @@ impl Gpu {
         unsafe { sys::cuMemsetD32Async(dst, value, count, self.stream) }.result().map_err(cu("cuMemsetD32Async"))
     }
 
-    fn func(&self, module: &'static str, name: &'static str) -> Result<sys::CUfunction> {
+    pub(crate) fn func(&self, module: &'static str, name: &'static str) -> Result<sys::CUfunction> {
         let mut funcs = self.funcs.lock().map_err(|_| anyhow!("kernel table lock poisoned"))?;
         if let Some(f) = funcs.get(&(module, name)) {
             return Ok(f.0);

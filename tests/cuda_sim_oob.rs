@@ -1,0 +1,21 @@
+//! On the simulated CUDA device: a kernel that writes past its buffer is an error naming the
+//! kernel, and the context stays failed afterwards, as on a GPU. A process of its own, since the
+//! error is sticky (`backend::cuda::checks::out_of_bounds_write_is_caught`).
+
+use kd_engine::backend::cuda::{self, checks, CudaBackend};
+
+#[test]
+fn a_kernel_writing_past_its_buffer_is_caught_and_sticky() {
+    if !cuda::sim::built() {
+        assert!(std::env::var("KD_REQUIRE_KERNELS").as_deref() != Ok("1"), "KD_REQUIRE_KERNELS=1 but the simulated CUDA device was not built");
+        println!("skipped: this build has no simulated CUDA device");
+        return;
+    }
+    // Always the simulated device, even beside a GPU: on a real one this would poison the context.
+    std::env::set_var("KD_CUDA_SIM", "1");
+    let be = CudaBackend::new().expect("opening the simulated CUDA device");
+    let (launch, sync) = checks::out_of_bounds_write_is_caught(&be).unwrap();
+    println!("launch: {launch}\nsync:   {sync}");
+    assert!(launch.contains("scale_bf16") && launch.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{launch}");
+    assert!(sync.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "the illegal address must be sticky: {sync}");
+}
