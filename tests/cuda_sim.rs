@@ -260,3 +260,85 @@ fn bench_step_runs_on_the_simulated_device_and_counts_its_work() {
     assert!(per_step["gemm_flops"].as_f64().unwrap() > 1e6, "{per_step}");
     assert!(v["loss"]["total"].as_f64().is_some_and(f64::is_finite), "{v}");
 }
+
+/// Rounds every weight to bf16 in place, so the CPU run starts where the CUDA one does (the CUDA
+/// backend stores the same initial values rounded to bf16).
+fn round_to_bf16(state: &mut kd_engine::train::model_state::MllmState<Vec<f32>>) {
+    let w = &mut state.weights;
+    for set in [&mut w.vision, &mut w.projector, &mut w.llm] {
+        for b in &mut set.bufs {
+            for x in b.iter_mut() {
+                *x = half::bf16::from_f32(*x).to_f32();
+            }
+        }
+    }
+}
+
+fn loss_lines(path: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap().as_object().unwrap().clone())
+        .filter(|o| o.contains_key("loss"))
+        .collect()
+}
+
+#[test]
+fn a_dpt_sft_dft_run_gives_the_cpu_losses() {
+    use kd_engine::backend::cpu::CpuBackend;
+    use kd_engine::backend::cuda::CudaBackend;
+    use kd_engine::data::{write_study_data, StudySpec};
+    use kd_engine::train::config::{RunConfig, StageConfig, StageKind};
+    use kd_engine::train::recipe::{run_stages, RecipeRun};
+    use kd_engine::train::study::{new_model, stage, write_vision_tower};
+    if !sim_built() {
+        return;
+    }
+    // In this test's process the CUDA backend is the simulated one (the other tests run the
+    // binary as a child with the variable set).
+    std::env::set_var("KD_CUDA_SIM", "1");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let spec = StudySpec { pretrain_samples: 12, sft_samples: 12, eval_questions: 4, train_images: 6, eval_images: 4, image_size: 16, ..StudySpec::quick() };
+    let files = write_study_data(&root.join("data"), &spec).unwrap();
+    let vision = root.join("vision");
+    let vcfg = VisionConfig { hidden: 64, intermediate: 96, layers: 2, heads: 1, channels: 3, image_size: 16, patch_size: 4, ln_eps: 1e-6, act: GeluKind::Tanh };
+    write_vision_tower(&vision, &vcfg, 3).unwrap();
+    let vocab = kd_engine::data::load_tokenizer(&files.tokenizer).unwrap().get_vocab_size(true);
+    let llm = |heads: usize| LlmConfig { hidden: 64 * heads, intermediate: 96 * heads, heads, kv_heads: 1, vocab, ..tiny_llm(Arch::Qwen2) };
+    let stages: Vec<StageConfig> = [(StageKind::Dpt, &files.pretrain), (StageKind::Sft, &files.sft), (StageKind::Dft, &files.sft)]
+        .into_iter()
+        .map(|(kind, data)| StageConfig { max_steps: Some(1), micro_batch: Some(2), ..stage(kind, data, 3e-3, 1.0, 4) })
+        .collect();
+    let rc = RunConfig { log_every: 0, ..RunConfig::default() };
+    let recipe = |dir: &str| RecipeRun { run: &rc, out_dir: root.join(dir), progress: false, resume: None, stop_after_global_step: None };
+
+    let cpu = CpuBackend::<f32>::new();
+    let mut teacher = new_model(&cpu, &vision, &llm(2), &files.tokenizer, 9).unwrap();
+    let mut student = new_model(&cpu, &vision, &llm(1), &files.tokenizer, 1).unwrap();
+    round_to_bf16(&mut teacher);
+    round_to_bf16(&mut student);
+    run_stages(&cpu, &recipe("cpu"), &stages, &mut student, Some(&teacher)).unwrap();
+
+    let cuda = CudaBackend::new().expect("opening the simulated CUDA device");
+    let teacher = new_model(&cuda, &vision, &llm(2), &files.tokenizer, 9).unwrap();
+    let mut student = new_model(&cuda, &vision, &llm(1), &files.tokenizer, 1).unwrap();
+    run_stages(&cuda, &recipe("cuda"), &stages, &mut student, Some(&teacher)).unwrap();
+
+    let (want, got) = (loss_lines(&root.join("cpu/metrics.jsonl")), loss_lines(&root.join("cuda/metrics.jsonl")));
+    assert_eq!(want.len(), 3, "one line per optimizer step: {want:?}");
+    assert_eq!(got.len(), want.len());
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        let keys: Vec<&String> = w.keys().filter(|k| ["loss", "ce", "res", "prompt", "vis", "rel"].contains(&k.as_str())).collect();
+        assert!(keys.len() >= 2, "{w:?}");
+        for k in keys {
+            let (a, b) = (g[k].as_f64().unwrap(), w[k].as_f64().unwrap());
+            // The relation term is 1 − cos of two Gram matrices with cos ≈ 1: bf16 rounding moves
+            // the cosine by ~1e-3 absolute, which is large relative to 1 − cos itself, so that term
+            // is compared absolutely (as the relation family of checks.rs does).
+            let (err, tol) = if k == "rel" { ((a - b).abs(), 2e-3) } else { ((a - b).abs() / b.abs().max(1e-3), 2e-2) };
+            println!("step {step} {k:<5} cuda {a:.6} cpu {b:.6} err {err:.2e} (tol {tol:.0e})");
+            assert!(err <= tol, "step {step}: {k} is {a} on the simulated device, {b} on the CPU");
+        }
+    }
+}

@@ -2,7 +2,8 @@
 // their indexing, bounds handling, barriers and tensor-core fragment logic can be run and checked
 // on a machine without a GPU (kernels/sim/sim_test.cpp; `bash kernels/sim/run.sh`).
 //
-// How: every CUDA thread of a block is a fiber (ucontext) on one OS thread; blocks run one after
+// How: every CUDA thread of a block is a fiber on one OS thread (switched by a few instructions on
+// x86-64, by ucontext elsewhere: swapcontext makes a signal-mask system call per switch); blocks run one after
 // another. A fiber runs until it reaches a collective (__syncthreads, a shuffle, ldmatrix, mma),
 // where it waits for the others it synchronises with. Warp collectives are emulated from the PTX
 // ISA's definitions: each lane deposits its operands, and after a warp barrier each lane computes
@@ -72,6 +73,44 @@ struct PendingCopy {
     bool valid;
 };
 
+// A fiber's saved execution context and the switch between two.
+#if defined(__x86_64__)
+struct Context {
+    void* sp = nullptr;
+};
+// Saves the callee-saved registers on the current stack, stores its pointer in *save, loads `to`
+// and pops the registers saved there (System V x86-64: everything else is the caller's to save).
+__attribute__((naked, noinline)) static void kd_ctx_switch(void** /*save*/, void* /*to*/) {
+    __asm__ volatile(
+        "pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
+        "movq %rsp, (%rdi)\n\tmovq %rsi, %rsp\n\t"
+        "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret\n\t");
+}
+inline void ctx_switch(Context& from, Context& to) { kd_ctx_switch(&from.sp, to.sp); }
+// A context that starts `entry` on [stack, stack + size): six zeroed registers for the first
+// switch to pop, then `entry` as the return address, so `entry` starts as if called (rsp ≡ 8 mod 16).
+inline void ctx_make(Context& c, char* stack, size_t size, void (*entry)()) {
+    uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + size) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;  // entry's own (never used) return address
+    *--sp = reinterpret_cast<void*>(entry);
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;
+    c.sp = sp;
+}
+#else
+struct Context {
+    ucontext_t uc;
+};
+inline void ctx_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void ctx_make(Context& c, char* stack, size_t size, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
 // Fiber stacks, kept for the life of the process and reused by every block: mapped once, never
 // zeroed again (a block of 1024 threads would otherwise clear 256 MiB per block).
 constexpr size_t kStackBytes = 256 * 1024;
@@ -86,7 +125,7 @@ inline char* fiber_stack(size_t i) {
 }
 
 struct Fiber {
-    ucontext_t ctx;
+    Context ctx;
     int tid = 0;
     bool done = false;
     // Waiting at __syncthreads for the block barrier to leave generation `block_gen`.
@@ -113,7 +152,7 @@ inline Schedule schedule() {
 
 struct Block {
     std::vector<Fiber> fibers;
-    ucontext_t sched;
+    Context sched;
     int cur = 0;
     int n_threads = 0;
     Barrier block_bar;
@@ -131,7 +170,7 @@ inline kd_dim3& grid_dim() { static kd_dim3 d{1, 1, 1}; return d; }
 inline kd_dim3& block_dim() { static kd_dim3 d{1, 1, 1}; return d; }
 
 inline Fiber& me() { return block()->fibers[block()->cur]; }
-inline void yield() { swapcontext(&me().ctx, &block()->sched); }
+inline void yield() { ctx_switch(me().ctx, block()->sched); }
 
 inline void wait_barrier(Barrier& b, int expected) {
     unsigned long long gen = b.generation;
@@ -171,7 +210,7 @@ inline void fiber_entry() {
     complete_copies(me().pending.size());  // outstanding copies still land
     me().done = true;
     block()->progressed = true;
-    swapcontext(&me().ctx, &block()->sched);
+    ctx_switch(me().ctx, block()->sched);
 }
 
 // Runs `body` as every thread of a grid (blocks one after another).
@@ -195,11 +234,7 @@ inline void launch(kd_dim3 grid, kd_dim3 blk, size_t dyn_smem, std::function<voi
                 for (int t = 0; t < nt; ++t) {
                     Fiber& f = b.fibers[t];
                     f.tid = t;
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = fiber_stack((size_t)t);
-                    f.ctx.uc_stack.ss_size = kStackBytes;
-                    f.ctx.uc_link = nullptr;
-                    makecontext(&f.ctx, fiber_entry, 0);
+                    ctx_make(f.ctx, fiber_stack((size_t)t), kStackBytes, fiber_entry);
                 }
                 int live = nt;
                 const int nw = nt / 32;
@@ -211,7 +246,7 @@ inline void launch(kd_dim3 grid, kd_dim3 blk, size_t dyn_smem, std::function<voi
                         for (int t = 0; t < nt; ++t) {
                             if (b.fibers[t].done) continue;
                             b.cur = t;
-                            swapcontext(&b.sched, &b.fibers[t].ctx);
+                            ctx_switch(b.sched, b.fibers[t].ctx);
                         }
                     } else {
                         // One warp at a time, each up to its next __syncthreads (or its end).
@@ -224,7 +259,7 @@ inline void launch(kd_dim3 grid, kd_dim3 blk, size_t dyn_smem, std::function<voi
                                 for (int t = 32 * w; t < 32 * w + 32; ++t) {
                                     if (b.fibers[t].done || parked(t)) continue;
                                     b.cur = t;
-                                    swapcontext(&b.sched, &b.fibers[t].ctx);
+                                    ctx_switch(b.sched, b.fibers[t].ctx);
                                     ran = true;
                                 }
                                 // A pass with no arrival anywhere: this warp is stuck (its lanes

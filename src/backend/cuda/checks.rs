@@ -851,6 +851,7 @@ fn driver_errors(c: &mut Ctx) {
     };
     use CUresult::{CUDA_ERROR_INVALID_VALUE as INVALID, CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES as RESOURCES, CUDA_ERROR_NOT_FOUND as NOT_FOUND};
     c.case("driver refusals", |c| {
+        c.be.gpu().bind()?; // the context is current per thread; raw calls below need it
         let scale = c.be.gpu().func("elementwise", "scale_bf16")?;
         let r = launch(c, scale, (1, 1, 1), (1025, 1, 1), 0)?;
         expect(c, "a block of 1025 threads is refused", r, &[INVALID]);
