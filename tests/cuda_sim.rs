@@ -9,9 +9,12 @@
 //! rounding of each intermediate. A tiny decoder has ~12 rounded stores per layer on the path to
 //! the logits; independent roundings grow like √n, so a relative error of a few 1e-3 is expected
 //! and 2e-2 of the largest logit leaves room without hiding a wrong kernel (a wrong mask, head or
-//! position gives errors of order 1). Training losses get 2e-2 relative per term and step for the
-//! same reason (the first step's losses see only forward rounding; the next two also carry the
-//! updates' differences, which at lr 3e-3 over three steps stay of the same order).
+//! position gives errors of order 1); measured: 2.8e-3 (Qwen2), 6.1e-3 (LLaMA), 1.2e-2 (SigLIP's
+//! last hidden state, three blocks of LayerNorm, which rescales each row's rounding error).
+//! Training losses are scalars averaged over hundreds of rows, so the roundings mostly cancel:
+//! measured 1e-5 to 1.4e-3 relative over the three steps; the tolerance is 5e-3 relative per term
+//! and step (the next two steps also carry the first updates' differences). The relation term is
+//! 1 − cos with cos ≈ 1 and is compared absolutely (1e-3; measured ≤ 4.7e-4), see below.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -336,7 +339,7 @@ fn a_dpt_sft_dft_run_gives_the_cpu_losses() {
             // The relation term is 1 − cos of two Gram matrices with cos ≈ 1: bf16 rounding moves
             // the cosine by ~1e-3 absolute, which is large relative to 1 − cos itself, so that term
             // is compared absolutely (as the relation family of checks.rs does).
-            let (err, tol) = if k == "rel" { ((a - b).abs(), 2e-3) } else { ((a - b).abs() / b.abs().max(1e-3), 2e-2) };
+            let (err, tol) = if k == "rel" { ((a - b).abs(), 1e-3) } else { ((a - b).abs() / b.abs().max(1e-3), 5e-3) };
             println!("step {step} {k:<5} cuda {a:.6} cpu {b:.6} err {err:.2e} (tol {tol:.0e})");
             assert!(err <= tol, "step {step}: {k} is {a} on the simulated device, {b} on the CPU");
         }

@@ -3,8 +3,8 @@
 // on a machine without a GPU (kernels/sim/sim_test.cpp; `bash kernels/sim/run.sh`).
 //
 // How: every CUDA thread of a block is a fiber on one OS thread (switched by a few instructions on
-// x86-64, by ucontext elsewhere: swapcontext makes a signal-mask system call per switch); blocks run one after
-// another. A fiber runs until it reaches a collective (__syncthreads, a shuffle, ldmatrix, mma),
+// x86-64; by ucontext elsewhere, whose swapcontext makes a system call per switch); blocks run one
+// after another. A fiber runs until it reaches a collective (__syncthreads, a shuffle, ldmatrix, mma),
 // where it waits for the others it synchronises with. Warp collectives are emulated from the PTX
 // ISA's definitions: each lane deposits its operands, and after a warp barrier each lane computes
 // its own result from all deposits.
