@@ -387,3 +387,24 @@ fn the_thread_collectives_pass_the_conformance_check_nccl_runs_on_a_gpu() {
         assert!(done.iter().all(|d| d.len() == 5), "{world} ranks: {done:?}");
     }
 }
+
+#[test]
+fn ranks_given_different_recipes_are_refused_naming_the_rank() {
+    let s = setup();
+    let teacher = Arc::new(model::<f32>(&s, 24, 9));
+    let s2 = s.clone();
+    let e = run_threads(2, Duration::from_secs(2), move |g| {
+        let mut stages = recipe(&s2);
+        // Rank 1 was started with another --set stage.1.lr.
+        if Collective::<CpuBackend<f32>>::rank(&g) == 1 {
+            stages[1].lr *= 2.0;
+        }
+        let rc = RunConfig { log_every: 0, ..RunConfig::default() };
+        let r = RecipeRun { run: &rc, out_dir: s2.root.join("mismatch"), progress: false, resume: None, stop_after_global_step: None };
+        let mut student = model::<f32>(&s2, 16, 1);
+        run_stages_ranked(&CpuBackend::<f32>::new(), &g, &r, &stages, &mut student, Some(&teacher))
+    })
+    .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("rank 1's recipe ([run] and the stages) differs from rank 0's"), "{e}");
+}

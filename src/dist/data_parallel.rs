@@ -36,6 +36,20 @@ pub fn sum_over_ranks<B: Backend>(comm: &dyn Collective<B>, values: &[usize]) ->
     Ok((0..values.len()).map(|i| sum_in_rank_order(all.iter().map(|r| r[i])) as usize).collect())
 }
 
+/// Checks that every rank runs the same job: `what` (e.g. the recipe) serialised the same way on
+/// every rank. Ranks given different configs or `--set` overrides would otherwise call different
+/// collectives or reduce differently sized buffers.
+pub fn check_same_on_all_ranks<B: Backend>(comm: &dyn Collective<B>, what: &str, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string(value)?;
+    // FNV-1a, split into halves an f64 holds exactly.
+    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let all = comm.all_gather_host(&[(h >> 32) as f64, (h & 0xffff_ffff) as f64])?;
+    if let Some(r) = (1..all.len()).find(|&r| all[r] != all[0]) {
+        anyhow::bail!("rank {r}'s {what} differs from rank 0's: every rank must run the same config with the same --set overrides");
+    }
+    Ok(())
+}
+
 /// The step's loss counts over all ranks.
 pub fn step_counts<B: Backend>(comm: &dyn Collective<B>, local: &LossCounts) -> Result<LossCounts> {
     let v = sum_over_ranks(comm, &[local.ce, local.response, local.prompt, local.visual, local.images])?;

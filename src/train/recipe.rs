@@ -13,6 +13,7 @@ use super::plot::{plot_losses, read_metrics_jsonl};
 use super::run_folder::RunFolder;
 use super::stage::{run_stage, RunContext};
 use crate::backend::Backend;
+use crate::dist::data_parallel::check_same_on_all_ranks;
 use crate::dist::{Collective, Solo};
 use crate::model::{export_llava, ExportOptions};
 
@@ -50,6 +51,7 @@ pub fn run_stages_ranked<B: Backend>(
     teacher: Option<&MllmState<B::Buf>>,
 ) -> Result<TrainState> {
     let _folder = hold_folder(comm, &r.out_dir, r.resume.is_some())?;
+    check_same_on_all_ranks(comm, "recipe ([run] and the stages)", &(r.run, stages, r.stop_after_global_step))?;
     train_stages(be, comm, r, stages, student, teacher)
 }
 
