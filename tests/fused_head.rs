@@ -546,6 +546,15 @@ fn bench_step_on_cuda_without_a_cuda_backend_is_a_clear_error() {
     assert!(!stderr.contains("panicked") && stderr.to_lowercase().contains("cuda"), "{stderr}");
 }
 
+/// With no arguments on a machine without a GPU, bench-step refuses rather than start the full
+/// anchor (~25 GB, hours per step) on the CPU; it says what to pass.
+#[test]
+fn bench_step_on_the_cpu_without_scale_is_refused() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kd-engine")).args(["bench-step", "--device", "cpu"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("needs --scale") && !stderr.contains("panicked"), "{stderr}");
+}
+
 /// `--dry-run` at the real anchor: the layout, the rows that get logits and the FLOPs (SPEC §5:
 /// the step is ≈ 46 TFLOP with full logits), without allocating the models.
 #[test]

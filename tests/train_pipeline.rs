@@ -527,3 +527,42 @@ fn quick_with_a_config_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--quick") && err.contains("--config"), "{err}");
 }
+
+#[test]
+fn a_config_with_missing_paths_names_them_all_and_leaves_no_run_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = tmp.path().join("placeholders.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[run]\nout = \"{}\"\n[student]\nllm = \"/models/a\"\nvision = \"/models/b\"\n[teacher]\nllava = \"/models/t\"\n\
+             [[stage]]\nkind = \"dpt\"\ndata = \"/data/pt.json\"\nimage_folder = \"/data/img\"\nlr = 1e-3\nglobal_batch = 8\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kd-engine")).args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("5 path(s)"), "{err}");
+    for key in ["student.llm = /models/a", "student.vision = /models/b", "teacher.llava = /models/t", "stage.0.data = /data/pt.json", "stage.0.image_folder = /data/img"] {
+        assert!(err.contains(key), "{key} missing from: {err}");
+    }
+    assert!(!out.exists(), "no run folder for a run that never started");
+    // A start that fails later (the LLM folder exists but holds no model) leaves no folder either.
+    let models = tmp.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let data = tmp.path().join("pt.json");
+    std::fs::write(&data, "[]").unwrap();
+    let text = format!(
+        "[run]\nout = \"{}\"\n[student]\nllm = \"{m}\"\nvision = \"{m}\"\n[[stage]]\nkind = \"pt\"\ndata = \"{}\"\nlr = 1e-3\nglobal_batch = 8\n",
+        out.display(),
+        data.display(),
+        m = models.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kd-engine")).args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("student"), "{err}");
+    assert!(!out.exists(), "no run folder for a run that never started: {err}");
+}

@@ -66,9 +66,10 @@ pub enum RelationArg {
 pub struct BenchStepArgs {
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
-    /// Divide the anchor shapes by this factor (CPU smoke tests; 1 = the real anchor).
-    #[arg(long, default_value_t = 1)]
-    scale: usize,
+    /// Divide the anchor shapes by this factor (CPU smoke tests; 1 = the real anchor, the
+    /// default on a GPU). Required on the CPU, where the full anchor needs ~25 GB and hours.
+    #[arg(long)]
+    scale: Option<usize>,
     /// Timed steps (the report gives their mean).
     #[arg(long, default_value_t = 3)]
     steps: usize,
@@ -135,9 +136,9 @@ fn llm_preset(name: &str, scale: usize) -> Result<LlmConfig> {
 }
 
 fn shapes(a: &BenchStepArgs) -> Result<Shapes> {
-    ensure!(a.scale >= 1, "--scale must be at least 1");
+    ensure!(a.scale() >= 1, "--scale must be at least 1");
     ensure!(a.batch >= 1, "--batch must be at least 1");
-    let s = a.scale;
+    let s = a.scale();
     let student = llm_preset(&a.student, s)?;
     let teacher = llm_preset(&a.teacher, s)?;
     let vision = match presets::find(&a.vision)?.scaled(s).model {
@@ -385,16 +386,16 @@ fn bench<B: Backend>(
         .collect();
     Ok(json!({
         "device": be.name(),
-        "anchor": a.scale == 1,
-        "scale": a.scale,
+        "anchor": a.scale() == 1,
+        "scale": a.scale(),
         "head": format!("{:?}", a.head).to_lowercase(),
         "relation": format!("{:?}", a.relation).to_lowercase(),
         "chunk_rows": a.chunk_rows,
         "gradient_checkpointing": a.gradient_checkpointing,
         "shapes": {
-            "student": format!("{} /{}: {}", a.student, a.scale, describe_llm(&sh.student)),
-            "teacher": format!("{} /{}: {}", a.teacher, a.scale, describe_llm(&sh.teacher)),
-            "vision": format!("{} /{}: hidden {}, {} layers, image {}, {} visual tokens", a.vision, a.scale, sh.vision.hidden, sh.vision.layers, sh.vision.image_size, sh.visual),
+            "student": format!("{} /{}: {}", a.student, a.scale(), describe_llm(&sh.student)),
+            "teacher": format!("{} /{}: {}", a.teacher, a.scale(), describe_llm(&sh.teacher)),
+            "vision": format!("{} /{}: hidden {}, {} layers, image {}, {} visual tokens", a.vision, a.scale(), sh.vision.hidden, sh.vision.layers, sh.vision.image_size, sh.visual),
             "batch": sh.batch,
             "seq_len": sh.seq_len,
             "layout": [sh.before, sh.visual, sh.after, sh.response],
@@ -505,7 +506,7 @@ fn dry_run(a: &BenchStepArgs) -> Result<()> {
     let weights = n(&student.vision.specs) + n(&student.projector.specs) + n(&student.llm.specs) + n(&teacher.projector.specs) + n(&teacher.llm.specs);
     let trainable = n(&student.projector.specs) + n(&student.llm.specs);
     println!("bench-step plan (scale 1/{}, head {:?}, relation {:?}): {} × {} tokens, layout [{}, {}, {}, {}], {} rows with logits",
-        a.scale, a.head, a.relation, sh.batch, sh.seq_len, sh.before, sh.visual, sh.after, sh.response, logit_rows);
+        a.scale(), a.head, a.relation, sh.batch, sh.seq_len, sh.before, sh.visual, sh.after, sh.response, logit_rows);
     println!("  student {}\n  teacher {}", describe_llm(&sh.student), describe_llm(&sh.teacher));
     for (p, f) in PHASES.iter().zip(&flops) {
         println!("  {p:<16} {:>9.3} TFLOP", f / 1e12);
@@ -530,6 +531,12 @@ fn per_step(c: &sim::Counters, steps: usize) -> Value {
         o.insert("host_syncs".into(), json!(c.host_syncs() as f64 / steps.max(1) as f64));
     }
     v
+}
+
+impl BenchStepArgs {
+    fn scale(&self) -> usize {
+        self.scale.unwrap_or(1)
+    }
 }
 
 pub fn run(a: BenchStepArgs) -> Result<()> {
@@ -564,12 +571,17 @@ pub fn run(a: BenchStepArgs) -> Result<()> {
             r
         }
         _ => {
+            ensure!(
+                a.scale.is_some(),
+                "bench-step on the CPU needs --scale: the full anchor step needs ~25 GB of memory and hours per step here; \
+                 smoke-test with --scale 16 (or more), or run on a GPU (--device cuda)"
+            );
             eprintln!(
                 "note: bench-step on the CPU backend{}: these figures are NOT the GPU anchor (SPEC §5 compares \
                  against PyTorch on an H200; run with --device cuda there)",
-                if a.scale > 1 { format!(", shapes divided by {}", a.scale) } else { String::new() }
+                if a.scale() > 1 { format!(", shapes divided by {}", a.scale()) } else { String::new() }
             );
-            if a.scale == 1 {
+            if a.scale() == 1 {
                 eprintln!("note: the full anchor on the CPU needs ~25 GB of memory and hours per step; use --scale 16 or more to smoke-test");
             }
             let be = CpuBackend::<f32>::new();

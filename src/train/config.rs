@@ -381,6 +381,31 @@ impl TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// Every path the config names that does not exist, as `key: path`, all at once (a config
+    /// copied from the sample has several placeholders; one error per run would take as many runs).
+    pub fn check_paths(&self) -> Result<()> {
+        let mut missing = Vec::new();
+        let mut need = |key: String, path: Option<&PathBuf>| {
+            if let Some(p) = path.filter(|p| !p.exists()) {
+                missing.push(format!("  {key} = {}", p.display()));
+            }
+        };
+        for (who, src) in [("student", Some(&self.student)), ("teacher", self.teacher.as_ref())] {
+            let Some(src) = src else { continue };
+            for (key, path) in [("llava", &src.llava), ("llm", &src.llm), ("vision", &src.vision), ("projector", &src.projector), ("tokenizer", &src.tokenizer)] {
+                need(format!("{who}.{key}"), path.as_ref());
+            }
+        }
+        for (i, stage) in self.stages.iter().enumerate() {
+            need(format!("stage.{i}.data"), Some(&stage.data));
+            need(format!("stage.{i}.image_folder"), stage.image_folder.as_ref());
+        }
+        ensure!(missing.is_empty(), "{} path(s) of the config do not exist:\n{}", missing.len(), missing.join("\n"));
+        Ok(())
+    }
+}
+
 fn check_source(what: &str, s: &ModelSource) -> Result<()> {
     match (&s.llava, &s.llm, &s.vision) {
         (Some(_), None, None) => {}

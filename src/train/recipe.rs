@@ -135,12 +135,25 @@ fn train_stages<B: Backend>(
 /// rank of `comm` (every rank loads the models; rank 0 writes the config copy and the export).
 pub fn run_config<B: Backend>(be: &B, comm: &dyn Collective<B>, cfg: &TrainConfig, out_dir: &Path, resume: Option<PathBuf>, progress: bool) -> Result<TrainState> {
     let lead = comm.rank() == 0;
-    let _folder = hold_folder(comm, out_dir, resume.is_some())?;
-    if lead {
-        std::fs::write(out_dir.join("config.toml"), toml::to_string_pretty(cfg)?).with_context(|| format!("writing the config copy into {}", out_dir.display()))?;
-    }
-    let mut student = load_model(be, "student", &cfg.student, cfg.run.seed)?;
-    let teacher = cfg.teacher.as_ref().map(|t| load_model(be, "teacher", t, cfg.run.seed)).transpose()?;
+    cfg.check_paths()?;
+    let folder = hold_folder(comm, out_dir, resume.is_some())?;
+    let loaded = (|| -> Result<_> {
+        if lead {
+            std::fs::write(out_dir.join("config.toml"), toml::to_string_pretty(cfg)?).with_context(|| format!("writing the config copy into {}", out_dir.display()))?;
+        }
+        let student = load_model(be, "student", &cfg.student, cfg.run.seed)?;
+        let teacher = cfg.teacher.as_ref().map(|t| load_model(be, "teacher", t, cfg.run.seed)).transpose()?;
+        Ok((student, teacher))
+    })();
+    let (mut student, teacher) = match loaded {
+        Ok(models) => models,
+        Err(e) => {
+            if let Some(folder) = folder {
+                folder.abandon(&["config.toml"]);
+            }
+            return Err(e);
+        }
+    };
     let run = RecipeRun { run: &cfg.run, out_dir: out_dir.to_path_buf(), progress, resume, stop_after_global_step: None };
     let state = train_stages(be, comm, &run, &cfg.stages, &mut student, teacher.as_ref())?;
     if !lead {

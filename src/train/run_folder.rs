@@ -18,15 +18,18 @@ const RUN_FILES: &[&str] = &["checkpoint", "checkpoint.old", "metrics.jsonl", "s
 #[derive(Debug)]
 pub struct RunFolder {
     dir: PathBuf,
+    /// The folder did not exist before this run.
+    created: bool,
 }
 
 impl RunFolder {
     /// Takes `dir` for a run: creates it, takes its lock, refuses a fresh run (`resuming` false)
     /// where a run already lives, and removes what an interrupted run left half-written.
     pub fn open(dir: &Path, resuming: bool) -> Result<Self> {
+        let created = !dir.exists();
         std::fs::create_dir_all(dir).with_context(|| format!("creating the run folder {}", dir.display()))?;
         lock(dir)?;
-        let folder = RunFolder { dir: dir.to_path_buf() };
+        let folder = RunFolder { dir: dir.to_path_buf(), created };
         if !resuming {
             if let Some(found) = RUN_FILES.iter().find(|f| dir.join(f).exists()) {
                 bail!(
@@ -43,6 +46,19 @@ impl RunFolder {
 
     pub fn path(&self) -> &Path {
         &self.dir
+    }
+
+    /// Gives the folder up after a failure before training: a folder this run created goes
+    /// again with the files it wrote (`written`), so a failed start leaves no run folder behind.
+    pub fn abandon(self, written: &[&str]) {
+        if self.created {
+            for name in written {
+                let _ = std::fs::remove_file(self.dir.join(name));
+            }
+            let _ = std::fs::remove_file(self.dir.join(LOCK_FILE));
+            // Only an empty folder is removed: anything else in it is not this run's to delete.
+            let _ = std::fs::remove_dir(&self.dir);
+        }
     }
 }
 
