@@ -239,3 +239,48 @@ fn sample_plots_for_inspection() {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/plot-samples");
     plot_losses(&synthetic(true), &out, "sample run").unwrap();
 }
+
+/// A stage whose terms span decades (log scale) and whose largest term stays at the top of the
+/// range to the last step, where a legend in the upper right would sit on it.
+fn wide_range() -> Vec<MetricRecord> {
+    // Two stages of 20 steps (few points: each is marked with a dot).
+    (0..40u64)
+        .map(|g| {
+            let t = g as f64;
+            let rel = 1e-3 * (1.0 + 0.5 * (t * 0.3).sin());
+            let (stage, index) = if g < 20 { ("dpt", 0) } else { ("dft", 1) };
+            record(stage, index, g % 20, Some(g), &[("loss", 6.0 + rel), ("ce", 6.0), ("rel", rel)])
+        })
+        .collect()
+}
+
+/// The plotting area: the x axis (the lowest long run of the axis colour) from its first to its
+/// last column.
+fn plot_area(img: &RgbImage) -> (u32, u32, u32) {
+    let axis = [90u8, 90, 90];
+    let axis_row = (0..img.height()).rev().find(|&y| (0..img.width()).filter(|&x| img.get_pixel(x, y).0 == axis).count() > 300).unwrap();
+    let axis_start = (0..img.width()).find(|&x| img.get_pixel(x, axis_row).0 == axis).unwrap();
+    let axis_end = (0..img.width()).rev().find(|&x| img.get_pixel(x, axis_row).0 == axis).unwrap();
+    (axis_start, axis_row, axis_end)
+}
+
+#[test]
+fn legends_sit_beside_the_curves_and_log_plots_draw_nothing_below_their_axis() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = plot_losses(&wide_range(), dir.path(), "wide").unwrap();
+    for p in &paths {
+        let img = load(p);
+        let (axis_start, axis_row, axis_end) = plot_area(&img);
+        let frame = [150u8, 150, 150];
+        // Below the title band (its anti-aliased text has every grey).
+        let inside = (50..axis_row).flat_map(|y| (axis_start..axis_end).map(move |x| (x, y))).filter(|&(x, y)| img.get_pixel(x, y).0 == frame).count();
+        let beside = (0..img.height()).flat_map(|y| (axis_end + 1..img.width()).map(move |x| (x, y))).filter(|&(x, y)| img.get_pixel(x, y).0 == frame).count();
+        assert!(inside == 0 && beside > 0, "{}: legend frame pixels inside the plot {inside}, beside it {beside}", p.display());
+        let colours: Vec<[u8; 3]> = ["loss", "ce", "rel"].iter().map(|t| term_colour(t)).chain([stage_colour(0), stage_colour(1)]).map(|(r, g, b)| [r, g, b]).collect();
+        let below = (axis_row + 1..img.height())
+            .flat_map(|y| (0..axis_end).map(move |x| (x, y)))
+            .filter(|&(x, y)| colours.contains(&img.get_pixel(x, y).0))
+            .count();
+        assert_eq!(below, 0, "{}: curve pixels below the x axis", p.display());
+    }
+}

@@ -17,7 +17,7 @@ use crate::dist::{Collective, Solo};
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
 use crate::train::recipe::run_config;
-use crate::train::study::{run_study, StudyOptions};
+use crate::train::study::{data_dir, run_study, seed_dir, write_compare_questions, StudyOptions, STUDY_MODELS};
 
 pub struct TrainArgs {
     pub config: Option<PathBuf>,
@@ -35,6 +35,30 @@ fn fresh_run_dir() -> PathBuf {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let base = Path::new("runs").join(format!("run-{secs}"));
     (0..).map(|i| if i == 0 { base.clone() } else { PathBuf::from(format!("{}-{i}", base.display())) }).find(|p| !p.exists()).unwrap_or(base)
+}
+
+/// `seed-1/compare.html`: the teacher, the baseline student and the LLaVA-KD student of the first
+/// seed answer every held-out question about three held-out images, side by side.
+fn compare_report(out: &Path, device: Device) -> Result<PathBuf> {
+    let dir = seed_dir(out, 1);
+    let shown = &STUDY_MODELS[..3];
+    let html = dir.join("compare.html");
+    super::compare::run(super::compare::CompareArgs {
+        models: shown.iter().map(|(name, _)| dir.join("models").join(name)).collect(),
+        names: Some(shown.iter().map(|(_, row)| row.to_string()).collect()),
+        data: write_compare_questions(out, &dir, 3)?,
+        image_folder: data_dir(out),
+        out: html.clone(),
+        metric: Some(super::eval::MetricArg::Exact),
+        batch: 8,
+        // The study's answers are one word: its own evaluation stops after 4 tokens.
+        max_new_tokens: 4,
+        prompt_suffix: String::new(),
+        template: None,
+        title: "kd-engine miniature study, seed 1: held-out questions".into(),
+        device,
+    })?;
+    Ok(html)
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -129,7 +153,13 @@ fn run_on<B: Backend>(be: &B, comm: &dyn Collective<B>, a: &TrainArgs) -> Result
             let opts = StudyOptions { quick: a.quick, ablation: a.ablation, seeds: (1..=a.seeds as u64).collect(), out: out.clone(), progress };
             let table = run_study(be, &opts)?;
             println!("{table}");
-            eprintln!("results, metrics, plots and checkpoints in {}", out.display());
+            let report = compare_report(&out, a.device)?;
+            eprintln!(
+                "results in {out}: results.md, and per seed models/ (HF folders for generate, eval and compare), predictions/, runs/ \
+                 (metrics, plots, checkpoints); the models side by side: {}",
+                report.display(),
+                out = out.display()
+            );
             Ok(())
         }
     }

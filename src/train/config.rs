@@ -177,6 +177,9 @@ pub enum Target {
 #[serde(deny_unknown_fields)]
 pub struct StageConfig {
     pub kind: StageKind,
+    /// What the stage is called in the log, `metrics.jsonl` and the plots; default: its kind.
+    #[serde(default)]
+    pub name: Option<String>,
     /// LLaVA JSON or JSONL.
     pub data: PathBuf,
     /// Root of the samples' image paths; default: the data file's folder.
@@ -230,6 +233,10 @@ impl StageConfig {
     pub fn micro_batch(&self) -> usize {
         self.micro_batch.unwrap_or(self.global_batch)
     }
+    /// The stage's name: `name`, else its kind (`dpt`).
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(self.kind.name())
+    }
     pub fn template_name(&self) -> &str {
         self.template.as_deref().unwrap_or(self.kind.default_template())
     }
@@ -251,6 +258,7 @@ impl StageConfig {
         ensure!((0.0..1.0).contains(&self.warmup_ratio), "{}: must be in [0, 1), found {}", at("warmup_ratio"), self.warmup_ratio);
         ensure!(self.temperature > 0.0, "{}: must be positive, found {}", at("temperature"), self.temperature);
         ensure!(self.max_len > 0, "{}: must be positive", at("max_len"));
+        ensure!(!self.name.as_ref().is_some_and(|n| n.trim().is_empty()), "{}: must not be empty", at("name"));
         for (name, v) in [("alpha", self.alpha), ("beta", self.beta), ("gamma", self.gamma), ("weight_decay", self.weight_decay), ("max_grad_norm", self.max_grad_norm)] {
             ensure!(v.is_finite() && v >= 0.0, "{}: must be a non-negative number, found {v}", at(name));
         }

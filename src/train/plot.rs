@@ -541,7 +541,10 @@ where
     Y: AsRangedCoord<Value = f64>,
     Y::CoordDescType: ValueFormatter<f64>,
 {
-    let mut chart = ChartBuilder::on(root)
+    // The legend gets its own column right of the chart, so it never covers a curve.
+    let (w, _) = root.dim_in_pixel();
+    let (plot_area, legend_area) = root.split_horizontally(w.saturating_sub(LEGEND_WIDTH));
+    let mut chart = ChartBuilder::on(&plot_area)
         .caption(title, (FONT, 26).into_font().color(&BLACK))
         .margin(18)
         .x_label_area_size(52)
@@ -594,12 +597,7 @@ where
 
     for l in lines {
         let style = ShapeStyle::from(&l.colour).stroke_width(l.width);
-        let legend_style = style;
-        chart
-            .draw_series(LineSeries::new(l.points.iter().copied(), style))
-            .map_err(plot_err)?
-            .label(l.label.clone())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 22, y)], legend_style));
+        chart.draw_series(LineSeries::new(l.points.iter().copied(), style)).map_err(plot_err)?;
         // Few points: mark them, so a one-point series still shows.
         if l.points.len() <= 40 {
             chart
@@ -617,17 +615,27 @@ where
         ))
         .map_err(plot_err)?;
     }
-    if !lines.is_empty() {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .margin(12)
-            .legend_area_size(30)
-            .label_font((FONT, 16).into_font().color(&BLACK))
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(150, 150, 150))
-            .draw()
-            .map_err(plot_err)?;
+    draw_legend(&legend_area, lines)
+}
+
+/// Width of the legend column right of each chart, in pixels.
+const LEGEND_WIDTH: u32 = 200;
+
+/// One entry per line (a sample of its stroke and its label) in a framed box at the top of the
+/// legend column.
+fn draw_legend(area: &DrawingArea<BitMapBackend<'_>, Shift>, lines: &[Line]) -> Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let (top, row) = (70i32, 24i32);
+    let bottom = top + 8 + row * lines.len() as i32;
+    area.draw(&Rectangle::new([(4, top - 14), (LEGEND_WIDTH as i32 - 14, bottom)], RGBColor(150, 150, 150)))
+        .map_err(plot_err)?;
+    for (i, l) in lines.iter().enumerate() {
+        let y = top + row * i as i32;
+        let style = ShapeStyle::from(&l.colour).stroke_width(l.width);
+        area.draw(&PathElement::new([(14, y), (36, y)], style)).map_err(plot_err)?;
+        area.draw(&Text::new(l.label.clone(), (44, y - 9), (FONT, 16).into_font().color(&BLACK))).map_err(plot_err)?;
     }
     Ok(())
 }

@@ -123,7 +123,7 @@ pub fn run_stage<B: Backend>(
     state: &mut TrainState,
     resume_from: Option<&Path>,
 ) -> Result<()> {
-    let name = stage.kind.name().to_uppercase();
+    let name = stage.label().to_uppercase();
     student.model.llm.gradient_checkpointing = ctx.run.gradient_checkpointing;
     let objective = distill_config(stage);
     let teacher = match (objective.needs_teacher(), teacher) {
@@ -368,7 +368,7 @@ pub fn run_stage<B: Backend>(
             state.optimizer_step = opt.step;
 
             let elapsed = step_start.elapsed().as_secs_f64();
-            record.insert("stage".into(), json!(stage.kind.name()));
+            record.insert("stage".into(), json!(stage.label()));
             record.insert("stage_index".into(), json!(stage_index));
             record.insert("step".into(), json!(state.stage_step));
             record.insert("global_step".into(), json!(state.global_step));

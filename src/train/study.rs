@@ -5,12 +5,17 @@
 //! PT→SFT, a student baseline PT→SFT and a student trained with LLaVA-KD (DPT→SFT→DFT), all
 //! evaluated on held-out questions about held-out images, in the form of paper Table A8.
 //! `--ablation` adds the per-stage variants of Table A5 (DPT→SFT and PT→SFT→DFT).
+//!
+//! Each seed's folder keeps what a user can run again: every trained model as an HF LLaVA folder
+//! with its tokenizer (`models/teacher`, `models/student-baseline`, `models/student-llava-kd`,
+//! ...; `kd-engine generate / eval / compare` take them), each model's answer to every held-out
+//! question (`predictions/NAME.jsonl`), and the runs' metrics, plots and checkpoints (`runs/`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -24,7 +29,7 @@ use crate::data::{
     StudyFiles, StudySpec, Template, Turn, IMAGE_TAG,
 };
 use crate::eval::greedy_answers;
-use crate::model::{Arch, FeatureSelect, Llm, LlmConfig, Mllm, MllmWeights, ParamSet, ParamSpec, VisionConfig, VisionTower};
+use crate::model::{export_llava, Arch, ExportOptions, FeatureSelect, Llm, LlmConfig, Mllm, MllmWeights, ParamSet, ParamSpec, VisionConfig, VisionTower};
 use crate::weights::{write_safetensors, NamedTensor};
 
 /// What to run.
@@ -100,6 +105,7 @@ fn plan(quick: bool, vocab: usize) -> Plan {
 pub fn stage(kind: StageKind, data: &Path, lr: f64, epochs: f64, batch: usize) -> StageConfig {
     StageConfig {
         kind,
+        name: None,
         data: data.to_path_buf(),
         image_folder: None,
         template: None,
@@ -197,7 +203,19 @@ pub struct Score {
     pub by_kind: BTreeMap<String, f64>,
 }
 
-pub fn evaluate<B: Backend>(be: &B, m: &MllmState<B::Buf>, files: &StudyFiles) -> Result<Score> {
+/// One model's answer to one held-out question.
+#[derive(Clone, Debug, Serialize)]
+pub struct Prediction {
+    pub id: String,
+    pub image: String,
+    pub question: String,
+    pub answer: String,
+    pub prediction: String,
+    pub correct: bool,
+}
+
+/// Scores `m` on the held-out questions; returns the score and every answer.
+pub fn evaluate<B: Backend>(be: &B, m: &MllmState<B::Buf>, files: &StudyFiles) -> Result<(Score, Vec<Prediction>)> {
     let text = std::fs::read_to_string(&files.eval)?;
     let template = Template::phi();
     let opts = EncodeOptions { n_visual_tokens: m.model.visual_tokens(), visual_placeholder_id: default_visual_placeholder(&m.tokenizer), max_len: 2048 };
@@ -212,21 +230,87 @@ pub fn evaluate<B: Backend>(be: &B, m: &MllmState<B::Buf>, files: &StudyFiles) -
         let pixels = preprocess(&load_rgb(&files.dir.join(&image))?, &m.processor)?;
         prompts.push((sample, Some(pixels)));
         let kind = id.rsplit('-').next().unwrap_or("all").to_string();
-        refs.push((kind, answer));
+        refs.push((kind, Prediction { id, image, question, answer, prediction: String::new(), correct: false }));
     }
     let eos = m.tokenizer.token_to_id("<|endoftext|>").context("the study tokenizer has no <|endoftext|>")?;
     let answers = greedy_answers(be, m, prompts, 4, &[eos])?;
     let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut right = 0;
-    for (ids, (kind, reference)) in answers.iter().zip(&refs) {
+    let n = refs.len();
+    let mut predictions = Vec::with_capacity(n);
+    for (ids, (kind, mut p)) in answers.iter().zip(refs) {
         let text = m.tokenizer.decode(ids, true).map_err(|e| anyhow::anyhow!("decoding an answer: {e}"))?;
-        let ok = answer_matches(&text, reference);
+        let ok = answer_matches(&text, &p.answer);
         right += ok as usize;
-        let e = per.entry(kind.clone()).or_default();
+        let e = per.entry(kind).or_default();
         e.0 += ok as usize;
         e.1 += 1;
+        (p.prediction, p.correct) = (text.trim().to_string(), ok);
+        predictions.push(p);
     }
-    Ok(Score { overall: right as f64 / refs.len().max(1) as f64, by_kind: per.into_iter().map(|(k, (r, n))| (k, r as f64 / n as f64)).collect() })
+    let score = Score { overall: right as f64 / n.max(1) as f64, by_kind: per.into_iter().map(|(k, (r, n))| (k, r as f64 / n as f64)).collect() };
+    Ok((score, predictions))
+}
+
+/// The models a seed keeps, in table order: (folder name under `models/`, row of the table).
+pub const STUDY_MODELS: &[(&str, &str)] = &[
+    ("teacher", "teacher (PT→SFT)"),
+    ("student-baseline", "student (PT→SFT)"),
+    ("student-llava-kd", "student + LLaVA-KD (DPT→SFT→DFT)"),
+    ("student-dpt-sft", "student DPT→SFT"),
+    ("student-pt-sft-dft", "student PT→SFT→DFT"),
+];
+
+/// Scores a trained model, writes its answers to `seed_dir/predictions/NAME.jsonl` and exports it
+/// with its tokenizer to `seed_dir/models/NAME`.
+fn evaluate_and_keep<B: Backend>(be: &B, m: &MllmState<B::Buf>, files: &StudyFiles, seed_dir: &Path, name: &str) -> Result<Score> {
+    let (score, predictions) = evaluate(be, m, files)?;
+    let dir = seed_dir.join("predictions");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut lines = String::new();
+    for p in &predictions {
+        lines.push_str(&serde_json::to_string(p)?);
+        lines.push('\n');
+    }
+    let path = dir.join(format!("{name}.jsonl"));
+    std::fs::write(&path, lines).with_context(|| format!("writing {}", path.display()))?;
+    let opts = ExportOptions { tokenizer: Some(&files.tokenizer), image_processor: Some(m.processor.clone()), ..ExportOptions::default() };
+    export_llava(be, &seed_dir.join("models").join(name), &m.model, &m.weights, &opts).with_context(|| format!("exporting the {name} model"))?;
+    Ok(score)
+}
+
+/// The folder of one seed's runs, models and predictions.
+pub fn seed_dir(out: &Path, seed: u64) -> PathBuf {
+    out.join(format!("seed-{seed}"))
+}
+
+/// The study's data folder (the `--image-folder` of its question files).
+pub fn data_dir(out: &Path) -> PathBuf {
+    out.join("data")
+}
+
+/// Writes the held-out questions about the first `images` held-out images to
+/// `dir/compare-questions.jsonl` (the input of the study's `compare` report) and returns its path.
+pub fn write_compare_questions(out: &Path, dir: &Path, images: usize) -> Result<PathBuf> {
+    let eval = data_dir(out).join("eval.jsonl");
+    let text = std::fs::read_to_string(&eval).with_context(|| format!("reading {}", eval.display()))?;
+    let mut seen: Vec<String> = Vec::new();
+    let mut keep = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line).with_context(|| format!("{} line {}", eval.display(), n + 1))?;
+        let image = v["image"].as_str().with_context(|| format!("{} line {}: no \"image\"", eval.display(), n + 1))?.to_string();
+        if !seen.contains(&image) {
+            if seen.len() == images {
+                continue;
+            }
+            seen.push(image);
+        }
+        keep.push_str(line);
+        keep.push('\n');
+    }
+    let path = dir.join("compare-questions.jsonl");
+    std::fs::write(&path, keep).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// The result rows of the study for one seed.
@@ -240,10 +324,14 @@ pub struct SeedResult {
 /// Runs the study; writes `results.json` and `results.md` into `opts.out` and returns the table.
 pub fn run_study<B: Backend>(be: &B, opts: &StudyOptions) -> Result<String> {
     let out = &opts.out;
+    // A study never writes over another's results (every run folder inside would refuse anyway,
+    // after the data were rewritten).
+    let used = std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
+    ensure!(!used, "{} is not empty: a study writes into a new or empty folder; choose another --out", out.display());
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let vocab = study_tokenizer()?.get_vocab_size(true);
     let p = plan(opts.quick, vocab);
-    let files = write_study_data(&out.join("data"), &p.spec)?;
+    let files = write_study_data(&data_dir(out), &p.spec)?;
     let vision_dir = out.join("vision");
     write_vision_tower(&vision_dir, &p.vision, 7)?;
     eprintln!(
@@ -260,29 +348,34 @@ pub fn run_study<B: Backend>(be: &B, opts: &StudyOptions) -> Result<String> {
     let pt = |kind| stage(kind, &files.pretrain, p.pt_lr, 1.0, p.batch);
     // The stand-in for a pretrained LLM (see `Plan::student_caption_epochs`): the whole model
     // trains on the captions, with the PT template.
-    let captions = |epochs| StageConfig { template: Some("pretrain".into()), ..stage(StageKind::Sft, &files.pretrain, p.sft_lr, epochs, p.batch) };
+    let captions = |epochs| StageConfig {
+        name: Some("captions".into()),
+        template: Some("pretrain".into()),
+        ..stage(StageKind::Sft, &files.pretrain, p.sft_lr, epochs, p.batch)
+    };
     let sft = |kind, epochs| stage(kind, &files.sft, p.sft_lr, epochs, p.batch);
-    let mut variants: Vec<(&str, Vec<StageConfig>)> = vec![
-        ("student (PT→SFT)", vec![pt(StageKind::Pt), sft(StageKind::Sft, p.sft_epochs)]),
-        ("student + LLaVA-KD (DPT→SFT→DFT)", vec![pt(StageKind::Dpt), sft(StageKind::Sft, p.sft_epochs), sft(StageKind::Dft, 1.0)]),
+    // In the order of STUDY_MODELS after the teacher.
+    let mut variants: Vec<Vec<StageConfig>> = vec![
+        vec![pt(StageKind::Pt), sft(StageKind::Sft, p.sft_epochs)],
+        vec![pt(StageKind::Dpt), sft(StageKind::Sft, p.sft_epochs), sft(StageKind::Dft, 1.0)],
     ];
     if opts.ablation {
-        variants.push(("student DPT→SFT", vec![pt(StageKind::Dpt), sft(StageKind::Sft, p.sft_epochs)]));
-        variants.push(("student PT→SFT→DFT", vec![pt(StageKind::Pt), sft(StageKind::Sft, p.sft_epochs), sft(StageKind::Dft, 1.0)]));
+        variants.push(vec![pt(StageKind::Dpt), sft(StageKind::Sft, p.sft_epochs)]);
+        variants.push(vec![pt(StageKind::Pt), sft(StageKind::Sft, p.sft_epochs), sft(StageKind::Dft, 1.0)]);
     }
     let mut results = Vec::new();
     for &seed in &opts.seeds {
         let started = Instant::now();
         let run = RunConfig { seed, log_every: 0, ..RunConfig::default() };
-        let seed_dir = out.join(format!("seed-{seed}"));
+        let seed_dir = seed_dir(out, seed);
         let mut rows = BTreeMap::new();
-        let recipe = |name: &str| RecipeRun { run: &run, out_dir: seed_dir.join(name), progress: opts.progress, resume: None, stop_after_global_step: None };
+        let recipe = |name: &str| RecipeRun { run: &run, out_dir: seed_dir.join("runs").join(name), progress: opts.progress, resume: None, stop_after_global_step: None };
 
         // Each LLM size gets its language once per seed; every model of that size starts there.
         let llm_start = |name: &str, cfg: &LlmConfig, init_seed: u64, epochs: f64| -> Result<PathBuf> {
             eprintln!("seed {seed}: {name} LLM: caption pretraining");
             let mut m = new_model(be, &vision_dir, cfg, &files.tokenizer, init_seed)?;
-            let r = recipe(&format!("{name}-llm"));
+            let r = recipe(&format!("{name}-captions"));
             run_stages(be, &r, &[captions(epochs)], &mut m, None)?;
             Ok(r.out_dir.join("checkpoint"))
         };
@@ -298,15 +391,16 @@ pub fn run_study<B: Backend>(be: &B, opts: &StudyOptions) -> Result<String> {
         let mut teacher = from_start(&p.teacher, teacher_seed, &teacher_start)?;
         eprintln!("seed {seed}: teacher (PT→SFT)");
         let teacher_sft = stage(StageKind::Sft, &files.sft, p.teacher_sft_lr, p.teacher_sft_epochs, p.batch);
-        run_stages(be, &recipe("teacher"), &[pt(StageKind::Pt), teacher_sft], &mut teacher, None)?;
-        rows.insert("teacher (PT→SFT)".to_string(), evaluate(be, &teacher, &files)?);
-        for (i, (name, stages)) in variants.iter().enumerate() {
-            eprintln!("seed {seed}: {name}");
+        let (teacher_name, teacher_row) = STUDY_MODELS[0];
+        run_stages(be, &recipe(teacher_name), &[pt(StageKind::Pt), teacher_sft], &mut teacher, None)?;
+        rows.insert(teacher_row.to_string(), evaluate_and_keep(be, &teacher, &files, &seed_dir, teacher_name)?);
+        for (&(name, row), stages) in STUDY_MODELS[1..].iter().zip(&variants) {
+            eprintln!("seed {seed}: {row}");
             // Every student variant starts from the same weights.
             let mut student = from_start(&p.student, student_seed, &student_start)?;
             let uses_teacher = stages.iter().any(|s| s.kind.distills());
-            run_stages(be, &recipe(&format!("student-{i}")), stages, &mut student, uses_teacher.then_some(&teacher))?;
-            rows.insert(name.to_string(), evaluate(be, &student, &files)?);
+            run_stages(be, &recipe(name), stages, &mut student, uses_teacher.then_some(&teacher))?;
+            rows.insert(row.to_string(), evaluate_and_keep(be, &student, &files, &seed_dir, name)?);
         }
         let r = SeedResult { seed, rows, seconds: started.elapsed().as_secs_f64() };
         eprintln!("seed {seed} done in {:.0}s", r.seconds);
