@@ -1,15 +1,18 @@
 //! `kd-engine compare`: two tiny random MLLM folders answer the same questions; the HTML report
 //! embeds the images, escapes the text and shows every model's answer, and renders in headless
 //! Chromium (Debian's `chromium`) with the images' pixels on screen. Without a Chromium binary the
-//! rendering test prints `skipped: chromium not installed` and passes, unless
-//! `KD_REQUIRE_CHROMIUM=1` (as in CI, which installs it).
+//! rendering test is reported as skipped (in the summary line: this file runs on the harness of
+//! `tests/common/harness.rs`), unless `KD_REQUIRE_CHROMIUM=1` (as in CI, which installs it).
 
 mod eval_common;
+#[path = "common/harness.rs"]
+mod harness;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use eval_common::{run, solid_png, tiny_mllm_folder, write_lines, Be};
+use harness::{Outcome, Test};
 use kd_engine::eval::answer::MllmRunner;
 use kd_engine::eval::questions::{question_prompt, read_questions};
 use kd_engine::eval::report::escape_html;
@@ -65,7 +68,6 @@ fn make_report() -> Made {
     Made { _tmp: tmp, html, answers }
 }
 
-#[test]
 fn report_embeds_images_escapes_text_and_shows_every_answer() {
     let m = make_report();
     let html = std::fs::read_to_string(&m.html).unwrap();
@@ -115,13 +117,11 @@ fn count(img: &image::RgbImage, rgb: [u8; 3]) -> usize {
     img.pixels().filter(|p| p.0 == rgb).count()
 }
 
-#[test]
-fn report_renders_in_headless_chromium() {
+fn report_renders_in_headless_chromium() -> Outcome {
     let Some(chrome) = chromium() else {
         // CI installs Debian's chromium and sets KD_REQUIRE_CHROMIUM=1, so there the check runs.
         assert!(!std::env::var("KD_REQUIRE_CHROMIUM").is_ok_and(|v| v == "1"), "KD_REQUIRE_CHROMIUM=1 but no chromium on PATH (or $CHROMIUM)");
-        println!("skipped: chromium not installed");
-        return;
+        return Outcome::Skipped("needs chromium (on PATH or $CHROMIUM)".into());
     };
     let m = make_report();
     let png = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("compare_report_screenshot.png");
@@ -142,4 +142,15 @@ fn report_renders_in_headless_chromium() {
     let tinted_x: Vec<u32> = img.enumerate_pixels().filter(|(_, _, p)| p.0 == [0xfb, 0xea, 0xea] || p.0 == [0xe8, 0xf6, 0xe8]).map(|(x, _, _)| x).collect();
     let (lo, hi) = (tinted_x.iter().min().unwrap(), tinted_x.iter().max().unwrap());
     assert!(hi - lo > 400, "answers side by side: tinted x range {lo}..{hi}");
+    Outcome::Passed
+}
+
+fn main() {
+    harness::run(&[
+        Test { name: "report_embeds_images_escapes_text_and_shows_every_answer", run: || {
+            report_embeds_images_escapes_text_and_shows_every_answer();
+            Outcome::Passed
+        } },
+        Test { name: "report_renders_in_headless_chromium", run: report_renders_in_headless_chromium },
+    ]);
 }

@@ -2,7 +2,8 @@
 //! (`tests/fixtures/make_data_fixtures.py`) on the real Qwen tokenizer.
 //!
 //! The Qwen `tokenizer.json` (7 MB) is not copied into the repository: these tests read it from
-//! `../shared/data/qwen2-tokenizer/` and print `skipped: ...` when it is absent.
+//! `../shared/data/qwen2-tokenizer/` and are reported as skipped (in the summary line) when it is
+//! absent: this file runs on the harness of `tests/common/harness.rs`.
 
 use std::path::{Path, PathBuf};
 
@@ -12,14 +13,18 @@ use kd_engine::data::{
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-fn qwen_tokenizer() -> Option<Tokenizer> {
+#[path = "common/harness.rs"]
+mod harness;
+use harness::{Outcome, Test};
+
+/// The real Qwen tokenizer, or why the test cannot run here.
+fn qwen_tokenizer() -> Result<Tokenizer, String> {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/qwen2-tokenizer/tokenizer.json");
     if !path.exists() {
-        println!("skipped: {} is absent", path.display());
-        return None;
+        return Err(format!("needs the Qwen tokenizer, {} is absent", path.display()));
     }
-    Some(load_tokenizer(&path).unwrap())
+    Ok(load_tokenizer(&path).unwrap())
 }
 
 fn fixture(name: &str) -> Value {
@@ -42,8 +47,11 @@ fn turns(case: &Value) -> Vec<Turn> {
         .collect()
 }
 
-fn check_case(name: &str) {
-    let Some(tok) = qwen_tokenizer() else { return };
+fn check_case(name: &str) -> Outcome {
+    let tok = match qwen_tokenizer() {
+        Ok(t) => t,
+        Err(why) => return Outcome::Skipped(why),
+    };
     let case = fixture(name);
     let template = Template::builtin(case["template"].as_str().unwrap()).unwrap();
     let opts = EncodeOptions {
@@ -88,26 +96,26 @@ fn check_case(name: &str) {
         got.len(),
         got.n_response()
     );
+    Outcome::Passed
 }
 
-#[test]
-fn phi_two_turn_with_image_matches_tinyllava() {
-    check_case("phi_two_turn");
+fn phi_two_turn_with_image_matches_tinyllava() -> Outcome {
+    check_case("phi_two_turn")
 }
 
-#[test]
-fn phi_text_only_digits_and_newlines_match_tinyllava() {
-    check_case("phi_text_digits");
+fn phi_text_only_digits_and_newlines_match_tinyllava() -> Outcome {
+    check_case("phi_text_digits")
 }
 
-#[test]
-fn pretrain_caption_matches_tinyllava() {
-    check_case("pretrain");
+fn pretrain_caption_matches_tinyllava() -> Outcome {
+    check_case("pretrain")
 }
 
-#[test]
-fn truncation_with_the_real_tokenizer() {
-    let Some(tok) = qwen_tokenizer() else { return };
+fn truncation_with_the_real_tokenizer() -> Outcome {
+    let tok = match qwen_tokenizer() {
+        Ok(t) => t,
+        Err(why) => return Outcome::Skipped(why),
+    };
     let case = fixture("phi_two_turn");
     let t = Template::phi();
     let full = t
@@ -159,11 +167,14 @@ fn truncation_with_the_real_tokenizer() {
         .encode(&turns(&case), true, &tok, &opts(first_visual + 2))
         .unwrap_err();
     assert!(format!("{err}").contains("visual"), "{err}");
+    Outcome::Passed
 }
 
-#[test]
-fn generation_prompt_ends_at_assistant_colon() {
-    let Some(tok) = qwen_tokenizer() else { return };
+fn generation_prompt_ends_at_assistant_colon() -> Outcome {
+    let tok = match qwen_tokenizer() {
+        Ok(t) => t,
+        Err(why) => return Outcome::Skipped(why),
+    };
     let opts = EncodeOptions {
         n_visual_tokens: 3,
         visual_placeholder_id: 7,
@@ -184,6 +195,7 @@ fn generation_prompt_ends_at_assistant_colon() {
         text.ends_with(" USER: (((\nWhat is this? ASSISTANT:"),
         "{text:?}"
     );
+    Outcome::Passed
 }
 
 /// A word-level tokenizer with `<s>`/`</s>` for the LLaMA template (no LLaMA vocabulary ships
@@ -202,7 +214,6 @@ const TINY_TOKENIZER: &str = r#"{
     "hi": 6, "hello": 7, "there": 8, ".": 9}, "unk_token": "<unk>"}
 }"#;
 
-#[test]
 fn llama_template_has_bos_and_eos_targets() {
     let tok: Tokenizer = TINY_TOKENIZER.parse().unwrap();
     let opts = EncodeOptions {
@@ -245,7 +256,6 @@ fn llama_template_has_bos_and_eos_targets() {
     assert_eq!(s.groups[0], Prompt);
 }
 
-#[test]
 fn llama_template_without_bos_token_is_an_error() {
     let tok: Tokenizer = TINY_TOKENIZER.replace("\"<s>\": 1, ", "").replace(
         r#"{"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},"#,
@@ -272,7 +282,6 @@ fn llama_template_without_bos_token_is_an_error() {
     assert!(format!("{err}").contains("BOS"), "{err}");
 }
 
-#[test]
 fn tokenizer_folder_with_only_sentencepiece_model_explains_conversion() {
     let dir = std::env::temp_dir().join(format!("kd-engine-spm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -283,4 +292,26 @@ fn tokenizer_folder_with_only_sentencepiece_model_explains_conversion() {
         err.contains("tokenizer.model") && err.contains("save_pretrained"),
         "{err}"
     );
+}
+
+fn main() {
+    harness::run(&[
+        Test { name: "phi_two_turn_with_image_matches_tinyllava", run: phi_two_turn_with_image_matches_tinyllava },
+        Test { name: "phi_text_only_digits_and_newlines_match_tinyllava", run: phi_text_only_digits_and_newlines_match_tinyllava },
+        Test { name: "pretrain_caption_matches_tinyllava", run: pretrain_caption_matches_tinyllava },
+        Test { name: "truncation_with_the_real_tokenizer", run: truncation_with_the_real_tokenizer },
+        Test { name: "generation_prompt_ends_at_assistant_colon", run: generation_prompt_ends_at_assistant_colon },
+        Test { name: "llama_template_has_bos_and_eos_targets", run: || {
+            llama_template_has_bos_and_eos_targets();
+            Outcome::Passed
+        } },
+        Test { name: "llama_template_without_bos_token_is_an_error", run: || {
+            llama_template_without_bos_token_is_an_error();
+            Outcome::Passed
+        } },
+        Test { name: "tokenizer_folder_with_only_sentencepiece_model_explains_conversion", run: || {
+            tokenizer_folder_with_only_sentencepiece_model_explains_conversion();
+            Outcome::Passed
+        } },
+    ]);
 }

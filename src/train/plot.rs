@@ -628,8 +628,8 @@ fn draw_legend(area: &DrawingArea<BitMapBackend<'_>, Shift>, lines: &[Line]) -> 
         return Ok(());
     }
     let (top, row) = (70i32, 24i32);
-    let bottom = top + 8 + row * lines.len() as i32;
-    area.draw(&Rectangle::new([(4, top - 14), (LEGEND_WIDTH as i32 - 14, bottom)], RGBColor(150, 150, 150)))
+    let bottom = top + row * (lines.len() as i32 - 1) + 14;
+    area.draw(&Rectangle::new([(4, top - 16), (LEGEND_WIDTH as i32 - 14, bottom)], RGBColor(150, 150, 150)))
         .map_err(plot_err)?;
     for (i, l) in lines.iter().enumerate() {
         let y = top + row * i as i32;
