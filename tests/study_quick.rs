@@ -85,16 +85,22 @@ fn quick_study_runs_end_to_end_and_writes_its_table() {
         .output()
         .unwrap();
     assert!(gen.status.success(), "generate: {}", String::from_utf8_lossy(&gen.stderr));
+    // eval, asked as the study asks (no instruction after the question), scores the exported
+    // model as the table does: the export is the model that was scored.
     let eval = Command::new(env!("CARGO_BIN_EXE_kd-engine"))
-        .args(["eval", "--device", "cpu", "--metric", "exact", "--max-new-tokens", "4", "--model"])
+        .args(["eval", "--device", "cpu", "--metric", "exact", "--max-new-tokens", "4", "--prompt-suffix", "", "--model"])
         .arg(&model)
         .arg("--data")
         .arg(out_dir.join("data/eval.jsonl"))
         .arg("--image-folder")
         .arg(out_dir.join("data"))
+        .arg("--out")
+        .arg(dir.path().join("eval-predictions.jsonl"))
         .output()
         .unwrap();
-    assert!(eval.status.success(), "eval: {}", String::from_utf8_lossy(&eval.stderr));
+    let err = format!("{}{}", String::from_utf8_lossy(&eval.stdout), String::from_utf8_lossy(&eval.stderr));
+    let want = format!("accuracy {:.2} %", 100.0 * rows[names[2]]["overall"].as_f64().unwrap());
+    assert!(eval.status.success() && err.contains(&want), "eval does not reproduce the table ({want}): {err}");
 
     // A second study into the same folder is refused before anything is written.
     let again = Command::new(env!("CARGO_BIN_EXE_kd-engine")).args(["train", "--quick", "--device", "cpu", "--out"]).arg(&out_dir).output().unwrap();

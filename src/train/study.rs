@@ -30,7 +30,7 @@ use crate::data::{
 };
 use crate::eval::greedy_answers;
 use crate::model::{export_llava, Arch, ExportOptions, FeatureSelect, Llm, LlmConfig, Mllm, MllmWeights, ParamSet, ParamSpec, VisionConfig, VisionTower};
-use crate::weights::{write_safetensors, NamedTensor};
+use crate::weights::{write_safetensors, NamedTensor, StoreDtype};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -274,7 +274,9 @@ fn evaluate_and_keep<B: Backend>(be: &B, m: &MllmState<B::Buf>, files: &StudyFil
     }
     let path = dir.join(format!("{name}.jsonl"));
     std::fs::write(&path, lines).with_context(|| format!("writing {}", path.display()))?;
-    let opts = ExportOptions { tokenizer: Some(&files.tokenizer), image_processor: Some(m.processor.clone()), ..ExportOptions::default() };
+    // f32: the exported model is the one the table scores (bf16 rounding moves these tiny
+    // models' greedy answers), and at this size the file is small anyway.
+    let opts = ExportOptions { tokenizer: Some(&files.tokenizer), image_processor: Some(m.processor.clone()), dtype: StoreDtype::F32, ..ExportOptions::default() };
     export_llava(be, &seed_dir.join("models").join(name), &m.model, &m.weights, &opts).with_context(|| format!("exporting the {name} model"))?;
     Ok(score)
 }
