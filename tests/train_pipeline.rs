@@ -478,6 +478,10 @@ fn absurd_epoch_counts_train_to_max_steps_without_building_the_whole_order() {
         let st = run(&s, &format!("epochs-{i}"), &rc, &[stage], &mut model(&s, 16, 1), None, None, None).unwrap();
         assert_eq!(st.global_step, 2, "epochs {epochs}");
     }
+    // A batch beyond any dataset is one step of every sample; a huge max_len truncates nothing.
+    let stage = StageConfig { global_batch: usize::MAX, micro_batch: Some(usize::MAX), max_len: usize::MAX, ..short(StageKind::Pt, &s.pretrain, 2) };
+    let st = run(&s, "huge-batch", &rc, &[stage], &mut model(&s, 16, 1), None, None, None).unwrap();
+    assert_eq!(st.global_step, 1);
 }
 
 #[test]

@@ -82,7 +82,7 @@ pub enum Command {
         /// Run folder (default: a fresh runs/run-<time>).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Study: the small version (smoke test, about 30 s a seed on 2 cores).
+        /// Study: the small version (smoke test, about 30-40 s a seed on 2 cores).
         #[arg(long)]
         quick: bool,
         /// Study: add the per-stage ablation of paper Table A5 (DPT→SFT, PT→SFT→DFT).
