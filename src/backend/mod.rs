@@ -116,6 +116,12 @@ pub trait Backend: Send + Sync {
 
     // ---- memory ----
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer for an op to overwrite whole (an output, never an accumulator): its contents are
+    /// unspecified until then. On CUDA it skips the zero-fill (a memset per op); the simulated
+    /// device fills it with NaN, so an op that reads it before writing shows in every test.
+    fn empty(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
     /// Host f32 → buffer (converting to the storage type).
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     /// Buffer → host f32.
@@ -131,7 +137,7 @@ pub trait Backend: Send + Sync {
     /// A copy of `buf` in a new buffer.
     fn duplicate(&self, buf: &Self::Buf) -> Result<Self::Buf> {
         let n = self.len(buf);
-        let mut out = self.zeros(n)?;
+        let mut out = self.empty(n)?;
         self.copy_range(buf, 0, &mut out, 0, n)?;
         Ok(out)
     }
@@ -467,14 +473,14 @@ pub fn attention_decode_by_attention<B: Backend + ?Sized>(
     let causal = AttnShape { causal: true, ..shape };
     for (r, (&slot, &len)) in slots.iter().zip(lens).enumerate() {
         let base = slot as usize * capacity * kvd;
-        let mut k = be.zeros(len * kvd)?;
-        let mut v = be.zeros(len * kvd)?;
+        let mut k = be.empty(len * kvd)?;
+        let mut v = be.empty(len * kvd)?;
         be.copy_range(k_cache, base, &mut k, 0, len * kvd)?;
         be.copy_range(v_cache, base, &mut v, 0, len * kvd)?;
         let mut qs = be.zeros(len * qd)?;
         be.copy_range(q, r * qd, &mut qs, (len - 1) * qd, qd)?;
-        let mut o = be.zeros(len * qd)?;
-        let mut lse = be.zeros(len * shape.n_heads)?;
+        let mut o = be.empty(len * qd)?;
+        let mut lse = be.empty(len * shape.n_heads)?;
         be.attention(causal, &[len], &qs, &k, &v, &mut o, &mut lse)?;
         be.copy_range(&o, (len - 1) * qd, out, r * qd, qd)?;
     }

@@ -90,6 +90,15 @@ pub struct BenchStepArgs {
     /// the block in the backward.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// With --scale: divide only the widths, vocabulary and tokens, and keep the anchor's layer
+    /// counts (the simulated device then counts a step's launches, copies and syncs as the
+    /// anchor's depth makes them).
+    #[arg(long)]
+    keep_layers: bool,
+    /// No device synchronisation between the phases: only the whole step is timed, and the
+    /// simulated device's counts are the step's own (the phase timings otherwise add 6 waits).
+    #[arg(long)]
+    no_phase_sync: bool,
     /// Rows per chunk of the fused head.
     #[arg(long, default_value_t = crate::loss::fused_head::DEFAULT_CHUNK_ROWS)]
     chunk_rows: usize,
@@ -128,10 +137,11 @@ struct Shapes {
     response: usize,
 }
 
-fn llm_preset(name: &str, scale: usize) -> Result<LlmConfig> {
-    match presets::find(name)?.scaled(scale).model {
-        PresetModel::Llm(c) => Ok(c),
-        PresetModel::Vision(_) => bail!("preset {name} is a vision tower, not a decoder"),
+fn llm_preset(name: &str, scale: usize, keep_layers: bool) -> Result<LlmConfig> {
+    let full = presets::find(name)?;
+    match (full.scaled(scale).model, &full.model) {
+        (PresetModel::Llm(c), PresetModel::Llm(f)) => Ok(LlmConfig { layers: if keep_layers { f.layers } else { c.layers }, ..c }),
+        _ => bail!("preset {name} is a vision tower, not a decoder"),
     }
 }
 
@@ -139,11 +149,12 @@ fn shapes(a: &BenchStepArgs) -> Result<Shapes> {
     ensure!(a.scale() >= 1, "--scale must be at least 1");
     ensure!(a.batch >= 1, "--batch must be at least 1");
     let s = a.scale();
-    let student = llm_preset(&a.student, s)?;
-    let teacher = llm_preset(&a.teacher, s)?;
-    let vision = match presets::find(&a.vision)?.scaled(s).model {
-        PresetModel::Vision(c) => c,
-        PresetModel::Llm(_) => bail!("preset {} is a decoder, not a vision tower", a.vision),
+    let student = llm_preset(&a.student, s, a.keep_layers)?;
+    let teacher = llm_preset(&a.teacher, s, a.keep_layers)?;
+    let full_vision = presets::find(&a.vision)?;
+    let vision = match (full_vision.scaled(s).model, &full_vision.model) {
+        (PresetModel::Vision(c), PresetModel::Vision(f)) => VisionConfig { layers: if a.keep_layers { f.layers } else { c.layers }, ..c },
+        _ => bail!("preset {} is a decoder, not a vision tower", a.vision),
     };
     let visual = vision.tokens() - 1; // "patch" selection drops the first token
     let (before, after) = ((PROMPT_BEFORE / s).max(1), (PROMPT_AFTER / s).max(1));
@@ -304,7 +315,9 @@ fn bench<B: Backend>(
             *clock = Instant::now();
         };
         let features = student.encode_images(be, &ws.vision, &batch.pixel_values)?;
-        sync(be, &features)?;
+        if !a.no_phase_sync {
+            sync(be, &features)?;
+        }
         lap(0, &mut clock);
         let tfeat = be.duplicate(&features)?;
         let t_hidden = teacher.hidden_states(be, &wt, &batch, Some(tfeat))?;
@@ -312,10 +325,14 @@ fn bench<B: Backend>(
             HeadMode::Direct => Some(teacher.llm.lm_head(be, &wt.llm, &t_hidden)?),
             HeadMode::Fused => None,
         };
-        sync(be, tlogits.as_ref().unwrap_or(&t_hidden))?;
+        if !a.no_phase_sync {
+            sync(be, tlogits.as_ref().unwrap_or(&t_hidden))?;
+        }
         lap(1, &mut clock);
         let sacts = student.forward(be, &ws, &batch, Some(features))?;
-        sync(be, &sacts.llm.hidden)?;
+        if !a.no_phase_sync {
+            sync(be, &sacts.llm.hidden)?;
+        }
         lap(2, &mut clock);
         let (report, dh) = match a.head {
             HeadMode::Fused => {
@@ -338,11 +355,15 @@ fn bench<B: Backend>(
             }
         };
         drop((t_hidden, tlogits));
-        sync(be, &dh)?;
+        if !a.no_phase_sync {
+            sync(be, &dh)?;
+        }
         lap(3, &mut clock);
         student.backward(be, &ws, &sacts, &dh, MllmGrads { projector: Some(&mut gproj), llm: Some(&mut gllm) })?;
         drop(sacts);
-        sync(be, &gproj.bufs[0])?;
+        if !a.no_phase_sync {
+            sync(be, &gproj.bufs[0])?;
+        }
         lap(4, &mut clock);
         opt.step(be, &mut [&mut ws.projector, &mut ws.llm], &[&gproj, &gllm], 2e-5)?;
         gproj.zero_all(be)?;
@@ -557,6 +578,12 @@ pub fn run(a: BenchStepArgs) -> Result<()> {
                 allocs_at_reset.set(be.pool_stats().driver_allocs);
                 counted_from.set(sim::counters());
             };
+            // The simulated device runs kernels on the CPU emulator: the anchor would take days.
+            ensure!(
+                !sim::active() || a.scale.is_some(),
+                "bench-step on the simulated CUDA device (KD_CUDA_SIM=1) needs --scale: its kernels run on a CPU emulator; \
+                 count a step's work with --scale 16 --keep-layers"
+            );
             let mut r = bench(&be, &a, &peak, &reset, "kd-engine's device buffers, high-water mark over the timed steps", 2)?;
             if let (Some(from), Some(now)) = (counted_from.get(), sim::counters()) {
                 r["simulated_device_per_step"] = per_step(&now.since(&from), a.steps);

@@ -140,7 +140,7 @@ pub fn generate<B: Backend>(
     let mut sampler = Sampler::new(opts.sampling, n);
     let slots: Vec<usize> = (0..n).collect();
     let hidden = llm.prefill(be, w, x, seq_lens, &slots, &mut cache)?;
-    let mut last = be.zeros(n * h)?;
+    let mut last = be.empty(n * h)?;
     let mut end = 0;
     for (i, &len) in seq_lens.iter().enumerate() {
         end += len;

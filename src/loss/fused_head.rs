@@ -149,7 +149,7 @@ fn runs(rows: &[u32]) -> Vec<(usize, usize, usize)> {
 
 /// `out[local rows] = src[rows]` for rows of width `w`.
 fn gather<B: Backend>(be: &B, src: &B::Buf, rows: &[u32], w: usize) -> Result<B::Buf> {
-    let mut out = be.zeros(rows.len() * w)?;
+    let mut out = be.empty(rows.len() * w)?;
     for (g, l, n) in runs(rows) {
         be.copy_range(src, g * w, &mut out, l * w, n * w)?;
     }
@@ -282,7 +282,7 @@ pub fn fused_distill_loss<B: Backend>(
     for chunk in &chunks {
         let c = chunk.rows.len();
         let h_chunk = gather(be, student.hidden, &chunk.rows, hs)?;
-        let mut zs = be.zeros(c * vs)?;
+        let mut zs = be.empty(c * vs)?;
         be.gemm(Gemm::linear(c, vs, hs), &h_chunk, student.weight, &mut zs)?;
         let mut dz = be.zeros(c * vs)?;
         let local_targets: Vec<i32> = chunk.rows.iter().map(|&r| targets[r as usize]).collect();
@@ -301,7 +301,7 @@ pub fn fused_distill_loss<B: Backend>(
         if let (Some(t), Some(shape)) = (teacher, shape) {
             if distils {
                 let ht_chunk = gather(be, t.hidden, &chunk.rows, t.hidden_size)?;
-                let mut zt = be.zeros(c * t.vocab)?;
+                let mut zt = be.empty(c * t.vocab)?;
                 be.gemm(Gemm::linear(c, t.vocab, t.hidden_size), &ht_chunk, t.weight, &mut zt)?;
                 drop(ht_chunk);
                 let kl = |rows: &[u32], weight: f32, count: usize, dz: &mut B::Buf| -> Result<f64> {
@@ -326,7 +326,7 @@ pub fn fused_distill_loss<B: Backend>(
             }
         }
         drop(zs);
-        let mut dh_chunk = be.zeros(c * hs)?;
+        let mut dh_chunk = be.empty(c * hs)?;
         be.gemm(Gemm::linear_input_grad(c, vs, hs, false), &dz, student.weight, &mut dh_chunk)?;
         scatter(be, &dh_chunk, &chunk.rows, hs, dhidden)?;
         if let Some(dw) = dweight.as_deref_mut() {

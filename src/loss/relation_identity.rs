@@ -60,7 +60,7 @@ fn head_prefix<B: Backend>(be: &B, weight: &B::Buf, vocab: usize, hidden: usize,
     if kept == vocab {
         return Ok(None);
     }
-    let mut w = be.zeros(kept * hidden)?;
+    let mut w = be.empty(kept * hidden)?;
     be.copy_range(weight, 0, &mut w, 0, kept * hidden)?;
     Ok(Some(w))
 }
@@ -69,7 +69,7 @@ fn head_prefix<B: Backend>(be: &B, weight: &B::Buf, vocab: usize, hidden: usize,
 pub fn head_gram<B: Backend>(be: &B, weight: &B::Buf, vocab: usize, hidden: usize, kept: usize) -> Result<B::Buf> {
     let prefix = head_prefix(be, weight, vocab, hidden, kept)?;
     let w = prefix.as_ref().unwrap_or(weight);
-    let mut m = be.zeros(hidden * hidden)?;
+    let mut m = be.empty(hidden * hidden)?;
     let g = Gemm { m: hidden, n: hidden, k: kept, trans_a: true, trans_b: false, alpha: 1.0, beta: 0.0 };
     be.gemm(g, w, w, &mut m)?;
     Ok(m)
@@ -97,7 +97,7 @@ pub fn head_gram_backward<B: Backend>(
     match prefix {
         None => be.gemm(g, weight, dgram, dweight),
         Some(w) => {
-            let mut d = be.zeros(kept * hidden)?;
+            let mut d = be.empty(kept * hidden)?;
             be.copy_range(dweight, 0, &mut d, 0, kept * hidden)?;
             be.gemm(g, &w, dgram, &mut d)?;
             be.copy_range(&d, 0, dweight, 0, kept * hidden)
@@ -188,11 +188,11 @@ pub fn relation_loss_identity<B: Backend>(
     // R = (H·M)·Hᵀ; returns (H, T = H·M, R).
     let gram_of = |side: &GramSide<'_, B::Buf>, start: usize, n: usize| -> Result<(B::Buf, B::Buf, B::Buf)> {
         let h = side.hidden_size;
-        let mut x = be.zeros(n * h)?;
+        let mut x = be.empty(n * h)?;
         be.copy_range(side.hidden, start * h, &mut x, 0, n * h)?;
-        let mut t = be.zeros(n * h)?;
+        let mut t = be.empty(n * h)?;
         be.gemm(Gemm { m: n, n: h, k: h, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 }, &x, side.gram, &mut t)?;
-        let mut r = be.zeros(n * n)?;
+        let mut r = be.empty(n * n)?;
         be.gemm(Gemm::linear(n, n, h), &t, &x, &mut r)?;
         Ok((x, t, r))
     };
@@ -206,13 +206,13 @@ pub fn relation_loss_identity<B: Backend>(
         total += loss;
         let Some(g) = g else { continue };
         // dH_s[rows] += 2·G·T_s.
-        let mut d = be.zeros(n * hs)?;
+        let mut d = be.empty(n * hs)?;
         be.copy_range(dhidden, start * hs, &mut d, 0, n * hs)?;
         be.gemm(Gemm { m: n, n: hs, k: n, trans_a: false, trans_b: false, alpha: 2.0, beta: 1.0 }, &g, &ts, &mut d)?;
         be.copy_range(&d, 0, dhidden, start * hs, n * hs)?;
         // dM_s += H_sᵀ·(G·H_s).
         if let Some(dm) = dgram.as_deref_mut() {
-            let mut u = be.zeros(n * hs)?;
+            let mut u = be.empty(n * hs)?;
             be.gemm(Gemm { m: n, n: hs, k: n, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 }, &g, &xs, &mut u)?;
             be.gemm(Gemm { m: hs, n: hs, k: n, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 }, &xs, &u, dm)?;
         }

@@ -225,7 +225,7 @@ impl Llm {
 
     /// Token embeddings `[T, hidden]`.
     pub fn embed<B: Backend>(&self, be: &B, w: &ParamSet<B::Buf>, ids: &[u32]) -> Result<B::Buf> {
-        let mut x = be.zeros(ids.len() * self.cfg.hidden)?;
+        let mut x = be.empty(ids.len() * self.cfg.hidden)?;
         be.embedding(w.get(self.embed), ids, self.cfg.hidden, &mut x)?;
         Ok(x)
     }
@@ -254,8 +254,8 @@ impl Llm {
             layers.push(if self.gradient_checkpointing { SavedBlock::Input(acts.x_in) } else { SavedBlock::Full(acts) });
         }
         let t = layout.tokens();
-        let mut rstd_final = be.zeros(t)?;
-        let mut hidden = be.zeros(t * self.cfg.hidden)?;
+        let mut rstd_final = be.empty(t)?;
+        let mut hidden = be.empty(t * self.cfg.hidden)?;
         be.rmsnorm(&x, w.get(self.norm), self.cfg.rms_eps, &mut hidden, &mut rstd_final)?;
         Ok(LlmActs { layers, x_final: x, rstd_final, hidden, layout: layout.clone() })
     }
@@ -295,8 +295,8 @@ impl Llm {
         let c = &self.cfg;
         let t = layout.tokens();
         self.block(be, w, ids, x, &layout.positions, |q, k, v| {
-            let mut attn = be.zeros(t * c.heads * c.head_dim)?;
-            let mut lse = be.zeros(t * c.heads)?;
+            let mut attn = be.empty(t * c.heads * c.head_dim)?;
+            let mut lse = be.empty(t * c.heads)?;
             be.attention(self.attn_shape(), &layout.seq_lens, q, k, v, &mut attn, &mut lse)?;
             Ok((attn, lse))
         })
@@ -319,11 +319,11 @@ impl Llm {
         let c = &self.cfg;
         let t = positions.len();
         let (h, im, qd, kvd) = (c.hidden, c.intermediate, c.heads * c.head_dim, c.kv_heads * c.head_dim);
-        let mut rstd1 = be.zeros(t)?;
-        let mut h1 = be.zeros(t * h)?;
+        let mut rstd1 = be.empty(t)?;
+        let mut h1 = be.empty(t * h)?;
         be.rmsnorm(&x, w.get(ids.ln1), c.rms_eps, &mut h1, &mut rstd1)?;
         let linear = |wt: ParamId, b: Option<ParamId>, inp: &B::Buf, din: usize, dout: usize| -> Result<B::Buf> {
-            let mut y = be.zeros(t * dout)?;
+            let mut y = be.empty(t * dout)?;
             be.gemm(Gemm::linear(t, dout, din), inp, w.get(wt), &mut y)?;
             if let Some(b) = b {
                 be.add_bias(&mut y, w.get(b), t)?;
@@ -341,12 +341,12 @@ impl Llm {
         let mut x_mid = o;
         be.add_assign(&mut x_mid, &x_in)?;
 
-        let mut rstd2 = be.zeros(t)?;
-        let mut h2 = be.zeros(t * h)?;
+        let mut rstd2 = be.empty(t)?;
+        let mut h2 = be.empty(t * h)?;
         be.rmsnorm(&x_mid, w.get(ids.ln2), c.rms_eps, &mut h2, &mut rstd2)?;
         let gate = linear(ids.gate, None, &h2, h, im)?;
         let up = linear(ids.up, None, &h2, h, im)?;
-        let mut act = be.zeros(t * im)?;
+        let mut act = be.empty(t * im)?;
         be.swiglu(&gate, &up, &mut act)?;
         let mut x_out = linear(ids.down, None, &act, im, h)?;
         be.add_assign(&mut x_out, &x_mid)?;
@@ -356,8 +356,8 @@ impl Llm {
     /// The final RMSNorm alone (inference: no statistics kept).
     fn final_norm<B: Backend>(&self, be: &B, w: &ParamSet<B::Buf>, x: &B::Buf) -> Result<B::Buf> {
         let rows = be.len(x) / self.cfg.hidden;
-        let mut rstd = be.zeros(rows)?;
-        let mut hidden = be.zeros(rows * self.cfg.hidden)?;
+        let mut rstd = be.empty(rows)?;
+        let mut hidden = be.empty(rows * self.cfg.hidden)?;
         be.rmsnorm(x, w.get(self.norm), self.cfg.rms_eps, &mut hidden, &mut rstd)?;
         Ok(hidden)
     }
@@ -398,8 +398,8 @@ impl Llm {
                     be.copy_range(v, start * kvd, &mut layer.1, slot * cap * kvd, len * kvd)?;
                     start += len;
                 }
-                let mut attn = be.zeros(t * qd)?;
-                let mut lse = be.zeros(t * c.heads)?;
+                let mut attn = be.empty(t * qd)?;
+                let mut lse = be.empty(t * c.heads)?;
                 be.attention(self.attn_shape(), seq_lens, q, k, v, &mut attn, &mut lse)?;
                 Ok((attn, lse))
             })?;
@@ -446,7 +446,7 @@ impl Llm {
                     be.copy_range(k, row * kvd, &mut layer.0, at, kvd)?;
                     be.copy_range(v, row * kvd, &mut layer.1, at, kvd)?;
                 }
-                let mut attn = be.zeros(r * qd)?;
+                let mut attn = be.empty(r * qd)?;
                 be.attention_decode(self.attn_shape(), cap, &slots_u32, &lens, q, &layer.0, &layer.1, &mut attn)?;
                 Ok((attn, be.zeros(0)?))
             })?;
@@ -461,7 +461,7 @@ impl Llm {
     /// Logits `[rows, vocab]` of hidden states `[rows, hidden]`.
     pub fn lm_head<B: Backend>(&self, be: &B, w: &ParamSet<B::Buf>, hidden: &B::Buf) -> Result<B::Buf> {
         let rows = be.len(hidden) / self.cfg.hidden;
-        let mut logits = be.zeros(rows * self.cfg.vocab)?;
+        let mut logits = be.empty(rows * self.cfg.vocab)?;
         be.gemm(Gemm::linear(rows, self.cfg.vocab, self.cfg.hidden), hidden, w.get(self.lm_head), &mut logits)?;
         Ok(logits)
     }
@@ -477,7 +477,7 @@ impl Llm {
     ) -> Result<B::Buf> {
         let (hd, v) = (self.cfg.hidden, self.cfg.vocab);
         let rows = be.len(hidden) / hd;
-        let mut dh = be.zeros(rows * hd)?;
+        let mut dh = be.empty(rows * hd)?;
         be.gemm(Gemm::linear_input_grad(rows, v, hd, false), dlogits, w.get(self.lm_head), &mut dh)?;
         if let Some(g) = grads {
             be.gemm(Gemm::linear_weight_grad(rows, v, hd), dlogits, hidden, g.get_mut(self.lm_head))?;
@@ -498,13 +498,13 @@ impl Llm {
         let c = &self.cfg;
         let t = acts.layout.tokens();
         let (h, im, qd, kvd) = (c.hidden, c.intermediate, c.heads * c.head_dim, c.kv_heads * c.head_dim);
-        let mut dx = be.zeros(t * h)?;
+        let mut dx = be.empty(t * h)?;
         let mut dnorm = be.zeros(h)?;
         be.rmsnorm_backward(dhidden, &acts.x_final, w.get(self.norm), &acts.rstd_final, &mut dx, &mut dnorm)?;
         if let Some(g) = grads.as_deref_mut() {
             be.add_assign(g.get_mut(self.norm), &dnorm)?;
         }
-        let mut tmp_h = be.zeros(t * h)?;
+        let mut tmp_h = be.empty(t * h)?;
         for (ids, saved) in self.layers.iter().zip(&acts.layers).rev() {
             let recomputed;
             let a = match saved {
@@ -535,12 +535,12 @@ impl Llm {
                 Ok(())
             };
             // MLP branch; dx is the gradient of the block's output.
-            let mut dact = be.zeros(t * im)?;
+            let mut dact = be.empty(t * im)?;
             linear_back(&mut grads, ids.down, None, &dx, &a.act, &mut dact, im, h, false)?;
-            let mut dgate = be.zeros(t * im)?;
-            let mut dup = be.zeros(t * im)?;
+            let mut dgate = be.empty(t * im)?;
+            let mut dup = be.empty(t * im)?;
             be.swiglu_backward(&a.gate, &a.up, &dact, &mut dgate, &mut dup)?;
-            let mut dh2 = be.zeros(t * h)?;
+            let mut dh2 = be.empty(t * h)?;
             linear_back(&mut grads, ids.gate, None, &dgate, &a.h2, &mut dh2, h, im, false)?;
             linear_back(&mut grads, ids.up, None, &dup, &a.h2, &mut dh2, h, im, true)?;
             let mut dln = be.zeros(h)?;
@@ -550,11 +550,11 @@ impl Llm {
                 be.add_assign(g.get_mut(ids.ln2), &dln)?;
             }
             // Attention branch; dx is now the gradient of x_mid.
-            let mut dattn = be.zeros(t * qd)?;
+            let mut dattn = be.empty(t * qd)?;
             linear_back(&mut grads, ids.wo, ids.bo, &dx, &a.attn, &mut dattn, qd, h, false)?;
-            let mut dq = be.zeros(t * qd)?;
-            let mut dk = be.zeros(t * kvd)?;
-            let mut dv = be.zeros(t * kvd)?;
+            let mut dq = be.empty(t * qd)?;
+            let mut dk = be.empty(t * kvd)?;
+            let mut dv = be.empty(t * kvd)?;
             be.attention_backward(
                 self.attn_shape(),
                 &acts.layout.seq_lens,
@@ -570,7 +570,7 @@ impl Llm {
             )?;
             be.rope(&mut dq, &acts.layout.positions, c.head_dim, c.rope_theta, true)?;
             be.rope(&mut dk, &acts.layout.positions, c.head_dim, c.rope_theta, true)?;
-            let mut dh1 = be.zeros(t * h)?;
+            let mut dh1 = be.empty(t * h)?;
             linear_back(&mut grads, ids.wq, ids.bq, &dq, &a.h1, &mut dh1, h, qd, false)?;
             linear_back(&mut grads, ids.wk, ids.bk, &dk, &a.h1, &mut dh1, h, kvd, true)?;
             linear_back(&mut grads, ids.wv, ids.bv, &dv, &a.h1, &mut dh1, h, kvd, true)?;

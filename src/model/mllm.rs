@@ -77,7 +77,7 @@ impl Mllm {
             FeatureSelect::Full => Ok(feats),
             FeatureSelect::Patch => {
                 let keep = n - 1;
-                let mut sel = be.zeros(images.len() * keep * d)?;
+                let mut sel = be.empty(images.len() * keep * d)?;
                 for i in 0..images.len() {
                     be.copy_range(&feats, (i * n + 1) * d, &mut sel, i * keep * d, keep * d)?;
                 }
@@ -183,7 +183,7 @@ impl Mllm {
         let mut dx = self.llm.backward(be, &w.llm, &acts.llm, dhidden, gllm.as_deref_mut())?;
         let (h, nv) = (self.llm.cfg.hidden, self.visual_tokens());
         if let (Some(g), Some(pacts)) = (gproj, &acts.projector) {
-            let mut dvisual = be.zeros(acts.visual_starts.len() * nv * h)?;
+            let mut dvisual = be.empty(acts.visual_starts.len() * nv * h)?;
             for (i, &start) in acts.visual_starts.iter().enumerate() {
                 be.copy_range(&dx, start * h, &mut dvisual, i * nv * h, nv * h)?;
             }

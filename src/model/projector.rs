@@ -40,12 +40,12 @@ impl Projector {
     pub fn forward<B: Backend>(&self, be: &B, w: &ParamSet<B::Buf>, input: B::Buf) -> Result<(B::Buf, ProjectorActs<B::Buf>)> {
         let rows = be.len(&input) / self.d_in;
         let h = self.d_out;
-        let mut pre = be.zeros(rows * h)?;
+        let mut pre = be.empty(rows * h)?;
         be.gemm(Gemm::linear(rows, h, self.d_in), &input, w.get(self.w1), &mut pre)?;
         be.add_bias(&mut pre, w.get(self.b1), rows)?;
-        let mut act = be.zeros(rows * h)?;
+        let mut act = be.empty(rows * h)?;
         be.gelu(&pre, &mut act, GeluKind::Erf)?;
-        let mut out = be.zeros(rows * h)?;
+        let mut out = be.empty(rows * h)?;
         be.gemm(Gemm::linear(rows, h, h), &act, w.get(self.w2), &mut out)?;
         be.add_bias(&mut out, w.get(self.b2), rows)?;
         Ok((out, ProjectorActs { input, pre, act }))
@@ -64,9 +64,9 @@ impl Projector {
         let h = self.d_out;
         be.gemm(Gemm::linear_weight_grad(rows, h, h), dout, &acts.act, grads.get_mut(self.w2))?;
         be.bias_grad(dout, grads.get_mut(self.b2), rows)?;
-        let mut dact = be.zeros(rows * h)?;
+        let mut dact = be.empty(rows * h)?;
         be.gemm(Gemm::linear_input_grad(rows, h, h, false), dout, w.get(self.w2), &mut dact)?;
-        let mut dpre = be.zeros(rows * h)?;
+        let mut dpre = be.empty(rows * h)?;
         be.gelu_backward(&acts.pre, &dact, &mut dpre, GeluKind::Erf)?;
         be.gemm(Gemm::linear_weight_grad(rows, h, self.d_in), &dpre, &acts.input, grads.get_mut(self.w1))?;
         be.bias_grad(&dpre, grads.get_mut(self.b1), rows)

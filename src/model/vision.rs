@@ -210,7 +210,7 @@ impl VisionTower {
         let (d, im, pdim) = (c.hidden, c.intermediate, c.channels * c.patch_size * c.patch_size);
         let patches = be.upload(&self.patchify(images)?)?;
         let linear = |wt: ParamId, b: ParamId, x: &B::Buf, din: usize, dout: usize| -> Result<B::Buf> {
-            let mut y = be.zeros(t * dout)?;
+            let mut y = be.empty(t * dout)?;
             be.gemm(Gemm::linear(t, dout, din), x, w.get(wt), &mut y)?;
             be.add_bias(&mut y, w.get(b), t)?;
             Ok(y)
@@ -218,7 +218,7 @@ impl VisionTower {
         let mut x = linear(self.patch_w, self.patch_b, &patches, pdim, d)?;
         for i in 0..images.len() {
             // Position embeddings repeat per image: add the table to each image's block.
-            let mut block = be.zeros(n * d)?;
+            let mut block = be.empty(n * d)?;
             be.copy_range(&x, i * n * d, &mut block, 0, n * d)?;
             be.add_assign(&mut block, w.get(self.pos))?;
             be.copy_range(&block, 0, &mut x, i * n * d, n * d)?;
@@ -227,26 +227,26 @@ impl VisionTower {
         let seq_lens = vec![n; images.len()];
         let mut hidden_states = Vec::with_capacity(upto + 1);
         for b in &self.blocks[..upto] {
-            let mut h = be.zeros(t * d)?;
+            let mut h = be.empty(t * d)?;
             be.layernorm(&x, w.get(b.ln1_w), w.get(b.ln1_b), c.ln_eps, &mut h)?;
             let q = linear(b.q_w, b.q_b, &h, d, d)?;
             let k = linear(b.k_w, b.k_b, &h, d, d)?;
             let v = linear(b.v_w, b.v_b, &h, d, d)?;
-            let mut attn = be.zeros(t * d)?;
-            let mut lse = be.zeros(t * c.heads)?;
+            let mut attn = be.empty(t * d)?;
+            let mut lse = be.empty(t * c.heads)?;
             be.attention(shape, &seq_lens, &q, &k, &v, &mut attn, &mut lse)?;
             let mut x_mid = linear(b.o_w, b.o_b, &attn, d, d)?;
             be.add_assign(&mut x_mid, &x)?;
             be.layernorm(&x_mid, w.get(b.ln2_w), w.get(b.ln2_b), c.ln_eps, &mut h)?;
             let f1 = linear(b.fc1_w, b.fc1_b, &h, d, im)?;
-            let mut a = be.zeros(t * im)?;
+            let mut a = be.empty(t * im)?;
             be.gelu(&f1, &mut a, c.act)?;
             let mut x_out = linear(b.fc2_w, b.fc2_b, &a, im, d)?;
             be.add_assign(&mut x_out, &x_mid)?;
             hidden_states.push(std::mem::replace(&mut x, x_out));
         }
         let last_hidden_state = if upto == c.layers {
-            let mut post = be.zeros(t * d)?;
+            let mut post = be.empty(t * d)?;
             be.layernorm(&x, w.get(self.post_w), w.get(self.post_b), c.ln_eps, &mut post)?;
             Some(post)
         } else {

@@ -143,6 +143,10 @@ impl Backend for CudaBackend {
         self.zeros_of(len, DType::Bf16)
     }
 
+    fn empty(&self, len: usize) -> Result<CudaBuf> {
+        self.alloc(len, DType::Bf16)
+    }
+
     fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
         let b = self.alloc(data.len(), DType::Bf16)?;
         self.gpu.htod(b.ptr(), &to_bf16_bits(data))?;
