@@ -11,8 +11,11 @@
 // Why this way: every op here is memory-bound with nothing to reuse, so each is one pass with
 // one element per thread (grid-stride loops, so any launch size is valid), fp32 arithmetic on
 // bf16 loads and stores. The two reductions over rows (bias gradient, and in norm.cu the RMSNorm
-// weight gradient) are column sums done by one block per 32 columns, rows split over 8 thread
-// rows and combined in shared memory: deterministic, no atomics. The embedding scatter-add is
+// weight gradient) are column sums in two launches: blocks of 32 columns × a slice of the rows
+// (8 thread rows, combined in shared memory) write f32 partial sums [slices, dim], then
+// `column_partials_add_bf16` adds each column's partials in slice order to the bf16 gradient.
+// Deterministic (no atomics; a fixed slice count gives fixed bits), and the row slices give the
+// grid enough blocks: one block per 32 columns over all rows filled 32 of 132 SMs at hidden 1024. The embedding scatter-add is
 // deterministic too: the host groups the positions by token id (it has the ids), and one block
 // sums each id's rows in fp32 before a single read-modify-write of the table row. RoPE computes
 // its angles in double (positions reach tens of thousands and θ 1e6: an fp32 angle would be off
@@ -40,22 +43,34 @@ extern "C" __global__ void add_bias_bf16(bf16* x, const bf16* bias, long long ro
 }
 
 // dbias[c] += Σ_r dy[r, c]. Block (32, 8): 32 columns, 8 thread rows; grid ceil(dim / 32).
-extern "C" __global__ void bias_grad_bf16(const bf16* dy, bf16* dbias, long long rows, int dim) {
+// Partial column sums of dy [rows, dim] over the rows of slice blockIdx.y → partials[slice, dim].
+extern "C" __global__ void bias_grad_partials_bf16(const bf16* dy, float* partials, long long rows, int dim,
+                                                   long long rows_per_slice) {
     __shared__ float part[8][33];
     int c = blockIdx.x * 32 + threadIdx.x;
+    long long r0 = (long long)blockIdx.y * rows_per_slice;
+    long long r1 = min(rows, r0 + rows_per_slice);
     float s = 0.f;
     if (c < dim)
-        for (long long r = threadIdx.y; r < rows; r += 8) s += f(dy[r * dim + c]);
+        for (long long r = r0 + threadIdx.y; r < r1; r += 8) s += f(dy[r * dim + c]);
     part[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
     if (threadIdx.y == 0 && c < dim) {
         float t = 0.f;
         for (int k = 0; k < 8; k++) t += part[k][threadIdx.x];
-        dbias[c] = b(f(dbias[c]) + t);
+        partials[(long long)blockIdx.y * dim + c] = t;
     }
 }
 
-// dst += src
+// out[c] += Σ_s partials[s, c], slices in order (the second half of both column sums).
+extern "C" __global__ void column_partials_add_bf16(const float* partials, int slices, int dim, bf16* out) {
+    GRID_STRIDE(c, dim) {
+        float t = 0.f;
+        for (int s = 0; s < slices; s++) t += partials[(long long)s * dim + c];
+        out[c] = b(f(out[c]) + t);
+    }
+}
+
 extern "C" __global__ void add_assign_bf16(bf16* dst, const bf16* src, long long n) {
     GRID_STRIDE(i, n) { dst[i] = b(f(dst[i]) + f(src[i])); }
 }

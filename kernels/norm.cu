@@ -2,7 +2,7 @@
 //
 // What: `rmsnorm_fwd_bf16` writes out = x·rstd·w and saves rstd = 1/sqrt(mean(x²) + eps) per row
 // (fp32); `rmsnorm_bwd_dx_bf16` writes dx = rstd·(g − x̂·mean(g·x̂)) with g = dout·w, x̂ = x·rstd;
-// `rmsnorm_bwd_dw_bf16` accumulates dw += Σ_rows dout·x̂; `layernorm_fwd_bf16` writes
+// `rmsnorm_bwd_dw_partials_bf16` writes the partial sums of dw += Σ_rows dout·x̂ per row slice; `layernorm_fwd_bf16` writes
 // (x − mean)·rstd·w + b with the biased variance (PyTorch), for the frozen vision tower.
 //
 // Shapes: x, out, dout, dx [rows, dim] bf16; w, b, dw [dim] bf16; rstd [rows] fp32.
@@ -12,7 +12,8 @@
 // SPEC's fp32 norm statistics). LayerNorm takes the mean first and the variance of the centred
 // values second (two reads of the row, the second from L1/L2), which is exact where the one-pass
 // E[x²] − E[x]² cancels. The weight gradient is a column sum over rows, done like the bias
-// gradient: one block per 32 columns, deterministic, no atomics.
+// gradient (elementwise.cu): partial sums per (32 columns, row slice), then
+// `column_partials_add_bf16` in slice order; deterministic, no atomics.
 
 #ifdef KD_HOST_SIM
 #include "sim/host_sim.h"  // the CPU emulation (kernels/sim/): the simulated device runs this file too
@@ -77,23 +78,24 @@ extern "C" __global__ void rmsnorm_bwd_dx_bf16(const bf16* dout, const bf16* x, 
 }
 
 // dw[c] += Σ_r dout[r, c]·x[r, c]·rstd[r]. Block (32, 8), grid ceil(dim / 32).
-extern "C" __global__ void rmsnorm_bwd_dw_bf16(const bf16* dout, const bf16* x, const float* rstd, bf16* dw, int rows,
-                                               int dim) {
+extern "C" __global__ void rmsnorm_bwd_dw_partials_bf16(const bf16* dout, const bf16* x, const float* rstd, float* partials,
+                                                        int rows, int dim, int rows_per_slice) {
     __shared__ float part[8][33];
     int c = blockIdx.x * 32 + threadIdx.x;
+    long long r0 = (long long)blockIdx.y * rows_per_slice;
+    long long r1 = min((long long)rows, r0 + rows_per_slice);
     float s = 0.f;
     if (c < dim)
-        for (long long r = threadIdx.y; r < rows; r += 8) s += f(dout[r * dim + c]) * f(x[r * dim + c]) * rstd[r];
+        for (long long r = r0 + threadIdx.y; r < r1; r += 8) s += f(dout[r * dim + c]) * f(x[r * dim + c]) * rstd[r];
     part[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
     if (threadIdx.y == 0 && c < dim) {
         float t = 0.f;
         for (int k = 0; k < 8; k++) t += part[k][threadIdx.x];
-        dw[c] = b(f(dw[c]) + t);
+        partials[(long long)blockIdx.y * dim + c] = t;
     }
 }
 
-// Grid rows, block 256.
 extern "C" __global__ void layernorm_fwd_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* out, int dim,
                                               float eps) {
     long long r = blockIdx.x;

@@ -28,6 +28,25 @@ impl CudaBackend {
         self.gpu.launch(module, name, self.grid1d(n), (256, 1, 1), 0, args)
     }
 
+    /// How a column sum over `rows` rows of width `dim` is split: (slices, rows per slice), enough
+    /// blocks of 32 columns × one slice to fill the device about four times, at least 64 rows a
+    /// slice. The count depends only on the shape and the device, so the sums' bits do too.
+    fn row_slices(&self, rows: usize, dim: usize) -> (usize, usize) {
+        let col_blocks = dim.div_ceil(32).max(1);
+        let want = (4 * self.gpu.sm_count.max(1) as usize).div_ceil(col_blocks);
+        let slices = want.clamp(1, rows.div_ceil(64).clamp(1, super::GRID_YZ));
+        let per = rows.div_ceil(slices).max(1);
+        (rows.div_ceil(per).max(1), per)
+    }
+
+    /// `out[c] += Σ_s partials[s, c]` (bf16 `out` of `dim`), the slices in order.
+    fn add_column_partials(&self, partials: u64, slices: usize, out: u64, dim: usize) -> Result<()> {
+        let (s, d) = (int(slices, "row slices")?, int(dim, "columns")?);
+        let mut a = args![partials, s, d, out];
+        // SAFETY: partials holds slices × dim f32, out dim bf16.
+        unsafe { self.launch_1d("elementwise", "column_partials_add_bf16", dim, &mut a) }
+    }
+
     /// Makes `b` an f32 buffer of its length (statistics saved for a backward): a bf16 buffer is
     /// replaced by an f32 one; an f32 buffer is kept as it is.
     fn ensure_f32(&self, b: &mut CudaBuf) -> Result<()> {
@@ -240,12 +259,17 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (yp, dp) = (bf(dy, "bias_grad input")?, bf(dbias, "bias gradient")?);
-        let (r, d) = (rows as i64, int(dbias.len, "bias length")?);
-        let mut a = args![yp, dp, r, d];
-        let grid = (dbias.len.div_ceil(32) as u32, 1, 1);
-        // SAFETY: dy is rows × dim, dbias dim.
-        unsafe { self.gpu.launch("elementwise", "bias_grad_bf16", grid, (32, 8, 1), 0, &mut a) }
+        let d = int(dbias.len, "bias length")?;
+        let (slices, per) = self.row_slices(rows, dbias.len);
+        let (_gw, partials) = self.work_f32(slices * dbias.len)?;
+        let (r, per) = (rows as i64, per as i64);
+        let mut a = args![yp, partials, r, d, per];
+        let grid = (dbias.len.div_ceil(32) as u32, slices as u32, 1);
+        // SAFETY: dy is rows × dim; partials slices × dim f32.
+        unsafe { self.gpu.launch("elementwise", "bias_grad_partials_bf16", grid, (32, 8, 1), 0, &mut a)? };
+        self.add_column_partials(partials, slices, dp, dbias.len)
     }
+
 
     fn add_assign(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
         check_len("add_assign source", src.len, dst.len)?;
@@ -369,9 +393,13 @@ impl Backend for CudaBackend {
         let mut a = args![gp, xp, wp, rp, dxp, d];
         // SAFETY: all rows × dim (dw dim, rstd rows f32).
         unsafe { self.gpu.launch("norm", "rmsnorm_bwd_dx_bf16", (r as u32, 1, 1), (256, 1, 1), 0, &mut a)? };
-        let mut a = args![gp, xp, rp, dwp, r, d];
-        // SAFETY: as above.
-        unsafe { self.gpu.launch("norm", "rmsnorm_bwd_dw_bf16", (dim.div_ceil(32) as u32, 1, 1), (32, 8, 1), 0, &mut a) }
+        let (slices, per) = self.row_slices(rows, dim);
+        let (_gw, partials) = self.work_f32(slices * dim)?;
+        let per = int(per, "rows per slice")?;
+        let mut a = args![gp, xp, rp, partials, r, d, per];
+        // SAFETY: as above; partials slices × dim f32.
+        unsafe { self.gpu.launch("norm", "rmsnorm_bwd_dw_partials_bf16", (dim.div_ceil(32) as u32, slices as u32, 1), (32, 8, 1), 0, &mut a)? };
+        self.add_column_partials(partials, slices, dwp, dim)
     }
 
     fn layernorm(&self, x: &CudaBuf, w: &CudaBuf, b: &CudaBuf, eps: f32, out: &mut CudaBuf) -> Result<()> {
