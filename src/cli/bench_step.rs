@@ -489,7 +489,7 @@ fn print_report(r: &Value) {
     let c = &r["simulated_device_per_step"];
     if c.is_object() {
         println!(
-            "  simulated device, per step: {} launches, {} memsets ({} bytes), {} host→device copies ({} bytes), {} device→host copies, {} syncs ({} host waits incl. bench-step's 6), {} GEMMs ({:.3} GFLOP)",
+            "  simulated device, per step: {} launches, {} memsets ({} bytes), {} host→device copies ({} bytes), {} device→host copies, {} syncs ({} host waits, {} of them bench-step's own), {} GEMMs ({:.3} GFLOP)",
             f(&c["launches"]),
             f(&c["memsets"]),
             f(&c["memset_bytes"]),
@@ -498,6 +498,7 @@ fn print_report(r: &Value) {
             f(&c["dtoh_copies"]),
             f(&c["syncs"]),
             f(&c["host_syncs"]),
+            f(&c["bench_waits"]),
             f(&c["gemm_calls"]),
             f(&c["gemm_flops"]) / 1e9
         );
@@ -542,7 +543,7 @@ fn dry_run(a: &BenchStepArgs) -> Result<()> {
 }
 
 /// The simulated device's counters divided by the timed steps. They include bench-step's own
-/// six phase synchronisations per step (each a device-to-host read of one value).
+/// waits (`bench_waits`: one per step, six with the phase timings; each a one-value read-back).
 fn per_step(c: &sim::Counters, steps: usize) -> Value {
     let mut v = serde_json::to_value(c).unwrap_or(Value::Null);
     if let Some(o) = v.as_object_mut() {
@@ -587,6 +588,8 @@ pub fn run(a: BenchStepArgs) -> Result<()> {
             let mut r = bench(&be, &a, &peak, &reset, "kd-engine's device buffers, high-water mark over the timed steps", 2)?;
             if let (Some(from), Some(now)) = (counted_from.get(), sim::counters()) {
                 r["simulated_device_per_step"] = per_step(&now.since(&from), a.steps);
+                // bench-step's own waits: the final one per step, plus five between phases.
+                r["simulated_device_per_step"]["bench_waits"] = json!(if a.no_phase_sync { 1 } else { 6 });
             }
             let p = be.pool_stats();
             r["device_pool"] = json!({
