@@ -245,6 +245,9 @@ fn bench_step_runs_on_the_simulated_device_and_counts_its_work() {
     if !sim_built() {
         return;
     }
+    let refused = kd().args(["bench-step", "--device", "cuda"]).env("KD_CUDA_SIM", "1").output().unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && why.contains("needs --scale"), "the anchor at full size must be refused here: {why}");
     let tmp = tempfile::tempdir().unwrap();
     let json = tmp.path().join("step.json");
     let out = kd()
