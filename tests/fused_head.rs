@@ -9,7 +9,7 @@ mod common;
 
 use common::TestRng;
 use kd_engine::backend::cpu::CpuBackend;
-use kd_engine::backend::{Backend, Gemm, KlShape};
+use kd_engine::backend::{Backend, Divergence, Gemm, KlShape};
 use kd_engine::data::template::Group;
 use kd_engine::loss::fused_head::{lm_head_grad, lm_head_weight, rows_with_logits};
 use kd_engine::loss::relation_identity::{
@@ -192,6 +192,7 @@ fn all_terms(temperature: f32) -> DistillConfig {
         mdist: true,
         rdist: true,
         temperature,
+        divergence: Divergence::Fkl,
     }
 }
 
@@ -259,6 +260,15 @@ fn fused_head_matches_direct_path_default_objective_and_term_switches() {
     compare(&s, &mdist_only, "MDist only");
     let rdist_only = DistillConfig { mdist: false, ..all_terms(1.0) };
     compare(&s, &rdist_only, "RDist only");
+}
+
+#[test]
+fn fused_head_matches_direct_path_every_divergence() {
+    let s = setup(37, 41, false, 13);
+    for name in ["rkl", "skl", "jsd", "tvd", "skew_fkl", "skew_rkl"] {
+        let divergence = Divergence::parse(name, None).unwrap();
+        compare(&s, &DistillConfig { divergence, ..all_terms(2.0) }, &format!("divergence {name}, τ 2"));
+    }
 }
 
 #[test]
@@ -357,7 +367,7 @@ fn check_identity(rows: usize, hs: usize, ht: usize, vs: usize, vt: usize, image
         z
     };
     let (zs, zt) = (logits(&h_s, &w_s, hs), logits(&h_t, &w_t, ht));
-    let shape = KlShape { student_vocab: kept, teacher_vocab: kept, kept, temperature: 1.0 };
+    let shape = KlShape { student_vocab: kept, teacher_vocab: kept, kept, temperature: 1.0, divergence: Divergence::Fkl };
     let mut dz = vec![0.0; rows * kept];
     let v0 = be.relation_loss(&zs, &zt, shape, images, scale, &mut dz).unwrap();
     let mut dh0 = vec![0.0; rows * hs];

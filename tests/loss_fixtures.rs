@@ -9,7 +9,7 @@ mod common;
 
 use common::{fixture, max_rel_diff};
 use kd_engine::backend::cpu::{CpuBackend, Elem};
-use kd_engine::backend::{Backend, KlShape};
+use kd_engine::backend::{Backend, Divergence, KlShape};
 use kd_engine::data::template::Group;
 use kd_engine::loss::{distill_loss, visual_ranges, DistillConfig, KlTargets, Logits, LossCounts, LossInputs};
 use kd_engine::weights::WeightSource;
@@ -67,7 +67,7 @@ fn kl_case<T: Elem>(fx: &Fixture, p: &str) {
     let (ss, ts) = (fx.shape(&format!("{p}s")), fx.shape(&format!("{p}t")));
     let (vs, vt) = (ss[1], ts[1]);
     let rows: Vec<u32> = fx.i64(&format!("{p}rows")).iter().map(|&r| r as u32).collect();
-    let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept: vs.min(vt), temperature: fx.scalar(&format!("{p}tau")) as f32 };
+    let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept: vs.min(vt), temperature: fx.scalar(&format!("{p}tau")) as f32, divergence: Divergence::Fkl };
     let s = to::<T>(&fx.f32(&format!("{p}s")));
     let t = to::<T>(&fx.f32(&format!("{p}t")));
     let mut d = vec![T::zero(); s.len()];
@@ -83,7 +83,7 @@ fn rel_case<T: Elem>(fx: &Fixture, p: &str) {
     let (ss, ts) = (fx.shape(&format!("{p}s")), fx.shape(&format!("{p}t")));
     let (vs, vt) = (ss[1], ts[1]);
     let images: Vec<(u32, u32)> = fx.i64(&format!("{p}images")).chunks(2).map(|c| (c[0] as u32, c[1] as u32)).collect();
-    let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept: vs.min(vt), temperature: 1.0 };
+    let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept: vs.min(vt), temperature: 1.0, divergence: Divergence::Fkl };
     let s = to::<T>(&fx.f32(&format!("{p}s")));
     let t = to::<T>(&fx.f32(&format!("{p}t")));
     let mut d = vec![T::zero(); s.len()];
@@ -156,6 +156,7 @@ impl Objective {
             mdist: true,
             rdist: true,
             temperature: c[0],
+            divergence: Divergence::Fkl,
         };
         Objective {
             ids: fx.i64("obj_ids").iter().map(|&i| i as u32).collect(),

@@ -7,7 +7,7 @@ mod common;
 
 use common::{check_grad, TestRng};
 use kd_engine::backend::cpu::CpuBackend;
-use kd_engine::backend::{Backend, KlShape, IGNORE_INDEX};
+use kd_engine::backend::{Backend, Divergence, KlShape, IGNORE_INDEX};
 use kd_engine::data::template::Group;
 use kd_engine::loss::{
     distill_loss, visual_ranges, DistillConfig, KlTargets, Logits, LossCounts, LossInputs, LossReport,
@@ -54,7 +54,7 @@ fn check_softmax_kl(tau: f32) {
     let t = rng.vec(rows * vt, 3.0);
     let listed = [6u32, 0, 3, 2];
     let scale = 0.37;
-    let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: tau };
+    let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: tau, divergence: Divergence::Fkl };
     // The gradient is accumulated: start from random contents and look at the difference.
     let d0 = rng.vec(rows * vs, 1.0);
     let mut d = d0.clone();
@@ -92,7 +92,7 @@ fn softmax_kl_value_and_gradient_tau_2() {
 #[test]
 fn softmax_kl_is_zero_for_equal_distributions_and_handles_zero_teacher_probability() {
     let be = B::new();
-    let shape = KlShape { student_vocab: 4, teacher_vocab: 4, kept: 4, temperature: 1.0 };
+    let shape = KlShape { student_vocab: 4, teacher_vocab: 4, kept: 4, temperature: 1.0, divergence: Divergence::Fkl };
     // Row 0: identical rows (shifted by a constant: same softmax) → KL 0, gradient 0.
     // Row 1: teacher puts no mass on column 2 (−∞ logit) → 0·log 0 = 0, finite loss.
     let s = vec![0.5, -1.0, 2.0, 0.0, 0.3, 0.1, -0.2, 1.0];
@@ -118,7 +118,7 @@ fn relation_loss_value_and_gradient_two_images() {
     let images = [(6u32, 5u32), (1, 4)];
     let scale = 0.6;
     // Temperature is ignored by the relation loss.
-    let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: 3.0 };
+    let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: 3.0, divergence: Divergence::Fkl };
     let d0 = rng.vec(rows * vs, 1.0);
     let mut d = d0.clone();
     let sum = be.relation_loss(&s, &t, shape, &images, scale as f32, &mut d).unwrap();
@@ -152,7 +152,7 @@ fn relation_loss_at_728_visual_tokens() {
     let t = rng.vec(rows * vt, 1.0);
     let dir = rng.vec(rows * vs, 1.0);
     let images = [(2u32, n as u32)];
-    let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: 1.0 };
+    let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: 1.0, divergence: Divergence::Fkl };
     let be = B::new();
     let mut d = vec![0.0; rows * vs];
     let v = be.relation_loss(&s, &t, shape, &images, 1.0, &mut d).unwrap();
@@ -183,7 +183,7 @@ fn softmax_kl_with_fused_ce_equals_the_two_ops() {
     let (rows, vs, vt, kept) = (6, 13, 11, 9);
     let s = rng.vec(rows * vs, 3.0);
     let t = rng.vec(rows * vt, 3.0);
-    let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: 2.0 };
+    let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: 2.0, divergence: Divergence::Fkl };
     let listed = [4u32, 0, 3, 1];
     let labels = [7, 12, IGNORE_INDEX, 0]; // row 3 is distilled without a label
     let d0 = rng.vec(rows * vs, 1.0);
@@ -219,7 +219,7 @@ fn softmax_kl_with_fused_ce_equals_the_two_ops() {
 #[test]
 fn backend_distill_ops_reject_bad_shapes_and_rows() {
     let be = B::new();
-    let shape = KlShape { student_vocab: 5, teacher_vocab: 6, kept: 5, temperature: 1.0 };
+    let shape = KlShape { student_vocab: 5, teacher_vocab: 6, kept: 5, temperature: 1.0, divergence: Divergence::Fkl };
     let s = vec![0.0; 4 * 5];
     let t = vec![0.0; 4 * 6];
     let mut d = vec![0.0; 4 * 5];
@@ -281,6 +281,7 @@ fn all_terms() -> DistillConfig {
         mdist: true,
         rdist: true,
         temperature: 2.0,
+        divergence: Divergence::Fkl,
     }
 }
 
@@ -389,6 +390,37 @@ fn whole_objective_gradient_all_terms_packed_batch() {
     let last_a = SEQ_A.len() - 1;
     assert!(d[last_a * vs..][..vs].iter().all(|&x| x == 0.0));
     assert!(d[(n - 1) * vs..].iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn whole_objective_gradient_with_each_non_default_divergence() {
+    // The stage's divergence reaches every MDist term (response, prompt, visual): the value of
+    // each against the mean of the per-row softmax_kl sums (tests/divergences.rs checks those
+    // against the definitions), and the gradient of the total against central differences.
+    let mut rng = TestRng(410);
+    let (vs, vt) = (11, 14);
+    let b = Batch::new(&[SEQ_A, SEQ_B], vs, &mut rng);
+    let n = b.groups.len();
+    let s = rng.vec(n * vs, 2.0);
+    let t = rng.vec(n * vt, 2.0);
+    let step = LossCounts::of(&b.inputs()).unwrap();
+    let rows = b.inputs().rows();
+    for name in ["rkl", "skl", "jsd", "tvd", "skew_fkl", "skew_rkl"] {
+        let div = Divergence::parse(name, None).unwrap();
+        let cfg = DistillConfig { divergence: div, ..all_terms() };
+        let (rep, d) = run(&cfg, &b, &s, vs, Some((&t, vt)), &step).unwrap();
+        let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept: vs.min(vt), temperature: 2.0, divergence: div };
+        let term = |rows: &[u32], count: usize| {
+            let mut scratch = vec![0.0; n * vs];
+            B::new().softmax_kl(&s, &t, shape, rows, 1.0, &mut scratch).unwrap() / count as f64
+        };
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1e-3);
+        assert!(close(rep.response.unwrap(), term(&rows.response, step.response)), "{name} response");
+        assert!(close(rep.prompt.unwrap(), term(&rows.prompt, step.prompt)), "{name} prompt");
+        assert!(close(rep.visual.unwrap(), term(&rows.visual, step.visual)), "{name} visual");
+        let f = |z: &[f64]| run(&cfg, &b, z, vs, Some((&t, vt)), &step).unwrap().0.total;
+        check_grad(&format!("LLaVA-KD objective, {name}"), &s, &d, 2_000, 5e-6, &mut |z| f(z));
+    }
 }
 
 #[test]

@@ -15,6 +15,9 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod divergence;
+
+pub use divergence::Divergence;
 
 use anyhow::{bail, ensure, Result};
 
@@ -77,13 +80,15 @@ pub enum GeluKind {
 }
 
 /// Logit layouts of a distillation loss: row strides of the student and teacher logits, and how
-/// many leading columns are distilled (`min(V_s, V_t)`), with the softmax temperature.
+/// many leading columns are distilled (`min(V_s, V_t)`), with the softmax temperature and the
+/// divergence (the relation loss ignores both).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct KlShape {
     pub student_vocab: usize,
     pub teacher_vocab: usize,
     pub kept: usize,
     pub temperature: f32,
+    pub divergence: Divergence,
 }
 
 /// One AdamW update's hyper-parameters (PyTorch `AdamW` semantics, decoupled weight decay).
@@ -307,7 +312,8 @@ pub trait Backend: Send + Sync {
     /// Fused softmax-KL distillation over the rows `rows` of student and teacher logits.
     /// Student rows have stride `s.vocab`, teacher rows `t.vocab`; only the first `kept` columns of
     /// both take part (vocabulary-mismatch rule, SPEC §1). With p = softmax(z/τ) over those columns,
-    /// returns Σ_rows τ²·KL(p_t‖p_s) (unscaled) and **accumulates** `scale · ∂/∂z_s` of that sum
+    /// returns Σ_rows τ²·D(p_t, p_s) (unscaled), D = `shape.divergence` (forward KL(p_t‖p_s) by
+    /// default; [`divergence`] defines them all), and **accumulates** `scale · ∂/∂z_s` of that sum
     /// into `dstudent` (so a cross-entropy gradient written first on the same rows is kept).
     #[allow(clippy::too_many_arguments)]
     fn softmax_kl(

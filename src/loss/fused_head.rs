@@ -277,6 +277,7 @@ pub fn fused_distill_loss<B: Backend>(
         teacher_vocab: t.vocab,
         kept: kept_vocab(vs, t.vocab),
         temperature: cfg.temperature,
+        divergence: cfg.divergence,
     });
 
     for chunk in &chunks {

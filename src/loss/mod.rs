@@ -3,8 +3,9 @@
 //! total = L_ce + α·(L_res + L_prompt) + β·L_vis + γ·L_rel
 //!
 //! * L_ce: next-token cross-entropy over the student's full vocabulary;
-//! * L_res, L_prompt, L_vis: τ²·KL(p_t‖p_s) with p = softmax(logits/τ) over the first
-//!   min(V_s, V_t) columns, on the rows [`select`] describes (L_prompt is the text-side KL of the
+//! * L_res, L_prompt, L_vis: τ²·D(p_t, p_s) with p = softmax(logits/τ) over the first
+//!   min(V_s, V_t) columns, D the stage's divergence (forward KL(p_t‖p_s) by default; the others
+//!   are defined in [`crate::backend::divergence`]), on the rows [`select`] describes (L_prompt is the text-side KL of the
 //!   prompt tokens, off by default, and shares α with L_res);
 //! * L_rel: per image, 1 − cos(vec Z_s·Z_sᵀ, vec Z_t·Z_tᵀ) over the image's visual rows (same
 //!   kept columns, no temperature).
@@ -24,7 +25,7 @@ pub use select::{visual_ranges, LossCounts, LossInputs, SelectedRows};
 
 use anyhow::{bail, ensure, Result};
 
-use crate::backend::{Backend, KlShape};
+use crate::backend::{Backend, Divergence, KlShape};
 
 /// Which rows the KL part of MDist distils (paper Table A6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,11 +62,13 @@ pub struct DistillConfig {
     pub rdist: bool,
     /// Softmax temperature τ of the KL terms (each is multiplied by τ²); 1 by default.
     pub temperature: f32,
+    /// The divergence of the MDist terms (response, prompt, visual); forward KL by default.
+    pub divergence: Divergence,
 }
 
 impl Default for DistillConfig {
     /// The DPT/DFT defaults: α = β = 1, γ = 0.5 (paper Table A4 row 1), response + visual KL,
-    /// MDist and RDist on, τ = 1.
+    /// MDist and RDist on, τ = 1, forward KL.
     fn default() -> Self {
         DistillConfig {
             alpha: 1.0,
@@ -75,6 +78,7 @@ impl Default for DistillConfig {
             mdist: true,
             rdist: true,
             temperature: 1.0,
+            divergence: Divergence::Fkl,
         }
     }
 }
@@ -277,6 +281,7 @@ pub fn distill_loss<B: Backend>(
             teacher_vocab: t.vocab,
             kept: kept_vocab(vs, t.vocab),
             temperature: cfg.temperature,
+            divergence: cfg.divergence,
         };
         let rows = inputs.rows();
         let kl = |on: bool, rows: &[u32], weight: f32, count: usize, ds: &mut B::Buf| -> Result<Option<f64>> {

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Divergence;
+
 /// A LLaVA-KD stage (SPEC §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -224,6 +226,14 @@ pub struct StageConfig {
     pub rdist: bool,
     #[serde(default = "defaults::one")]
     pub temperature: f64,
+    /// The MDist divergence: fkl (default, the paper's), rkl, skl, jsd, tvd, skew_fkl, skew_rkl
+    /// (defined in `backend::divergence`).
+    #[serde(default = "defaults::divergence")]
+    pub divergence: String,
+    /// Mixing weight of skl/jsd/skew_fkl/skew_rkl (β for jsd), in (0, 1); default by divergence
+    /// (0.9 for skl and jsd, 0.1 for the skews).
+    #[serde(default)]
+    pub divergence_lambda: Option<f64>,
     /// Maximum sequence length after splicing the visual tokens (the tail is truncated).
     #[serde(default = "defaults::max_len")]
     pub max_len: usize,
@@ -241,8 +251,16 @@ impl StageConfig {
         self.template.as_deref().unwrap_or(self.kind.default_template())
     }
 
+    /// The stage's divergence, from `divergence` and `divergence_lambda`.
+    pub fn divergence(&self) -> Result<Divergence> {
+        Divergence::parse(&self.divergence, self.divergence_lambda)
+    }
+
     pub fn check(&self, i: usize) -> Result<()> {
         let at = |field: &str| format!("stage.{i}.{field}");
+        if let Err(e) = self.divergence() {
+            bail!("{}: {e}", at("divergence"));
+        }
         ensure!(self.lr.is_finite() && self.lr >= 0.0, "{}: must be a non-negative number, found {}", at("lr"), self.lr);
         ensure!(self.global_batch > 0, "{}: must be at least 1", at("global_batch"));
         let mb = self.micro_batch();
@@ -312,6 +330,9 @@ mod defaults {
     }
     pub fn max_grad_norm() -> f64 {
         1.0
+    }
+    pub fn divergence() -> String {
+        "fkl".into()
     }
     pub fn one() -> f64 {
         1.0
@@ -576,6 +597,12 @@ global_batch = 128
         assert!(e.contains("stage 5 does not exist"), "{e}");
         let e = TrainConfig::parse(&BASE.replace("[teacher]\nllava = \"t\"", ""), &[]).unwrap_err().to_string();
         assert!(e.contains("stage.0 is DPT") && e.contains("no [teacher]"), "{e}");
+        let e = TrainConfig::parse(BASE, &["stage.0.divergence=\"kl\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("stage.0.divergence") && e.contains("unknown divergence \"kl\"") && e.contains("skew_rkl"), "{e}");
+        let e = TrainConfig::parse(BASE, &["stage.0.divergence=\"jsd\"".into(), "stage.0.divergence_lambda=1.5".into()]).unwrap_err().to_string();
+        assert!(e.contains("stage.0.divergence") && e.contains("divergence_lambda") && e.contains("1.5"), "{e}");
+        let c = TrainConfig::parse(BASE, &["stage.0.divergence=\"skew_rkl\"".into()]).unwrap();
+        assert_eq!(c.stages[0].divergence().unwrap(), Divergence::SkewRkl { lambda: 0.1 });
         let e = TrainConfig::parse("[student\n", &[]).unwrap_err().to_string();
         assert!(e.contains("not valid TOML"), "{e}");
     }

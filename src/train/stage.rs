@@ -87,11 +87,11 @@ impl StepLoader<'_> {
 }
 
 /// The objective of a stage from its config.
-pub fn distill_config(stage: &StageConfig) -> DistillConfig {
+pub fn distill_config(stage: &StageConfig) -> Result<DistillConfig> {
     if !stage.kind.distills() {
-        return DistillConfig::ce_only();
+        return Ok(DistillConfig::ce_only());
     }
-    DistillConfig {
+    Ok(DistillConfig {
         alpha: stage.alpha as f32,
         beta: stage.beta as f32,
         gamma: stage.gamma as f32,
@@ -103,7 +103,8 @@ pub fn distill_config(stage: &StageConfig) -> DistillConfig {
         mdist: stage.mdist,
         rdist: stage.rdist,
         temperature: stage.temperature as f32,
-    }
+        divergence: stage.divergence()?,
+    })
 }
 
 fn loss_inputs<'a>(b: &'a PackedBatch, images: &'a [std::ops::Range<usize>]) -> LossInputs<'a> {
@@ -125,7 +126,7 @@ pub fn run_stage<B: Backend>(
 ) -> Result<()> {
     let name = stage.label().to_uppercase();
     student.model.llm.gradient_checkpointing = ctx.run.gradient_checkpointing;
-    let objective = distill_config(stage);
+    let objective = distill_config(stage)?;
     let teacher = match (objective.needs_teacher(), teacher) {
         (true, None) => bail!("stage {stage_index} ({name}) distils, but no teacher was given"),
         (true, Some(t)) => Some(t),

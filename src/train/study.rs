@@ -124,6 +124,8 @@ pub fn stage(kind: StageKind, data: &Path, lr: f64, epochs: f64, batch: usize) -
         mdist: true,
         rdist: true,
         temperature: 1.0,
+        divergence: "fkl".into(),
+        divergence_lambda: None,
         max_len: 2048,
     }
 }

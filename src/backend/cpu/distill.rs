@@ -1,4 +1,5 @@
-//! Distillation losses of the CPU backend: fused softmax-KL and the Gram-matrix relation loss.
+//! Distillation losses of the CPU backend: fused softmax-divergence (forward KL and the others of
+//! [`crate::backend::divergence`]) and the Gram-matrix relation loss.
 //!
 //! Both are the references the CUDA kernels are tested against. Row statistics (max, sums, the KL
 //! and the cosine) are accumulated in f64 whatever the element type, so the f32 backend is as close
@@ -9,7 +10,7 @@ use rayon::prelude::*;
 
 use super::loss::ce_row;
 use super::Elem;
-use crate::backend::{check_ce_labels, check_kl_rows, check_kl_shape, check_relation_images, KlShape, IGNORE_INDEX};
+use crate::backend::{check_ce_labels, check_kl_rows, check_kl_shape, check_relation_images, Divergence, KlShape, IGNORE_INDEX};
 
 /// log-sum-exp of `z[..] / tau`, in f64.
 fn lse_scaled<T: Elem>(z: &[T], inv_tau: f64) -> f64 {
@@ -22,36 +23,42 @@ fn lse_scaled<T: Elem>(z: &[T], inv_tau: f64) -> f64 {
     max + sum.ln()
 }
 
-/// Fused softmax-KL over the listed rows; see [`crate::backend::Backend::softmax_kl`].
+/// Fused softmax-divergence over the listed rows; see [`crate::backend::Backend::softmax_kl`].
 ///
 /// Per listed row r, with z_s = `s[r, ..kept] / τ`, z_t = `t[r, ..kept] / τ`, p = softmax(z):
-/// loss_r = τ²·Σ_v p_t(v)·(log p_t(v) − log p_s(v)) (a zero teacher probability contributes 0,
-/// the convention 0·log 0 = 0). Returns Σ_r loss_r and accumulates `scale · τ · (p_s − p_t)` (the
-/// derivative of τ²·KL with respect to the raw student logits) into `ds[r, ..kept]`; columns from
-/// `kept` on and rows not listed are left untouched.
+/// loss_r = τ²·D(p_t, p_s) with D = `shape.divergence` (forward KL Σ_v p_t·(log p_t − log p_s) by
+/// default; a zero probability contributes 0, the convention 0·log 0 = 0). Returns Σ_r loss_r and
+/// accumulates `scale · ∂loss_r/∂(raw student logits)` into `ds[r, ..kept]` (for the forward KL
+/// `scale · τ · (p_s − p_t)`); columns from `kept` on and rows not listed are left untouched.
 pub fn softmax_kl<T: Elem>(s: &[T], t: &[T], shape: KlShape, rows: &[u32], scale: f32, ds: &mut [T]) -> Result<f64> {
     Ok(kl_with_ce("softmax_kl", s, t, shape, rows, None, scale, 0.0, ds)?.0)
 }
 
-/// One row's τ²·KL(p_t‖p_s) over the kept columns `zs`, `zt`; adds `g_scale · (p_s − p_t)` to `d`.
-fn kl_row<T: Elem>(zs: &[T], zt: &[T], tau: f64, g_scale: f64, d: &mut [T]) -> f64 {
+/// One row's τ²·D(p_t, p_s) over the kept columns `zs`, `zt`; adds `g_scale · (h − p_s·Σh)` to
+/// `d` (the gradient form of [`Divergence::terms`], g_scale = scale·τ).
+fn kl_row<T: Elem>(zs: &[T], zt: &[T], tau: f64, div: Divergence, g_scale: f64, d: &mut [T]) -> f64 {
     let inv_tau = 1.0 / tau;
     let lse_s = lse_scaled(zs, inv_tau);
     let lse_t = lse_scaled(zt, inv_tau);
-    let mut kl = 0.0;
-    for ((d, &a), &b) in d.iter_mut().zip(zs).zip(zt) {
-        let log_ps = a.f64() * inv_tau - lse_s;
-        let log_pt = b.f64() * inv_tau - lse_t;
-        let pt = log_pt.exp();
-        let ps = log_ps.exp();
-        if pt > 0.0 {
-            kl += pt * (log_pt - log_ps);
-        } else if pt.is_nan() {
-            kl = f64::NAN;
-        }
-        *d = *d + T::of(g_scale * (ps - pt));
+    let logs = |a: T, b: T| (b.f64() * inv_tau - lse_t, a.f64() * inv_tau - lse_s);
+    // First sweep: the loss and H = Σ h; second: the gradient, which needs H.
+    let (mut loss, mut h_sum) = (0.0, 0.0);
+    for (&a, &b) in zs.iter().zip(zt) {
+        let (log_pt, log_ps) = logs(a, b);
+        let (l, h) = div.terms(log_pt, log_ps);
+        loss += l;
+        h_sum += h;
     }
-    tau * tau * kl
+    if div == Divergence::Fkl {
+        // Σh = −Σp_t is −1 exactly: the gradient stays τ·(p_s − p_t) bit for bit as before.
+        h_sum = -1.0;
+    }
+    for ((d, &a), &b) in d.iter_mut().zip(zs).zip(zt) {
+        let (log_pt, log_ps) = logs(a, b);
+        let (_, h) = div.terms(log_pt, log_ps);
+        *d = *d + T::of(g_scale * (h - log_ps.exp() * h_sum));
+    }
+    tau * tau * loss
 }
 
 /// Softmax-KL with the rows' cross-entropy fused in; see
@@ -92,7 +99,7 @@ fn kl_with_ce<T: Elem>(
         check_ce_labels(what, rows, targets, shape.student_vocab)?;
     }
     let tau = shape.temperature as f64;
-    let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
+    let KlShape { student_vocab: vs, teacher_vocab: vt, kept, divergence, .. } = shape;
     // Per buffer row: None (not listed) or its CE target (IGNORE_INDEX: none).
     let mut role: Vec<Option<i32>> = vec![None; n_rows];
     for (i, &r) in rows.iter().enumerate() {
@@ -108,7 +115,7 @@ fn kl_with_ce<T: Elem>(
             None => (0.0, 0.0),
             Some(tg) => {
                 let ce = if tg == IGNORE_INDEX { 0.0 } else { ce_row(zs, tg as usize, ce_scale, d) };
-                (kl_row(&zs[..kept], &zt[..kept], tau, g_scale, &mut d[..kept]), ce)
+                (kl_row(&zs[..kept], &zt[..kept], tau, divergence, g_scale, &mut d[..kept]), ce)
             }
         })
         .collect();

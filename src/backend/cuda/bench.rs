@@ -8,7 +8,7 @@ use anyhow::{ensure, Result};
 use serde::Serialize;
 
 use super::{CudaBackend, CudaBuf, DType};
-use crate::backend::{AdamWStep, AttnShape, Backend, Gemm, KlShape};
+use crate::backend::{AdamWStep, AttnShape, Backend, Divergence, Gemm, KlShape};
 
 /// What one timed kernel achieved.
 #[derive(Clone, Debug, Serialize)]
@@ -153,7 +153,7 @@ pub fn run(be: &CudaBackend, o: Options, mut log: impl FnMut(&str)) -> Result<Re
         let s = random(be, rows * v, DType::Bf16, 10, -8.0, 8.0)?;
         let t = random(be, rows * v, DType::Bf16, 11, -8.0, 8.0)?;
         let mut d = random(be, rows * v, DType::Bf16, 12, -1e-3, 1e-3)?;
-        let shape = KlShape { student_vocab: v, teacher_vocab: v, kept: v, temperature: 1.0 };
+        let shape = KlShape { student_vocab: v, teacher_vocab: v, kept: v, temperature: 1.0, divergence: Divergence::Fkl };
         let idx: Vec<i32> = (0..rows as i32).collect();
         let rows_dev = be.alloc(rows, DType::F32)?; // `rows` 4-byte slots for the int row list
         be.gpu().htod(rows_dev.ptr(), &idx)?;
@@ -171,7 +171,7 @@ pub fn run(be: &CudaBackend, o: Options, mut log: impl FnMut(&str)) -> Result<Re
         let s = random(be, imgs * n * v, DType::Bf16, 20, -8.0, 8.0)?;
         let t = random(be, imgs * n * v, DType::Bf16, 21, -8.0, 8.0)?;
         let mut d = random(be, imgs * n * v, DType::Bf16, 22, -1e-3, 1e-3)?;
-        let shape = KlShape { student_vocab: v, teacher_vocab: v, kept: v, temperature: 1.0 };
+        let shape = KlShape { student_vocab: v, teacher_vocab: v, kept: v, temperature: 1.0, divergence: Divergence::Fkl };
         let images: Vec<(u32, u32)> = (0..imgs).map(|i| ((i * n) as u32, n as u32)).collect();
         let t_ = time(be, o, || be.relation_loss(&s, &t, shape, &images, 0.25, &mut d).map(|_| ()))?;
         let flops = 3.0 * 2.0 * (n * n) as f64 * v as f64 * imgs as f64;

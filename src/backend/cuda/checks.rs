@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::{CudaBackend, CudaBuf, DType};
 use crate::backend::cpu::bf16::stochastic_round_bf16;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AdamWStep, AttnShape, Backend, Gemm, GeluKind, KlShape, IGNORE_INDEX};
+use crate::backend::{AdamWStep, AttnShape, Backend, Divergence, Gemm, GeluKind, KlShape, IGNORE_INDEX};
 use crate::data::rng::SplitMix64;
 
 /// Tolerances.
@@ -645,7 +645,7 @@ fn softmax_kl(c: &mut Ctx) {
         c.case(&name, |c| {
             let s = c.rand(rows * vs, -4.0, 4.0);
             let t = c.rand(rows * vt, -4.0, 4.0);
-            let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: tau };
+            let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: tau, divergence: Divergence::Fkl };
             let scale = 1.0 / listed.len() as f32;
             let mut inc = vec![0.0; rows * vs];
             let wl = c.cpu.softmax_kl(&s, &t, shape, &listed, scale, &mut inc)?;
@@ -671,7 +671,7 @@ fn softmax_kl(c: &mut Ctx) {
         c.case(&name, |c| {
             let s = c.rand(rows * vs, -4.0, 4.0);
             let t = c.rand(rows * vt, -4.0, 4.0);
-            let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: tau };
+            let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: tau, divergence: Divergence::Fkl };
             let (scale, ce_scale) = (0.5, 1.0 / 3.0);
             let mut inc = vec![0.0; rows * vs];
             c.cpu.softmax_kl_ce(&s, &t, shape, &listed, &labels, scale, ce_scale, &mut inc)?;
@@ -688,7 +688,7 @@ fn softmax_kl(c: &mut Ctx) {
     c.case("softmax_kl bad rows are errors", |c| {
         let (s, t) = (c.up(&[0.0; 8])?, c.up(&[0.0; 8])?);
         let mut d = c.be.zeros(8)?;
-        let shape = KlShape { student_vocab: 4, teacher_vocab: 4, kept: 4, temperature: 1.0 };
+        let shape = KlShape { student_vocab: 4, teacher_vocab: 4, kept: 4, temperature: 1.0, divergence: Divergence::Fkl };
         ensure!(c.be.softmax_kl(&s, &t, shape, &[2], 1.0, &mut d).is_err(), "a row out of range was accepted");
         ensure!(c.be.softmax_kl(&s, &t, shape, &[1, 1], 1.0, &mut d).is_err(), "a repeated row was accepted");
         Ok(())
@@ -714,7 +714,7 @@ fn relation(c: &mut Ctx) {
                     r16(if col < vs { 0.5 * s[r * vs + col] + noise[i] } else { noise[i] })
                 })
                 .collect();
-            let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: 1.0 };
+            let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: 1.0, divergence: Divergence::Fkl };
             let scale = 0.5;
             let mut inc = vec![0.0; rows * vs];
             let wl = c.cpu.relation_loss(&s, &t, shape, &images, scale, &mut inc)?;
@@ -730,7 +730,7 @@ fn relation(c: &mut Ctx) {
     c.case("relation overlapping images are an error", |c| {
         let (s, t) = (c.up(&[0.0; 40])?, c.up(&[0.0; 40])?);
         let mut d = c.be.zeros(40)?;
-        let shape = KlShape { student_vocab: 4, teacher_vocab: 4, kept: 4, temperature: 1.0 };
+        let shape = KlShape { student_vocab: 4, teacher_vocab: 4, kept: 4, temperature: 1.0, divergence: Divergence::Fkl };
         ensure!(c.be.relation_loss(&s, &t, shape, &[(0, 5), (4, 2)], 1.0, &mut d).is_err(), "overlapping images were accepted");
         Ok(())
     });

@@ -101,6 +101,11 @@ impl CudaBackend {
     ) -> Result<(f64, f64)> {
         let n_rows = check_kl_shape(what, student.len, teacher.len, dstudent.len, shape)?;
         check_kl_rows(what, rows, n_rows, shape.temperature)?;
+        anyhow::ensure!(
+            shape.divergence == crate::backend::Divergence::Fkl,
+            "{what}: divergence \"{}\" is not implemented on the CUDA backend yet (only fkl); use --device cpu",
+            shape.divergence.name()
+        );
         if let Some((targets, _)) = ce {
             check_ce_labels(what, rows, targets, shape.student_vocab)?;
         }
