@@ -1,4 +1,6 @@
-// softmax_kl.cu: fused softmax-KL distillation loss and its gradient, with cross-entropy fused in.
+// softmax_kl.cu: fused softmax-KL distillation loss and its gradient, with cross-entropy fused in
+// (softmax_kl_bf16, described here), and the other divergences (softmax_div_bf16, at the end of the
+// file: same shapes and launch, three passes instead of two).
 //
 // What it computes (CPU reference: src/backend/cpu/distill.rs::softmax_kl and cpu/loss.rs):
 //   For each listed row i (r = rows[i]), over the first `kept` columns, with
@@ -182,16 +184,105 @@ struct KlGrad {
     bool ce;         // the row has a CE term
     bool ce_reuse;   // p_ce == p_s exactly (τ = 1 and no extra student columns)
     long long target;
+    // softmax_div_bf16 only (see div_terms): the divergence, its weight λ as ln λ and ln(1 − λ),
+    // and H = Σ_c h_c of the row (from its pass 2).
+    int div;
+    float lam, ln_lam, ln_1m_lam;
+    float h_sum;
 };
 
-// Pass 2 on K kept columns starting at column col0: gradient into g[].
-template <int K>
+// The divergences of softmax_div_bf16 (codes of src/backend/divergence.rs, Divergence::code).
+#define DIV_FKL 0
+#define DIV_RKL 1
+#define DIV_SKL 2
+#define DIV_JSD 3
+#define DIV_TVD 4
+#define DIV_SKEW_FKL 5
+#define DIV_SKEW_RKL 6
+
+// x·(lx − ly) with 0·anything = 0 (a zero probability contributes its limit).
+__device__ __forceinline__ float xlog_ratio(float x, float lx, float ly) { return x > 0.0f ? x * (lx - ly) : (x != x ? x : 0.0f); }
+
+// ln(e^a + e^b), exact when either is −inf.
+__device__ __forceinline__ float ln_add(float a, float b) {
+    float m = fmaxf(a, b);
+    if (m == -INFINITY) return m;
+    return m + logf(expf(a - m) + expf(b - m));
+}
+
+// One element's (ℓ, h) of the divergence, from the natural-log probabilities lp (teacher) and lq
+// (student) and p, q themselves: D = Σ ℓ, and h = q·∂D/∂q up to a multiple of q, so that
+// ∂D/∂s_c = h_c − q_c·Σh (s = z/τ). The same formulas, in f64, are the CPU reference's
+// (src/backend/divergence.rs, Divergence::terms, where each is derived).
+__device__ __forceinline__ void div_terms(const KlGrad& g, float lp, float lq, float p, float q, float* l, float* h) {
+    switch (g.div) {
+    case DIV_RKL: {
+        float r = xlog_ratio(q, lq, lp);
+        *l = r;
+        *h = r;
+        break;
+    }
+    case DIV_SKL: {
+        float f = xlog_ratio(p, lp, lq), r = xlog_ratio(q, lq, lp);
+        *l = g.lam * f + (1.0f - g.lam) * r;
+        *h = -g.lam * p + (1.0f - g.lam) * r;
+        break;
+    }
+    case DIV_JSD: {  // m = β·p + (1−β)·q
+        float lm = ln_add(g.ln_lam + lp, g.ln_1m_lam + lq);
+        float kq = xlog_ratio(q, lq, lm);
+        *l = g.lam * xlog_ratio(p, lp, lm) + (1.0f - g.lam) * kq;
+        *h = (1.0f - g.lam) * kq;
+        break;
+    }
+    case DIV_TVD: {
+        float d = q - p;
+        *l = 0.5f * fabsf(d);
+        *h = 0.5f * q * (d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : d));
+        break;
+    }
+    case DIV_SKEW_FKL: {  // m = λ·p + (1−λ)·q
+        float lm = ln_add(g.ln_lam + lp, g.ln_1m_lam + lq);
+        *l = xlog_ratio(p, lp, lm);
+        *h = (p > 0.0f && q > 0.0f) ? -(1.0f - g.lam) * expf(lp + lq - lm) : 0.0f;
+        break;
+    }
+    case DIV_SKEW_RKL: {  // m = λ·q + (1−λ)·p
+        float lm = ln_add(g.ln_lam + lq, g.ln_1m_lam + lp);
+        float k = xlog_ratio(q, lq, lm);
+        *l = k;
+        *h = q > 0.0f ? k - g.lam * expf(2.0f * lq - lm) : 0.0f;
+        break;
+    }
+    default: {  // DIV_FKL
+        *l = xlog_ratio(p, lp, lq);
+        *h = -p;
+    }
+    }
+}
+
+// (ℓ, h) of one element from its raw logits.
+__device__ __forceinline__ void div_elem(const KlGrad& g, float zs, float zt, float* l, float* h) {
+    float ys = zs * g.c - g.lse_s2, yt = zt * g.c - g.lse_t2;  // log2 q, log2 p
+    div_terms(g, yt * KD_LN2, ys * KD_LN2, kd_exp2(yt), kd_exp2(ys), l, h);
+}
+
+// Pass 2 on K kept columns starting at column col0: gradient into g[]. DIV: the gradient of
+// softmax_div_bf16 (h − q·H), else the forward KL's (q − p).
+template <int K, bool DIV>
 __device__ __forceinline__ void kl_pass2(const KlGrad& q, const float* zs, const float* zt, long long col0, float* g) {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
         float ps = kd_exp2(zs[k] * q.c - q.lse_s2);
-        float pt = kd_exp2(zt[k] * q.c - q.lse_t2);
-        float v = q.gk * (ps - pt);
+        float v;
+        if (DIV) {
+            float l, h;
+            div_elem(q, zs[k], zt[k], &l, &h);
+            v = q.gk * (h - ps * q.h_sum);
+        } else {
+            float pt = kd_exp2(zt[k] * q.c - q.lse_t2);
+            v = q.gk * (ps - pt);
+        }
         if (q.ce) {
             float pc = q.ce_reuse ? ps : kd_exp2(zs[k] * KD_LOG2E - q.lse_c2);
             v += q.ce_scale * pc;
@@ -223,38 +314,97 @@ __device__ __forceinline__ void rmw_bf16x8(__nv_bfloat16* d, const float g[8]) {
 
 __device__ __forceinline__ void rmw_bf16(__nv_bfloat16* d, float g) { *d = f32_to_bf16(bf16_to_f32(*d) + g); }
 
-extern "C" __global__ void __launch_bounds__(KL_THREADS, 2)
-softmax_kl_bf16(const __nv_bfloat16* __restrict__ student, const __nv_bfloat16* __restrict__ teacher,
-                const int* __restrict__ rows, int n_rows, int student_vocab, int teacher_vocab, int kept,
-                float temperature, float grad_scale, const int* __restrict__ ce_targets, float ce_scale,
-                float* __restrict__ row_kl, float* __restrict__ row_ce, __nv_bfloat16* __restrict__ dstudent) {
-    __shared__ KlStats warp_stats[KL_THREADS / 32];
-    __shared__ KlStats row_stats;
+// One listed row as both kernels walk it: row pointers, the CE target, and the column ranges:
+// kept columns [0, kv) as n_kvec 16-byte vectors when all three row pointers allow it, then
+// [kv, kept) scalar; CE-only columns [kept, ev) as n_evec vectors when aligned, [ev, V_s) scalar.
+struct KlRow {
+    const __nv_bfloat16* S;
+    const __nv_bfloat16* T;
+    __nv_bfloat16* D;
+    long long target;
+    bool ce;        // the row has a CE term
+    bool tau_one;   // τ = 1
+    bool ce_kept;   // a separate CE statistic over the kept columns (τ ≠ 1)
+    float c;        // log2(e)/τ
+    long long n_kvec, kv, n_evec, ev;
+};
 
-    const int i = blockIdx.x;
-    if (i >= n_rows) return;
+__device__ __forceinline__ KlRow kl_row_setup(const __nv_bfloat16* student, const __nv_bfloat16* teacher, __nv_bfloat16* dstudent,
+                                              long long r, int student_vocab, int teacher_vocab, int kept, float temperature,
+                                              long long target) {
+    KlRow w;
+    w.S = student + r * (long long)student_vocab;
+    w.T = teacher + r * (long long)teacher_vocab;
+    w.D = dstudent + r * (long long)student_vocab;
+    w.target = target;
+    w.ce = target >= 0 && target < student_vocab;
+    w.tau_one = temperature == 1.0f;
+    w.ce_kept = w.ce && !w.tau_one;
+    w.c = KD_LOG2E / temperature;
+    const bool vec = is_aligned16(w.S) && is_aligned16(w.T) && is_aligned16(w.D);
+    w.n_kvec = vec ? kept / 8 : 0;
+    w.kv = w.n_kvec * 8;
+    const long long extra = w.ce ? (long long)student_vocab - kept : 0;
+    const bool evec = w.ce && is_aligned16(w.S + kept) && is_aligned16(w.D + kept);
+    w.n_evec = evec ? extra / 8 : 0;
+    w.ev = kept + w.n_evec * 8;
+    return w;
+}
+
+// The row constants of the gradient passes, from the merged statistics.
+__device__ __forceinline__ KlGrad kl_grad_consts(const KlStats& st, const KlRow& w, float temperature, float grad_scale, float ce_scale) {
+    KlGrad q;
+    q.c = w.c;
+    q.lse_s2 = st.ms + log2f(st.ss);
+    q.lse_t2 = st.mt + log2f(st.st);
+    q.lse_c2 = st.mc + log2f(st.sc);
+    q.gk = grad_scale * temperature;
+    q.ce = w.ce;
+    q.ce_scale = w.ce ? ce_scale : 0.0f;
+    q.ce_reuse = w.ce && w.tau_one && q.lse_c2 == q.lse_s2;
+    q.target = w.target;
+    return q;
+}
+
+// row_ce[i] (when row_ce is given): the row's CE, 0 without a label, NaN for a label out of range.
+__device__ __forceinline__ void write_row_ce(const KlGrad& q, const KlRow& w, int student_vocab, float* row_ce, int i) {
+    if (row_ce == nullptr) return;
+    float ce_loss = 0.0f;
+    if (w.ce) ce_loss = KD_LN2 * q.lse_c2 - bf16_to_f32(w.S[w.target]);
+    else if (w.target >= student_vocab) ce_loss = NAN;  // bad label: make it visible
+    row_ce[i] = ce_loss;
+}
+
+// The CE gradient on the student-only columns [kept, student_vocab) (nothing without a CE term:
+// then n_evec = 0 and q.ce is false), walked from the row's end as pass 2 of both kernels does.
+__device__ __forceinline__ void ce_only_grad(const KlGrad& q, const __nv_bfloat16* __restrict__ S, __nv_bfloat16* D, int kept,
+                                             int student_vocab, long long n_evec, long long ev) {
+    const int tid = threadIdx.x, nt = blockDim.x;
+    if (q.ce) {
+        for (long long col = (long long)student_vocab - 1 - tid; col >= ev; col -= nt) {
+            float zs = bf16_to_f32(S[col]), g;
+            ce_pass2<1>(q, &zs, col, &g);
+            rmw_bf16(D + col, g);
+        }
+    }
+    for (long long e = n_evec - 1 - tid; e >= 0; e -= nt) {
+        float zs[8], g[8];
+        unpack_bf16x8(ldg_u4(S + kept + 8 * e), zs);
+        ce_pass2<8>(q, zs, kept + 8 * e, g);
+        rmw_bf16x8(D + kept + 8 * e, g);
+    }
+}
+
+// Pass 1 of both kernels: the row's statistics (student, teacher, A, CE), merged over the block;
+// every thread gets them. Contains __syncthreads(): call it from all threads.
+__device__ __forceinline__ KlStats kl_row_stats(const KlRow& w, int kept, int student_vocab, KlStats* warp_stats,
+                                                KlStats* row_stats) {
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
-    const long long r = rows[i];
-    const __nv_bfloat16* S = student + r * (long long)student_vocab;
-    const __nv_bfloat16* T = teacher + r * (long long)teacher_vocab;
-    __nv_bfloat16* D = dstudent + r * (long long)student_vocab;
-
-    const long long target = ce_targets != nullptr ? (long long)ce_targets[i] : -1;
-    const bool ce = target >= 0 && target < student_vocab;
-    const bool tau_one = temperature == 1.0f;
-    const bool ce_kept = ce && !tau_one;  // a separate CE statistic over the kept columns
-    const float c = KD_LOG2E / temperature;
-
-    // Column ranges: kept columns [0, kv) as 16-byte vectors when all three row pointers allow it,
-    // then [kv, kept) scalar; CE-only columns [kept, ev) vectorised when aligned, [ev, V_s) scalar.
-    const bool vec = is_aligned16(S) && is_aligned16(T) && is_aligned16(D);
-    const long long n_kvec = vec ? kept / 8 : 0;
-    const long long kv = n_kvec * 8;
-    const long long extra = ce ? (long long)student_vocab - kept : 0;
-    const bool evec = ce && is_aligned16(S + kept) && is_aligned16(D + kept);
-    const long long n_evec = evec ? extra / 8 : 0;
-    const long long ev = kept + n_evec * 8;
-
+    const __nv_bfloat16* S = w.S;
+    const __nv_bfloat16* T = w.T;
+    const long long n_kvec = w.n_kvec, kv = w.kv, n_evec = w.n_evec, ev = w.ev;
+    const bool ce = w.ce, ce_kept = w.ce_kept, tau_one = w.tau_one;
+    const float c = w.c;
     // ---- pass 1: statistics ----
     KlStats st = kl_stats_empty();
     {
@@ -317,52 +467,27 @@ softmax_kl_bf16(const __nv_bfloat16* __restrict__ student, const __nv_bfloat16* 
                 st.mc = mc;
                 st.sc = sc;
             }
-            row_stats = st;
+            *row_stats = st;
         }
     }
     __syncthreads();
-    st = row_stats;
+    return *row_stats;
 
-    KlGrad q;
-    q.c = c;
-    q.lse_s2 = st.ms + log2f(st.ss);
-    q.lse_t2 = st.mt + log2f(st.st);
-    q.lse_c2 = st.mc + log2f(st.sc);
-    q.gk = grad_scale * temperature;
-    q.ce = ce;
-    q.ce_scale = ce ? ce_scale : 0.0f;
-    q.ce_reuse = ce && tau_one && q.lse_c2 == q.lse_s2;
-    q.target = target;
+}
 
-    if (tid == 0) {
-        // KL = ln2 · (A/S_t − lse2_t + lse2_s), times τ².
-        float kl = (st.a / st.st) + (st.ms - st.mt) + (log2f(st.ss) - log2f(st.st));
-        row_kl[i] = temperature * temperature * KD_LN2 * kl;
-        if (row_ce != nullptr) {
-            float ce_loss = 0.0f;
-            if (ce) ce_loss = KD_LN2 * q.lse_c2 - bf16_to_f32(S[target]);
-            else if (target >= student_vocab) ce_loss = NAN;  // bad label: make it visible
-            row_ce[i] = ce_loss;
-        }
-    }
-
-    // ---- pass 2: gradient, in the reverse order of pass 1 ----
-    if (ce) {
-        for (long long col = (long long)student_vocab - 1 - tid; col >= ev; col -= nt) {
-            float zs = bf16_to_f32(S[col]), g;
-            ce_pass2<1>(q, &zs, col, &g);
-            rmw_bf16(D + col, g);
-        }
-    }
-    for (long long e = n_evec - 1 - tid; e >= 0; e -= nt) {
-        float zs[8], g[8];
-        unpack_bf16x8(ldg_u4(S + kept + 8 * e), zs);
-        ce_pass2<8>(q, zs, kept + 8 * e, g);
-        rmw_bf16x8(D + kept + 8 * e, g);
-    }
+// The gradient pass of both kernels over one row, walked from its end (the reverse of pass 1, so
+// that its first reads are the bytes most likely still in L2): CE-only columns, then the kept ones.
+template <bool DIV>
+__device__ __forceinline__ void kl_grad_pass(const KlGrad& q, const KlRow& w, int kept, int student_vocab) {
+    const int tid = threadIdx.x, nt = blockDim.x;
+    const __nv_bfloat16* S = w.S;
+    const __nv_bfloat16* T = w.T;
+    __nv_bfloat16* D = w.D;
+    const long long n_kvec = w.n_kvec, kv = w.kv;
+    ce_only_grad(q, S, D, kept, student_vocab, w.n_evec, w.ev);
     for (long long col = (long long)kept - 1 - tid; col >= kv; col -= nt) {
         float zs = bf16_to_f32(S[col]), zt = bf16_to_f32(T[col]), g;
-        kl_pass2<1>(q, &zs, &zt, col, &g);
+        kl_pass2<1, DIV>(q, &zs, &zt, col, &g);
         rmw_bf16(D + col, g);
     }
     {
@@ -374,19 +499,110 @@ softmax_kl_bf16(const __nv_bfloat16* __restrict__ student, const __nv_bfloat16* 
             float zs[8], zt[8], g[8];
             unpack_bf16x8(s0, zs);
             unpack_bf16x8(t0, zt);
-            kl_pass2<8>(q, zs, zt, 8 * v, g);
+            kl_pass2<8, DIV>(q, zs, zt, 8 * v, g);
             rmw_bf16x8(D + 8 * v, g);
             unpack_bf16x8(s1, zs);
             unpack_bf16x8(t1, zt);
-            kl_pass2<8>(q, zs, zt, 8 * v1, g);
+            kl_pass2<8, DIV>(q, zs, zt, 8 * v1, g);
             rmw_bf16x8(D + 8 * v1, g);
         }
         for (; v >= 0; v -= nt) {
             float zs[8], zt[8], g[8];
             unpack_bf16x8(ldg_u4(S + 8 * v), zs);
             unpack_bf16x8(ldg_u4(T + 8 * v), zt);
-            kl_pass2<8>(q, zs, zt, 8 * v, g);
+            kl_pass2<8, DIV>(q, zs, zt, 8 * v, g);
             rmw_bf16x8(D + 8 * v, g);
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(KL_THREADS, 2)
+softmax_kl_bf16(const __nv_bfloat16* __restrict__ student, const __nv_bfloat16* __restrict__ teacher,
+                const int* __restrict__ rows, int n_rows, int student_vocab, int teacher_vocab, int kept,
+                float temperature, float grad_scale, const int* __restrict__ ce_targets, float ce_scale,
+                float* __restrict__ row_kl, float* __restrict__ row_ce, __nv_bfloat16* __restrict__ dstudent) {
+    __shared__ KlStats warp_stats[KL_THREADS / 32];
+    __shared__ KlStats row_stats;
+
+    const int i = blockIdx.x;
+    if (i >= n_rows) return;
+    const KlRow w = kl_row_setup(student, teacher, dstudent, rows[i], student_vocab, teacher_vocab, kept, temperature,
+                                 ce_targets != nullptr ? (long long)ce_targets[i] : -1);
+
+    const KlStats st = kl_row_stats(w, kept, student_vocab, warp_stats, &row_stats);
+    KlGrad q = kl_grad_consts(st, w, temperature, grad_scale, ce_scale);
+
+    if (threadIdx.x == 0) {
+        // KL = ln2 · (A/S_t − lse2_t + lse2_s), times τ².
+        float kl = (st.a / st.st) + (st.ms - st.mt) + (log2f(st.ss) - log2f(st.st));
+        row_kl[i] = temperature * temperature * KD_LN2 * kl;
+        write_row_ce(q, w, student_vocab, row_ce, i);
+    }
+
+    // ---- pass 2: gradient, in the reverse order of pass 1 ----
+    kl_grad_pass<false>(q, w, kept, student_vocab);
+}
+
+// The other divergences (rkl, skl, jsd, tvd, skew_fkl, skew_rkl; `divergence` a DIV_* code, `lambda`
+// its weight λ or β, ignored by those without one). Same arguments, outputs and conventions as
+// softmax_kl_bf16 otherwise, with row_kl[i] = τ²·D(p_t, p_s) and the gradient
+// grad_scale·τ·(h − p_s·H) (div_terms). Three passes instead of two: pass 1 (statistics) as above;
+// pass 2 reads the kept columns again for Σℓ (the loss) and H = Σh, block-reduced; pass 3 writes
+// the gradient, which needs H. Why not two: ℓ and h of the mixture forms (jsd, skews) involve
+// ln(λ·p + (1−λ)·q) of the *normalised* probabilities, which an online (max, sum) rescaling cannot
+// carry the way the forward KL's A statistic does, so the sums wait for both normalisers. (For rkl
+// and skl alone an online statistic like A would do; one kernel for all keeps this simple, and
+// these are not the default.) Cost: one more read of the kept columns, 16 B/element at worst
+// instead of 12.
+extern "C" __global__ void __launch_bounds__(KL_THREADS, 2)
+softmax_div_bf16(const __nv_bfloat16* __restrict__ student, const __nv_bfloat16* __restrict__ teacher,
+                 const int* __restrict__ rows, int n_rows, int student_vocab, int teacher_vocab, int kept,
+                 float temperature, float grad_scale, const int* __restrict__ ce_targets, float ce_scale,
+                 int divergence, float lambda, float* __restrict__ row_kl, float* __restrict__ row_ce,
+                 __nv_bfloat16* __restrict__ dstudent) {
+    __shared__ KlStats warp_stats[KL_THREADS / 32];
+    __shared__ KlStats row_stats;
+    __shared__ float scratch[32];
+
+    const int i = blockIdx.x;
+    if (i >= n_rows) return;
+    const int tid = threadIdx.x, nt = blockDim.x;
+    const KlRow w = kl_row_setup(student, teacher, dstudent, rows[i], student_vocab, teacher_vocab, kept, temperature,
+                                 ce_targets != nullptr ? (long long)ce_targets[i] : -1);
+    const KlStats st = kl_row_stats(w, kept, student_vocab, warp_stats, &row_stats);
+    KlGrad q = kl_grad_consts(st, w, temperature, grad_scale, ce_scale);
+    q.div = divergence;
+    q.lam = lambda;
+    q.ln_lam = logf(lambda);
+    q.ln_1m_lam = logf(1.0f - lambda);
+
+    // ---- pass 2: Σℓ and H = Σh over the kept columns ----
+    float l_sum = 0.0f, h_sum = 0.0f;
+    for (long long v = tid; v < w.n_kvec; v += nt) {
+        float zs[8], zt[8];
+        unpack_bf16x8(ldg_u4(w.S + 8 * v), zs);
+        unpack_bf16x8(ldg_u4(w.T + 8 * v), zt);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            float l, h;
+            div_elem(q, zs[k], zt[k], &l, &h);
+            l_sum += l;
+            h_sum += h;
+        }
+    }
+    for (long long col = w.kv + tid; col < kept; col += nt) {
+        float l, h;
+        div_elem(q, bf16_to_f32(w.S[col]), bf16_to_f32(w.T[col]), &l, &h);
+        l_sum += l;
+        h_sum += h;
+    }
+    l_sum = block_sum(l_sum, scratch);
+    q.h_sum = block_sum(h_sum, scratch);
+    if (tid == 0) {
+        row_kl[i] = temperature * temperature * l_sum;
+        write_row_ce(q, w, student_vocab, row_ce, i);
+    }
+
+    // ---- pass 3: gradient ----
+    kl_grad_pass<true>(q, w, kept, student_vocab);
 }

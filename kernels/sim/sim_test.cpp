@@ -43,7 +43,46 @@ static void check(const std::string& what, double err, double tol) {
 // ------------------------------------------------------------------------------------------------
 // softmax-KL (+ CE)
 // ------------------------------------------------------------------------------------------------
-static void test_softmax_kl(int vs, int vt, float tau, bool with_ce, int offset_elems) {
+// τ²·D(p_t, p_s) of one row in double, straight from the definitions (src/backend/divergence.rs
+// lists them with their sources); `div` a DIV_* code.
+static double ref_divergence(const std::vector<double>& zs, const std::vector<double>& zt, double tau, int div, double lam) {
+    auto softmax = [&](const std::vector<double>& z) {
+        double m = -INFINITY;
+        for (double v : z) m = std::max(m, v / tau);
+        std::vector<double> p(z.size());
+        double sum = 0;
+        for (size_t c = 0; c < z.size(); ++c) sum += (p[c] = exp(z[c] / tau - m));
+        for (double& x : p) x /= sum;
+        return p;
+    };
+    auto kl = [](const std::vector<double>& a, const std::vector<double>& b) {
+        double k = 0;
+        for (size_t c = 0; c < a.size(); ++c)
+            if (a[c] > 0) k += a[c] * log(a[c] / b[c]);
+        return k;
+    };
+    auto mix = [](double w, const std::vector<double>& a, const std::vector<double>& b) {
+        std::vector<double> m(a.size());
+        for (size_t c = 0; c < a.size(); ++c) m[c] = w * a[c] + (1 - w) * b[c];
+        return m;
+    };
+    std::vector<double> q = softmax(zs), p = softmax(zt);
+    double d = 0;
+    switch (div) {
+    case DIV_RKL: d = kl(q, p); break;
+    case DIV_SKL: d = lam * kl(p, q) + (1 - lam) * kl(q, p); break;
+    case DIV_JSD: { auto m = mix(lam, p, q); d = lam * kl(p, m) + (1 - lam) * kl(q, m); break; }
+    case DIV_TVD: for (size_t c = 0; c < p.size(); ++c) d += 0.5 * fabs(p[c] - q[c]); break;
+    case DIV_SKEW_FKL: d = kl(p, mix(lam, p, q)); break;
+    case DIV_SKEW_RKL: d = kl(q, mix(lam, q, p)); break;
+    default: d = kl(p, q);
+    }
+    return tau * tau * d;
+}
+
+// div < 0: softmax_kl_bf16 (the forward KL's two-pass kernel); otherwise softmax_div_bf16 with that
+// DIV_* code and weight, its gradient checked against central differences of ref_divergence.
+static void test_softmax_kl(int vs, int vt, float tau, bool with_ce, int offset_elems, int div = -1, float lam = 0.0f) {
     const int n_total = 6, kept = std::min(vs, vt);
     std::vector<int> rows = {4, 0, 5, 2};
     const int n_rows = (int)rows.size();
@@ -63,8 +102,12 @@ static void test_softmax_kl(int vs, int vt, float tau, bool with_ce, int offset_
     std::vector<float> row_kl(n_rows, NAN), row_ce(n_rows, NAN);
     const float grad_scale = 0.7f, ce_scale = 0.3f;
     kd_sim::launch({(unsigned)n_rows, 1, 1}, {KL_THREADS, 1, 1}, 0, [&] {
-        softmax_kl_bf16(S, T, rows.data(), n_rows, vs, vt, kept, tau, grad_scale, with_ce ? targets.data() : nullptr,
-                        ce_scale, row_kl.data(), with_ce ? row_ce.data() : nullptr, Dg);
+        if (div < 0)
+            softmax_kl_bf16(S, T, rows.data(), n_rows, vs, vt, kept, tau, grad_scale, with_ce ? targets.data() : nullptr,
+                            ce_scale, row_kl.data(), with_ce ? row_ce.data() : nullptr, Dg);
+        else
+            softmax_div_bf16(S, T, rows.data(), n_rows, vs, vt, kept, tau, grad_scale, with_ce ? targets.data() : nullptr,
+                             ce_scale, div, lam, row_kl.data(), with_ce ? row_ce.data() : nullptr, Dg);
     });
     // Reference in double.
     std::vector<double> kl_out, kl_ref, ce_out, ce_ref, g_out, g_ref;
@@ -84,14 +127,32 @@ static void test_softmax_kl(int vs, int vt, float tau, bool with_ce, int offset_
         double ls = lse(zs, kept, 1.0 / tau), lt = lse(zt, kept, 1.0 / tau), lc = lse(zs, vs, 1.0);
         double kl = 0;
         std::vector<double> g(vs, 0.0);
-        for (int c = 0; c < kept; ++c) {
-            double lps = fb(zs[c]) / tau - ls, lpt = fb(zt[c]) / tau - lt;
-            double pt = exp(lpt), ps = exp(lps);
-            if (pt > 0) kl += pt * (lpt - lps);
-            g[c] += grad_scale * tau * (ps - pt);
+        if (div < 0) {
+            for (int c = 0; c < kept; ++c) {
+                double lps = fb(zs[c]) / tau - ls, lpt = fb(zt[c]) / tau - lt;
+                double pt = exp(lpt), ps = exp(lps);
+                if (pt > 0) kl += pt * (lpt - lps);
+                g[c] += grad_scale * tau * (ps - pt);
+            }
+            kl *= tau * tau;
+        } else {
+            std::vector<double> xs(kept), xt(kept);
+            for (int c = 0; c < kept; ++c) xs[c] = fb(zs[c]), xt[c] = fb(zt[c]);
+            kl = ref_divergence(xs, xt, tau, div, lam);
+            const double h = 1e-4;
+            for (int c = 0; c < kept; ++c) {
+                if (!std::isfinite(xs[c])) continue;  // p_s = 0 there for good: no gradient
+                const double x = xs[c];
+                xs[c] = x + h;
+                double fp = ref_divergence(xs, xt, tau, div, lam);
+                xs[c] = x - h;
+                double fm = ref_divergence(xs, xt, tau, div, lam);
+                xs[c] = x;
+                g[c] += grad_scale * (fp - fm) / (2 * h);
+            }
         }
         kl_out.push_back(row_kl[i]);
-        kl_ref.push_back(tau * tau * kl);
+        kl_ref.push_back(kl);
         const int tgt = targets[i];
         if (with_ce) {
             if (tgt >= 0) {
@@ -116,7 +177,7 @@ static void test_softmax_kl(int vs, int vt, float tau, bool with_ce, int offset_
             if (!may_change && fb(Dg[(size_t)r * vs + c]) != d0[(size_t)r * vs + c]) untouched = false;
         }
     char name[160];
-    snprintf(name, sizeof name, "softmax_kl Vs=%d Vt=%d tau=%.1f ce=%d off=%d", vs, vt, tau, (int)with_ce, offset_elems);
+    snprintf(name, sizeof name, "%s Vs=%d Vt=%d tau=%.1f ce=%d off=%d", div < 0 ? "softmax_kl" : ("softmax_div " + std::to_string(div) + " lambda " + std::to_string(lam)).c_str(), vs, vt, tau, (int)with_ce, offset_elems);
     check(std::string(name) + " loss", rel_err(kl_out, kl_ref), 2e-5);
     if (with_ce) check(std::string(name) + " ce", rel_err(ce_out, ce_ref), 2e-5);
     check(std::string(name) + " grad", rel_err(g_out, g_ref), 2e-2);
@@ -483,6 +544,14 @@ int main(int argc, char** argv) {
     test_softmax_kl(203, 199, 1.5f, true, 1);      // scalar path, misaligned rows
     test_softmax_kl(203, 199, 1.0f, false, 0);     // no CE
     test_softmax_kl(1, 1, 1.0f, true, 0);          // one column
+    // The other divergences (softmax_div_bf16): every one on the vector path with the CE fused and
+    // τ ≠ 1, the mixture forms also on the scalar path with misaligned rows; fkl through the
+    // three-pass kernel matches the two-pass one's reference.
+    for (int div = DIV_FKL; div <= DIV_SKEW_RKL; ++div) {
+        const float lam = div == DIV_SKL || div == DIV_JSD ? 0.9f : 0.1f;
+        test_softmax_kl(1024, 1000, 2.0f, true, 0, div, lam);
+        if (!quick && (div == DIV_JSD || div == DIV_SKEW_FKL || div == DIV_SKEW_RKL)) test_softmax_kl(203, 199, 1.0f, false, 1, div, lam);
+    }
     test_attention<64>(flash_attn_fwd_bf16_d64, flash_attn_bwd_bf16_d64, {1, 70, 130}, 4, 2, 1);
     test_attention<64>(flash_attn_fwd_bf16_d64, flash_attn_bwd_bf16_d64, {1, 70, 130}, 4, 2, 0);
     test_attention<72>(flash_attn_fwd_bf16_d72, flash_attn_bwd_bf16_d72, {65, 3}, 2, 1, 1);

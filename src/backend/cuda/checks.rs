@@ -685,6 +685,53 @@ fn softmax_kl(c: &mut Ctx) {
             c.cmp_buf(&format!("{name} dstudent (accumulate)"), &d, &want, TOL_BF16)
         });
     }
+    // The other divergences (softmax_div_bf16, three passes): each with and without the fused CE,
+    // at τ ≠ 1 with mismatched vocabularies; JSD also at the real vocabulary.
+    for name in crate::backend::divergence::DIVERGENCE_NAMES.into_iter().filter(|&n| n != "fkl") {
+        let div = match Divergence::parse(name, None) {
+            Ok(d) => d,
+            Err(e) => {
+                c.case(&format!("divergence {name}"), |_| Err(e));
+                continue;
+            }
+        };
+        let mut cases: Vec<(usize, usize, usize, usize, f32, Vec<u32>, Vec<i32>)> =
+            vec![(6, 1003, 1011, 1000, 2.0, vec![4, 0, 2], vec![]), (5, 4099, 4096, 4096, 2.0, vec![0, 3, 1], vec![4098, IGNORE_INDEX, 5])];
+        if name == "jsd" {
+            cases.push((3, 151_936, 151_936, 151_936, 1.0, vec![2, 0], vec![151_935, 77]));
+        }
+        for (rows, vs, vt, kept, tau, listed, labels) in cases {
+            let case = format!("softmax_kl {name} {rows} rows Vs={vs} Vt={vt} kept={kept} tau={tau} labels={labels:?}");
+            c.case(&case, |c| {
+                let s = c.rand(rows * vs, -4.0, 4.0);
+                let t = c.rand(rows * vt, -4.0, 4.0);
+                let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: tau, divergence: div };
+                let (scale, ce_scale) = (0.5, 1.0 / 3.0);
+                let run_cpu = |cpu: &CpuBackend<f32>, d: &mut Vec<f32>| -> Result<(f64, f64)> {
+                    if labels.is_empty() {
+                        Ok((cpu.softmax_kl(&s, &t, shape, &listed, scale, d)?, 0.0))
+                    } else {
+                        cpu.softmax_kl_ce(&s, &t, shape, &listed, &labels, scale, ce_scale, d)
+                    }
+                };
+                let mut inc = vec![0.0; rows * vs];
+                run_cpu(&c.cpu, &mut inc)?;
+                let pre = c.prefill_like(rows * vs, &inc);
+                let mut want = pre.clone();
+                let (wkl, wce) = run_cpu(&c.cpu, &mut want)?;
+                let mut d = c.up(&pre)?;
+                let (su, tu) = (c.up(&s)?, c.up(&t)?);
+                let (gkl, gce) = if labels.is_empty() {
+                    (c.be.softmax_kl(&su, &tu, shape, &listed, scale, &mut d)?, 0.0)
+                } else {
+                    c.be.softmax_kl_ce(&su, &tu, shape, &listed, &labels, scale, ce_scale, &mut d)?
+                };
+                c.cmp_scalar(&format!("{case} loss"), gkl, wkl, TOL_F32);
+                c.cmp_scalar(&format!("{case} CE"), gce, wce, TOL_F32);
+                c.cmp_buf(&format!("{case} dstudent (accumulate)"), &d, &want, TOL_BF16)
+            });
+        }
+    }
     c.case("softmax_kl bad rows are errors", |c| {
         let (s, t) = (c.up(&[0.0; 8])?, c.up(&[0.0; 8])?);
         let mut d = c.be.zeros(8)?;

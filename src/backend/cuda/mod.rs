@@ -25,7 +25,7 @@
 //! | attention(_backward) | attention.cu (flash forward; backward preprocess + flash backward) |
 //! | attention_decode | decode_attention.cu (split kernel; combine kernel when the positions were split) |
 //! | cross_entropy | cross_entropy.cu |
-//! | softmax_kl | `softmax_kl_bf16` (softmax_kl.cu) |
+//! | softmax_kl(_ce) | `softmax_kl_bf16` (softmax_kl.cu) for fkl; `softmax_div_bf16` (same file) for the other divergences |
 //! | relation_loss | cuBLAS Grams (bf16 in, f32 out) → `relation_cosine_grad` (relation.cu) → f32→bf16 → cuBLAS dZ += 2·G·Z |
 //! | adamw | `adamw_bf16` (adamw.cu) |
 

@@ -4,7 +4,7 @@
 use anyhow::{bail, ensure, Result};
 
 use super::{bf, check_len, f32p, int, to_bf16_bits, CudaBackend, CudaBuf, DType, KArg};
-use crate::backend::{check_ce_labels, check_kl_rows, check_kl_shape, check_relation_images, AdamWStep, AttnShape, Backend, Gemm, GeluKind, KlShape, IGNORE_INDEX};
+use crate::backend::{check_ce_labels, check_kl_rows, check_kl_shape, check_relation_images, AdamWStep, AttnShape, Backend, Divergence, Gemm, GeluKind, KlShape, IGNORE_INDEX};
 
 /// Kernel argument list from local variables: one [`KArg`] per parameter (the variable's address
 /// and size; the launch checks the sizes against the PTX). Only plain identifiers are accepted,
@@ -101,11 +101,6 @@ impl CudaBackend {
     ) -> Result<(f64, f64)> {
         let n_rows = check_kl_shape(what, student.len, teacher.len, dstudent.len, shape)?;
         check_kl_rows(what, rows, n_rows, shape.temperature)?;
-        anyhow::ensure!(
-            shape.divergence == crate::backend::Divergence::Fkl,
-            "{what}: divergence \"{}\" is not implemented on the CUDA backend yet (only fkl); use --device cpu",
-            shape.divergence.name()
-        );
         if let Some((targets, _)) = ce {
             check_ce_labels(what, rows, targets, shape.student_vocab)?;
         }
@@ -149,9 +144,18 @@ impl CudaBackend {
         let (nr, vs, vt, kept) = (int(n_rows, "rows")?, int(shape.student_vocab, "student vocabulary")?, int(shape.teacher_vocab, "teacher vocabulary")?, int(shape.kept, "kept columns")?);
         let tau = shape.temperature;
         let (ce_t, ce_scale, row_ce) = ce.unwrap_or((0, 0.0, 0));
-        let mut a = args![s, t, rows_dev, nr, vs, vt, kept, tau, scale, ce_t, ce_scale, row_kl, row_ce, d];
-        // SAFETY: lengths were checked by the caller; rows_dev holds n_rows in-range, distinct rows.
-        unsafe { self.gpu.launch("softmax_kl", "softmax_kl_bf16", (n_rows as u32, 1, 1), (512, 1, 1), 0, &mut a) }
+        let grid = (n_rows as u32, 1, 1);
+        if shape.divergence == Divergence::Fkl {
+            // The forward KL's two-pass kernel (its KL comes from pass-1 statistics).
+            let mut a = args![s, t, rows_dev, nr, vs, vt, kept, tau, scale, ce_t, ce_scale, row_kl, row_ce, d];
+            // SAFETY: lengths were checked by the caller; rows_dev holds n_rows in-range, distinct rows.
+            unsafe { self.gpu.launch("softmax_kl", "softmax_kl_bf16", grid, (512, 1, 1), 0, &mut a) }
+        } else {
+            let (code, lambda) = (shape.divergence.code(), shape.divergence.lambda() as f32);
+            let mut a = args![s, t, rows_dev, nr, vs, vt, kept, tau, scale, ce_t, ce_scale, code, lambda, row_kl, row_ce, d];
+            // SAFETY: as above; the extra arguments are scalars.
+            unsafe { self.gpu.launch("softmax_kl", "softmax_div_bf16", grid, (512, 1, 1), 0, &mut a) }
+        }
     }
 }
 
