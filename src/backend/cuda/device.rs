@@ -648,6 +648,7 @@ mod tests {
             ("layernorm_fwd_bf16", vec![p, p, p, p, i, f]),
             ("cross_entropy_bf16", vec![p, p, i, f, p, p]),
             ("softmax_kl_bf16", vec![p, p, p, i, i, i, i, f, f, p, f, p, p, p]),
+            ("softmax_div_bf16", vec![p, p, p, i, i, i, i, f, f, p, f, i, f, p, p, p]),
             ("relation_cosine_partials", vec![p, p, i, i, p]),
             ("relation_cosine_grad", vec![p, p, i, i, f, p, p, p]),
             ("adamw_bf16", vec![p, p, p, p, p, l, f, f, f, f, f, f, f, f, 8, 8]),
