@@ -240,6 +240,34 @@ fn selftest_passes_on_the_simulated_device() {
     assert!(last.ends_with(" 0 failed") && !last.starts_with("0 passed"), "{last}");
 }
 
+/// The kernel image follows the device's compute capability: the sm_90a cubin on 9.0, the sm_80
+/// cubin on 8.6 (machine code runs on the later minor versions of its major), the compute_80 PTX
+/// (JIT-compiled) on 12.0, for which nothing was assembled, and a clear refusal on 7.5. The
+/// simulated driver refuses an image the device cannot run, as the real one does, so a wrong
+/// choice fails to load rather than passing unnoticed; the elementwise checks then run on it.
+#[test]
+fn the_kernel_image_follows_the_compute_capability() {
+    if !sim_built() {
+        return;
+    }
+    let cubins = kd_engine::backend::cuda::built_cubins();
+    assert!(!cubins.is_empty() || std::env::var("KD_REQUIRE_KERNELS").as_deref() != Ok("1"), "KD_REQUIRE_KERNELS=1 but no cubin was assembled (ptxas beside nvcc?)");
+    let selftest = |cc: &str| kd().args(["selftest", "--only", "elementwise"]).env("KD_CUDA_SIM", "1").env("KD_SIM_COMPUTE_CAPABILITY", cc).output().unwrap();
+    for (cc, want) in [("9.0", "sm_90a cubin"), ("8.6", "sm_80 cubin"), ("12.0", "compute_80 PTX")] {
+        let want = if cubins.is_empty() { want.replace("sm_90a cubin", "compute_90a PTX").replace("sm_80 cubin", "compute_80 PTX") } else { want.to_string() };
+        let t = std::time::Instant::now();
+        let out = selftest(cc);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "selftest at compute capability {cc} failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        let device = format!("(sm_{}, 132 SMs, {want})", cc.replace('.', ""));
+        assert!(stdout.lines().next().is_some_and(|l| l.contains(&device)), "compute capability {cc}: expected {device} in\n{stdout}");
+        println!("{cc}: {want}, {:.1} s", t.elapsed().as_secs_f64());
+    }
+    let out = selftest("7.5");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("compute capability 7.5") && stderr.contains("8.0 or newer"), "{stderr}");
+}
+
 #[test]
 fn bench_step_runs_on_the_simulated_device_and_counts_its_work() {
     if !sim_built() {

@@ -11,12 +11,21 @@
 // sticky like the real one: every later call of the context fails with it.
 // Kernels run synchronously at launch (on the emulator: every thread a fiber, blocks one after
 // another), so events time the host, and the stream is always idle.
+//
+// Module images: PTX text, or an ELF cubin (the kernel entries from its symbol table, their
+// parameter sizes and __launch_bounds__ from its .nv.info.<kernel> sections); each kernel found is
+// bound to the host-compiled kernel of that name. As the real driver does, a cubin is refused on a
+// device that cannot run its SM version, PTX whose .target is above the device, and a fatbin
+// container is not read (kd-engine embeds plain cubins). cuModuleLoadDataEx writes why into the
+// caller's CU_JIT_ERROR_LOG_BUFFER. The compute capability reported (default 9.0) is
+// KD_SIM_COMPUTE_CAPABILITY=major.minor, so the image choice for other GPUs can be tested.
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
 #include <chrono>
 #include <map>
 #include <memory>
@@ -44,6 +53,7 @@ enum {
     CUDA_ERROR_INVALID_DEVICE = 101,
     CUDA_ERROR_INVALID_IMAGE = 200,
     CUDA_ERROR_INVALID_CONTEXT = 201,
+    CUDA_ERROR_NO_BINARY_FOR_GPU = 209,
     CUDA_ERROR_INVALID_PTX = 218,
     CUDA_ERROR_INVALID_HANDLE = 400,
     CUDA_ERROR_NOT_FOUND = 500,
@@ -53,8 +63,9 @@ enum {
     CUDA_ERROR_NOT_SUPPORTED = 801,
 };
 
-// The device it presents: an H200's limits (compute capability 9.0, 132 SMs, 227 KiB of opt-in
-// shared memory per block), with memory bounded by the host (KD_SIM_DEVICE_MEMORY_MIB, default 8 GiB).
+// The device it presents: an H200's limits (compute capability 9.0 unless KD_SIM_COMPUTE_CAPABILITY
+// says otherwise, 132 SMs, 227 KiB of opt-in shared memory per block), with memory bounded by the
+// host (KD_SIM_DEVICE_MEMORY_MIB, default 8 GiB).
 static const char* kDeviceName = "kd-engine simulated CUDA device (H200 limits, kernels on the CPU emulator)";
 static const int kSmCount = 132;
 static const int kMaxThreadsPerBlock = 1024;
@@ -92,6 +103,7 @@ struct Driver {
     std::map<uint64_t, Allocation> allocs;  // by device address
     size_t allocated = 0;
     size_t capacity = 0;
+    int cc_major = 9, cc_minor = 0;
     std::set<KdModule*> modules;
     std::set<KdFunction*> functions;
     std::set<KdEvent*> events;
@@ -195,14 +207,14 @@ CUresult check_guards(const std::string& kernel) {
     return CUDA_SUCCESS;
 }
 
-// Parameter sizes and .maxntid of every `.entry` of a PTX text.
-struct PtxEntry {
+// Parameter sizes and .maxntid (__launch_bounds__) of a kernel, from its PTX `.entry` or cubin.
+struct KernelEntry {
     std::vector<size_t> params;
     unsigned maxntid = 0;
 };
 
-std::map<std::string, PtxEntry> parse_ptx(const std::string& ptx) {
-    std::map<std::string, PtxEntry> out;
+std::map<std::string, KernelEntry> parse_ptx(const std::string& ptx) {
+    std::map<std::string, KernelEntry> out;
     size_t pos = 0;
     while ((pos = ptx.find(".entry ", pos)) != std::string::npos) {
         pos += 7;
@@ -211,7 +223,7 @@ std::map<std::string, PtxEntry> parse_ptx(const std::string& ptx) {
         std::string name = ptx.substr(pos, open - pos);
         while (!name.empty() && isspace((unsigned char)name.back())) name.pop_back();
         const size_t close = ptx.find(')', open);
-        PtxEntry e;
+        KernelEntry e;
         std::string params = ptx.substr(open + 1, close - open - 1);
         size_t p = 0;
         while ((p = params.find(".param", p)) != std::string::npos) {
@@ -315,6 +327,16 @@ KD_SIM_EXPORT CUresult cuInit(unsigned flags) {
     if (!d.initialised) {
         const char* mib = getenv("KD_SIM_DEVICE_MEMORY_MIB");
         d.capacity = (size_t)(mib ? strtoull(mib, nullptr, 10) : 8192) << 20;
+        if (const char* cc = getenv("KD_SIM_COMPUTE_CAPABILITY")) {
+            int major = 0, minor = 0;
+            char tail = 0;
+            if (sscanf(cc, "%d.%d%c", &major, &minor, &tail) != 2 || major < 1 || minor < 0 || minor > 9) {
+                say(std::string("KD_SIM_COMPUTE_CAPABILITY=") + cc + ": expected major.minor, e.g. 8.6");
+                return CUDA_ERROR_INVALID_VALUE;
+            }
+            d.cc_major = major;
+            d.cc_minor = minor;
+        }
         d.initialised = true;
     }
     return CUDA_SUCCESS;
@@ -375,8 +397,8 @@ KD_SIM_EXPORT CUresult cuDeviceGetAttribute(int* v, int attrib, CUdevice dev) {
         case 8: *v = (int)kDefaultSmem; break;         // MAX_SHARED_MEMORY_PER_BLOCK
         case 10: *v = 32; break;                       // WARP_SIZE
         case 16: *v = kSmCount; break;                 // MULTIPROCESSOR_COUNT
-        case 75: *v = 9; break;                        // COMPUTE_CAPABILITY_MAJOR
-        case 76: *v = 0; break;                        // COMPUTE_CAPABILITY_MINOR
+        case 75: *v = drv().cc_major; break;           // COMPUTE_CAPABILITY_MAJOR
+        case 76: *v = drv().cc_minor; break;           // COMPUTE_CAPABILITY_MINOR
         case 97: *v = (int)kMaxSmemOptin; break;       // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
         case 115: *v = 0; break;                       // MEMORY_POOLS_SUPPORTED: no stream-ordered allocator
         default: return CUDA_ERROR_INVALID_VALUE;
@@ -551,28 +573,23 @@ KD_SIM_EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned int v, size_t 
 
 // ---- modules and kernels ----
 
-KD_SIM_EXPORT CUresult cuModuleLoadData(CUmodule* module, const void* image) {
-    LOCK;
-    TRY(ready());
-    if (module == nullptr || image == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    const char* text = static_cast<const char*>(image);
-    // PTX only: a cubin or fatbin holds machine code for a real GPU, which this device cannot run.
-    if (memcmp(text, "\x7f" "ELF", 4) == 0) return CUDA_ERROR_INVALID_IMAGE;
-    const std::string ptx(text);
-    if (ptx.find(".version") == std::string::npos || ptx.find(".target") == std::string::npos) return CUDA_ERROR_INVALID_PTX;
+// Binds every kernel an image declares (name → parameter sizes, .maxntid) to the host-compiled one.
+static CUresult bind_kernels(const std::map<std::string, KernelEntry>& entries, const char* image_kind, std::string& log,
+                             CUmodule* module) {
     auto m = std::make_unique<KdModule>();
-    for (const auto& [name, entry] : parse_ptx(ptx)) {
+    for (const auto& [name, entry] : entries) {
         auto k = registry().find(name);
         if (k == registry().end()) {
-            say("the PTX holds kernel " + name + ", which the simulated device was not built with (rebuild: build.rs compiles kernels/*.cu into it)");
-            return CUDA_ERROR_INVALID_PTX;
+            log = std::string("the ") + image_kind + " holds kernel " + name +
+                  ", which the simulated device was not built with (rebuild: build.rs compiles kernels/*.cu into it)";
+            return CUDA_ERROR_INVALID_IMAGE;
         }
         if (k->second.param_sizes != entry.params) {
             std::string got, want;
             for (size_t s : k->second.param_sizes) got += std::to_string(s) + " ";
             for (size_t s : entry.params) want += std::to_string(s) + " ";
-            say("kernel " + name + ": the host build's parameter sizes [ " + got + "] differ from the PTX's [ " + want + "]");
-            return CUDA_ERROR_INVALID_PTX;
+            log = "kernel " + name + ": the host build's parameter sizes [ " + got + "] differ from the " + image_kind + "'s [ " + want + "]";
+            return CUDA_ERROR_INVALID_IMAGE;
         }
         auto f = std::make_unique<KdFunction>();
         f->name = name;
@@ -584,6 +601,159 @@ KD_SIM_EXPORT CUresult cuModuleLoadData(CUmodule* module, const void* image) {
     *module = m.get();
     drv().modules.insert(m.release());
     return CUDA_SUCCESS;
+}
+
+static CUresult load_ptx(const std::string& ptx, std::string& log, CUmodule* module) {
+    if (ptx.find(".version") == std::string::npos || ptx.find(".target") == std::string::npos) {
+        log = "ptxas fatal: the image is neither PTX (no .version/.target directive) nor an ELF cubin";
+        return CUDA_ERROR_INVALID_PTX;
+    }
+    // `.target sm_XY[a|f]`: arch-specific code only on XY itself, plain PTX on XY and later.
+    const size_t t = ptx.find(".target");
+    int target = 0;
+    char suffix = 0;
+    if (sscanf(ptx.c_str() + t, ".target sm_%d%c", &target, &suffix) < 1) {
+        log = "ptxas fatal: cannot read the .target directive";
+        return CUDA_ERROR_INVALID_PTX;
+    }
+    const int dev = drv().cc_major * 10 + drv().cc_minor;
+    const bool specific = suffix == 'a' || suffix == 'f';
+    if (specific ? target != dev : target > dev) {
+        log = "ptxas fatal: PTX for .target sm_" + std::to_string(target) + (specific ? std::string(1, suffix) : "") +
+              " cannot be compiled for this device (sm_" + std::to_string(dev) + ")";
+        return CUDA_ERROR_INVALID_PTX;
+    }
+    return bind_kernels(parse_ptx(ptx), "PTX", log, module);
+}
+
+// Little-endian reads at any alignment.
+template <class T>
+static T rd(const unsigned char* p, size_t off) {
+    T v;
+    memcpy(&v, p + off, sizeof v);
+    return v;
+}
+
+// A CUDA ELF (cubin). The driver gets no length with the image: like it, this trusts the header's
+// section table for the extent, and refuses headers that are not a CUDA ELF.
+static CUresult load_cubin(const unsigned char* e, std::string& log, CUmodule* module) {
+    const int kEmCuda = 190;
+    if (e[4] != 2 || e[5] != 1) {
+        log = "not a 64-bit little-endian ELF file";
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    const unsigned machine = rd<uint16_t>(e, 18);
+    const uint64_t shoff = rd<uint64_t>(e, 40);
+    const unsigned shentsize = rd<uint16_t>(e, 58), shnum = rd<uint16_t>(e, 60), shstrndx = rd<uint16_t>(e, 62);
+    if (machine != kEmCuda || shentsize != 64 || shnum == 0 || shstrndx >= shnum || shoff < 64) {
+        log = "damaged cubin header (e_machine " + std::to_string(machine) + ", expected " + std::to_string(kEmCuda) +
+              "; " + std::to_string(shnum) + " sections of " + std::to_string(shentsize) + " bytes at offset " + std::to_string(shoff) + ")";
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    // The SM version: e_flags bits 8-15 from ELF ABI version 8 (CUDA 12.8+ toolkits), else bits 0-7.
+    const uint32_t flags = rd<uint32_t>(e, 48);
+    const int sm = e[8] >= 8 ? (int)((flags >> 8) & 0xff) : (int)(flags & 0xff);
+    const int dev = drv().cc_major * 10 + drv().cc_minor;
+    if (sm / 10 != drv().cc_major || sm % 10 > drv().cc_minor) {
+        log = "the cubin holds machine code for sm_" + std::to_string(sm) + ", which this device (sm_" + std::to_string(dev) + ") cannot run";
+        return CUDA_ERROR_NO_BINARY_FOR_GPU;
+    }
+    struct Sec { std::string name; uint32_t type, link; uint64_t off, size; };
+    std::vector<Sec> secs(shnum);
+    const unsigned char* sh = e + shoff;
+    const uint64_t strtab_off = rd<uint64_t>(sh, shstrndx * 64 + 24);
+    for (unsigned i = 0; i < shnum; ++i) {
+        const unsigned char* h = sh + i * 64;
+        secs[i] = {std::string((const char*)e + strtab_off + rd<uint32_t>(h, 0)), rd<uint32_t>(h, 4), rd<uint32_t>(h, 40),
+                   rd<uint64_t>(h, 24), rd<uint64_t>(h, 32)};
+    }
+    const Sec* symtab = nullptr;
+    for (const Sec& x : secs)
+        if (x.type == 2) symtab = &x;  // SHT_SYMTAB
+    if (symtab == nullptr || symtab->link >= shnum) {
+        log = "the cubin has no symbol table";
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    const char* names = (const char*)e + secs[symtab->link].off;
+    std::map<std::string, KernelEntry> entries;
+    for (uint64_t o = 0; o + 24 <= symtab->size; o += 24) {
+        const unsigned char* sym = e + symtab->off + o;
+        // A kernel entry: a global function marked STO_CUDA_ENTRY (0x10) in st_other.
+        if ((sym[4] & 0xf) != 2 || (sym[4] >> 4) != 1 || (sym[5] & 0x10) == 0) continue;
+        const std::string name(names + rd<uint32_t>(sym, 0));
+        KernelEntry entry;
+        std::vector<std::pair<unsigned, size_t>> params;  // (ordinal, bytes)
+        for (const Sec& x : secs) {
+            if (x.name != ".nv.info." + name) continue;
+            // Attributes: format byte, attribute byte, a 16-bit field, then for format 4 (SVAL)
+            // as many bytes of value as that field says (formats 1-3 hold at most the field).
+            const unsigned char* a = e + x.off;
+            for (uint64_t i = 0; i + 4 <= x.size;) {
+                const unsigned fmt = a[i], attr = a[i + 1];
+                if (fmt != 4) { i += 4; continue; }
+                const unsigned len = rd<uint16_t>(a, i + 2);
+                const unsigned char* v = a + i + 4;
+                if (attr == 0x17 && len >= 12)  // EIATTR_KPARAM_INFO: index, ordinal, offset, size << 18
+                    params.push_back({rd<uint16_t>(v, 4), (rd<uint32_t>(v, 8) >> 18) & 0x3fff});
+                if (attr == 0x05 && len >= 12)  // EIATTR_MAX_THREADS: __launch_bounds__ as x, y, z
+                    entry.maxntid = rd<uint32_t>(v, 0) * rd<uint32_t>(v, 4) * rd<uint32_t>(v, 8);
+                i += 4 + len;
+            }
+        }
+        std::sort(params.begin(), params.end());
+        for (const auto& p : params) entry.params.push_back(p.second);
+        entries[name] = entry;
+    }
+    if (entries.empty()) {
+        log = "the cubin holds no kernel entry";
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    return bind_kernels(entries, "cubin", log, module);
+}
+
+static CUresult load_module(CUmodule* module, const void* image, std::string& log) {
+    const unsigned char* bytes = static_cast<const unsigned char*>(image);
+    if (memcmp(bytes, "\x7f" "ELF", 4) == 0) return load_cubin(bytes, log, module);
+    if (rd<uint32_t>(bytes, 0) == 0xBA55ED50u) {
+        log = "a fatbin container: the simulated device reads PTX and cubins only";
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    return load_ptx(std::string(static_cast<const char*>(image)), log, module);
+}
+
+KD_SIM_EXPORT CUresult cuModuleLoadData(CUmodule* module, const void* image) {
+    LOCK;
+    TRY(ready());
+    if (module == nullptr || image == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    std::string log;
+    const CUresult r = load_module(module, image, log);
+    if (r != CUDA_SUCCESS) say("cuModuleLoadData: " + log);
+    return r;
+}
+
+// Options read: CU_JIT_ERROR_LOG_BUFFER (5) and its size (6, in: capacity, out: bytes written);
+// the info log (3, 4) is left empty. Others are accepted and ignored, as JIT tuning hints are.
+KD_SIM_EXPORT CUresult cuModuleLoadDataEx(CUmodule* module, const void* image, unsigned n_options, int* options, void** values) {
+    LOCK;
+    TRY(ready());
+    if (module == nullptr || image == nullptr || (n_options > 0 && (options == nullptr || values == nullptr))) return CUDA_ERROR_INVALID_VALUE;
+    char* log_buf = nullptr;
+    size_t log_cap = 0;
+    for (unsigned i = 0; i < n_options; ++i) {
+        if (options[i] == 5) log_buf = static_cast<char*>(values[i]);
+        if (options[i] == 6) log_cap = (size_t)(uintptr_t)values[i];
+        if (options[i] == 4) values[i] = nullptr;
+    }
+    std::string log;
+    const CUresult r = load_module(module, image, log);
+    const size_t written = log_buf != nullptr && log_cap > 0 ? std::min(log.size(), log_cap - 1) : 0;
+    if (log_buf != nullptr && log_cap > 0) {
+        memcpy(log_buf, log.data(), written);
+        log_buf[written] = 0;
+    }
+    for (unsigned i = 0; i < n_options; ++i)
+        if (options[i] == 6) values[i] = (void*)(uintptr_t)written;
+    return r;
 }
 
 KD_SIM_EXPORT CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) {
@@ -701,6 +871,7 @@ static const char* error_name(CUresult r) {
         case CUDA_ERROR_INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
         case CUDA_ERROR_INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
         case CUDA_ERROR_INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
+        case CUDA_ERROR_NO_BINARY_FOR_GPU: return "CUDA_ERROR_NO_BINARY_FOR_GPU";
         case CUDA_ERROR_INVALID_PTX: return "CUDA_ERROR_INVALID_PTX";
         case CUDA_ERROR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
         case CUDA_ERROR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
@@ -721,6 +892,7 @@ static const char* error_string(CUresult r) {
         case CUDA_ERROR_INVALID_DEVICE: return "invalid device ordinal";
         case CUDA_ERROR_INVALID_IMAGE: return "device kernel image is invalid";
         case CUDA_ERROR_INVALID_CONTEXT: return "invalid device context";
+        case CUDA_ERROR_NO_BINARY_FOR_GPU: return "no kernel image is available for execution on the device";
         case CUDA_ERROR_INVALID_PTX: return "a PTX JIT compilation failed";
         case CUDA_ERROR_INVALID_HANDLE: return "invalid resource handle";
         case CUDA_ERROR_NOT_FOUND: return "named symbol not found";

@@ -925,6 +925,39 @@ fn driver_errors(c: &mut Ctx) {
         let want: Vec<f32> = x.iter().map(|v| r16(v * 0.5)).collect();
         c.cmp_buf("a correct launch after the refusals", &b, &want, TOL_BF16)
     });
+    c.case("refused kernel images", |c| {
+        use super::device::{built_arches, built_cubins, KernelImage};
+        // Each must be an error naming the module and the image; PTX the JIT refuses must carry
+        // the driver's log (the simulated device also writes one for a damaged cubin).
+        let expect_refusal = |c: &mut Ctx, name: &str, what: &str, bytes: &[u8], need_log: bool| {
+            let err = c.be.gpu().load_module_image("elementwise", what, bytes).err().map(|e| format!("{e:#}"));
+            let detail = match err {
+                None => "loaded".to_string(),
+                Some(e) if !e.contains("kernels/elementwise.cu") || !e.contains(what) => format!("the error names neither the module nor the image: {e:?}"),
+                Some(e) if need_log && !e.split_once("driver's error log:").is_some_and(|(_, log)| !log.trim().is_empty()) => {
+                    format!("the error carries no JIT log: {e:?}")
+                }
+                Some(_) => String::new(),
+            };
+            c.record(name, 0.0, 0.0, detail);
+        };
+        if let Some(mut cubin) = built_cubins().first().and_then(|sm| KernelImage::Cubin(sm).bytes("elementwise")) {
+            // The ELF header after its identification bytes zeroed (machine, flags, section table):
+            // the driver gets no length with an image, so a damaged header, not a shortened file,
+            // is what it can detect without reading past the buffer.
+            cubin[16..64].fill(0);
+            let sim = super::sim::active();
+            expect_refusal(c, "a cubin with a damaged header is refused", "a damaged cubin", &cubin, sim);
+        }
+        let arch = built_arches().first().copied().ok_or_else(|| anyhow!("this build has no PTX"))?;
+        let ptx = KernelImage::Ptx(arch).bytes("elementwise").ok_or_else(|| anyhow!("no elementwise PTX for {arch}"))?;
+        // PTX for a GPU that does not exist: the JIT refuses it whatever the device.
+        let text = String::from_utf8_lossy(ptx.strip_suffix(&[0u8]).unwrap_or(&ptx));
+        let mut bad: String = text.lines().map(|l| if l.starts_with(".target ") { ".target sm_990\n".to_string() } else { format!("{l}\n") }).collect();
+        bad.push('\0');
+        expect_refusal(c, "PTX for sm_990 is refused with the JIT's log", "PTX for sm_990", bad.as_bytes(), true);
+        Ok(())
+    });
     if !super::sim::active() {
         return;
     }

@@ -1,6 +1,7 @@
 //! The CUDA device layer under the backend: detection that never panics, the context and stream,
-//! device memory with out-of-memory errors that say what was asked and what is free, the PTX
-//! modules (loaded once, the arch picked from the device), kernel launches, cuBLAS and events.
+//! device memory with out-of-memory errors that say what was asked and what is free, the kernel
+//! modules (loaded once: the embedded cubin the device runs, else PTX for the driver to JIT),
+//! kernel launches, cuBLAS and events.
 //!
 //! Everything goes through cudarc's `result`/`sys` layers (the driver API, loaded at run time), so
 //! every return code is checked here and turned into an error that names the call. All work is
@@ -26,6 +27,7 @@ mod ptx {
 #[cfg(not(kd_kernels))]
 mod ptx {
     pub const PTX: &[(&str, &str, &str)] = &[];
+    pub const CUBIN: &[(&str, &str, &[u8])] = &[];
 }
 
 /// Whether this build has the CUDA kernels (nvcc was found at build time).
@@ -39,6 +41,55 @@ pub fn built_arches() -> Vec<&'static str> {
     a.sort_unstable();
     a.dedup();
     a
+}
+
+/// The SM versions this build has cubins (machine code) for.
+pub fn built_cubins() -> Vec<&'static str> {
+    let mut a: Vec<&str> = ptx::CUBIN.iter().map(|(_, sm, _)| *sm).collect();
+    a.sort_unstable();
+    a.dedup();
+    a
+}
+
+/// One embedded image of a kernel module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelImage {
+    /// Machine code for an SM version (`sm_90a`): the driver loads it as is.
+    Cubin(&'static str),
+    /// PTX for a virtual arch (`compute_80`): the driver JIT-compiles it at load (seconds).
+    Ptx(&'static str),
+}
+
+impl std::fmt::Display for KernelImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelImage::Cubin(sm) => write!(f, "{sm} cubin"),
+            KernelImage::Ptx(arch) => write!(f, "{arch} PTX"),
+        }
+    }
+}
+
+impl KernelImage {
+    /// The embedded bytes of `module` in this image (PTX with its terminating NUL, as the driver
+    /// reads PTX up to it), or `None` when this build lacks it.
+    pub fn bytes(self, module: &str) -> Option<Vec<u8>> {
+        match self {
+            KernelImage::Cubin(sm) => ptx::CUBIN.iter().find(|(m, s, _)| *m == module && *s == sm).map(|(_, _, b)| b.to_vec()),
+            KernelImage::Ptx(arch) => ptx::PTX.iter().find(|(m, a, _)| *m == module && *a == arch).map(|(_, _, t)| {
+                let mut b = t.as_bytes().to_vec();
+                b.push(0);
+                b
+            }),
+        }
+    }
+}
+
+/// The kernel modules of this build (`kernels/<module>.cu`).
+pub fn built_modules() -> Vec<&'static str> {
+    let mut m: Vec<&str> = ptx::PTX.iter().map(|(name, _, _)| *name).collect();
+    m.sort_unstable();
+    m.dedup();
+    m
 }
 
 /// Finds a usable CUDA device without ever panicking: the driver library must load (cudarc
@@ -240,7 +291,8 @@ pub struct Gpu {
     sigs: HashMap<String, Vec<usize>>,
     pub device_name: String,
     pub cc: (i32, i32),
-    pub arch: &'static str,
+    /// The kernel images loaded, e.g. `sm_90a cubin` or `compute_80 PTX`.
+    pub image: String,
     pub sm_count: i32,
     /// Every device buffer comes from this cache (see `pool.rs`).
     pub(crate) pool: Arc<DevicePool>,
@@ -266,6 +318,53 @@ impl Drop for Gpu {
                     let _ = dr::module::unload(*m);
                 }
             }
+        }
+    }
+}
+
+/// Picks the cubin for a device: the exact `sm_XYa` or `sm_XY` when built, else the newest plain
+/// `sm_XZ` of the same major version with Z ≤ Y (machine code runs on later minor versions of its
+/// major; arch-specific `a` code only on its own version).
+fn pick_cubin(cc: (i32, i32), available: &[&'static str]) -> Option<&'static str> {
+    let exact = [format!("sm_{}{}a", cc.0, cc.1), format!("sm_{}{}", cc.0, cc.1)];
+    if let Some(a) = exact.iter().find_map(|e| available.iter().find(|a| **a == e.as_str())) {
+        return Some(a);
+    }
+    available
+        .iter()
+        .filter_map(|a| {
+            let v: i32 = a.strip_prefix("sm_")?.parse().ok()?;
+            (v / 10 == cc.0 && v % 10 <= cc.1).then_some((v, *a))
+        })
+        .max()
+        .map(|(_, a)| a)
+}
+
+/// Loads one module image through cuModuleLoadDataEx with an error-log buffer, so a refused image
+/// (PTX the JIT rejects, a cubin for another GPU, a damaged file) is an error that names the module
+/// and carries the driver's log.
+fn load_image(module: &str, what: &str, bytes: &[u8]) -> Result<sys::CUmodule> {
+    const LOG_BYTES: usize = 16 << 10;
+    // 8-byte aligned: embedded bytes have no alignment, and an ELF image is read as 64-bit fields.
+    let mut image = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: `image` holds at least bytes.len() bytes.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), image.as_mut_ptr() as *mut u8, bytes.len()) };
+    let mut log = vec![0u8; LOG_BYTES];
+    let mut options = [sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER, sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES];
+    // The size option's value is the number itself, passed in the pointer slot (the API's convention).
+    let mut values: [*mut c_void; 2] = [log.as_mut_ptr() as *mut c_void, LOG_BYTES as *mut c_void];
+    let mut module_handle: sys::CUmodule = std::ptr::null_mut();
+    // SAFETY: a complete image (PTX NUL-terminated by KernelImage::bytes); the log buffer outlives
+    // the call and its size is the one given.
+    let r = unsafe { sys::cuModuleLoadDataEx(&mut module_handle, image.as_ptr() as *const c_void, 2, options.as_mut_ptr(), values.as_mut_ptr()) };
+    match r.result() {
+        Ok(()) => Ok(module_handle),
+        Err(e) => {
+            let n = log.iter().position(|&b| b == 0).unwrap_or(LOG_BYTES);
+            let text = String::from_utf8_lossy(&log[..n]);
+            let text = text.trim();
+            let log = if text.is_empty() { "the driver's error log is empty".to_string() } else { format!("driver's error log:\n{text}") };
+            bail!("loading kernels/{module}.cu ({what}): {e}; {log}")
         }
     }
 }
@@ -310,40 +409,90 @@ impl Gpu {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(cu("reading the multiprocessor count"))?;
-        let arches = built_arches();
-        let arch = pick_arch(cc, &arches).ok_or_else(|| {
-            anyhow!("{device_name} (compute capability {}.{}) has no PTX in this build (built for {}); rebuild with KD_CUDA_ARCH including compute_80", cc.0, cc.1, arches.join(", "))
-        })?;
-        let mut modules = Vec::new();
-        let mut sigs = HashMap::new();
-        for (name, a, text) in ptx::PTX.iter().filter(|(_, a, _)| *a == arch) {
-            sigs.extend(ptx_param_sizes(text));
-            let c = CString::new(*text).map_err(|_| anyhow!("PTX of {name} ({a}) holds a NUL byte"))?;
-            // SAFETY: a NUL-terminated PTX image.
-            let m = unsafe { dr::module::load_data(c.as_ptr() as *const c_void) }
-                .map_err(|e| anyhow!("loading the {name} kernels ({a} PTX) on {device_name}: {e} (a driver older than the nvcc that built them refuses newer PTX)"))?;
-            modules.push((*name, m));
-        }
         let blas = blas_result::create_handle().map_err(blas_err("cublasCreate"))?;
         let stream: sys::CUstream = std::ptr::null_mut();
         // SAFETY: a fresh handle and the legacy default stream.
         unsafe { blas_result::set_stream(blas, stream as _) }.map_err(blas_err("cublasSetStream"))?;
         let sync_each = std::env::var("KD_CUDA_SYNC").is_ok_and(|v| v == "1");
         let pool = Arc::new(Pool::new(DriverMemory { ctx: ctx.clone() }));
-        Ok(Gpu {
+        let mut gpu = Gpu {
             ctx,
             stream,
             blas,
-            modules,
+            modules: Vec::new(),
             funcs: Mutex::new(HashMap::new()),
-            sigs,
+            sigs: HashMap::new(),
             device_name,
             cc,
-            arch,
+            image: String::new(),
             sm_count,
             pool,
             sync_each,
-        })
+        };
+        gpu.load_kernels()?;
+        Ok(gpu)
+    }
+
+    /// Loads every kernel module: the cubin the device runs when this build has one, else (or
+    /// when the driver refuses the cubin) the PTX, which the driver JIT-compiles. A module loaded
+    /// before an error is unloaded by `Drop`.
+    fn load_kernels(&mut self) -> Result<()> {
+        let (cc, device_name) = (self.cc, self.device_name.clone());
+        let (cubins, arches) = (built_cubins(), built_arches());
+        let images: Vec<KernelImage> =
+            pick_cubin(cc, &cubins).map(KernelImage::Cubin).into_iter().chain(pick_arch(cc, &arches).map(KernelImage::Ptx)).collect();
+        ensure!(
+            !images.is_empty(),
+            "{device_name} (compute capability {}.{}) has no kernel image in this build (cubins for {}; PTX for {}); rebuild with KD_CUDA_ARCH including compute_80",
+            cc.0,
+            cc.1,
+            if cubins.is_empty() { "none".to_string() } else { cubins.join(", ") },
+            arches.join(", ")
+        );
+        let mut used: Vec<(KernelImage, Vec<&'static str>)> = Vec::new();
+        for module in built_modules() {
+            // The signatures are the same in every arch's PTX (checked by a unit test below).
+            if let Some((_, _, text)) = ptx::PTX.iter().find(|(m, _, _)| *m == module) {
+                self.sigs.extend(ptx_param_sizes(text));
+            }
+            let mut refused = Vec::new();
+            let mut loaded = None;
+            for image in &images {
+                let Some(bytes) = image.bytes(module) else { continue };
+                match load_image(module, &format!("{image} on {device_name}"), &bytes) {
+                    Ok(m) => {
+                        loaded = Some((m, *image));
+                        break;
+                    }
+                    Err(e) => refused.push(format!("{e:#}")),
+                }
+            }
+            let Some((m, image)) = loaded else {
+                bail!("{} (a driver older than the nvcc that built the kernels refuses their images)", refused.join("\n"));
+            };
+            if !refused.is_empty() {
+                eprintln!("kd-engine: {}\nkd-engine: JIT-compiling kernels/{module}.cu from its {image} instead", refused.join("\n"));
+            }
+            self.modules.push((module, m));
+            match used.iter_mut().find(|(i, _)| *i == image) {
+                Some((_, ms)) => ms.push(module),
+                None => used.push((image, vec![module])),
+            }
+        }
+        self.image = match &used[..] {
+            [(image, _)] => image.to_string(),
+            _ => used.iter().map(|(i, ms)| format!("{i} for {}", ms.join(", "))).collect::<Vec<_>>().join("; "),
+        };
+        Ok(())
+    }
+
+    /// Loads `bytes` as kernel module `module` (`what` says which image, for the error), outside
+    /// the set the device uses: for the checks that a refused image is a clear error.
+    pub(crate) fn load_module_image(&self, module: &str, what: &str, bytes: &[u8]) -> Result<()> {
+        self.bind()?;
+        let m = load_image(module, what, bytes)?;
+        // SAFETY: loaded just above and used by nothing else.
+        unsafe { dr::module::unload(m) }.map_err(cu("cuModuleUnload"))
     }
 
     pub fn bind(&self) -> Result<()> {
@@ -464,7 +613,7 @@ impl Gpu {
         let c = CString::new(name).map_err(|_| anyhow!("kernel name {name:?} holds a NUL byte"))?;
         // SAFETY: a loaded module.
         let f = unsafe { dr::module::get_function(m, c) }
-            .map_err(|e| anyhow!("kernel {name} not found in kernels/{module}.cu ({}): {e}", self.arch))?;
+            .map_err(|e| anyhow!("kernel {name} not found in kernels/{module}.cu ({}): {e}", self.image))?;
         funcs.insert((module, name), Func(f));
         Ok(f)
     }
@@ -492,7 +641,7 @@ impl Gpu {
         match self.sigs.get(name) {
             Some(want) if *want == got => {}
             Some(want) => bail!("launch of {name}: argument sizes {got:?} do not match the kernel's parameters {want:?} (kernels/{module}.cu changed?)"),
-            None => bail!("kernel {name} is not in kernels/{module}.cu ({} PTX)", self.arch),
+            None => bail!("kernel {name} is not in kernels/{module}.cu ({})", self.image),
         }
         let mut args: Vec<*mut c_void> = args.iter().map(|a| a.ptr).collect();
         let args = &mut args[..];
@@ -603,7 +752,7 @@ impl Gpu {
 
 #[cfg(test)]
 mod tests {
-    use super::{pick_arch, ptx_param_sizes};
+    use super::{pick_arch, pick_cubin, ptx_param_sizes};
 
     #[test]
     fn ptx_signatures() {
@@ -679,5 +828,20 @@ mod tests {
         assert_eq!(pick_arch((7, 5), &built), None);
         assert_eq!(pick_arch((9, 0), &["compute_90a"]), Some("compute_90a"));
         assert_eq!(pick_arch((10, 0), &["compute_90a"]), None);
+    }
+
+    #[test]
+    fn cubin_choice() {
+        let built = ["sm_80", "sm_90a"];
+        assert_eq!(pick_cubin((9, 0), &built), Some("sm_90a"));
+        assert_eq!(pick_cubin((8, 0), &built), Some("sm_80"));
+        // sm_80 machine code runs on 8.6 and 8.9; nothing built runs on 10.0 or 12.0 (PTX then).
+        assert_eq!(pick_cubin((8, 6), &built), Some("sm_80"));
+        assert_eq!(pick_cubin((8, 9), &built), Some("sm_80"));
+        assert_eq!(pick_cubin((10, 0), &built), None);
+        assert_eq!(pick_cubin((12, 0), &built), None);
+        assert_eq!(pick_cubin((9, 0), &["sm_80"]), None);
+        assert_eq!(pick_cubin((8, 9), &["sm_80", "sm_86", "sm_90"]), Some("sm_86"));
+        assert_eq!(pick_cubin((10, 0), &["sm_100", "sm_100a"]), Some("sm_100a"));
     }
 }

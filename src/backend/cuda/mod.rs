@@ -5,8 +5,9 @@
 //!   turns the buffer it is given into an f32 buffer of the same length (once; a buffer reused
 //!   from step to step stays f32). Optimizer state ([`Backend::State`]) is f32.
 //! - GEMMs go through cuBLAS (`cublasGemmEx`, bf16 inputs, fp32 compute, bf16 or fp32 output).
-//! - Every other op is a hand-written kernel from `kernels/*.cu`, compiled to PTX by `build.rs` and
-//!   loaded once (the arch picked from the device). The launchers in this module check every
+//! - Every other op is a hand-written kernel from `kernels/*.cu`, compiled by `build.rs` to PTX
+//!   and to cubins for sm_80 and sm_90a, and loaded once: the cubin the device runs, else the PTX
+//!   (JIT-compiled by the driver). The launchers in this module check every
 //!   length before launching, exactly as the CPU backend does, so a caller's mistake is an error
 //!   here too rather than an out-of-bounds access on the device.
 //! - Small index arrays (ids, positions, targets, sequence starts, rows) are uploaded per call into
@@ -44,7 +45,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{anyhow, ensure, Result};
 
-pub use device::{built_arches, fmt_bytes, kernels_built, probe, unavailable_reason};
+pub use device::{built_arches, built_cubins, fmt_bytes, kernels_built, probe, unavailable_reason};
 use device::{DevMem, Gpu};
 pub use device::KArg;
 pub use pool::PoolStats;
@@ -140,9 +141,10 @@ impl CudaBackend {
         Ok(CudaBackend { gpu: Gpu::open(ordinal)?, idx: Mutex::new(IdxCache::default()), work: Mutex::new(Arena::default()) })
     }
 
-    /// Device name, compute capability and the PTX arch in use.
+    /// Device name, compute capability and the kernel image in use (`sm_90a cubin`, or
+    /// `compute_80 PTX` where the driver JIT-compiled them).
     pub fn describe(&self) -> String {
-        format!("{} (sm_{}{}, {} SMs, {} PTX)", self.gpu.device_name, self.gpu.cc.0, self.gpu.cc.1, self.gpu.sm_count, self.gpu.arch)
+        format!("{} (sm_{}{}, {} SMs, {})", self.gpu.device_name, self.gpu.cc.0, self.gpu.cc.1, self.gpu.sm_count, self.gpu.image)
     }
 
     pub fn device_name(&self) -> &str {
