@@ -33,14 +33,18 @@
 //     2 tiles. Query tiles are scheduled last-first (blockIdx.x reversed) so the longest causal
 //     tiles start first.
 //   * Backward: block = (key tile of 64, kv head, sequence), looping over the group's query heads
-//     and the query tiles that see the key tile (BWD_BM = 64 rows, 32 for D = 128 to fit the
-//     registers). Each warp owns 16 keys and accumulates dK and dV (16 × D fp32 each) in registers
-//     for the whole loop, so GQA's sum over the heads of a group needs no atomics. It computes Sᵀ
-//     and dPᵀ (keys × queries) directly, so Pᵀ and dSᵀ are already in the A-fragment layout of
-//     dV += Pᵀ·dO and dK += dSᵀ·Q. dSᵀ is staged in shared memory (bf16) for dQ = dS·K, which the
-//     four warps split by query rows (and by d for BWD_BM = 32) and add to dq_accum with fp32
-//     atomics (the order of those adds varies: dq is not bit-reproducible run to run; dk, dv, out
-//     and lse are).
+//     and the query tiles (BWD_BM = 64 rows) that see the key tile. dK and dV are accumulated in
+//     registers for the whole loop, so GQA's sum over the heads of a group needs no atomics.
+//     D ≤ 80: 4 warps, each owning 16 keys and all of d (dK and dV: 16 × D fp32 each). It computes
+//     Sᵀ and dPᵀ (keys × queries) directly, so Pᵀ and dSᵀ are already in the A-fragment layout of
+//     dV += Pᵀ·dO and dK += dSᵀ·Q. D = 128: that would be 128 accumulator registers per thread
+//     (ptxas needed 255 and spilled), so 8 warps, two per group of 16 keys: each computes Sᵀ and
+//     dPᵀ for half of the tile's queries, the pair exchanges Pᵀ and dSᵀ (bf16) through shared
+//     memory, and each accumulates dK and dV for half of d (135 registers, no spill; 8 warps per
+//     SM, as two 4-warp blocks of 255 registers were). dSᵀ is staged in shared memory (bf16) for
+//     dQ = dS·K, which the warps split by query rows and d and add to dq_accum with fp32 atomics
+//     (the order of those adds varies: dq is not bit-reproducible run to run; dk, dv, out and lse
+//     are).
 //   * What a faster version changes (FlashAttention-3 on sm_90a): wgmma from shared memory by
 //     warpgroups (HGMMA instead of HMMA), TMA tile loads into a 2–3 stage mbarrier pipeline,
 //     producer/consumer warp specialisation with setmaxnreg, and softmax overlapped with the next
@@ -55,7 +59,8 @@
 //   of 8); n_heads a multiple of n_kv_heads; cu_seqlens non-decreasing with cu_seqlens[0] = 0 (or any
 //   base) and max_seqlen >= every sequence length.
 //
-// Launch configuration (block = ATT_THREADS = 128 threads for every kernel here):
+// Launch configuration (block = ATT_THREADS = 128 threads for every kernel here but the D = 128
+// backward, which takes AttCfg<128>::BWD_THREADS = 256):
 //   flash_attn_fwd_bf16_d{64,72,80,128}(q, k, v, out, lse, cu_seqlens, n_seqs, max_seqlen,
 //                                       n_heads, n_kv_heads, causal, scale)
 //     grid = (ceil(max_seqlen / 64), n_heads, n_seqs)
@@ -66,10 +71,10 @@
 //   flash_attn_bwd_bf16_d{64,72,80,128}(q, k, v, dout, lse, delta, dq_accum, dk, dv, cu_seqlens,
 //                                       n_seqs, max_seqlen, n_heads, n_kv_heads, causal, scale)
 //     dq_accum: fp32 [T, H, D], ZEROED by the launcher before the launch.
-//     grid = (ceil(max_seqlen / 64), n_kv_heads, n_seqs)
-//     dynamic shared memory = 2·(2·64·LD + 2·BM·LD + 64·(BM + 8)) + 8·BM bytes,
-//       BM = 64 for D ≤ 80, 32 for D = 128:
-//       D=64: 46592, D=72: 54784, D=80: 54784, D=128: 57600
+//     grid = (ceil(max_seqlen / 64), n_kv_heads, n_seqs), block = 128 threads (256 for D = 128)
+//     dynamic shared memory (AttCfg::BWD_SMEM) = 2·(2·64·LD + 2·64·LD + 64·72·n) + 512 bytes,
+//       n = 1 tile (dSᵀ) for D ≤ 80, 2 (Pᵀ and dSᵀ) for D = 128:
+//       D=64: 46592, D=72: 54784, D=80: 54784, D=128: 88576
 //     The launcher must raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES to this value once
 //     per function when it exceeds 48 KB (49152).
 //   flash_attn_dq_to_bf16(dq_accum, dq, n = T·H·D)
@@ -86,9 +91,17 @@ struct AttCfg {
     static constexpr int LD = DP + 8;              // shared-memory row stride in elements
     static constexpr int NKS = DP / 16;            // k-steps of q·kᵀ over the head dim
     static constexpr int NDT = D / 8;              // n-tiles of 8 over the head dim
-    static constexpr int NDP = (NDT + 1) / 2;      // pairs of n-tiles (one ldmatrix.x4 each)
     static constexpr int NCH = DP / 8;             // 16-byte chunks per padded row
-    static constexpr int BWD_BM = D > 80 ? 32 : 64;
+    // Backward: warps sharing each group of 16 keys, each accumulating dK and dV over a 1/BWD_WN
+    // slice of d. One warp per group would hold 16 keys × D × 2 fp32 accumulators, 2·D/8 registers
+    // per thread: at D = 128 that is 128, and with Sᵀ, dPᵀ and the addresses ptxas needed 255
+    // registers and spilled. Two warps per group halve it; they then exchange Pᵀ and dSᵀ through
+    // shared memory instead of keeping them in registers.
+    static constexpr int BWD_WN = D > 80 ? 2 : 1;
+    static constexpr int BWD_THREADS = ATT_THREADS * BWD_WN;
+    static constexpr int BWD_BM = 64;  // query rows per tile
+    static constexpr int BWD_LDS = BWD_BM + 8;  // row stride of the Pᵀ and dSᵀ tiles
+    static constexpr int BWD_SMEM = 2 * (2 * ATT_BN * LD + 2 * BWD_BM * LD + ATT_BN * BWD_LDS * (BWD_WN > 1 ? 2 : 1)) + 8 * BWD_BM;
     static_assert(D % 8 == 0, "head dim must be a multiple of 8");
 };
 
@@ -97,12 +110,12 @@ __device__ __forceinline__ float att_max_ref(float m) { return m == -INFINITY ? 
 
 // Issues the cp.async copies of a tile of R rows × DP columns of a [T, heads, D] tensor, head hh,
 // global tokens tok0 .. tok0 + R − 1, of which the first n_valid exist; the rest, and the padding
-// columns D .. DP − 1, are zero-filled. Destination row stride LD.
-template <int D, int R>
+// columns D .. DP − 1, are zero-filled. Destination row stride LD. NT: the block's threads.
+template <int D, int R, int NT>
 __device__ __forceinline__ void att_load_tile(__nv_bfloat16* smem, const __nv_bfloat16* src, long long tok0,
                                               int n_valid, int heads, int hh) {
     using C = AttCfg<D>;
-    for (int idx = threadIdx.x; idx < R * C::NCH; idx += ATT_THREADS) {
+    for (int idx = threadIdx.x; idx < R * C::NCH; idx += NT) {
         const int row = idx / C::NCH, ch = idx - row * C::NCH;
         const bool valid = row < n_valid && ch * 8 < D;
         const __nv_bfloat16* g = valid ? src + ((tok0 + row) * heads + hh) * (long long)D + ch * 8 : src;
@@ -135,6 +148,24 @@ __device__ __forceinline__ const __nv_bfloat16* b_frag_addr_trans(const __nv_bfl
 // (rows = k): matrices (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15) → a[0..3].
 __device__ __forceinline__ const __nv_bfloat16* at_frag_addr_trans(const __nv_bfloat16* base, int ld, int m0, int k0, int lane) {
     return base + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8;
+}
+
+// acc[0 .. NT) += A·X[:, n-tiles dt0 .. dt0 + NT): A is 16 rows × 16·KS (k-step kk's fragment
+// written by a_of(kk, a)), X is [16·KS][LD] bf16 in shared memory, read transposed by ldmatrix.
+template <int KS, int NT, int LD, class AFrag>
+__device__ __forceinline__ void mma_a_x(float (*acc)[4], AFrag a_of, const __nv_bfloat16* X, int dt0, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        uint32_t a[4];
+        a_of(kk, a);
+#pragma unroll
+        for (int dp = 0; dp < (NT + 1) / 2; ++dp) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, b_frag_addr_trans(X, LD, kk * 16, (dt0 + 2 * dp) * 8, lane));
+            mma_bf16_16816(acc[2 * dp], a, b[0], b[1]);
+            if (2 * dp + 1 < NT) mma_bf16_16816(acc[2 * dp + 1], a, b[2], b[3]);
+        }
+    }
 }
 
 // Accumulator pair (n-tiles 2kk, 2kk+1 of a 16-row C fragment) → bf16 A fragment with k = the
@@ -172,8 +203,8 @@ __device__ __forceinline__ void flash_fwd(const __nv_bfloat16* __restrict__ q, c
     const int n_kt = (k_end + ATT_BN - 1) / ATT_BN;
 
     // Prologue: Q tile (staged in Vs) and K tile 0.
-    att_load_tile<D, ATT_BM>(Vs, q, start + q0, min(ATT_BM, len - q0), n_heads, h);
-    att_load_tile<D, ATT_BN>(Ks, k, start, min(ATT_BN, len), n_kv_heads, kvh);
+    att_load_tile<D, ATT_BM, ATT_THREADS>(Vs, q, start + q0, min(ATT_BM, len - q0), n_heads, h);
+    att_load_tile<D, ATT_BN, ATT_THREADS>(Ks, k, start, min(ATT_BN, len), n_kv_heads, kvh);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -192,7 +223,7 @@ __device__ __forceinline__ void flash_fwd(const __nv_bfloat16* __restrict__ q, c
 
     for (int kt = 0; kt < n_kt; ++kt) {
         const int k0 = kt * ATT_BN;
-        att_load_tile<D, ATT_BN>(Vs, v, start + k0, min(ATT_BN, len - k0), n_kv_heads, kvh);
+        att_load_tile<D, ATT_BN, ATT_THREADS>(Vs, v, start + k0, min(ATT_BN, len - k0), n_kv_heads, kvh);
         cp_async_commit();
 
         // S = Q·Kᵀ (16 × 64 per warp)
@@ -256,23 +287,12 @@ __device__ __forceinline__ void flash_fwd(const __nv_bfloat16* __restrict__ q, c
         cp_async_wait<0>();
         __syncthreads();
         if (kt + 1 < n_kt) {
-            att_load_tile<D, ATT_BN>(Ks, k, start + k0 + ATT_BN, min(ATT_BN, len - k0 - ATT_BN), n_kv_heads, kvh);
+            att_load_tile<D, ATT_BN, ATT_THREADS>(Ks, k, start + k0 + ATT_BN, min(ATT_BN, len - k0 - ATT_BN), n_kv_heads, kvh);
         }
         cp_async_commit();
 
         // O += P·V
-#pragma unroll
-        for (int kk = 0; kk < ATT_BN / 16; ++kk) {
-            uint32_t pa[4];
-            acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-            for (int dp = 0; dp < C::NDP; ++dp) {
-                uint32_t b[4];
-                ldmatrix_x4_trans(b, b_frag_addr_trans(Vs, C::LD, kk * 16, dp * 16, lane));
-                mma_bf16_16816(o[2 * dp], pa, b[0], b[1]);
-                if (2 * dp + 1 < C::NDT) mma_bf16_16816(o[2 * dp + 1], pa, b[2], b[3]);
-            }
-        }
+        mma_a_x<ATT_BN / 16, C::NDT, C::LD>(o, [&](int kk, uint32_t a[4]) { acc_to_a(a, s[2 * kk], s[2 * kk + 1]); }, Vs, 0, lane);
         cp_async_wait<0>();  // next K tile
         __syncthreads();     // Ks ready for everyone; every warp is past its Vs reads
     }
@@ -312,19 +332,24 @@ __device__ __forceinline__ void flash_bwd(const __nv_bfloat16* __restrict__ q, c
                                           int n_heads, int n_kv_heads, int causal, float scale) {
     using C = AttCfg<D>;
     constexpr int BM = C::BWD_BM;
-    constexpr int LDS = BM + 8;              // row stride of the dSᵀ tile
-    constexpr int QW = BM / 16;              // warps along the query rows in the dQ product
-    constexpr int NSPLIT = 4 / QW;           // ... and along d
-    constexpr int NDTW = C::NDT / NSPLIT;    // d n-tiles per warp in the dQ product
-    static_assert(C::NDT % NSPLIT == 0, "dQ split");
+    constexpr int LDS = C::BWD_LDS;
+    constexpr int WN = C::BWD_WN;              // warps per group of 16 keys
+    constexpr int NT = C::BWD_THREADS;
+    constexpr int BMW = BM / WN;               // query columns of Sᵀ and dPᵀ per warp
+    constexpr int NDTK = C::NDT / WN;          // d n-tiles of dK and dV per warp
+    constexpr int QW = BM / 16;                // warps along the query rows in the dQ product
+    constexpr int NSPLIT = NT / 32 / QW;       // ... and along d
+    constexpr int NDTW = C::NDT / NSPLIT;      // d n-tiles per warp in the dQ product
+    static_assert(C::NDT % WN == 0 && C::NDT % NSPLIT == 0 && BMW % 16 == 0, "backward work split");
     KD_DYNAMIC_SMEM(kd_att_smem);
     __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(kd_att_smem);  // [BN][LD]
     __nv_bfloat16* Vs = Ks + ATT_BN * C::LD;                              // [BN][LD]
     __nv_bfloat16* Qs = Vs + ATT_BN * C::LD;                              // [BM][LD]
     __nv_bfloat16* dOs = Qs + BM * C::LD;                                 // [BM][LD]
     __nv_bfloat16* dSs = dOs + BM * C::LD;                                // [BN][LDS]: dSᵀ (keys × queries)
-    float* lse2_s = reinterpret_cast<float*>(dSs + ATT_BN * LDS);         // [BM]: lse · log2 e
-    float* delta_s = lse2_s + BM;                                         // [BM]
+    __nv_bfloat16* Ps = dSs + ATT_BN * LDS;                               // [BN][LDS]: Pᵀ, only when WN > 1
+    float* lse2_s = reinterpret_cast<float*>(Ps + (WN > 1 ? ATT_BN * LDS : 0));  // [BM]: lse · log2 e
+    float* delta_s = lse2_s + BM;                                                // [BM]
 
     const int seq = blockIdx.z, kvh = blockIdx.y, kt = blockIdx.x;
     if (seq >= n_seqs) return;
@@ -334,17 +359,20 @@ __device__ __forceinline__ void flash_bwd(const __nv_bfloat16* __restrict__ q, c
     if (k0 >= len) return;
     const int group = n_heads / n_kv_heads;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    const int key_a = k0 + warp * 16 + g;  // local key index of accumulator rows g and g + 8
+    const int kr0 = (warp % 4) * 16;           // this warp's 16 keys (rows of Sᵀ, dK, dV) ...
+    const int qc0 = (warp / 4) * BMW;          // ... its query columns of Sᵀ and dPᵀ ...
+    const int dc0 = (warp / 4) * NDTK;         // ... and its d n-tiles of dK and dV
+    const int key_a = k0 + kr0 + g;            // local key index of accumulator rows g and g + 8
     const int key_b = key_a + 8;
     const float sl2 = scale * KD_LOG2E;
 
-    att_load_tile<D, ATT_BN>(Ks, k, start + k0, min(ATT_BN, len - k0), n_kv_heads, kvh);
-    att_load_tile<D, ATT_BN>(Vs, v, start + k0, min(ATT_BN, len - k0), n_kv_heads, kvh);
+    att_load_tile<D, ATT_BN, NT>(Ks, k, start + k0, min(ATT_BN, len - k0), n_kv_heads, kvh);
+    att_load_tile<D, ATT_BN, NT>(Vs, v, start + k0, min(ATT_BN, len - k0), n_kv_heads, kvh);
     cp_async_commit();
 
-    float dkacc[C::NDT][4], dvacc[C::NDT][4];
+    float dkacc[NDTK][4], dvacc[NDTK][4];
 #pragma unroll
-    for (int t = 0; t < C::NDT; ++t) {
+    for (int t = 0; t < NDTK; ++t) {
         dkacc[t][0] = dkacc[t][1] = dkacc[t][2] = dkacc[t][3] = 0.0f;
         dvacc[t][0] = dvacc[t][1] = dvacc[t][2] = dvacc[t][3] = 0.0f;
     }
@@ -352,17 +380,29 @@ __device__ __forceinline__ void flash_bwd(const __nv_bfloat16* __restrict__ q, c
     const int n_qt = (len + BM - 1) / BM;
     const int qr0 = (warp % QW) * 16;        // dQ product: this warp's query rows ...
     const int dt0 = (warp / QW) * NDTW;      // ... and d n-tiles
+    // A fragments of this warp's 16 rows of a [BN][LDS] tile in shared memory (Pᵀ or dSᵀ).
+    auto smem_rows = [&](const __nv_bfloat16* tile) {
+        return [=](int kk, uint32_t a[4]) { ldmatrix_x4(a, a_frag_addr(tile, LDS, kr0, kk * 16, lane)); };
+    };
+    // bf16 pairs of a 16 × BMW accumulator → rows kr0 .., columns qc0 .. of a [BN][LDS] tile.
+    auto store_rows = [&](__nv_bfloat16* tile, const float (*acc)[4]) {
+#pragma unroll
+        for (int t = 0; t < BMW / 8; ++t) {
+            *reinterpret_cast<uint32_t*>(tile + (kr0 + g) * LDS + qc0 + t * 8 + 2 * tq) = pack_bf16x2(acc[t][0], acc[t][1]);
+            *reinterpret_cast<uint32_t*>(tile + (kr0 + g + 8) * LDS + qc0 + t * 8 + 2 * tq) = pack_bf16x2(acc[t][2], acc[t][3]);
+        }
+    };
 
     for (int hh = 0; hh < group; ++hh) {
         const int h = kvh * group + hh;
         for (int qt = qt_begin; qt < n_qt; ++qt) {
             const int q0 = qt * BM;
             const int q_valid = min(BM, len - q0);
-            __syncthreads();  // everyone is past the previous tile's Qs/dOs/dSs/lse/delta reads
-            att_load_tile<D, BM>(Qs, q, start + q0, q_valid, n_heads, h);
-            att_load_tile<D, BM>(dOs, dout, start + q0, q_valid, n_heads, h);
+            __syncthreads();  // everyone is past the previous tile's Qs/dOs/dSs/Ps/lse/delta reads
+            att_load_tile<D, BM, NT>(Qs, q, start + q0, q_valid, n_heads, h);
+            att_load_tile<D, BM, NT>(dOs, dout, start + q0, q_valid, n_heads, h);
             cp_async_commit();
-            for (int i = tid; i < BM; i += ATT_THREADS) {
+            for (int i = tid; i < BM; i += NT) {
                 const bool ok = i < q_valid;
                 const long long row = (start + q0 + i) * n_heads + h;
                 lse2_s[i] = ok ? lse[row] * KD_LOG2E : INFINITY;
@@ -371,107 +411,81 @@ __device__ __forceinline__ void flash_bwd(const __nv_bfloat16* __restrict__ q, c
             cp_async_wait<0>();
             __syncthreads();
 
-            // Sᵀ = K_w·Qᵀ (16 keys × BM queries per warp)
-            float st[BM / 8][4];
+            // Sᵀ = K_w·Qᵀ (16 keys × BMW queries per warp)
+            float st[BMW / 8][4];
 #pragma unroll
-            for (int t = 0; t < BM / 8; ++t) st[t][0] = st[t][1] = st[t][2] = st[t][3] = 0.0f;
+            for (int t = 0; t < BMW / 8; ++t) st[t][0] = st[t][1] = st[t][2] = st[t][3] = 0.0f;
 #pragma unroll
             for (int kk = 0; kk < C::NKS; ++kk) {
                 uint32_t ka[4];
-                ldmatrix_x4(ka, a_frag_addr(Ks, C::LD, warp * 16, kk * 16, lane));
+                ldmatrix_x4(ka, a_frag_addr(Ks, C::LD, kr0, kk * 16, lane));
 #pragma unroll
-                for (int np = 0; np < BM / 16; ++np) {
+                for (int np = 0; np < BMW / 16; ++np) {
                     uint32_t b[4];
-                    ldmatrix_x4(b, bt_frag_addr(Qs, C::LD, np * 16, kk * 16, lane));
+                    ldmatrix_x4(b, bt_frag_addr(Qs, C::LD, qc0 + np * 16, kk * 16, lane));
                     mma_bf16_16816(st[2 * np], ka, b[0], b[1]);
                     mma_bf16_16816(st[2 * np + 1], ka, b[2], b[3]);
                 }
             }
             // Pᵀ = exp(S − lse), masked
 #pragma unroll
-            for (int t = 0; t < BM / 8; ++t) {
+            for (int t = 0; t < BMW / 8; ++t) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const int col = t * 8 + 2 * tq + (e & 1);
+                    const int col = qc0 + t * 8 + 2 * tq + (e & 1);
                     const int qi = q0 + col;
                     const int key = e < 2 ? key_a : key_b;
                     const bool ok = key < len && qi < len && (!causal || key <= qi);
                     st[t][e] = ok ? kd_exp2(st[t][e] * sl2 - lse2_s[col]) : 0.0f;
                 }
             }
-            // dV += Pᵀ·dO
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-                uint32_t pa[4];
-                acc_to_a(pa, st[2 * kk], st[2 * kk + 1]);
-#pragma unroll
-                for (int dp = 0; dp < C::NDP; ++dp) {
-                    uint32_t b[4];
-                    ldmatrix_x4_trans(b, b_frag_addr_trans(dOs, C::LD, kk * 16, dp * 16, lane));
-                    mma_bf16_16816(dvacc[2 * dp], pa, b[0], b[1]);
-                    if (2 * dp + 1 < C::NDT) mma_bf16_16816(dvacc[2 * dp + 1], pa, b[2], b[3]);
-                }
+            // dV += Pᵀ·dO: from registers when this warp holds all of Pᵀ's columns, else after the
+            // exchange below.
+            if constexpr (WN == 1) {
+                mma_a_x<BM / 16, NDTK, C::LD>(dvacc, [&](int kk, uint32_t a[4]) { acc_to_a(a, st[2 * kk], st[2 * kk + 1]); }, dOs, dc0, lane);
+            } else {
+                store_rows(Ps, st);
             }
             // dPᵀ = V_w·dOᵀ
-            float dpt[BM / 8][4];
+            float dpt[BMW / 8][4];
 #pragma unroll
-            for (int t = 0; t < BM / 8; ++t) dpt[t][0] = dpt[t][1] = dpt[t][2] = dpt[t][3] = 0.0f;
+            for (int t = 0; t < BMW / 8; ++t) dpt[t][0] = dpt[t][1] = dpt[t][2] = dpt[t][3] = 0.0f;
 #pragma unroll
             for (int kk = 0; kk < C::NKS; ++kk) {
                 uint32_t va[4];
-                ldmatrix_x4(va, a_frag_addr(Vs, C::LD, warp * 16, kk * 16, lane));
+                ldmatrix_x4(va, a_frag_addr(Vs, C::LD, kr0, kk * 16, lane));
 #pragma unroll
-                for (int np = 0; np < BM / 16; ++np) {
+                for (int np = 0; np < BMW / 16; ++np) {
                     uint32_t b[4];
-                    ldmatrix_x4(b, bt_frag_addr(dOs, C::LD, np * 16, kk * 16, lane));
+                    ldmatrix_x4(b, bt_frag_addr(dOs, C::LD, qc0 + np * 16, kk * 16, lane));
                     mma_bf16_16816(dpt[2 * np], va, b[0], b[1]);
                     mma_bf16_16816(dpt[2 * np + 1], va, b[2], b[3]);
                 }
             }
             // dSᵀ = Pᵀ ∘ (dPᵀ − delta)   (masked entries have P = 0)
 #pragma unroll
-            for (int t = 0; t < BM / 8; ++t) {
+            for (int t = 0; t < BMW / 8; ++t) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) st[t][e] = st[t][e] * (dpt[t][e] - delta_s[t * 8 + 2 * tq + (e & 1)]);
+                for (int e = 0; e < 4; ++e) st[t][e] = st[t][e] * (dpt[t][e] - delta_s[qc0 + t * 8 + 2 * tq + (e & 1)]);
             }
             // dK += dSᵀ·Q   (scale applied at the end)
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-                uint32_t pa[4];
-                acc_to_a(pa, st[2 * kk], st[2 * kk + 1]);
-#pragma unroll
-                for (int dp = 0; dp < C::NDP; ++dp) {
-                    uint32_t b[4];
-                    ldmatrix_x4_trans(b, b_frag_addr_trans(Qs, C::LD, kk * 16, dp * 16, lane));
-                    mma_bf16_16816(dkacc[2 * dp], pa, b[0], b[1]);
-                    if (2 * dp + 1 < C::NDT) mma_bf16_16816(dkacc[2 * dp + 1], pa, b[2], b[3]);
-                }
-            }
-            // dSᵀ → shared memory (bf16), for dQ = dS·K across the block's 64 keys.
-#pragma unroll
-            for (int t = 0; t < BM / 8; ++t) {
-                *reinterpret_cast<uint32_t*>(dSs + (warp * 16 + g) * LDS + t * 8 + 2 * tq) = pack_bf16x2(st[t][0], st[t][1]);
-                *reinterpret_cast<uint32_t*>(dSs + (warp * 16 + g + 8) * LDS + t * 8 + 2 * tq) =
-                    pack_bf16x2(st[t][2], st[t][3]);
-            }
+            if constexpr (WN == 1)
+                mma_a_x<BM / 16, NDTK, C::LD>(dkacc, [&](int kk, uint32_t a[4]) { acc_to_a(a, st[2 * kk], st[2 * kk + 1]); }, Qs, dc0, lane);
+            // dSᵀ → shared memory (bf16), for dQ = dS·K across the block's 64 keys (and for the
+            // other warp of this key group when WN > 1).
+            store_rows(dSs, st);
             __syncthreads();
+            if constexpr (WN > 1) {
+                mma_a_x<BM / 16, NDTK, C::LD>(dvacc, smem_rows(Ps), dOs, dc0, lane);
+                mma_a_x<BM / 16, NDTK, C::LD>(dkacc, smem_rows(dSs), Qs, dc0, lane);
+            }
 
             // dQ[qr0 .. qr0+15, d-tiles dt0 ..] += scale · dS·K, into dq_accum with fp32 atomics.
             float dqacc[NDTW][4];
 #pragma unroll
             for (int t = 0; t < NDTW; ++t) dqacc[t][0] = dqacc[t][1] = dqacc[t][2] = dqacc[t][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < ATT_BN / 16; ++kk) {
-                uint32_t a[4];
-                ldmatrix_x4_trans(a, at_frag_addr_trans(dSs, LDS, qr0, kk * 16, lane));
-#pragma unroll
-                for (int dp = 0; dp < (NDTW + 1) / 2; ++dp) {
-                    uint32_t b[4];
-                    ldmatrix_x4_trans(b, b_frag_addr_trans(Ks, C::LD, kk * 16, (dt0 + 2 * dp) * 8, lane));
-                    mma_bf16_16816(dqacc[2 * dp], a, b[0], b[1]);
-                    if (2 * dp + 1 < NDTW) mma_bf16_16816(dqacc[2 * dp + 1], a, b[2], b[3]);
-                }
-            }
+            mma_a_x<ATT_BN / 16, NDTW, C::LD>(
+                dqacc, [&](int kk, uint32_t a[4]) { ldmatrix_x4_trans(a, at_frag_addr_trans(dSs, LDS, qr0, kk * 16, lane)); }, Ks, dt0, lane);
             const int qa = q0 + qr0 + g, qb = qa + 8;
             if (qa < len) {
                 float* row = dq_accum + ((start + qa) * n_heads + h) * (long long)D;
@@ -492,21 +506,23 @@ __device__ __forceinline__ void flash_bwd(const __nv_bfloat16* __restrict__ q, c
         }
     }
 
-    // dK (scaled) and dV of this warp's 16 keys, bf16.
+    // dK (scaled) and dV of this warp's 16 keys and d n-tiles, bf16.
     if (key_a < len) {
         const long long row = ((start + key_a) * n_kv_heads + kvh) * (long long)D;
 #pragma unroll
-        for (int t = 0; t < C::NDT; ++t) {
-            *reinterpret_cast<uint32_t*>(dk + row + t * 8 + 2 * tq) = pack_bf16x2(scale * dkacc[t][0], scale * dkacc[t][1]);
-            *reinterpret_cast<uint32_t*>(dv + row + t * 8 + 2 * tq) = pack_bf16x2(dvacc[t][0], dvacc[t][1]);
+        for (int t = 0; t < NDTK; ++t) {
+            const int col = (dc0 + t) * 8 + 2 * tq;
+            *reinterpret_cast<uint32_t*>(dk + row + col) = pack_bf16x2(scale * dkacc[t][0], scale * dkacc[t][1]);
+            *reinterpret_cast<uint32_t*>(dv + row + col) = pack_bf16x2(dvacc[t][0], dvacc[t][1]);
         }
     }
     if (key_b < len) {
         const long long row = ((start + key_b) * n_kv_heads + kvh) * (long long)D;
 #pragma unroll
-        for (int t = 0; t < C::NDT; ++t) {
-            *reinterpret_cast<uint32_t*>(dk + row + t * 8 + 2 * tq) = pack_bf16x2(scale * dkacc[t][2], scale * dkacc[t][3]);
-            *reinterpret_cast<uint32_t*>(dv + row + t * 8 + 2 * tq) = pack_bf16x2(dvacc[t][2], dvacc[t][3]);
+        for (int t = 0; t < NDTK; ++t) {
+            const int col = (dc0 + t) * 8 + 2 * tq;
+            *reinterpret_cast<uint32_t*>(dk + row + col) = pack_bf16x2(scale * dkacc[t][2], scale * dkacc[t][3]);
+            *reinterpret_cast<uint32_t*>(dv + row + col) = pack_bf16x2(dvacc[t][2], dvacc[t][3]);
         }
     }
 }
@@ -521,7 +537,7 @@ __device__ __forceinline__ void flash_bwd(const __nv_bfloat16* __restrict__ q, c
         (void)max_seqlen;                                                                                        \
         flash_fwd<DIM>(q, k, v, out, lse, cu_seqlens, n_seqs, n_heads, n_kv_heads, causal, scale);               \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_attn_bwd_bf16_d##DIM(                       \
+    extern "C" __global__ void __launch_bounds__(AttCfg<DIM>::BWD_THREADS) flash_attn_bwd_bf16_d##DIM(         \
         const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const __nv_bfloat16* dout,      \
         const float* lse, const float* delta, float* dq_accum, __nv_bfloat16* dk, __nv_bfloat16* dv,            \
         const int* cu_seqlens, int n_seqs, int max_seqlen, int n_heads, int n_kv_heads, int causal, float scale) { \

@@ -396,10 +396,8 @@ static void test_attention(FwdFn fwd, BwdFn bwd, std::vector<int> lens, int H, i
     const long long n_rows = (long long)T * H;
     kd_sim::launch({(unsigned)((n_rows + 3) / 4), 1, 1}, {ATT_THREADS, 1, 1}, 0,
                    [&] { flash_attn_bwd_preprocess_bf16(out.data(), dout.data(), delta.data(), n_rows, D); });
-    constexpr int BM = C::BWD_BM;
-    const size_t smem_b = 2 * (2 * ATT_BN * C::LD + 2 * BM * C::LD + ATT_BN * (BM + 8)) + 8 * BM;
     const unsigned n_kt = (max_len + ATT_BN - 1) / ATT_BN;
-    kd_sim::launch({n_kt, (unsigned)Hkv, (unsigned)n_seqs}, {ATT_THREADS, 1, 1}, smem_b, [&] {
+    kd_sim::launch({n_kt, (unsigned)Hkv, (unsigned)n_seqs}, {C::BWD_THREADS, 1, 1}, C::BWD_SMEM, [&] {
         bwd(q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(), dq_acc.data(), dk.data(), dv.data(),
             cu.data(), n_seqs, max_len, H, Hkv, causal, scale);
     });

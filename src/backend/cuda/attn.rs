@@ -33,10 +33,21 @@ fn fwd_smem(d: usize) -> u32 {
     (4 * TILE * ld(d)) as u32
 }
 
+/// Warps of the backward sharing each group of 16 keys (AttCfg::BWD_WN): two at head dim 128,
+/// where one warp's dK and dV accumulators over all of d would not fit its registers.
+fn bwd_warps_per_key_group(d: usize) -> usize {
+    if d > 80 { 2 } else { 1 }
+}
+
+fn bwd_block(d: usize) -> u32 {
+    BLOCK * bwd_warps_per_key_group(d) as u32
+}
+
 fn bwd_smem(d: usize) -> u32 {
-    let bm = if d > 80 { 32 } else { 64 };
     let l = ld(d);
-    (2 * (2 * TILE * l + 2 * bm * l + TILE * (bm + 8)) + 8 * bm) as u32
+    // K, V, Q, dO tiles; dSᵀ, and Pᵀ when two warps share a key group; lse and delta (f32).
+    let key_by_query_tiles = bwd_warps_per_key_group(d);
+    (2 * (2 * TILE * l + 2 * TILE * l + TILE * (TILE + 8) * key_by_query_tiles) + 8 * TILE) as u32
 }
 
 struct Seqs {
@@ -154,7 +165,7 @@ pub(crate) fn backward(
     let mut a = args![qp, kp, vp, gp, lp, delta, dq_acc, dkp, dvp, cup, n_seqs, max_len, nh, nkv, causal, scale];
     let grid = ((s.max_len as usize).div_ceil(TILE) as u32, hkv as u32, s.n_seqs as u32);
     // SAFETY: shapes as checked above; dq_accum zeroed.
-    unsafe { gpu.launch("attention", bwd, grid, (BLOCK, 1, 1), bwd_smem(d), &mut a)? };
+    unsafe { gpu.launch("attention", bwd, grid, (bwd_block(d), 1, 1), bwd_smem(d), &mut a)? };
 
     let n = (t * h * d) as i64;
     let mut a = args![dq_acc, dqp, n];
@@ -167,6 +178,7 @@ mod tests {
     #[test]
     fn shared_memory_sizes_match_the_kernel_header() {
         assert_eq!([64, 72, 80, 128].map(super::fwd_smem), [18432, 22528, 22528, 34816]);
-        assert_eq!([64, 72, 80, 128].map(super::bwd_smem), [46592, 54784, 54784, 57600]);
+        assert_eq!([64, 72, 80, 128].map(super::bwd_smem), [46592, 54784, 54784, 88576]);
+        assert_eq!([64, 72, 80, 128].map(super::bwd_block), [128, 128, 128, 256]);
     }
 }
