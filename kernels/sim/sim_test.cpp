@@ -10,6 +10,9 @@
 #include "../relation.cu"
 #include "../attention.cu"
 #include "../decode_attention.cu"
+namespace ew {  // its own helper names (f, b, mix64) would collide with adamw.cu's
+#include "../elementwise.cu"
+}
 
 #include <random>
 #include <string>
@@ -519,6 +522,105 @@ static void test_decode(int D, int H, int Hkv, std::vector<std::pair<int, int>> 
     check(std::string(name) + " max|err|/max|ref| (worst head)", worst, 4e-3);
 }
 
+// ------------------------------------------------------------------------------------------------
+// element-wise kernels: the 16-byte path (every operand aligned) and the scalar path (every operand
+// one element past its alignment) give the same bits and match a double reference, at sizes that
+// are not multiples of 8.
+// ------------------------------------------------------------------------------------------------
+// Runs `kernel(ins, outs)` on copies of `inputs` placed `off` elements into fresh buffers; returns
+// the outputs (n_out of them, each of `len` elements, pre-filled with NaN, or for an in-place op
+// output 0 with a copy of input 0).
+static std::vector<std::vector<bf16>> run_ew(const std::vector<std::vector<bf16>>& inputs, int n_out, size_t len, bool in_place,
+                                             int off, const std::function<void(std::vector<bf16*>&, std::vector<bf16*>&)>& kernel) {
+    std::vector<std::vector<bf16>> in(inputs.size()), out(n_out, std::vector<bf16>(len + 8, tb(NAN)));
+    if (in_place) std::copy(inputs[0].begin(), inputs[0].end(), out[0].begin() + off);
+    std::vector<bf16*> ip, op;
+    for (size_t k = 0; k < inputs.size(); ++k) {
+        in[k].assign(off, tb(0.f));
+        in[k].insert(in[k].end(), inputs[k].begin(), inputs[k].end());
+        ip.push_back(in[k].data() + off);
+    }
+    for (auto& o : out) op.push_back(o.data() + off);
+    kd_sim::launch({3, 1, 1}, {64, 1, 1}, 0, [&] { kernel(ip, op); });
+    std::vector<std::vector<bf16>> res;
+    for (auto& o : out) res.emplace_back(o.begin() + off, o.begin() + off + len);
+    return res;
+}
+
+static void check_ew(const std::string& name, const std::vector<std::vector<bf16>>& inputs, int n_out, size_t len, bool in_place,
+                     const std::function<void(std::vector<bf16*>&, std::vector<bf16*>&)>& kernel,
+                     const std::vector<std::vector<double>>& ref) {
+    const auto vec = run_ew(inputs, n_out, len, in_place, 0, kernel), scal = run_ew(inputs, n_out, len, in_place, 1, kernel);
+    for (int k = 0; k < n_out; ++k) {
+        size_t differ = 0;
+        for (size_t i = 0; i < len; ++i) differ += vec[k][i].bits != scal[k][i].bits;
+        std::vector<double> got(len);
+        for (size_t i = 0; i < len; ++i) got[i] = fb(vec[k][i]);
+        const std::string what = name + " out" + std::to_string(k);
+        check(what + " (16-byte path)", rel_err(got, ref[k]), 1e-2);
+        check(what + " scalar path: elements differing from the 16-byte path", (double)differ, 0);
+    }
+}
+
+static void test_elementwise(long long rows, int dim) {
+    const long long n = rows * dim;
+    auto draw = [&](long long len, float lo, float hi) { std::vector<bf16> v(len); for (auto& e : v) e = tb(urand(lo, hi)); return v; };
+    const auto g = draw(n, -6, 6), u = draw(n, -2, 2), d = draw(n, -1, 1), bias = draw(dim, -1, 1);
+    const std::string sz = " " + std::to_string(rows) + "x" + std::to_string(dim);
+    std::vector<double> r0(n), r1(n);
+    for (long long i = 0; i < n; ++i) r0[i] = (double)fb(g[i]) + fb(bias[i % dim]);
+    // add_bias: the bias is read by column, so it rides along as an input of its own length.
+    check_ew("add_bias" + sz, {g, bias}, 1, n, true, [&](auto& in, auto& out) { ew::add_bias_bf16(out[0], in[1], rows, dim); }, {r0});
+    for (long long i = 0; i < n; ++i) r0[i] = (double)fb(g[i]) + fb(u[i]);
+    check_ew("add_assign" + sz, {g, u}, 1, n, true, [&](auto& in, auto& out) { ew::add_assign_bf16(out[0], in[1], n); }, {r0});
+    for (long long i = 0; i < n; ++i) r0[i] = fb(g[i]) * -0.37;
+    check_ew("scale" + sz, {g}, 1, n, true, [&](auto& in, auto& out) { ew::scale_bf16(out[0], -0.37f, n); }, {r0});
+    auto sig = [](double x) { return 1.0 / (1.0 + exp(-x)); };
+    for (long long i = 0; i < n; ++i) r0[i] = fb(g[i]) * sig(fb(g[i])) * fb(u[i]);
+    check_ew("swiglu" + sz, {g, u}, 1, n, false, [&](auto& in, auto& out) { ew::swiglu_fwd_bf16(in[0], in[1], out[0], n); }, {r0});
+    for (long long i = 0; i < n; ++i) {
+        const double x = fb(g[i]), s = sig(x);
+        r0[i] = fb(d[i]) * fb(u[i]) * s * (1 + x * (1 - s));
+        r1[i] = fb(d[i]) * x * s;
+    }
+    check_ew("swiglu_backward" + sz, {g, u, d}, 2, n, false,
+             [&](auto& in, auto& out) { ew::swiglu_bwd_bf16(in[0], in[1], in[2], out[0], out[1], n); }, {r0, r1});
+    for (int kind = 0; kind < 2; ++kind) {
+        const std::string k = kind == 0 ? " erf" : " tanh";
+        auto gelu = [&](double x) { return kind == 0 ? 0.5 * x * (1 + erf(x / sqrt(2.0))) : 0.5 * x * (1 + tanh(sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x))); };
+        for (long long i = 0; i < n; ++i) {
+            const double x = fb(g[i]), h = 1e-5;
+            r0[i] = gelu(x);
+            r1[i] = fb(d[i]) * (gelu(x + h) - gelu(x - h)) / (2 * h);
+        }
+        check_ew("gelu" + k + sz, {g}, 1, n, false, [&](auto& in, auto& out) { ew::gelu_fwd_bf16(in[0], out[0], n, kind); }, {r0});
+        check_ew("gelu_backward" + k + sz, {g, d}, 1, n, false, [&](auto& in, auto& out) { ew::gelu_bwd_bf16(in[0], in[1], out[0], n, kind); }, {r1});
+    }
+}
+
+// RoPE at head dims 64 (16-byte path when aligned) and 72 (D/2 = 36: scalar path always).
+static void test_rope(int T, int heads, int head_dim) {
+    const long long n = (long long)T * heads * head_dim;
+    std::vector<bf16> x(n);
+    for (auto& e : x) e = tb(urand(-2, 2));
+    std::vector<unsigned> pos(T);
+    for (int t = 0; t < T; ++t) pos[t] = (unsigned)(t * 977 % 5000);
+    const double theta = 1e6;
+    const int half = head_dim / 2;
+    std::vector<double> ref(n);
+    for (int t = 0; t < T; ++t)
+        for (int h = 0; h < heads; ++h)
+            for (int i = 0; i < half; ++i) {
+                const double a = pos[t] * pow(theta, -2.0 * i / head_dim), c = cos(a), s = sin(a);
+                const size_t o = ((size_t)t * heads + h) * head_dim;
+                const double x1 = fb(x[o + i]), x2 = fb(x[o + i + half]);
+                ref[o + i] = x1 * c - x2 * s;
+                ref[o + i + half] = x2 * c + x1 * s;
+            }
+    check_ew("rope T=" + std::to_string(T) + " heads=" + std::to_string(heads) + " D=" + std::to_string(head_dim), {x}, 1, n,
+             true, [&](auto& in, auto& out) { ew::rope_bf16(out[0], pos.data(), T, heads, head_dim, theta, 1.0f); }, {ref});
+}
+
 int main(int argc, char** argv) {
     setvbuf(stdout, nullptr, _IONBF, 0);
     // `quick`: a shorter set; `attention`: the kernels whose warps share shared memory (relation,
@@ -527,6 +629,11 @@ int main(int argc, char** argv) {
     const bool quick = mode == "quick" || mode == "attention";
     const bool rest = mode != "attention";
     if (rest) {
+    test_elementwise(37, 129);  // 4773 elements: 596 chunks of 8 and a tail of 5; rows straddle chunks
+    test_elementwise(3, 64);
+    test_elementwise(1, 1);
+    test_rope(5, 3, 64);
+    test_rope(4, 2, 72);
     test_sr_pinned();
     test_adamw(1003, 0, false);
     test_adamw(1003, 3, false);
