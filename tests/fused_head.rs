@@ -12,12 +12,10 @@ use kd_engine::backend::cpu::CpuBackend;
 use kd_engine::backend::{Backend, Divergence, Gemm, KlShape};
 use kd_engine::data::template::Group;
 use kd_engine::loss::fused_head::{lm_head_grad, lm_head_weight, rows_with_logits};
-use kd_engine::loss::relation_identity::{
-    gram_cosine, head_gram, head_gram_backward, relation_loss_identity, relation_step_flops, GramSide,
-};
+use kd_engine::loss::relation_identity::{head_gram, head_gram_backward, relation_loss_identity, relation_step_flops, GramSide};
 use kd_engine::loss::{
     distill_loss, fused_distill_loss, visual_ranges, DistillConfig, FusedHeadOptions, HeadSide, KlTargets, Logits,
-    LossCounts, LossInputs, LossReport, RelationForm,
+    LossCounts, LossInputs, LossReport, PendingReport, RelationForm,
 };
 use kd_engine::model::{Arch, Llm, LlmConfig, ParamSet, SeqLayout};
 
@@ -179,8 +177,26 @@ fn fused(
     };
     let mut dh = vec![f64::NAN; hs.len()]; // overwritten
     let mut dw = dw0;
-    let report = fused_distill_loss(be, cfg, &inp, student, Some(teacher), &counts, &opts, &mut dh, dw.as_mut()).unwrap();
+    let report = fused_now(be, cfg, &inp, student, Some(teacher), &counts, &opts, &mut dh, dw.as_mut()).unwrap();
     (report, dh, dw)
+}
+
+/// [`fused_distill_loss`] with its sums read back at once.
+#[allow(clippy::too_many_arguments)]
+fn fused_now<Bk: Backend>(
+    be: &Bk,
+    cfg: &DistillConfig,
+    inp: &LossInputs,
+    student: HeadSide<'_, Bk::Buf>,
+    teacher: Option<HeadSide<'_, Bk::Buf>>,
+    counts: &LossCounts,
+    opts: &FusedHeadOptions,
+    dh: &mut Bk::Buf,
+    dw: Option<&mut Bk::Buf>,
+) -> anyhow::Result<LossReport> {
+    let mut sums = be.sums(PendingReport::SLOTS)?;
+    let pending = fused_distill_loss(be, cfg, inp, student, teacher, counts, opts, dh, dw, &mut sums, 0)?;
+    pending.resolve(&be.read_sums(&sums)?)
 }
 
 fn all_terms(temperature: f32) -> DistillConfig {
@@ -289,12 +305,12 @@ fn fused_head_cross_entropy_only_needs_no_teacher() {
     let mut dh = vec![0.0; s.hs.len()];
     let mut dw = vec![0.0; 29 * 8];
     let opts = FusedHeadOptions { chunk_rows: 4, relation: RelationForm::Identity };
-    let r = fused_distill_loss(be, &cfg, &inp, student, None, &counts, &opts, &mut dh, Some(&mut dw)).unwrap();
+    let r = fused_now(be, &cfg, &inp, student, None, &counts, &opts, &mut dh, Some(&mut dw)).unwrap();
     assert_reports("CE only", &r, &r0);
     assert!(max_rel(&dh, &dh0) <= TOL);
     assert!(max_rel(&dw, &dw0.unwrap()) <= TOL);
     // A distilling objective without teacher hidden states is an error, not a panic.
-    let e = fused_distill_loss(be, &all_terms(1.0), &inp, student, None, &counts, &opts, &mut dh, None).unwrap_err();
+    let e = fused_now(be, &all_terms(1.0), &inp, student, None, &counts, &opts, &mut dh, None).unwrap_err();
     assert!(e.to_string().contains("no teacher"), "{e}");
 }
 
@@ -381,7 +397,8 @@ fn check_identity(rows: usize, hs: usize, ht: usize, vs: usize, vt: usize, image
     let start = rng.vec(rows * hs, 1.0); // dhidden is accumulated into
     let mut dh = start.clone();
     let mut dm = vec![0.0; hs * hs];
-    let v = relation_loss_identity(
+    let mut sums = be.sums(2).unwrap();
+    relation_loss_identity(
         &be,
         GramSide { hidden: &h_s, hidden_size: hs, gram: &ms },
         GramSide { hidden: &h_t, hidden_size: ht, gram: &mt },
@@ -389,8 +406,12 @@ fn check_identity(rows: usize, hs: usize, ht: usize, vs: usize, vt: usize, image
         scale,
         &mut dh,
         Some(&mut dm),
+        &mut sums,
+        1,
     )
     .unwrap();
+    assert_eq!(sums[0], 0.0, "only the slot it was given");
+    let v = sums[1];
     let dw_start = rng.vec(vs * hs, 1.0);
     let mut dw = dw_start.clone();
     head_gram_backward(&be, &w_s, vs, hs, kept, &dm, &mut dw).unwrap();
@@ -424,13 +445,18 @@ fn relation_identity_zero_gram_gives_loss_one_without_gradient() {
     let be = B::new();
     let zero = vec![0.0; 16];
     let r = TestRng(5).vec(16, 1.0);
-    let (l, g) = gram_cosine(&be, &zero, &r, 1.0).unwrap();
+    let cosine = |rs: &Vec<f64>, rt: &Vec<f64>| {
+        let (mut g, mut sums) = (vec![f64::NAN; 16], be.sums(1).unwrap());
+        be.gram_cosine_into(rs, rt, 1.0, &mut g, &mut sums, 0).unwrap();
+        (sums[0], g)
+    };
+    let (l, g) = cosine(&zero, &r);
     assert_eq!(l, 1.0);
-    assert!(g.is_none());
+    assert!(g.iter().all(|&x| x == 0.0), "{g:?}");
     // Equal Gram matrices: loss 0 and zero gradient.
-    let (l, g) = gram_cosine(&be, &r, &r, 1.0).unwrap();
+    let (l, g) = cosine(&r, &r);
     assert!(l.abs() < 1e-15, "{l}");
-    assert!(g.unwrap().iter().all(|x| x.abs() < 1e-15));
+    assert!(g.iter().all(|x| x.abs() < 1e-15));
 }
 
 #[test]
@@ -440,9 +466,10 @@ fn relation_identity_rejects_bad_shapes() {
     let m = vec![0.0; 16];
     let side = GramSide { hidden: &h, hidden_size: 4, gram: &m };
     let mut d = vec![0.0; 40];
-    let e = relation_loss_identity(&be, side, side, &[(8, 4)], 1.0, &mut d, None).unwrap_err();
+    let mut sums = be.sums(1).unwrap();
+    let e = relation_loss_identity(&be, side, side, &[(8, 4)], 1.0, &mut d, None, &mut sums, 0).unwrap_err();
     assert!(e.to_string().contains("rows 8..12") && e.to_string().contains("10 rows"), "{e}");
-    let e = relation_loss_identity(&be, side, side, &[(0, 4), (2, 4)], 1.0, &mut d, None).unwrap_err();
+    let e = relation_loss_identity(&be, side, side, &[(0, 4), (2, 4)], 1.0, &mut d, None, &mut sums, 0).unwrap_err();
     assert!(e.to_string().contains("overlap"), "{e}");
     let e = head_gram(&be, &vec![0.0; 12], 3, 4, 5).unwrap_err();
     assert!(e.to_string().contains("5 kept rows"), "{e}");

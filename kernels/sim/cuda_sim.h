@@ -39,6 +39,11 @@ struct KdSimCounters {
     double gemm_flops;
     uint64_t driver_allocs;
     uint64_t driver_frees;
+    // Copies that return only when done (cuMemcpyHtoD, cuMemcpyDtoH, an async copy from pageable
+    // memory): with the syncs, the points where the host waits for the device.
+    uint64_t blocking_copies;
+    // cuMemHostAlloc calls (page-locked staging memory).
+    uint64_t pinned_allocs;
 };
 
 // The namespace is visible outside the driver library: the cuBLAS library links against it.

@@ -519,6 +519,7 @@ KD_SIM_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t 
     memcpy((void*)(uintptr_t)dst, src, bytes);
     drv().counters.htod_copies++;
     drv().counters.htod_bytes += bytes;
+    drv().counters.blocking_copies++;  // returns when the copy is done: the host waits
     return CUDA_SUCCESS;
 }
 
@@ -531,6 +532,7 @@ KD_SIM_EXPORT CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes)
     memcpy(dst, (const void*)(uintptr_t)src, bytes);
     drv().counters.dtoh_copies++;
     drv().counters.dtoh_bytes += bytes;
+    drv().counters.blocking_copies++;  // waits for the stream's work, then copies
     return CUDA_SUCCESS;
 }
 
@@ -544,6 +546,56 @@ KD_SIM_EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, si
     memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, bytes);
     drv().counters.dtod_copies++;
     drv().counters.dtod_bytes += bytes;
+    return CUDA_SUCCESS;
+}
+
+// Page-locked host memory and copies from it. An asynchronous copy returns at once only from
+// page-locked memory; from pageable memory the real driver stages it and the host waits, so such a
+// copy counts as a blocking one (a caller that meant to stay asynchronous shows in the counts).
+static std::map<uintptr_t, size_t>& pinned() {
+    static auto* m = new std::map<uintptr_t, size_t>();
+    return *m;
+}
+
+static bool is_pinned(const void* p, size_t bytes) {
+    auto& m = pinned();
+    auto it = m.upper_bound((uintptr_t)p);
+    if (it == m.begin()) return false;
+    --it;
+    return (uintptr_t)p + bytes <= it->first + it->second;
+}
+
+KD_SIM_EXPORT CUresult cuMemHostAlloc(void** pp, size_t bytes, unsigned flags) {
+    LOCK;
+    TRY(ready());
+    if (pp == nullptr || bytes == 0 || flags > 0xF) return CUDA_ERROR_INVALID_VALUE;
+    void* p = aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
+    if (p == nullptr) return CUDA_ERROR_OUT_OF_MEMORY;
+    pinned()[(uintptr_t)p] = bytes;
+    drv().counters.pinned_allocs++;
+    *pp = p;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuMemFreeHost(void* p) {
+    LOCK;
+    TRY(ready());
+    if (pinned().erase((uintptr_t)p) == 0) return CUDA_ERROR_INVALID_VALUE;
+    free(p);
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream s) {
+    LOCK;
+    TRY(ready());
+    if (!valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
+    if (bytes == 0) return CUDA_SUCCESS;
+    if (src == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    TRY(checked_range(dst, bytes, "cuMemcpyHtoDAsync"));
+    memcpy((void*)(uintptr_t)dst, src, bytes);
+    drv().counters.htod_copies++;
+    drv().counters.htod_bytes += bytes;
+    if (!is_pinned(src, bytes)) drv().counters.blocking_copies++;
     return CUDA_SUCCESS;
 }
 

@@ -8,6 +8,7 @@
 #include "../softmax_kl.cu"
 #include "../adamw.cu"
 #include "../relation.cu"
+#include "../sums.cu"
 #include "../attention.cu"
 #include "../decode_attention.cu"
 namespace ew {  // its own helper names (f, b, mix64) would collide with adamw.cu's
@@ -190,20 +191,56 @@ static void test_softmax_kl(int vs, int vt, float tau, bool with_ce, int offset_
 // ------------------------------------------------------------------------------------------------
 // relation
 // ------------------------------------------------------------------------------------------------
-static void test_relation(int n, int n_images) {
+// sums.cu: an array's sum added into one f64 (f32 and f64 inputs, lengths around the block size).
+static void test_sums() {
+    for (long long n : {0LL, 1LL, 255LL, 1000LL, 5003LL}) {
+        std::vector<float> v(n);
+        std::vector<double> d(n);
+        double ref_v = 0.0, ref_d = 0.0;
+        for (long long i = 0; i < n; ++i) {
+            v[i] = nrand();
+            d[i] = 1e3 * nrand();
+            ref_v += v[i];
+            ref_d += d[i];
+        }
+        double out_v = 0.25, out_d = -1.0;  // added to
+        kd_sim::launch({1, 1, 1}, {SUMS_THREADS, 1, 1}, 0, [&] { sum_into_f64_from_f32(v.data(), n, &out_v); });
+        kd_sim::launch({1, 1, 1}, {SUMS_THREADS, 1, 1}, 0, [&] { sum_into_f64_from_f64(d.data(), n, &out_d); });
+        const double scale_v = 1.0 + sqrt((double)n), scale_d = 1e3 * (1.0 + sqrt((double)n));
+        check("sums f32 n=" + std::to_string(n), fabs(out_v - 0.25 - ref_v) / scale_v, 1e-12);
+        check("sums f64 n=" + std::to_string(n), fabs(out_d + 1.0 - ref_d) / scale_d, 1e-12);
+    }
+}
+
+// The f32 kernels (logits form) and, with bf16, the *_bf16 ones (identity form: bf16 Grams and
+// gradient); the reference is computed from the values the kernel reads.
+static void test_relation(int n, int n_images, bool bf16_grams) {
     const size_t nn = (size_t)n * n;
-    std::vector<float> gs(nn * n_images), gt(nn * n_images), grad(nn * n_images, NAN), loss(n_images, NAN);
+    std::vector<float> gs(nn * n_images), gt(nn * n_images), grad(nn * n_images, NAN);
     for (auto& x : gs) x = nrand() * 50.f;
     for (size_t i = 0; i < gt.size(); ++i) gt[i] = 0.8f * gs[i] + 30.f * nrand();
     if (n_images > 2) for (size_t i = 0; i < nn; ++i) gs[2 * nn + i] = 0.f;  // image 2: zero norm
+    std::vector<bf16> hs(gs.size()), ht(gt.size()), hg(grad.size(), tb(NAN));
+    for (size_t i = 0; i < gs.size(); ++i) {
+        hs[i] = tb(gs[i]);
+        ht[i] = tb(gt[i]);
+        if (bf16_grams) gs[i] = fb(hs[i]), gt[i] = fb(ht[i]);
+    }
     std::vector<double> partials((size_t)n_images * RELATION_BLOCKS * 3, NAN);
     const float grad_scale = 0.25f;
-    kd_sim::launch({RELATION_BLOCKS, (unsigned)n_images, 1}, {RELATION_THREADS, 1, 1}, 0,
-                   [&] { relation_cosine_partials(gs.data(), gt.data(), n, n_images, partials.data()); });
+    double loss_sum = 0.5;  // the kernel adds to it
+    const long long nnl = (long long)nn;
     kd_sim::launch({RELATION_BLOCKS, (unsigned)n_images, 1}, {RELATION_THREADS, 1, 1}, 0, [&] {
-        relation_cosine_grad(gs.data(), gt.data(), n, n_images, grad_scale, partials.data(), loss.data(), grad.data());
+        if (bf16_grams) relation_cosine_partials_bf16(hs.data(), ht.data(), nnl, n_images, partials.data());
+        else relation_cosine_partials(gs.data(), gt.data(), nnl, n_images, partials.data());
     });
-    std::vector<double> lo, lr, go, gr;
+    kd_sim::launch({RELATION_BLOCKS, (unsigned)n_images, 1}, {RELATION_THREADS, 1, 1}, 0, [&] {
+        if (bf16_grams) relation_cosine_grad_bf16(hs.data(), ht.data(), nnl, n_images, grad_scale, partials.data(), &loss_sum, hg.data());
+        else relation_cosine_grad(gs.data(), gt.data(), nnl, n_images, grad_scale, partials.data(), &loss_sum, grad.data());
+    });
+    if (bf16_grams) for (size_t i = 0; i < grad.size(); ++i) grad[i] = fb(hg[i]);
+    std::vector<double> go, gr;
+    double loss_ref = 0.0;
     for (int i = 0; i < n_images; ++i) {
         const float* a = gs.data() + i * nn;
         const float* b = gt.data() + i * nn;
@@ -211,17 +248,16 @@ static void test_relation(int n, int n_images) {
         for (size_t j = 0; j < nn; ++j) { dot += (double)a[j] * b[j]; ss += (double)a[j] * a[j]; tt += (double)b[j] * b[j]; }
         double ns = sqrt(ss), nt = sqrt(tt);
         bool zero = ns == 0 || nt == 0;
-        lo.push_back(loss[i]);
-        lr.push_back(zero ? 1.0 : 1.0 - dot / (ns * nt));
+        loss_ref += zero ? 1.0 : 1.0 - dot / (ns * nt);
         for (size_t j = 0; j < nn; ++j) {
             go.push_back(grad[i * nn + j]);
             gr.push_back(zero ? 0.0 : grad_scale * (-(double)b[j] / (ns * nt) + dot / (ss * ns * nt) * a[j]));
         }
     }
     char name[120];
-    snprintf(name, sizeof name, "relation n=%d images=%d", n, n_images);
-    check(std::string(name) + " loss", rel_err(lo, lr), 1e-6);
-    check(std::string(name) + " grad", rel_err(go, gr), 1e-6);
+    snprintf(name, sizeof name, "relation%s n=%d images=%d", bf16_grams ? " bf16" : "", n, n_images);
+    check(std::string(name) + " loss sum (added)", rel_err(std::vector<double>{loss_sum - 0.5}, std::vector<double>{loss_ref}), 1e-6);
+    check(std::string(name) + " grad", rel_err(go, gr), bf16_grams ? 1e-2 : 1e-6);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -641,8 +677,11 @@ int main(int argc, char** argv) {
     test_adamw(1003, 5, true);
     test_adamw(1, 1, false);
     }
-    test_relation(20, 3);
-    test_relation(7, 2);
+    if (rest) test_sums();
+    test_relation(20, 3, false);
+    test_relation(7, 2, false);
+    test_relation(20, 3, true);
+    test_relation(7, 2, true);
     test_softmax_kl(1000, 1016, 1.0f, true, 0);    // vector path, extra teacher columns
     test_softmax_kl(1024, 1000, 2.0f, true, 0);    // extra student columns for the CE, τ ≠ 1
     test_softmax_kl(1024, 1024, 1.0f, true, 0);    // CE statistic reused

@@ -116,6 +116,10 @@ pub trait Backend: Send + Sync {
     /// A flat buffer of optimizer state (AdamW moments, master weights): f32 or wider on every
     /// backend, whatever `Buf` stores (the CUDA backend keeps bf16 parameters with f32 moments).
     type State: Send + Sync;
+    /// f64 slots the loss ops (and the gradient norm) add their values to, where the backend
+    /// computes them: on CUDA a device buffer, so a training step reads all its scalars back at
+    /// once ([`Backend::read_sums`]) instead of waiting for the device after every loss op.
+    type Sums: Send + Sync;
 
     fn name(&self) -> String;
 
@@ -139,6 +143,10 @@ pub trait Backend: Send + Sync {
     /// Optimizer-state buffer → host f32 (checkpoints).
     fn download_state(&self, buf: &Self::State) -> Result<Vec<f32>>;
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
+    /// `n` sums, all 0.
+    fn sums(&self, n: usize) -> Result<Self::Sums>;
+    /// The sums' values (on CUDA: one device-to-host copy, which waits for the queued work).
+    fn read_sums(&self, sums: &Self::Sums) -> Result<Vec<f64>>;
     /// A copy of `buf` in a new buffer.
     fn duplicate(&self, buf: &Self::Buf) -> Result<Self::Buf> {
         let n = self.len(buf);
@@ -174,7 +182,11 @@ pub trait Backend: Send + Sync {
     }
     /// Σ x² over an element range of each buffer (the ranges a rank owns under ZeRO-1), in f64,
     /// summed range by range in order; a range past its buffer is an error.
-    fn sum_squares_ranges(&self, parts: &[(&Self::Buf, std::ops::Range<usize>)]) -> Result<f64>;
+    fn sum_squares_ranges(&self, parts: &[(&Self::Buf, std::ops::Range<usize>)]) -> Result<f64> {
+        Ok(resolved(self, 1, |s| self.sum_squares_into(parts, s, 0))?[0])
+    }
+    /// [`Backend::sum_squares_ranges`] added into slot `slot` of `sums` (no read-back).
+    fn sum_squares_into(&self, parts: &[(&Self::Buf, std::ops::Range<usize>)], sums: &mut Self::Sums, slot: usize) -> Result<()>;
 
     // ---- embeddings ----
     /// `out[t, :] = table[ids[t], :]`; an id ≥ rows of the table is an error.
@@ -296,27 +308,39 @@ pub trait Backend: Send + Sync {
     fn gelu_backward(&self, x: &Self::Buf, dout: &Self::Buf, dx: &mut Self::Buf, kind: GeluKind) -> Result<()>;
 
     // ---- losses ----
+    // Each loss op adds its (unscaled) sum into a slot of a [`Backend::Sums`] (`_into`), so a
+    // training step reads its loss values back once; the forms without `_into` return the value
+    // at once (tests, benchmarks, one-off evaluations).
+
     /// Fused cross-entropy over `logits [rows, vocab]` with one target per row (`IGNORE_INDEX` = no
-    /// target). Returns Σ over targeted rows of −log softmax(row)[target] (unscaled), and writes
-    /// `dlogits = scale · (softmax − onehot)` on targeted rows and 0 elsewhere; `scale` is
-    /// 1 / (targets in the whole optimizer step), so means span micro-batches.
-    fn cross_entropy(
+    /// target). Adds Σ over targeted rows of −log softmax(row)[target] (unscaled) to `sums[slot]`,
+    /// and writes `dlogits = scale · (softmax − onehot)` on targeted rows and 0 elsewhere; `scale`
+    /// is 1 / (targets in the whole optimizer step), so means span micro-batches.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_into(
         &self,
         logits: &Self::Buf,
         targets: &[i32],
         vocab: usize,
         scale: f32,
         dlogits: &mut Self::Buf,
-    ) -> Result<f64>;
+        sums: &mut Self::Sums,
+        slot: usize,
+    ) -> Result<()>;
+    /// [`Backend::cross_entropy_into`], returning the sum.
+    fn cross_entropy(&self, logits: &Self::Buf, targets: &[i32], vocab: usize, scale: f32, dlogits: &mut Self::Buf) -> Result<f64> {
+        Ok(resolved(self, 1, |s| self.cross_entropy_into(logits, targets, vocab, scale, dlogits, s, 0))?[0])
+    }
 
     /// Fused softmax-KL distillation over the rows `rows` of student and teacher logits.
     /// Student rows have stride `s.vocab`, teacher rows `t.vocab`; only the first `kept` columns of
     /// both take part (vocabulary-mismatch rule, SPEC §1). With p = softmax(z/τ) over those columns,
-    /// returns Σ_rows τ²·D(p_t, p_s) (unscaled), D = `shape.divergence` (forward KL(p_t‖p_s) by
-    /// default; [`divergence`] defines them all), and **accumulates** `scale · ∂/∂z_s` of that sum
-    /// into `dstudent` (so a cross-entropy gradient written first on the same rows is kept).
+    /// adds Σ_rows τ²·D(p_t, p_s) (unscaled) to `sums[slot]`, D = `shape.divergence` (forward
+    /// KL(p_t‖p_s) by default; [`divergence`] defines them all), and **accumulates**
+    /// `scale · ∂/∂z_s` of that sum into `dstudent` (so a cross-entropy gradient written first on
+    /// the same rows is kept).
     #[allow(clippy::too_many_arguments)]
-    fn softmax_kl(
+    fn softmax_kl_into(
         &self,
         student: &Self::Buf,
         teacher: &Self::Buf,
@@ -324,13 +348,36 @@ pub trait Backend: Send + Sync {
         rows: &[u32],
         scale: f32,
         dstudent: &mut Self::Buf,
-    ) -> Result<f64>;
-    /// [`Backend::softmax_kl`] over `rows` with the same rows' cross-entropy fused in:
+        sums: &mut Self::Sums,
+        slot: usize,
+    ) -> Result<()>;
+    /// [`Backend::softmax_kl_into`], returning the sum.
+    fn softmax_kl(&self, student: &Self::Buf, teacher: &Self::Buf, shape: KlShape, rows: &[u32], scale: f32, dstudent: &mut Self::Buf) -> Result<f64> {
+        Ok(resolved(self, 1, |s| self.softmax_kl_into(student, teacher, shape, rows, scale, dstudent, s, 0))?[0])
+    }
+    /// [`Backend::softmax_kl_into`] over `rows` with the same rows' cross-entropy fused in:
     /// `targets[i]` labels row `rows[i]` (`IGNORE_INDEX`: no CE for that row), the CE over the
-    /// student's full vocabulary at temperature 1. Returns (Σ KL as `softmax_kl` returns it, Σ CE
-    /// over the labelled rows) and **accumulates** both gradients (`scale` for the KL, `ce_scale`
-    /// for the CE) into `dstudent`. For the rows that carry a label and a distillation target
-    /// (the response rows): the CUDA kernel reads each student row once for both.
+    /// student's full vocabulary at temperature 1. Adds Σ KL (as `softmax_kl_into` does) to
+    /// `sums[kl_slot]` and Σ CE over the labelled rows to `sums[ce_slot]`, and **accumulates** both
+    /// gradients (`scale` for the KL, `ce_scale` for the CE) into `dstudent`. For the rows that
+    /// carry a label and a distillation target (the response rows): the CUDA kernel reads each
+    /// student row once for both.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_kl_ce_into(
+        &self,
+        student: &Self::Buf,
+        teacher: &Self::Buf,
+        shape: KlShape,
+        rows: &[u32],
+        targets: &[i32],
+        scale: f32,
+        ce_scale: f32,
+        dstudent: &mut Self::Buf,
+        sums: &mut Self::Sums,
+        kl_slot: usize,
+        ce_slot: usize,
+    ) -> Result<()>;
+    /// [`Backend::softmax_kl_ce_into`], returning (Σ KL, Σ CE).
     #[allow(clippy::too_many_arguments)]
     fn softmax_kl_ce(
         &self,
@@ -342,11 +389,15 @@ pub trait Backend: Send + Sync {
         scale: f32,
         ce_scale: f32,
         dstudent: &mut Self::Buf,
-    ) -> Result<(f64, f64)>;
+    ) -> Result<(f64, f64)> {
+        let v = resolved(self, 2, |s| self.softmax_kl_ce_into(student, teacher, shape, rows, targets, scale, ce_scale, dstudent, s, 0, 1))?;
+        Ok((v[0], v[1]))
+    }
     /// Relation distillation (RDist): for each image `(start_row, n)`, Z = the n consecutive rows
-    /// from `start_row` (first `kept` columns), R = Z·Zᵀ; returns Σ_images (1 − cos(vec R_s,
-    /// vec R_t)) and **accumulates** `scale · ∂/∂Z_s` into `dstudent`.
-    fn relation_loss(
+    /// from `start_row` (first `kept` columns), R = Z·Zᵀ; adds Σ_images (1 − cos(vec R_s,
+    /// vec R_t)) to `sums[slot]` and **accumulates** `scale · ∂/∂Z_s` into `dstudent`.
+    #[allow(clippy::too_many_arguments)]
+    fn relation_loss_into(
         &self,
         student: &Self::Buf,
         teacher: &Self::Buf,
@@ -354,7 +405,28 @@ pub trait Backend: Send + Sync {
         images: &[(u32, u32)],
         scale: f32,
         dstudent: &mut Self::Buf,
-    ) -> Result<f64>;
+        sums: &mut Self::Sums,
+        slot: usize,
+    ) -> Result<()>;
+    /// [`Backend::relation_loss_into`], returning the sum.
+    fn relation_loss(&self, student: &Self::Buf, teacher: &Self::Buf, shape: KlShape, images: &[(u32, u32)], scale: f32, dstudent: &mut Self::Buf) -> Result<f64> {
+        Ok(resolved(self, 1, |s| self.relation_loss_into(student, teacher, shape, images, scale, dstudent, s, 0))?[0])
+    }
+    /// The cosine part of the relation loss from two Gram matrices of equal shape (the identity
+    /// form's R = H·M·Hᵀ, [`crate::loss::relation_identity`]): adds 1 − cos(vec R_s, vec R_t) to
+    /// `sums[slot]` and **writes** `grad = scale · ∂(1 − cos)/∂R_s` =
+    /// −scale·(R_t − (⟨R_s,R_t⟩/‖R_s‖²)·R_s)/(‖R_s‖·‖R_t‖); when either matrix is zero the loss is
+    /// 1 and `grad` is 0 (the convention of [`Backend::relation_loss_into`]).
+    #[allow(clippy::too_many_arguments)]
+    fn gram_cosine_into(
+        &self,
+        rs: &Self::Buf,
+        rt: &Self::Buf,
+        scale: f32,
+        grad: &mut Self::Buf,
+        sums: &mut Self::Sums,
+        slot: usize,
+    ) -> Result<()>;
 
     // ---- optimizer ----
     /// One AdamW update of `param` from `grad` with moments `m`, `v` (PyTorch semantics).
@@ -377,6 +449,19 @@ pub trait Backend: Send + Sync {
         v: &mut Self::State,
         master: Option<&mut Self::State>,
     ) -> Result<()>;
+}
+
+/// Runs `f` on `n` fresh sums and reads them back: the immediate forms of the `_into` ops.
+fn resolved<B: Backend + ?Sized>(be: &B, n: usize, f: impl FnOnce(&mut B::Sums) -> Result<()>) -> Result<Vec<f64>> {
+    let mut sums = be.sums(n)?;
+    f(&mut sums)?;
+    be.read_sums(&sums)
+}
+
+/// Checks that `slot` is one of `n` sums (every backend's `_into` ops run it first).
+pub fn check_slot(what: &str, slot: usize, n: usize) -> Result<()> {
+    ensure!(slot < n, "{what}: sum slot {slot} is outside the {n} sums it was given");
+    Ok(())
 }
 
 /// Checks a distillation op's [`KlShape`] against the lengths of its student logits, teacher

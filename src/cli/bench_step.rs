@@ -38,7 +38,7 @@ use crate::data::{Group, PackedBatch};
 use crate::loss::fused_head::{lm_head_grad, rows_with_logits};
 use crate::loss::{
     distill_loss, frozen_head_gram, fused_distill_loss, kept_vocab, visual_ranges, DistillConfig, FusedHeadOptions, HeadSide, Logits,
-    LossCounts, LossInputs, RelationForm,
+    LossCounts, LossInputs, LossReport, PendingReport, RelationForm,
 };
 use crate::model::presets::{self, init_values, PresetModel, SIGLIP_PREFIX};
 use crate::model::{FeatureSelect, Llm, LlmConfig, Mllm, MllmGrads, MllmWeights, ParamSet, ParamSpec, VisionConfig, VisionTower};
@@ -191,6 +191,12 @@ fn random_set<B: Backend>(be: &B, specs: &[ParamSpec], prefix: &str, seed: u64) 
     ParamSet::from_fn(be, specs, |s| init_values(seed, &format!("{prefix}{}", s.name), s.numel()))
 }
 
+/// A step's loss: the fused head's terms still in the backend's sums, or the direct path's report.
+enum Pending<S> {
+    Fused(PendingReport, S),
+    Direct(LossReport),
+}
+
 /// Waits for the backend's queued work: a one-element copy read back to the host.
 fn sync<B: Backend>(be: &B, buf: &B::Buf) -> Result<()> {
     if be.len(buf) > 0 {
@@ -341,8 +347,10 @@ fn bench<B: Backend>(
                 let s_side = HeadSide::of(&student.llm, &ws.llm, &sacts.llm.hidden, None)?;
                 let t_side = HeadSide::of(&teacher.llm, &wt.llm, &t_hidden, teacher_gram.as_ref())?;
                 let dw = lm_head_grad(&student.llm, &mut gllm)?;
-                let r = fused_distill_loss(be, &cfg, &inputs, s_side, Some(t_side), &counts, &opts, &mut dh, Some(dw))?;
-                (r, dh)
+                // As a training step: the loss terms stay on the device until the step's end.
+                let mut sums = be.sums(PendingReport::SLOTS)?;
+                let pending = fused_distill_loss(be, &cfg, &inputs, s_side, Some(t_side), &counts, &opts, &mut dh, Some(dw), &mut sums, 0)?;
+                (Pending::Fused(pending, sums), dh)
             }
             HeadMode::Direct => {
                 let logits = student.llm.lm_head(be, &ws.llm, &sacts.llm.hidden)?;
@@ -351,7 +359,7 @@ fn bench<B: Backend>(
                 let r = distill_loss(be, &cfg, &inputs, Logits { data: &logits, vocab: sh.student.vocab }, Some(tl), &counts, &mut dlogits)?;
                 drop(logits);
                 let dh = student.llm.lm_head_backward(be, &ws.llm, &sacts.llm.hidden, &dlogits, Some(&mut gllm))?;
-                (r, dh)
+                (Pending::Direct(r), dh)
             }
         };
         drop((t_hidden, tlogits));
@@ -365,6 +373,11 @@ fn bench<B: Backend>(
             sync(be, &gproj.bufs[0])?;
         }
         lap(4, &mut clock);
+        // The loss read-back, once per step as in training, before the optimizer's norm read-back.
+        let report = match report {
+            Pending::Fused(p, sums) => p.resolve(&be.read_sums(&sums)?)?,
+            Pending::Direct(r) => r,
+        };
         opt.step(be, &mut [&mut ws.projector, &mut ws.llm], &[&gproj, &gllm], 2e-5)?;
         gproj.zero_all(be)?;
         gllm.zero_all(be)?;

@@ -165,7 +165,10 @@ impl<'a, B: Backend> GradSync<'a, B> {
                 })?;
             }
         }
-        let owned_sum_squares = |rank: usize| -> Result<f64> {
+        // Σ g² of the pieces each rank owns, side by side in one set of sums: one read-back.
+        let ranks: Vec<usize> = if self.sharded() { vec![self.comm.rank()] } else { (0..world).collect() };
+        let mut sums = be.sums(ranks.len())?;
+        for (slot, &rank) in ranks.iter().enumerate() {
             let ranges: Vec<(&B::Buf, std::ops::Range<usize>)> = self
                 .pieces
                 .iter()
@@ -173,13 +176,13 @@ impl<'a, B: Backend> GradSync<'a, B> {
                 .filter(|(_, &o)| o == rank)
                 .map(|(p, _)| (&grads[p.set].bufs[p.tensor], p.start..p.start + p.len))
                 .collect();
-            be.sum_squares_ranges(&ranges)
-        };
+            be.sum_squares_into(&ranges, &mut sums, slot)?;
+        }
+        let owned = be.read_sums(&sums)?;
         let sum_squares = if self.sharded() {
-            let mine = owned_sum_squares(self.comm.rank())?;
-            sum_in_rank_order(self.comm.all_gather_host(&[mine])?.iter().map(|r| r[0]))
+            sum_in_rank_order(self.comm.all_gather_host(&owned)?.iter().map(|r| r[0]))
         } else {
-            sum_in_rank_order((0..world).map(owned_sum_squares).collect::<Result<Vec<_>>>()?)
+            sum_in_rank_order(owned)
         };
         let grads_ref: Vec<&ParamSet<B::Buf>> = grads.iter().map(|g| &**g).collect();
         let report = opt.apply(be, params, &grads_ref, lr, sum_squares.sqrt())?;

@@ -46,7 +46,7 @@ use anyhow::{bail, ensure, Result};
 
 use super::relation_identity::{head_gram, head_gram_backward, relation_loss_identity, GramSide};
 use super::select::{LossCounts, LossInputs};
-use super::{grad_scale, kept_vocab, mean, DistillConfig, LossReport};
+use super::{grad_scale, kept_vocab, DistillConfig, PendingReport};
 use crate::backend::{Backend, Gemm, KlShape, IGNORE_INDEX};
 use crate::model::{Llm, ParamSet};
 
@@ -193,6 +193,10 @@ fn plan_chunks(role: &[u8], images: &[Range<usize>], image_chunks: bool, chunk_r
 /// uses) and, when `dweight` is given (the LLM trains), **accumulates** ∂total/∂W_s into it
 /// (`[V_s, h_s]`, as `lm_head_backward` does). `teacher` must be given when `cfg` enables any
 /// distillation term.
+///
+/// The terms' sums go to slots `at .. at + PendingReport::SLOTS` of `sums` (which must start at
+/// 0): nothing is read back here, so on CUDA the host never waits for the device. Resolve the
+/// returned [`PendingReport`] once the step's sums are read.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_distill_loss<B: Backend>(
     be: &B,
@@ -204,7 +208,9 @@ pub fn fused_distill_loss<B: Backend>(
     opts: &FusedHeadOptions,
     dhidden: &mut B::Buf,
     mut dweight: Option<&mut B::Buf>,
-) -> Result<LossReport> {
+    sums: &mut B::Sums,
+    at: usize,
+) -> Result<PendingReport> {
     const WHAT: &str = "fused head loss";
     cfg.validate()?;
     ensure!(opts.chunk_rows > 0, "{WHAT}: chunk_rows must be positive");
@@ -270,8 +276,8 @@ pub fn fused_distill_loss<B: Backend>(
 
     be.fill_zero(dhidden)?;
     let ce_scale = grad_scale(1.0, step.ce);
-    let mut ce_sum = 0.0;
-    let (mut res_sum, mut prompt_sum, mut vis_sum, mut rel_sum) = (0.0, 0.0, 0.0, 0.0);
+    let pending = PendingReport::new(at, cfg, step, teacher.is_some());
+    let slot = |k: usize| pending.slot(k);
     let shape = teacher.map(|t| KlShape {
         student_vocab: vs,
         teacher_vocab: t.vocab,
@@ -297,7 +303,7 @@ pub fn fused_distill_loss<B: Backend>(
         let labelled: Vec<u32> = (0..c as u32).filter(|&l| local_targets[l as usize] != IGNORE_INDEX).collect();
         let fuse_ce = teacher.is_some() && !res_rows.is_empty() && res_rows == labelled;
         if !fuse_ce && !labelled.is_empty() {
-            ce_sum += be.cross_entropy(&zs, &local_targets, vs, ce_scale, &mut dz)?;
+            be.cross_entropy_into(&zs, &local_targets, vs, ce_scale, &mut dz, sums, slot(PendingReport::CE))?;
         }
         if let (Some(t), Some(shape)) = (teacher, shape) {
             if distils {
@@ -305,24 +311,25 @@ pub fn fused_distill_loss<B: Backend>(
                 let mut zt = be.empty(c * t.vocab)?;
                 be.gemm(Gemm::linear(c, t.vocab, t.hidden_size), &ht_chunk, t.weight, &mut zt)?;
                 drop(ht_chunk);
-                let kl = |rows: &[u32], weight: f32, count: usize, dz: &mut B::Buf| -> Result<f64> {
+                let kl = |rows: &[u32], weight: f32, count: usize, k: usize, dz: &mut B::Buf, sums: &mut B::Sums| -> Result<()> {
                     if rows.is_empty() {
-                        return Ok(0.0);
+                        return Ok(());
                     }
-                    be.softmax_kl(&zs, &zt, shape, rows, grad_scale(weight, count), dz)
+                    be.softmax_kl_into(&zs, &zt, shape, rows, grad_scale(weight, count), dz, sums, slot(k))
                 };
                 if fuse_ce {
                     let res_targets: Vec<i32> = res_rows.iter().map(|&l| local_targets[l as usize]).collect();
-                    let (kl_sum, ce) = be.softmax_kl_ce(&zs, &zt, shape, &res_rows, &res_targets, grad_scale(cfg.alpha, step.response), ce_scale, &mut dz)?;
-                    res_sum += kl_sum;
-                    ce_sum += ce;
+                    let (kl_slot, ce_slot) = (slot(PendingReport::RESPONSE), slot(PendingReport::CE));
+                    let scale = grad_scale(cfg.alpha, step.response);
+                    be.softmax_kl_ce_into(&zs, &zt, shape, &res_rows, &res_targets, scale, ce_scale, &mut dz, sums, kl_slot, ce_slot)?;
                 } else {
-                    res_sum += kl(&res_rows, cfg.alpha, step.response, &mut dz)?;
+                    kl(&res_rows, cfg.alpha, step.response, PendingReport::RESPONSE, &mut dz, sums)?;
                 }
-                prompt_sum += kl(&prompt_rows, cfg.alpha, step.prompt, &mut dz)?;
-                vis_sum += kl(&vis_rows, cfg.beta, step.visual, &mut dz)?;
+                kl(&prompt_rows, cfg.alpha, step.prompt, PendingReport::PROMPT, &mut dz, sums)?;
+                kl(&vis_rows, cfg.beta, step.visual, PendingReport::VISUAL, &mut dz, sums)?;
                 if !chunk.images.is_empty() {
-                    rel_sum += be.relation_loss(&zs, &zt, shape, &chunk.images, grad_scale(cfg.gamma, step.images), &mut dz)?;
+                    let scale = grad_scale(cfg.gamma, step.images);
+                    be.relation_loss_into(&zs, &zt, shape, &chunk.images, scale, &mut dz, sums, slot(PendingReport::RELATION))?;
                 }
             }
         }
@@ -353,7 +360,7 @@ pub fn fused_distill_loss<B: Backend>(
             Some(_) => Some(be.zeros(hs * hs)?),
             None => None,
         };
-        rel_sum += relation_loss_identity(
+        relation_loss_identity(
             be,
             GramSide { hidden: student.hidden, hidden_size: hs, gram: gs },
             GramSide { hidden: t.hidden, hidden_size: t.hidden_size, gram: gt },
@@ -361,26 +368,15 @@ pub fn fused_distill_loss<B: Backend>(
             grad_scale(cfg.gamma, step.images),
             dhidden,
             dgram.as_mut(),
+            sums,
+            slot(PendingReport::RELATION),
         )?;
         if let (Some(dm), Some(dw)) = (dgram, dweight) {
             head_gram_backward(be, student.weight, vs, hs, kept, &dm, dw)?;
         }
     }
 
-    let mut report = LossReport { ce: mean(ce_sum, step.ce), ..LossReport::default() };
-    if teacher.is_some() {
-        let term = |on: bool, sum: f64, count: usize| on.then(|| mean(sum, count));
-        report.response = term(cfg.response_on(), res_sum, step.response);
-        report.prompt = term(cfg.prompt_on(), prompt_sum, step.prompt);
-        report.visual = term(cfg.visual_on(), vis_sum, step.visual);
-        report.relation = term(cfg.relation_on(), rel_sum, step.images);
-    }
-    let (a, b, g) = (cfg.alpha as f64, cfg.beta as f64, cfg.gamma as f64);
-    report.total = report.ce
-        + a * (report.response.unwrap_or(0.0) + report.prompt.unwrap_or(0.0))
-        + b * report.visual.unwrap_or(0.0)
-        + g * report.relation.unwrap_or(0.0);
-    Ok(report)
+    Ok(pending)
 }
 
 /// Rows that get logits under [`fused_distill_loss`] (for reports): those of some term, plus, with

@@ -158,6 +158,66 @@ impl LossReport {
     }
 }
 
+/// A micro-batch's loss terms whose sums are still where the backend computed them: slots
+/// `at .. at + PendingReport::SLOTS` of a [`Backend::Sums`] (on CUDA, device memory). The training
+/// step reads its sums once ([`Backend::read_sums`]) and [`PendingReport::resolve`]s each
+/// micro-batch's report from them, so no loss value makes the host wait for the device mid-step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PendingReport {
+    at: usize,
+    cfg: DistillConfig,
+    step: LossCounts,
+    distils: bool,
+}
+
+impl PendingReport {
+    /// Slots one micro-batch's terms take: Σ CE, Σ L_res, Σ L_prompt, Σ L_vis, Σ L_rel.
+    pub const SLOTS: usize = 5;
+    const CE: usize = 0;
+    const RESPONSE: usize = 1;
+    const PROMPT: usize = 2;
+    const VISUAL: usize = 3;
+    const RELATION: usize = 4;
+
+    /// The terms of `cfg` (the distillation terms only when `distils`: a teacher was used) with
+    /// the step-wide counts `step`, summed at `at..`.
+    fn new(at: usize, cfg: &DistillConfig, step: &LossCounts, distils: bool) -> Self {
+        PendingReport { at, cfg: *cfg, step: *step, distils }
+    }
+
+    /// The slot of term `k` (one of the constants above).
+    fn slot(&self, k: usize) -> usize {
+        self.at + k
+    }
+
+    /// The report from the read-back sums (each term a mean over the step's count).
+    pub fn resolve(&self, sums: &[f64]) -> Result<LossReport> {
+        ensure!(
+            self.at + Self::SLOTS <= sums.len(),
+            "loss report: its sums are slots {}..{}, but only {} were read back",
+            self.at,
+            self.at + Self::SLOTS,
+            sums.len()
+        );
+        let v = |k: usize| sums[self.slot(k)];
+        let (cfg, step) = (&self.cfg, &self.step);
+        let mut report = LossReport { ce: mean(v(Self::CE), step.ce), ..LossReport::default() };
+        if self.distils {
+            let term = |on: bool, k: usize, count: usize| on.then(|| mean(v(k), count));
+            report.response = term(cfg.response_on(), Self::RESPONSE, step.response);
+            report.prompt = term(cfg.prompt_on(), Self::PROMPT, step.prompt);
+            report.visual = term(cfg.visual_on(), Self::VISUAL, step.visual);
+            report.relation = term(cfg.relation_on(), Self::RELATION, step.images);
+        }
+        let (a, b, g) = (cfg.alpha as f64, cfg.beta as f64, cfg.gamma as f64);
+        report.total = report.ce
+            + a * (report.response.unwrap_or(0.0) + report.prompt.unwrap_or(0.0))
+            + b * report.visual.unwrap_or(0.0)
+            + g * report.relation.unwrap_or(0.0);
+        Ok(report)
+    }
+}
+
 impl LossCounts {
     /// Checks that these step-wide counts are at least `batch`'s for every term `cfg` uses: a
     /// caller that passed one micro-batch's counts for a whole step would scale every mean wrongly.
@@ -271,9 +331,10 @@ pub fn distill_loss<B: Backend>(
 
     // Cross-entropy first: it overwrites the gradient buffer (zero on rows without a target);
     // every other term accumulates onto it.
+    let pending = PendingReport::new(0, cfg, step, teacher.is_some());
+    let mut sums = be.sums(PendingReport::SLOTS)?;
     let targets = inputs.ce_targets()?;
-    let ce_sum = be.cross_entropy(student.data, &targets, vs, grad_scale(1.0, step.ce), dstudent)?;
-    let mut report = LossReport { ce: mean(ce_sum, step.ce), ..LossReport::default() };
+    be.cross_entropy_into(student.data, &targets, vs, grad_scale(1.0, step.ce), dstudent, &mut sums, pending.slot(PendingReport::CE))?;
 
     if let Some(t) = teacher {
         let shape = KlShape {
@@ -284,33 +345,20 @@ pub fn distill_loss<B: Backend>(
             divergence: cfg.divergence,
         };
         let rows = inputs.rows();
-        let kl = |on: bool, rows: &[u32], weight: f32, count: usize, ds: &mut B::Buf| -> Result<Option<f64>> {
-            if !on {
-                return Ok(None);
+        for (on, rows, weight, count, k) in [
+            (cfg.response_on(), &rows.response, cfg.alpha, step.response, PendingReport::RESPONSE),
+            (cfg.prompt_on(), &rows.prompt, cfg.alpha, step.prompt, PendingReport::PROMPT),
+            (cfg.visual_on(), &rows.visual, cfg.beta, step.visual, PendingReport::VISUAL),
+        ] {
+            if on && !rows.is_empty() {
+                be.softmax_kl_into(student.data, t.data, shape, rows, grad_scale(weight, count), dstudent, &mut sums, pending.slot(k))?;
             }
-            if rows.is_empty() {
-                return Ok(Some(0.0));
-            }
-            let sum = be.softmax_kl(student.data, t.data, shape, rows, grad_scale(weight, count), ds)?;
-            Ok(Some(mean(sum, count)))
-        };
-        report.response = kl(cfg.response_on(), &rows.response, cfg.alpha, step.response, dstudent)?;
-        report.prompt = kl(cfg.prompt_on(), &rows.prompt, cfg.alpha, step.prompt, dstudent)?;
-        report.visual = kl(cfg.visual_on(), &rows.visual, cfg.beta, step.visual, dstudent)?;
-        if cfg.relation_on() {
+        }
+        if cfg.relation_on() && !inputs.images.is_empty() {
             let images: Vec<(u32, u32)> = inputs.images.iter().map(|r| (r.start as u32, r.len() as u32)).collect();
-            report.relation = Some(if images.is_empty() {
-                0.0
-            } else {
-                let sum = be.relation_loss(student.data, t.data, shape, &images, grad_scale(cfg.gamma, step.images), dstudent)?;
-                mean(sum, step.images)
-            });
+            let slot = pending.slot(PendingReport::RELATION);
+            be.relation_loss_into(student.data, t.data, shape, &images, grad_scale(cfg.gamma, step.images), dstudent, &mut sums, slot)?;
         }
     }
-    let (a, b, g) = (cfg.alpha as f64, cfg.beta as f64, cfg.gamma as f64);
-    report.total = report.ce
-        + a * (report.response.unwrap_or(0.0) + report.prompt.unwrap_or(0.0))
-        + b * report.visual.unwrap_or(0.0)
-        + g * report.relation.unwrap_or(0.0);
-    Ok(report)
+    pending.resolve(&be.read_sums(&sums)?)
 }

@@ -22,10 +22,9 @@
 //! ∂L/∂M_s = H_sᵀ·G·H_s, from which ∂L/∂W_s[:kept] = 2·W_s[:kept]·∂L/∂M_s ([`head_gram_backward`]).
 //!
 //! Numerics: R is accumulated in the backend's storage type like the direct form's; the cosine
-//! uses the backend's f64-accumulated `sum_squares` (⟨R_s, R_t⟩ by polarisation), so the f64 CPU
-//! backend matches the direct form to ~1e-14. On a bf16-storage backend, [`gram_cosine`] (loss
-//! and G from the two Gram matrices) should become one fused kernel, the epilogue the CUDA
-//! relation kernel already has, rather than this composition of elementwise ops.
+//! (loss and G from the two Gram matrices) is the backend's `gram_cosine_into`, sums in f64 (on
+//! CUDA the relation kernels' epilogue on bf16 Grams), so the f64 CPU backend matches the direct
+//! form to ~1e-14. The loss is added into the step's sums and never read back mid-step.
 
 use anyhow::{ensure, Result};
 
@@ -105,53 +104,9 @@ pub fn head_gram_backward<B: Backend>(
     }
 }
 
-/// `dst = c · src` for an f64 coefficient, through the backend's f32-parameter `scale` op: c is
-/// split into c_hi + c_lo (both f32), so the product keeps ~2⁻⁴⁸ relative precision on a
-/// backend that stores f64 (the reference), and the storage precision on any other.
-fn scaled_copy<B: Backend>(be: &B, src: &B::Buf, c: f64) -> Result<B::Buf> {
-    let hi = c as f32;
-    let lo = (c - hi as f64) as f32;
-    let mut out = be.duplicate(src)?;
-    be.scale(&mut out, hi)?;
-    if lo != 0.0 {
-        let mut rest = be.duplicate(src)?;
-        be.scale(&mut rest, lo)?;
-        be.add_assign(&mut out, &rest)?;
-    }
-    Ok(out)
-}
-
-/// The cosine part of the relation loss from the two Gram matrices (any equal shapes):
-/// returns `1 − cos(vec R_s, vec R_t)` and `scale · G` with G = ∂loss/∂R_s =
-/// −(R_t − (⟨R_s,R_t⟩/‖R_s‖²)·R_s)/(‖R_s‖·‖R_t‖), or `None` when either matrix is zero (loss 1,
-/// no gradient: the convention of the backend's `relation_loss`).
-pub fn gram_cosine<B: Backend>(be: &B, rs: &B::Buf, rt: &B::Buf, scale: f32) -> Result<(f64, Option<B::Buf>)> {
-    ensure!(be.len(rs) == be.len(rt), "gram cosine: Gram matrices of {} and {} elements", be.len(rs), be.len(rt));
-    let ss = be.sum_squares(&[rs])?;
-    let tt = be.sum_squares(&[rt])?;
-    let (ns, nt) = (ss.sqrt(), tt.sqrt());
-    if ns == 0.0 || nt == 0.0 {
-        return Ok((1.0, None));
-    }
-    // ⟨a, b⟩ = (‖a + b‖² − ‖a − b‖²) / 4, both squared norms accumulated in f64.
-    let mut sum = be.duplicate(rs)?;
-    be.add_assign(&mut sum, rt)?;
-    let mut diff = be.duplicate(rs)?;
-    be.scale(&mut diff, -1.0)?;
-    be.add_assign(&mut diff, rt)?;
-    let dot = (be.sum_squares(&[&sum])? - be.sum_squares(&[&diff])?) / 4.0;
-    drop((sum, diff));
-    let loss = 1.0 - dot / (ns * nt);
-    let c_t = -(scale as f64) / (ns * nt);
-    let c_s = (scale as f64) * dot / (ss * ns * nt);
-    let mut g = scaled_copy(be, rt, c_t)?;
-    be.add_assign(&mut g, &scaled_copy(be, rs, c_s)?)?;
-    Ok((loss, Some(g)))
-}
-
 /// Relation distillation through the head Gram matrices: for each image `(start_row, n)` (rows of
 /// `student.hidden` / `teacher.hidden`), R = H·M·Hᵀ on both sides, loss 1 − cos(vec R_s, vec R_t).
-/// Returns Σ_images loss; **accumulates** `scale · ∂/∂H_s` into `dhidden` (`[rows, h_s]`, the
+/// Adds Σ_images loss to `sums[slot]`; **accumulates** `scale · ∂/∂H_s` into `dhidden` (`[rows, h_s]`, the
 /// image rows only) and, when given, `scale · ∂/∂M_s` into `dgram` (`[h_s, h_s]`, symmetric; pass
 /// it on to [`head_gram_backward`] when the LM head trains).
 ///
@@ -166,7 +121,9 @@ pub fn relation_loss_identity<B: Backend>(
     scale: f32,
     dhidden: &mut B::Buf,
     mut dgram: Option<&mut B::Buf>,
-) -> Result<f64> {
+    sums: &mut B::Sums,
+    slot: usize,
+) -> Result<()> {
     const WHAT: &str = "relation loss (identity form)";
     let (hs, ht) = (student.hidden_size, teacher.hidden_size);
     ensure!(hs > 0 && ht > 0, "{WHAT}: empty hidden size");
@@ -197,14 +154,13 @@ pub fn relation_loss_identity<B: Backend>(
         Ok((x, t, r))
     };
 
-    let mut total = 0.0;
     for &(start, n) in images {
         let (start, n) = (start as usize, n as usize);
         let (xs, ts, rs) = gram_of(&student, start, n)?;
         let (_, _, rt) = gram_of(&teacher, start, n)?;
-        let (loss, g) = gram_cosine(be, &rs, &rt, scale)?;
-        total += loss;
-        let Some(g) = g else { continue };
+        // The loss stays in `sums` (no read-back); G is 0 when a Gram matrix is (no gradient).
+        let mut g = be.empty(n * n)?;
+        be.gram_cosine_into(&rs, &rt, scale, &mut g, sums, slot)?;
         // dH_s[rows] += 2·G·T_s.
         let mut d = be.empty(n * hs)?;
         be.copy_range(dhidden, start * hs, &mut d, 0, n * hs)?;
@@ -217,7 +173,7 @@ pub fn relation_loss_identity<B: Backend>(
             be.gemm(Gemm { m: hs, n: hs, k: n, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 }, &xs, &u, dm)?;
         }
     }
-    Ok(total)
+    Ok(())
 }
 
 /// GEMM FLOPs of the relation term of one step, both ways (`images` images of `n` visual rows,

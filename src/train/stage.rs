@@ -19,7 +19,7 @@ use crate::dist::{Collective, GradSync};
 use crate::data::{default_visual_placeholder, Dataset, DatasetOptions, EncodeOptions, ImageProcessorConfig, PackedBatch, SampleEncoder, Template};
 use crate::loss::{
     frozen_head_gram, fused_distill_loss, kept_vocab, lm_head_grad, visual_ranges, vocab_mismatch_note, DistillConfig, FusedHeadOptions, HeadSide, KlTargets,
-    LossCounts, LossInputs, LossReport,
+    LossCounts, LossInputs, LossReport, PendingReport,
 };
 use crate::model::{MllmGrads, ParamSet};
 use crate::optim::{AdamWConfig, CosineSchedule};
@@ -295,7 +295,9 @@ pub fn run_stage<B: Backend>(
             if let Some(g) = gllm.as_mut() {
                 g.zero_all(be)?;
             }
-            let mut reports: Vec<LossReport> = Vec::with_capacity(batches.len());
+            // Every micro-batch's loss terms stay on the device until the step's one read-back.
+            let mut sums = be.sums(PendingReport::SLOTS * batches.len())?;
+            let mut pending: Vec<PendingReport> = Vec::with_capacity(batches.len());
             let mut tokens = 0usize;
             for (b, r) in batches.iter().zip(&ranges) {
                 tokens += b.n_tokens();
@@ -321,12 +323,15 @@ pub fn run_stage<B: Backend>(
                 };
                 let mut dh = be.zeros(be.len(&acts.llm.hidden))?;
                 let dweight = gllm.as_mut().map(|g| lm_head_grad(&student.model.llm, g)).transpose()?;
-                let r = fused_distill_loss(be, &objective, &loss_inputs(b, r), s_side, t_side, &counts, &head_opts, &mut dh, dweight)?;
-                reports.push(r);
+                let at = PendingReport::SLOTS * pending.len();
+                let p = fused_distill_loss(be, &objective, &loss_inputs(b, r), s_side, t_side, &counts, &head_opts, &mut dh, dweight, &mut sums, at)?;
+                pending.push(p);
                 drop(teacher_hidden);
                 student.model.backward(be, &student.weights, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: gllm.as_mut() })?;
             }
 
+            let values = be.read_sums(&sums)?;
+            let reports: Vec<LossReport> = pending.iter().map(|p| p.resolve(&values)).collect::<Result<_>>()?;
             let report = step_report(ctx.comm, &reports, slots)?;
             let totals = sum_over_ranks(ctx.comm, &[tokens, skipped_now, batch_skips.len()])?;
             let (tokens, skipped) = (totals[0], totals[1]);

@@ -141,12 +141,14 @@ pub fn relation_loss<T: Elem>(s: &[T], t: &[T], shape: KlShape, images: &[(u32, 
     let mut total = 0.0;
     let mut rs: Vec<T> = Vec::new();
     let mut rt: Vec<T> = Vec::new();
+    let mut g: Vec<T> = Vec::new();
     for &(start, n) in images {
         let (start, n) = (start as usize, n as usize);
         rs.clear();
         rs.resize(n * n, T::zero());
         rt.clear();
         rt.resize(n * n, T::zero());
+        g.resize(n * n, T::zero());
         let zs = &s[start * vs..];
         let zt = &t[start * vt..];
         // SAFETY: Z_s spans rows start..start+n of `s` (row stride vs, kept ≤ vs columns), inside
@@ -155,24 +157,10 @@ pub fn relation_loss<T: Elem>(s: &[T], t: &[T], shape: KlShape, images: &[(u32, 
             T::gemm_raw(n, kept, n, T::one(), zs.as_ptr(), vs as isize, 1, zs.as_ptr(), 1, vs as isize, T::zero(), rs.as_mut_ptr(), n as isize, 1);
             T::gemm_raw(n, kept, n, T::one(), zt.as_ptr(), vt as isize, 1, zt.as_ptr(), 1, vt as isize, T::zero(), rt.as_mut_ptr(), n as isize, 1);
         }
-        let (mut dot, mut ss, mut tt) = (0.0f64, 0.0f64, 0.0f64);
-        for (&a, &b) in rs.iter().zip(&rt) {
-            let (a, b) = (a.f64(), b.f64());
-            dot += a * b;
-            ss += a * a;
-            tt += b * b;
-        }
-        let (ns, nt) = (ss.sqrt(), tt.sqrt());
-        if ns == 0.0 || nt == 0.0 {
-            total += 1.0;
+        let (loss, has_grad) = gram_cosine(&rs, &rt, 1.0, &mut g);
+        total += loss;
+        if !has_grad {
             continue;
-        }
-        total += 1.0 - dot / (ns * nt);
-        // G = −(R_t − (dot/‖R_s‖²)·R_s)/(‖R_s‖‖R_t‖), written over R_s.
-        let c_t = -1.0 / (ns * nt);
-        let c_s = dot / (ss * ns * nt);
-        for (g, &b) in rs.iter_mut().zip(&rt) {
-            *g = T::of(c_t * b.f64() + c_s * g.f64());
         }
         let d = &mut ds[start * vs..];
         // ds[rows, ..kept] += (2·scale)·G·Z_s.
@@ -184,7 +172,7 @@ pub fn relation_loss<T: Elem>(s: &[T], t: &[T], shape: KlShape, images: &[(u32, 
                 n,
                 kept,
                 T::of(2.0 * scale as f64),
-                rs.as_ptr(),
+                g.as_ptr(),
                 n as isize,
                 1,
                 zs.as_ptr(),
@@ -198,4 +186,29 @@ pub fn relation_loss<T: Elem>(s: &[T], t: &[T], shape: KlShape, images: &[(u32, 
         }
     }
     Ok(total)
+}
+
+/// The cosine part of the relation loss from two Gram matrices of equal length: returns
+/// 1 − cos(vec R_s, vec R_t) and writes `g = scale · G`, G = ∂(1 − cos)/∂R_s =
+/// −(R_t − (⟨R_s,R_t⟩/‖R_s‖²)·R_s)/(‖R_s‖‖R_t‖); when either matrix is zero, loss 1 and `g` = 0
+/// (the second value says whether there is a gradient). Sums in f64, in element order.
+pub fn gram_cosine<T: Elem>(rs: &[T], rt: &[T], scale: f64, g: &mut [T]) -> (f64, bool) {
+    let (mut dot, mut ss, mut tt) = (0.0f64, 0.0f64, 0.0f64);
+    for (&a, &b) in rs.iter().zip(rt) {
+        let (a, b) = (a.f64(), b.f64());
+        dot += a * b;
+        ss += a * a;
+        tt += b * b;
+    }
+    let (ns, nt) = (ss.sqrt(), tt.sqrt());
+    if ns == 0.0 || nt == 0.0 {
+        g.iter_mut().for_each(|x| *x = T::zero());
+        return (1.0, false);
+    }
+    let c_t = -scale / (ns * nt);
+    let c_s = scale * dot / (ss * ns * nt);
+    for ((x, &a), &b) in g.iter_mut().zip(rs).zip(rt) {
+        *x = T::of(c_t * b.f64() + c_s * a.f64());
+    }
+    (1.0 - dot / (ns * nt), true)
 }

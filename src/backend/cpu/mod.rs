@@ -16,7 +16,7 @@ use std::marker::PhantomData;
 use anyhow::{ensure, Context, Result};
 use num_traits::{Float, FromPrimitive, ToPrimitive};
 
-use super::{AdamWStep, AttnShape, Backend, Gemm, GeluKind, KlShape};
+use super::{check_slot, AdamWStep, AttnShape, Backend, Gemm, GeluKind, KlShape};
 
 /// Element types the CPU backend computes in.
 pub trait Elem:
@@ -113,6 +113,8 @@ fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
 impl<T: Elem> Backend for CpuBackend<T> {
     type Buf = Vec<T>;
     type State = Vec<T>;
+    /// Plain f64 values: the CPU computes every loss at once, so there is nothing to defer.
+    type Sums = Vec<f64>;
 
     fn name(&self) -> String {
         format!("cpu ({}, {} threads)", std::any::type_name::<T>(), rayon::current_num_threads())
@@ -149,6 +151,14 @@ impl<T: Elem> Backend for CpuBackend<T> {
     fn fill_zero(&self, buf: &mut Vec<T>) -> Result<()> {
         buf.iter_mut().for_each(|x| *x = T::zero());
         Ok(())
+    }
+
+    fn sums(&self, n: usize) -> Result<Vec<f64>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn read_sums(&self, sums: &Vec<f64>) -> Result<Vec<f64>> {
+        Ok(sums.clone())
     }
 
     fn copy_range(
@@ -223,7 +233,8 @@ impl<T: Elem> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn sum_squares_ranges(&self, parts: &[(&Vec<T>, std::ops::Range<usize>)]) -> Result<f64> {
+    fn sum_squares_into(&self, parts: &[(&Vec<T>, std::ops::Range<usize>)], out: &mut Vec<f64>, slot: usize) -> Result<()> {
+        check_slot("sum_squares", slot, out.len())?;
         let sums = parts
             .iter()
             .map(|(x, r)| {
@@ -231,7 +242,8 @@ impl<T: Elem> Backend for CpuBackend<T> {
                 Ok(s.iter().map(|v| v.f64() * v.f64()).sum::<f64>())
             })
             .collect::<Result<Vec<f64>>>()?;
-        Ok(sums.into_iter().sum())
+        out[slot] += sums.into_iter().sum::<f64>();
+        Ok(())
     }
 
     fn embedding(&self, table: &Vec<T>, ids: &[u32], dim: usize, out: &mut Vec<T>) -> Result<()> {
@@ -353,7 +365,7 @@ impl<T: Elem> Backend for CpuBackend<T> {
         elementwise::gelu_backward(x, dout, dx, kind)
     }
 
-    fn softmax_kl(
+    fn softmax_kl_into(
         &self,
         student: &Vec<T>,
         teacher: &Vec<T>,
@@ -361,11 +373,15 @@ impl<T: Elem> Backend for CpuBackend<T> {
         rows: &[u32],
         scale: f32,
         dstudent: &mut Vec<T>,
-    ) -> Result<f64> {
-        distill::softmax_kl(student, teacher, shape, rows, scale, dstudent)
+        sums: &mut Vec<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        check_slot("softmax_kl", slot, sums.len())?;
+        sums[slot] += distill::softmax_kl(student, teacher, shape, rows, scale, dstudent)?;
+        Ok(())
     }
 
-    fn softmax_kl_ce(
+    fn softmax_kl_ce_into(
         &self,
         student: &Vec<T>,
         teacher: &Vec<T>,
@@ -375,11 +391,19 @@ impl<T: Elem> Backend for CpuBackend<T> {
         scale: f32,
         ce_scale: f32,
         dstudent: &mut Vec<T>,
-    ) -> Result<(f64, f64)> {
-        distill::softmax_kl_ce(student, teacher, shape, rows, targets, scale, ce_scale, dstudent)
+        sums: &mut Vec<f64>,
+        kl_slot: usize,
+        ce_slot: usize,
+    ) -> Result<()> {
+        check_slot("softmax_kl_ce (KL)", kl_slot, sums.len())?;
+        check_slot("softmax_kl_ce (CE)", ce_slot, sums.len())?;
+        let (kl, ce) = distill::softmax_kl_ce(student, teacher, shape, rows, targets, scale, ce_scale, dstudent)?;
+        sums[kl_slot] += kl;
+        sums[ce_slot] += ce;
+        Ok(())
     }
 
-    fn relation_loss(
+    fn relation_loss_into(
         &self,
         student: &Vec<T>,
         teacher: &Vec<T>,
@@ -387,19 +411,35 @@ impl<T: Elem> Backend for CpuBackend<T> {
         images: &[(u32, u32)],
         scale: f32,
         dstudent: &mut Vec<T>,
-    ) -> Result<f64> {
-        distill::relation_loss(student, teacher, shape, images, scale, dstudent)
+        sums: &mut Vec<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        check_slot("relation_loss", slot, sums.len())?;
+        sums[slot] += distill::relation_loss(student, teacher, shape, images, scale, dstudent)?;
+        Ok(())
     }
 
-    fn cross_entropy(
+    fn gram_cosine_into(&self, rs: &Vec<T>, rt: &Vec<T>, scale: f32, grad: &mut Vec<T>, sums: &mut Vec<f64>, slot: usize) -> Result<()> {
+        check_slot("gram_cosine", slot, sums.len())?;
+        check_len("gram_cosine teacher Gram", rt.len(), rs.len())?;
+        check_len("gram_cosine gradient", grad.len(), rs.len())?;
+        sums[slot] += distill::gram_cosine(rs, rt, scale as f64, grad).0;
+        Ok(())
+    }
+
+    fn cross_entropy_into(
         &self,
         logits: &Vec<T>,
         targets: &[i32],
         vocab: usize,
         scale: f32,
         dlogits: &mut Vec<T>,
-    ) -> Result<f64> {
-        loss::cross_entropy(logits, targets, vocab, scale, dlogits)
+        sums: &mut Vec<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        check_slot("cross_entropy", slot, sums.len())?;
+        sums[slot] += loss::cross_entropy(logits, targets, vocab, scale, dlogits)?;
+        Ok(())
     }
 
     fn adamw(

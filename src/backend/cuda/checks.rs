@@ -774,6 +774,37 @@ fn relation(c: &mut Ctx) {
             c.cmp_buf(&format!("{name} dstudent (accumulate)"), &d, &want, TOL_BF16)
         });
     }
+    // The identity form's cosine on bf16 Grams (the relation kernels' bf16 variants): loss into a
+    // slot of the sums (added, not overwritten), gradient written over a NaN-poisoned buffer.
+    for n in [7usize, 16, 45] {
+        let name = format!("gram_cosine {n}×{n} bf16 Grams");
+        c.case(&name, |c| {
+            let rs: Vec<f32> = c.rand(n * n, -2.0, 2.0).into_iter().map(r16).collect();
+            let noise = c.rand(n * n, -1.0, 1.0);
+            let rt: Vec<f32> = rs.iter().zip(&noise).map(|(a, b)| r16(0.5 * a + b)).collect();
+            let mut want = vec![0.0; n * n];
+            let mut wsums = c.cpu.sums(2)?;
+            c.cpu.gram_cosine_into(&rs, &rt, 0.5, &mut want, &mut wsums, 1)?;
+            let (grs, grt) = (c.up(&rs)?, c.up(&rt)?);
+            let mut g = c.poisoned(n * n)?;
+            let mut sums = c.be.sums(2)?;
+            for _ in 0..2 {
+                c.be.gram_cosine_into(&grs, &grt, 0.5, &mut g, &mut sums, 1)?;
+            }
+            let got = c.be.read_sums(&sums)?;
+            ensure!(got[0] == 0.0, "{name}: slot 0 was written ({})", got[0]);
+            c.cmp_scalar(&format!("{name} loss, added twice"), got[1], 2.0 * wsums[1], TOL_RELATION_LOSS);
+            c.cmp_buf(&format!("{name} gradient"), &g, &want, TOL_BF16)
+        });
+    }
+    c.case("gram_cosine of a zero Gram: loss 1, zero gradient", |c| {
+        let rt = c.rand(49, -1.0, 1.0);
+        let mut g = c.poisoned(49)?;
+        let mut sums = c.be.sums(1)?;
+        c.be.gram_cosine_into(&c.up(&[0.0; 49])?, &c.up(&rt)?, 1.0, &mut g, &mut sums, 0)?;
+        c.cmp_scalar("gram_cosine zero Gram loss", c.be.read_sums(&sums)?[0], 1.0, 0.0);
+        c.cmp_buf("gram_cosine zero Gram gradient", &g, &[0.0; 49], 0.0)
+    });
     c.case("relation overlapping images are an error", |c| {
         let (s, t) = (c.up(&[0.0; 40])?, c.up(&[0.0; 40])?);
         let mut d = c.be.zeros(40)?;

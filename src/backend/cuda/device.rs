@@ -265,6 +265,43 @@ struct Func(sys::CUfunction);
 unsafe impl Send for Func {}
 unsafe impl Sync for Func {}
 
+/// Page-locked host memory (cuMemHostAlloc), freed on drop.
+struct Pinned {
+    ptr: *mut u8,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: plain host memory; every access goes through the staging lock.
+unsafe impl Send for Pinned {}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by cuMemHostAlloc, freed once, after the host waited for the copies
+            // out of it (see Staging).
+            let _ = unsafe { dr::free_host(self.ptr as *mut c_void) };
+        }
+    }
+}
+
+/// Where uploads are staged so that they are asynchronous: a copy from pageable memory makes the
+/// host wait for the device's queue (a host sync per upload), a copy from page-locked memory does
+/// not. The bytes a queued copy reads must stay untouched until it has run, so the buffer is
+/// filled front to back and only reused after the host has waited for the stream anyway (every
+/// [`Gpu::sync`] and [`Gpu::dtoh`]: the once-per-step read-back). An upload that does not fit
+/// moves to a buffer twice as large; the old one is kept until that wait.
+#[derive(Default)]
+struct Staging {
+    buf: Option<Pinned>,
+    used: usize,
+    retired: Vec<Pinned>,
+}
+
+/// Uploads larger than this go through the synchronous path (weights at load): staging them would
+/// grow the page-locked buffer to their size.
+const STAGING_MAX: usize = 64 << 20;
+
 /// A CUDA event for timing.
 pub struct Event {
     ev: sys::CUevent,
@@ -299,6 +336,8 @@ pub struct Gpu {
     /// Synchronise after every launch (`KD_CUDA_SYNC=1`), so an asynchronous fault is reported at
     /// the launch that caused it.
     sync_each: bool,
+    /// Page-locked memory for asynchronous uploads.
+    staging: Mutex<Staging>,
 }
 
 // SAFETY: the raw handles (stream, cuBLAS handle, modules) are used only after binding the
@@ -428,6 +467,7 @@ impl Gpu {
             sm_count,
             pool,
             sync_each,
+            staging: Mutex::new(Staging::default()),
         };
         gpu.load_kernels()?;
         Ok(gpu)
@@ -502,7 +542,17 @@ impl Gpu {
     /// Waits for all issued work; reports faults of earlier asynchronous launches.
     pub fn sync(&self) -> Result<()> {
         self.bind()?;
-        dr::ctx::synchronize().map_err(cu("cuCtxSynchronize (an error here comes from an earlier asynchronous launch)"))
+        dr::ctx::synchronize().map_err(cu("cuCtxSynchronize (an error here comes from an earlier asynchronous launch)"))?;
+        self.drained();
+        Ok(())
+    }
+
+    /// The host has waited for all issued work: every queued upload has read its staged bytes.
+    fn drained(&self) {
+        if let Ok(mut st) = self.staging.lock() {
+            st.used = 0;
+            st.retired.clear();
+        }
     }
 
     /// (free, total) device memory in bytes.
@@ -552,6 +602,46 @@ impl Gpu {
         unsafe { dr::memcpy_htod_sync(dst, src) }.map_err(cu("cuMemcpyHtoD"))
     }
 
+    /// Host → device without making the host wait: `src` is copied into page-locked staging
+    /// memory and the copy is queued on the stream (see [`Staging`]); `src` may be dropped on
+    /// return. Larger than [`STAGING_MAX`]: the synchronous [`Gpu::htod`].
+    pub fn htod_async(&self, dst: u64, src: &[u8]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        if src.len() > STAGING_MAX {
+            return self.htod(dst, src);
+        }
+        self.bind()?;
+        let mut st = self.staging.lock().map_err(|_| anyhow!("CUDA staging lock poisoned"))?;
+        let have = st.buf.as_ref().map_or(0, |b| b.bytes);
+        if st.used + src.len() > have {
+            let bytes = (2 * have).max(src.len()).max(1 << 20).next_power_of_two();
+            // SAFETY: plain page-locked allocation, written before any copy reads it.
+            let ptr = unsafe { dr::malloc_host(bytes, 0) }
+                .map_err(|e| anyhow!("CUDA error in cuMemHostAlloc of {} of page-locked staging memory: {e}", fmt_bytes(bytes)))?;
+            let fresh = Pinned { ptr: ptr as *mut u8, bytes, ctx: self.ctx.clone() };
+            if let Some(old) = st.buf.replace(fresh) {
+                st.retired.push(old);
+            }
+            st.used = 0;
+        }
+        let at = st.used;
+        let Some(buf) = st.buf.as_ref() else { bail!("CUDA staging buffer missing after its allocation") };
+        // SAFETY: [at, at + len) lies inside the buffer (checked above) and no queued copy reads
+        // it (bytes are reused only after the host waited for the stream).
+        let staged = unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), buf.ptr.add(at), src.len());
+            std::slice::from_raw_parts(buf.ptr.add(at), src.len())
+        };
+        // SAFETY: dst points at ≥ src.len() bytes (callers size it from src); the staged bytes
+        // outlive the copy (see above).
+        unsafe { dr::memcpy_htod_async(dst, staged, self.stream) }.map_err(cu("cuMemcpyHtoDAsync"))?;
+        // 16-byte steps keep every staged array aligned for any element type.
+        st.used = at + src.len().next_multiple_of(16);
+        Ok(())
+    }
+
     /// Device → host; waits for the work before it, so asynchronous faults surface here.
     pub fn dtoh<T: Copy>(&self, dst: &mut [T], src: u64) -> Result<()> {
         if dst.is_empty() {
@@ -560,7 +650,9 @@ impl Gpu {
         self.bind()?;
         // SAFETY: src points at ≥ size_of_val(dst) bytes.
         unsafe { dr::memcpy_dtoh_sync(dst, src) }
-            .map_err(cu("cuMemcpyDtoH (an error here may come from an earlier asynchronous launch)"))
+            .map_err(cu("cuMemcpyDtoH (an error here may come from an earlier asynchronous launch)"))?;
+        self.drained();
+        Ok(())
     }
 
     pub fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
@@ -798,8 +890,12 @@ mod tests {
             ("cross_entropy_bf16", vec![p, p, i, f, p, p]),
             ("softmax_kl_bf16", vec![p, p, p, i, i, i, i, f, f, p, f, p, p, p]),
             ("softmax_div_bf16", vec![p, p, p, i, i, i, i, f, f, p, f, i, f, p, p, p]),
-            ("relation_cosine_partials", vec![p, p, i, i, p]),
-            ("relation_cosine_grad", vec![p, p, i, i, f, p, p, p]),
+            ("relation_cosine_partials", vec![p, p, l, i, p]),
+            ("relation_cosine_grad", vec![p, p, l, i, f, p, p, p]),
+            ("relation_cosine_partials_bf16", vec![p, p, l, i, p]),
+            ("relation_cosine_grad_bf16", vec![p, p, l, i, f, p, p, p]),
+            ("sum_into_f64_from_f32", vec![p, l, p]),
+            ("sum_into_f64_from_f64", vec![p, l, p]),
             ("adamw_bf16", vec![p, p, p, p, p, l, f, f, f, f, f, f, f, f, 8, 8]),
             ("sum_squares_bf16", vec![p, l, p]),
             ("flash_attn_bwd_preprocess_bf16", vec![p, p, p, l, i]),

@@ -10,9 +10,11 @@
 //!   (JIT-compiled by the driver). The launchers in this module check every
 //!   length before launching, exactly as the CPU backend does, so a caller's mistake is an error
 //!   here too rather than an out-of-bounds access on the device.
-//! - Small index arrays (ids, positions, targets, sequence starts, rows) are uploaded per call into
-//!   a grow-only scratch area; per-row loss values come back through another one and are summed on
-//!   the host in order, so losses do not depend on thread scheduling.
+//! - Small index arrays (ids, positions, targets, sequence starts, rows) are uploaded through
+//!   page-locked staging memory with asynchronous copies (no host wait), cached by content.
+//! - Loss values stay on the device: each loss op sums its per-row values on the device (a fixed
+//!   reduction order, so the bits do not depend on scheduling) into a slot of a [`CudaSums`],
+//!   which the training step reads back once per optimizer step ([`Backend::read_sums`]).
 //!
 //! Ops and what they launch:
 //!
@@ -20,14 +22,15 @@
 //! | --- | --- |
 //! | gemm | cublasGemmEx |
 //! | add_bias, bias_grad, add_assign, scale | elementwise.cu |
-//! | sum_squares | `sum_squares_bf16` (adamw.cu) |
 //! | embedding, embedding_backward, rope, swiglu(_backward), gelu(_backward) | elementwise.cu |
 //! | rmsnorm(_backward), layernorm | norm.cu |
 //! | attention(_backward) | attention.cu (flash forward; backward preprocess + flash backward) |
 //! | attention_decode | decode_attention.cu (split kernel; combine kernel when the positions were split) |
-//! | cross_entropy | cross_entropy.cu |
-//! | softmax_kl(_ce) | `softmax_kl_bf16` (softmax_kl.cu) for fkl; `softmax_div_bf16` (same file) for the other divergences |
-//! | relation_loss | cuBLAS Grams (bf16 in, f32 out) → `relation_cosine_grad` (relation.cu) → f32→bf16 → cuBLAS dZ += 2·G·Z |
+//! | cross_entropy | cross_entropy.cu, then `sum_into_f64_from_f32` (sums.cu) into the op's slot |
+//! | softmax_kl(_ce) | `softmax_kl_bf16` (softmax_kl.cu) for fkl; `softmax_div_bf16` (same file) for the other divergences; then `sum_into_f64_from_f32` per loss |
+//! | relation_loss | cuBLAS Grams (bf16 in, f32 out) → `relation_cosine_partials`, `relation_cosine_grad` (relation.cu; loss into its slot) → f32→bf16 → cuBLAS dZ += 2·G·Z |
+//! | gram_cosine | `relation_cosine_partials_bf16`, `relation_cosine_grad_bf16` (relation.cu) |
+//! | sum_squares | `sum_squares_bf16` (adamw.cu) partials, then `sum_into_f64_from_f64` (sums.cu) |
 //! | adamw | `adamw_bf16` (adamw.cu) |
 
 mod attn;
@@ -94,6 +97,21 @@ impl CudaBuf {
     }
 }
 
+/// f64 slots on the device that loss ops add their values to ([`Backend::Sums`]): read back once
+/// per optimizer step instead of once per op.
+pub struct CudaSums {
+    mem: DevMem,
+    n: usize,
+}
+
+impl CudaSums {
+    /// The device address of slot `slot`, or an error naming `what`.
+    pub(crate) fn slot(&self, what: &str, slot: usize) -> Result<u64> {
+        crate::backend::check_slot(what, slot, self.n)?;
+        Ok(self.mem.ptr() + 8 * slot as u64)
+    }
+}
+
 /// A grow-only device scratch area; its lock is held for the duration of an op.
 #[derive(Default)]
 pub(crate) struct Arena {
@@ -101,10 +119,10 @@ pub(crate) struct Arena {
 }
 
 /// Index arrays (token ids, positions, sequence offsets, targets) on the device, found again by
-/// their contents. Why: a copy from pageable host memory waits for all queued GPU work, and a
-/// training step hands the same positions and sequence offsets to every layer's RoPE and
-/// attention; uploading them once per step instead of once per op keeps the host from stalling
-/// the GPU ~5 times a layer. Entries are never written after their upload; the least recently
+/// their contents. Why: a training step hands the same positions and sequence offsets to every
+/// layer's RoPE and attention; uploading them once per step instead of once per op saves ~5
+/// copies a layer. The uploads that remain are staged through page-locked memory and queued
+/// ([`device::Gpu::htod_async`]), so none makes the host wait for the GPU. Entries are never written after their upload; the least recently
 /// used goes back to the pool when the cache is full (the pool reuses it in stream order).
 #[derive(Default)]
 pub(crate) struct IdxCache {
@@ -227,8 +245,8 @@ impl CudaBackend {
         let mut g = arena.lock().map_err(|_| anyhow!("CUDA scratch lock poisoned"))?;
         let have = g.mem.as_ref().map_or(0, |m| m.bytes());
         if have < bytes.max(1) {
-            // Kernels still in flight may read the old area: wait before freeing it.
-            self.gpu.sync()?;
+            // Kernels still in flight may read the old area; its block goes back to the pool,
+            // which hands it out again only to work queued after them on the same stream.
             g.mem = None;
             g.mem = Some(self.gpu.alloc(bytes.max(4096).max(have * 2))?);
         }
@@ -252,7 +270,7 @@ impl CudaBackend {
             None => {
                 // At least 4 bytes: kernels get a valid address even for an empty array.
                 let mem = self.gpu.alloc(bytes.len().max(4))?;
-                self.gpu.htod(mem.ptr(), bytes)?;
+                self.gpu.htod_async(mem.ptr(), bytes)?;
                 let p = mem.ptr();
                 if g.entries.len() == IDX_CACHE_ENTRIES {
                     g.entries.remove(0);
@@ -273,6 +291,26 @@ impl CudaBackend {
     /// f32 work space of `len` elements (uninitialised); the guard keeps it alive.
     pub(crate) fn work_f32(&self, len: usize) -> Result<(MutexGuard<'_, Arena>, u64)> {
         self.arena(&self.work, len * 4)
+    }
+
+    /// `*slot += Σ values[..n]` on the device (f32 values, e.g. per-row losses), in a fixed order.
+    pub(crate) fn add_sum_f32(&self, values: u64, n: usize, slot: u64) -> Result<()> {
+        self.add_sum("sum_into_f64_from_f32", values, n, slot)
+    }
+
+    /// `*slot += Σ values[..n]` on the device (f64 values, e.g. per-block partial sums).
+    pub(crate) fn add_sum_f64(&self, values: u64, n: usize, slot: u64) -> Result<()> {
+        self.add_sum("sum_into_f64_from_f64", values, n, slot)
+    }
+
+    fn add_sum(&self, kernel: &'static str, values: u64, n: usize, slot: u64) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let nn = n as i64;
+        let mut a = ops::args![values, nn, slot];
+        // SAFETY: values holds n elements of the kernel's type; slot is one f64 of a live CudaSums.
+        unsafe { self.gpu.launch("sums", kernel, (1, 1, 1), (256, 1, 1), 0, &mut a) }
     }
 
     pub(crate) fn download_f32_raw(&self, ptr: u64, len: usize) -> Result<Vec<f32>> {

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, ensure, Result};
 
-use super::{bf, check_len, f32p, int, to_bf16_bits, CudaBackend, CudaBuf, DType, KArg};
+use super::{bf, check_len, f32p, int, to_bf16_bits, CudaBackend, CudaBuf, CudaSums, DType, KArg};
 use crate::backend::{check_ce_labels, check_kl_rows, check_kl_shape, check_relation_images, AdamWStep, AttnShape, Backend, Divergence, Gemm, GeluKind, KlShape, IGNORE_INDEX};
 
 /// Kernel argument list from local variables: one [`KArg`] per parameter (the variable's address
@@ -85,8 +85,8 @@ impl CudaBackend {
         self.stream_grid(usize::MAX / 2).0 as usize
     }
 
-    /// The listed rows' KL and, with `ce` = (targets, scale), their CE, in one launch:
-    /// (Σ KL, Σ CE), summed on the host in row order.
+    /// The listed rows' KL and, with `ce` = (targets, scale, CE slot), their CE, in one launch;
+    /// the per-row values are summed on the device into `kl_slot` (and the CE slot).
     #[allow(clippy::too_many_arguments)]
     fn kl_with_ce(
         &self,
@@ -95,18 +95,19 @@ impl CudaBackend {
         teacher: &CudaBuf,
         shape: KlShape,
         rows: &[u32],
-        ce: Option<(&[i32], f32)>,
+        ce: Option<(&[i32], f32, u64)>,
         scale: f32,
         dstudent: &mut CudaBuf,
-    ) -> Result<(f64, f64)> {
+        kl_slot: u64,
+    ) -> Result<()> {
         let n_rows = check_kl_shape(what, student.len, teacher.len, dstudent.len, shape)?;
         check_kl_rows(what, rows, n_rows, shape.temperature)?;
-        if let Some((targets, _)) = ce {
+        if let Some((targets, _, _)) = ce {
             check_ce_labels(what, rows, targets, shape.student_vocab)?;
         }
         let n = rows.len();
         if n == 0 {
-            return Ok((0.0, 0.0));
+            return Ok(());
         }
         int(n, "listed rows")?;
         // Rows, then the targets if any, in one upload (one index upload per op).
@@ -114,12 +115,14 @@ impl CudaBackend {
         let (_gi, rp) = self.upload_idx(&packed)?;
         let outputs = if ce.is_some() { 2 * n } else { n };
         let (_gw, klp) = self.work_f32(outputs)?;
-        let ce_dev = ce.map(|(_, ce_scale)| (rp + 4 * n as u64, ce_scale, klp + 4 * n as u64));
+        let ce_dev = ce.map(|(_, ce_scale, _)| (rp + 4 * n as u64, ce_scale, klp + 4 * n as u64));
         self.softmax_kl_launch(student, teacher, shape, rp, n, scale, ce_dev, klp, dstudent)?;
-        let per_row = self.download_f32_raw(klp, outputs)?;
-        let (kl, ce) = per_row.split_at(n);
-        // Rows without a label have row_ce 0.
-        Ok((kl.iter().map(|&x| x as f64).sum(), ce.iter().map(|&x| x as f64).sum()))
+        self.add_sum_f32(klp, n, kl_slot)?;
+        if let Some((_, _, ce_slot)) = ce {
+            // Rows without a label have row_ce 0.
+            self.add_sum_f32(klp + 4 * n as u64, n, ce_slot)?;
+        }
+        Ok(())
     }
 
     /// The softmax-KL launch on rows already on the device (`rows_dev`, `n_rows` ints): writes
@@ -162,6 +165,7 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type State = CudaBuf;
+    type Sums = CudaSums;
 
     fn name(&self) -> String {
         format!("cuda {}", self.describe())
@@ -177,7 +181,7 @@ impl Backend for CudaBackend {
 
     fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
         let b = self.alloc(data.len(), DType::Bf16)?;
-        self.gpu.htod(b.ptr(), &to_bf16_bits(data))?;
+        self.gpu.htod_async(b.ptr(), bytemuck::cast_slice(&to_bf16_bits(data)))?;
         Ok(b)
     }
 
@@ -212,6 +216,18 @@ impl Backend for CudaBackend {
 
     fn fill_zero(&self, buf: &mut CudaBuf) -> Result<()> {
         self.gpu.memset_u8(buf.ptr(), 0, buf.len * buf.dtype.size())
+    }
+
+    fn sums(&self, n: usize) -> Result<CudaSums> {
+        let mem = self.gpu.alloc(8 * n)?;
+        self.gpu.memset_u8(mem.ptr(), 0, 8 * n)?;
+        Ok(CudaSums { mem, n })
+    }
+
+    fn read_sums(&self, sums: &CudaSums) -> Result<Vec<f64>> {
+        let mut out = vec![0f64; sums.n];
+        self.gpu.dtoh(&mut out, sums.mem.ptr())?;
+        Ok(out)
     }
 
     fn duplicate(&self, buf: &CudaBuf) -> Result<CudaBuf> {
@@ -295,17 +311,16 @@ impl Backend for CudaBackend {
         unsafe { self.launch_1d("elementwise", "scale_bf16", x.len, &mut a) }
     }
 
-    fn sum_squares_ranges(&self, parts: &[(&CudaBuf, std::ops::Range<usize>)]) -> Result<f64> {
-        // Every range's partials side by side, then one read-back for all of them.
+    fn sum_squares_into(&self, parts: &[(&CudaBuf, std::ops::Range<usize>)], sums: &mut CudaSums, slot: usize) -> Result<()> {
+        let out = sums.slot("sum_squares", slot)?;
+        // Every range's partials side by side, then one device-side sum of all of them, in
+        // buffer and block order: the same bits every run.
         let (_g, partials) = self.work_f32(2 * self.sum_squares_blocks() * parts.len())?;
         let mut used = 0usize;
         for (x, r) in parts {
             used += self.sum_squares_partials(x, r.clone(), partials + 8 * used as u64)?;
         }
-        let mut sums = vec![0f64; used];
-        self.gpu().dtoh(&mut sums, partials)?;
-        // In buffer and block order: the same bits every run.
-        Ok(sums.iter().sum())
+        self.add_sum_f64(partials, used, out)
     }
 
     fn embedding(&self, table: &CudaBuf, ids: &[u32], dim: usize, out: &mut CudaBuf) -> Result<()> {
@@ -526,7 +541,8 @@ impl Backend for CudaBackend {
         unsafe { self.launch_1d("elementwise", "gelu_bwd_bf16", x.len, &mut a) }
     }
 
-    fn cross_entropy(&self, logits: &CudaBuf, targets: &[i32], vocab: usize, scale: f32, dlogits: &mut CudaBuf) -> Result<f64> {
+    fn cross_entropy_into(&self, logits: &CudaBuf, targets: &[i32], vocab: usize, scale: f32, dlogits: &mut CudaBuf, sums: &mut CudaSums, slot: usize) -> Result<()> {
+        let out = sums.slot("cross_entropy", slot)?;
         ensure!(vocab > 0, "cross_entropy: empty vocabulary");
         let rows = targets.len();
         check_len("cross_entropy logits", logits.len, rows * vocab)?;
@@ -535,7 +551,7 @@ impl Backend for CudaBackend {
             bail!("cross_entropy: target {t} at row {r} is outside the vocabulary of {vocab}");
         }
         if rows == 0 {
-            return Ok(0.0);
+            return Ok(());
         }
         let (lp, dp) = (bf(logits, "cross_entropy logits")?, bf(dlogits, "cross_entropy dlogits")?);
         let (_gi, tp) = self.upload_idx(targets)?;
@@ -544,15 +560,15 @@ impl Backend for CudaBackend {
         let mut a = args![lp, tp, v, scale, lossp, dp];
         // SAFETY: logits, dlogits rows × vocab; targets in range or IGNORE_INDEX (negative).
         unsafe { self.gpu.launch("cross_entropy", "cross_entropy_bf16", (int(rows, "rows")? as u32, 1, 1), (512, 1, 1), 0, &mut a)? };
-        let per_row = self.download_f32_raw(lossp, rows)?;
-        Ok(per_row.iter().map(|&x| x as f64).sum())
+        self.add_sum_f32(lossp, rows, out)
     }
 
-    fn softmax_kl(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, rows: &[u32], scale: f32, dstudent: &mut CudaBuf) -> Result<f64> {
-        Ok(self.kl_with_ce("softmax_kl", student, teacher, shape, rows, None, scale, dstudent)?.0)
+    fn softmax_kl_into(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, rows: &[u32], scale: f32, dstudent: &mut CudaBuf, sums: &mut CudaSums, slot: usize) -> Result<()> {
+        let out = sums.slot("softmax_kl", slot)?;
+        self.kl_with_ce("softmax_kl", student, teacher, shape, rows, None, scale, dstudent, out)
     }
 
-    fn softmax_kl_ce(
+    fn softmax_kl_ce_into(
         &self,
         student: &CudaBuf,
         teacher: &CudaBuf,
@@ -562,15 +578,27 @@ impl Backend for CudaBackend {
         scale: f32,
         ce_scale: f32,
         dstudent: &mut CudaBuf,
-    ) -> Result<(f64, f64)> {
-        self.kl_with_ce("softmax_kl_ce", student, teacher, shape, rows, Some((targets, ce_scale)), scale, dstudent)
+        sums: &mut CudaSums,
+        kl_slot: usize,
+        ce_slot: usize,
+    ) -> Result<()> {
+        let (kl_out, ce_out) = (sums.slot("softmax_kl_ce (KL)", kl_slot)?, sums.slot("softmax_kl_ce (CE)", ce_slot)?);
+        self.kl_with_ce("softmax_kl_ce", student, teacher, shape, rows, Some((targets, ce_scale, ce_out)), scale, dstudent, kl_out)
     }
 
-    fn relation_loss(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, images: &[(u32, u32)], scale: f32, dstudent: &mut CudaBuf) -> Result<f64> {
+    fn relation_loss_into(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, images: &[(u32, u32)], scale: f32, dstudent: &mut CudaBuf, sums: &mut CudaSums, slot: usize) -> Result<()> {
         const WHAT: &str = "relation_loss";
+        let out = sums.slot(WHAT, slot)?;
         let n_rows = check_kl_shape(WHAT, student.len, teacher.len, dstudent.len, shape)?;
         check_relation_images(WHAT, images, n_rows)?;
-        super::relation::relation_loss(self, student, teacher, shape, images, scale, dstudent)
+        super::relation::relation_loss(self, student, teacher, shape, images, scale, dstudent, out)
+    }
+
+    fn gram_cosine_into(&self, rs: &CudaBuf, rt: &CudaBuf, scale: f32, grad: &mut CudaBuf, sums: &mut CudaSums, slot: usize) -> Result<()> {
+        let out = sums.slot("gram_cosine", slot)?;
+        check_len("gram_cosine teacher Gram", rt.len, rs.len)?;
+        check_len("gram_cosine gradient", grad.len, rs.len)?;
+        super::relation::gram_cosine(self, rs, rt, scale, grad, out)
     }
 
     fn adamw(&self, h: AdamWStep, param: &mut CudaBuf, grad: &CudaBuf, offset: usize, m: &mut CudaBuf, v: &mut CudaBuf, master: Option<&mut CudaBuf>) -> Result<()> {

@@ -23,7 +23,6 @@ struct Layout {
     grad: usize,
     grad_bf16: usize,
     partials: usize,
-    loss: usize,
     total: usize,
 }
 
@@ -35,13 +34,14 @@ impl Layout {
         let grad = gram_t + g;
         let grad_bf16 = grad + g;
         let partials = grad_bf16 + align256(c * n * n * 2);
-        let loss = partials + align256(c * RELATION_BLOCKS * 3 * 8);
-        let total = loss + align256(c * 4);
-        Layout { gram_s, gram_t, grad, grad_bf16, partials, loss, total }
+        let total = partials + align256(c * RELATION_BLOCKS * 3 * 8);
+        Layout { gram_s, gram_t, grad, grad_bf16, partials, total }
     }
 }
 
-/// Checked by the caller: shapes, image ranges in bounds, non-empty and disjoint.
+/// Checked by the caller: shapes, image ranges in bounds, non-empty and disjoint. Adds the loss
+/// sum to the f64 at `loss_sum` (a slot of the step's sums).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn relation_loss(
     be: &CudaBackend,
     student: &CudaBuf,
@@ -50,7 +50,8 @@ pub(crate) fn relation_loss(
     images: &[(u32, u32)],
     scale: f32,
     dstudent: &mut CudaBuf,
-) -> Result<f64> {
+    loss_sum: u64,
+) -> Result<()> {
     let KlShape { student_vocab: vs, teacher_vocab: vt, kept, .. } = shape;
     let sp = bf(student, "relation_loss student logits")?;
     let tp = bf(teacher, "relation_loss teacher logits")?;
@@ -65,7 +66,6 @@ pub(crate) fn relation_loss(
         }
     }
     let gpu = be.gpu();
-    let mut total = 0.0f64;
     for (n, starts) in &groups {
         let (n, c) = (*n, starts.len());
         // One grid row per image of the group.
@@ -84,15 +84,8 @@ pub(crate) fn relation_loss(
                 gpu.gemm(false, true, n, n, kept, 1.0, zt, vt, zt, vt, 0.0, at(lay.gram_t) + j as u64 * nn * 4, n, true)?;
             }
         }
-        let (gs, gt, gg, gpart, gloss, gbf) = (at(lay.gram_s), at(lay.gram_t), at(lay.grad), at(lay.partials), at(lay.loss), at(lay.grad_bf16));
-        let (ni, ci) = (super::int(n, "relation rows per image")?, super::int(c, "images")?);
-        let grid = (RELATION_BLOCKS as u32, c as u32, 1);
-        let mut a = args![gs, gt, ni, ci, gpart];
-        // SAFETY: c Gram pairs of n·n f32, partials c·RELATION_BLOCKS·3 f64.
-        unsafe { gpu.launch("relation", "relation_cosine_partials", grid, (256, 1, 1), 0, &mut a)? };
-        let mut a = args![gs, gt, ni, ci, scale, gpart, gloss, gg];
-        // SAFETY: as above; loss c f32, grad c·n·n f32.
-        unsafe { gpu.launch("relation", "relation_cosine_grad", grid, (256, 1, 1), 0, &mut a)? };
+        let (gs, gt, gg, gpart, gbf) = (at(lay.gram_s), at(lay.gram_t), at(lay.grad), at(lay.partials), at(lay.grad_bf16));
+        cosine_launches(be, false, gs, gt, n * n, c, scale, gpart, loss_sum, gg)?;
         let count = (c * n * n) as i64;
         let mut a = args![gg, gbf, count];
         // SAFETY: grad holds count f32, grad_bf16 count bf16.
@@ -104,8 +97,31 @@ pub(crate) fn relation_loss(
             // SAFETY: G_j is n·n bf16; Z_s and its gradient rows as above.
             unsafe { gpu.gemm(false, false, n, kept, n, 2.0, gbf + j as u64 * nn * 2, n, zs, vs, 1.0, d, vs, false)? };
         }
-        let losses = be.download_f32_raw(gloss, c)?;
-        total += losses.iter().map(|&l| l as f64).sum::<f64>();
     }
-    Ok(total)
+    Ok(())
+}
+
+/// The two cosine kernels over `c` image pairs of `nn` entries each (f32 Grams and gradient, or
+/// bf16 with `bf16`): writes the gradient Grams at `grad` and adds the images' loss sum to the f64
+/// at `loss_sum`; `partials` holds c·RELATION_BLOCKS·3 f64.
+#[allow(clippy::too_many_arguments)]
+fn cosine_launches(be: &CudaBackend, bf16: bool, gs: u64, gt: u64, nn: usize, c: usize, scale: f32, partials: u64, loss_sum: u64, grad: u64) -> Result<()> {
+    let (partials_kernel, grad_kernel) =
+        if bf16 { ("relation_cosine_partials_bf16", "relation_cosine_grad_bf16") } else { ("relation_cosine_partials", "relation_cosine_grad") };
+    let (nn, ci) = (nn as i64, super::int(c, "images")?);
+    let grid = (RELATION_BLOCKS as u32, c as u32, 1);
+    let mut a = args![gs, gt, nn, ci, partials];
+    // SAFETY: c Gram pairs of nn entries, partials c·RELATION_BLOCKS·3 f64.
+    unsafe { be.gpu().launch("relation", partials_kernel, grid, (256, 1, 1), 0, &mut a)? };
+    let mut a = args![gs, gt, nn, ci, scale, partials, loss_sum, grad];
+    // SAFETY: as above; loss_sum one f64, grad c·nn entries.
+    unsafe { be.gpu().launch("relation", grad_kernel, grid, (256, 1, 1), 0, &mut a) }
+}
+
+/// The identity form's cosine ([`crate::backend::Backend::gram_cosine_into`]) on bf16 Grams of
+/// equal length (checked by the caller): one image, the same kernels as the logits form.
+pub(crate) fn gram_cosine(be: &CudaBackend, rs: &CudaBuf, rt: &CudaBuf, scale: f32, grad: &mut CudaBuf, loss_sum: u64) -> Result<()> {
+    let (sp, tp, gp) = (bf(rs, "gram_cosine student Gram")?, bf(rt, "gram_cosine teacher Gram")?, bf(grad, "gram_cosine gradient")?);
+    let (_guard, partials) = be.work_f32(2 * RELATION_BLOCKS * 3)?;
+    cosine_launches(be, true, sp, tp, rs.len, 1, scale, partials, loss_sum, gp)
 }

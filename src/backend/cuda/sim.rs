@@ -38,6 +38,11 @@ pub struct Counters {
     pub gemm_flops: f64,
     pub driver_allocs: u64,
     pub driver_frees: u64,
+    /// Copies that return only when done: synchronous cuMemcpyHtoD/DtoH, and an asynchronous
+    /// copy from pageable (not page-locked) host memory.
+    pub blocking_copies: u64,
+    /// Page-locked host allocations (cuMemHostAlloc).
+    pub pinned_allocs: u64,
 }
 
 impl Counters {
@@ -58,13 +63,16 @@ impl Counters {
             gemm_flops: self.gemm_flops - earlier.gemm_flops,
             driver_allocs: self.driver_allocs - earlier.driver_allocs,
             driver_frees: self.driver_frees - earlier.driver_frees,
+            blocking_copies: self.blocking_copies - earlier.blocking_copies,
+            pinned_allocs: self.pinned_allocs - earlier.pinned_allocs,
         }
     }
 
-    /// Host waits: explicit synchronisations plus device-to-host copies (each waits for the
-    /// device's queue to drain).
+    /// Host waits: explicit synchronisations plus the copies that block the host (a synchronous
+    /// copy waits for the device's queue to drain; an asynchronous one from page-locked memory
+    /// does not).
     pub fn host_syncs(&self) -> u64 {
-        self.syncs + self.dtoh_copies
+        self.syncs + self.blocking_copies
     }
 }
 
