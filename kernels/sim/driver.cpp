@@ -66,6 +66,8 @@ enum {
 // The device it presents: an H200's limits (compute capability 9.0 unless KD_SIM_COMPUTE_CAPABILITY
 // says otherwise, 132 SMs, 227 KiB of opt-in shared memory per block), with memory bounded by the
 // host (KD_SIM_DEVICE_MEMORY_MIB, default 8 GiB).
+// KD_SIM_DEVICES (default 1) devices are listed, so each rank of a multi-process job can open the
+// ordinal LOCAL_RANK names, as on a node with that many GPUs; one process uses one of them.
 static const char* kDeviceName = "kd-engine simulated CUDA device (H200 limits, kernels on the CPU emulator)";
 static const int kSmCount = 132;
 static const int kMaxThreadsPerBlock = 1024;
@@ -100,6 +102,7 @@ struct Driver {
     bool initialised = false;
     KdCtx primary{0};
     int primary_refs = 0;
+    int devices = 1;
     std::map<uint64_t, Allocation> allocs;  // by device address
     size_t allocated = 0;
     size_t capacity = 0;
@@ -337,6 +340,8 @@ KD_SIM_EXPORT CUresult cuInit(unsigned flags) {
             d.cc_major = major;
             d.cc_minor = minor;
         }
+        const char* n = getenv("KD_SIM_DEVICES");
+        d.devices = n ? std::max(1, atoi(n)) : 1;
         d.initialised = true;
     }
     return CUDA_SUCCESS;
@@ -352,7 +357,7 @@ KD_SIM_EXPORT CUresult cuDeviceGetCount(int* n) {
     LOCK;
     if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
     if (n == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    *n = 1;
+    *n = drv().devices;
     return CUDA_SUCCESS;
 }
 
@@ -360,15 +365,15 @@ KD_SIM_EXPORT CUresult cuDeviceGet(CUdevice* dev, int ordinal) {
     LOCK;
     if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
     if (dev == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
-    *dev = 0;
+    if (ordinal < 0 || ordinal >= drv().devices) return CUDA_ERROR_INVALID_DEVICE;
+    *dev = ordinal;
     return CUDA_SUCCESS;
 }
 
 KD_SIM_EXPORT CUresult cuDeviceGetName(char* name, int len, CUdevice dev) {
     LOCK;
     if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
-    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (dev < 0 || dev >= drv().devices) return CUDA_ERROR_INVALID_DEVICE;
     if (name == nullptr || len <= 0) return CUDA_ERROR_INVALID_VALUE;
     snprintf(name, (size_t)len, "%s", kDeviceName);
     return CUDA_SUCCESS;
@@ -377,7 +382,7 @@ KD_SIM_EXPORT CUresult cuDeviceGetName(char* name, int len, CUdevice dev) {
 KD_SIM_EXPORT CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice dev) {
     LOCK;
     if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
-    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (dev < 0 || dev >= drv().devices) return CUDA_ERROR_INVALID_DEVICE;
     if (bytes == nullptr) return CUDA_ERROR_INVALID_VALUE;
     *bytes = drv().capacity;
     return CUDA_SUCCESS;
@@ -386,7 +391,7 @@ KD_SIM_EXPORT CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice dev) {
 KD_SIM_EXPORT CUresult cuDeviceGetAttribute(int* v, int attrib, CUdevice dev) {
     LOCK;
     if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
-    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (dev < 0 || dev >= drv().devices) return CUDA_ERROR_INVALID_DEVICE;
     if (v == nullptr) return CUDA_ERROR_INVALID_VALUE;
     switch (attrib) {
         case 1: *v = kMaxThreadsPerBlock; break;       // MAX_THREADS_PER_BLOCK
@@ -409,8 +414,14 @@ KD_SIM_EXPORT CUresult cuDeviceGetAttribute(int* v, int attrib, CUdevice dev) {
 KD_SIM_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice dev) {
     LOCK;
     if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
-    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (dev < 0 || dev >= drv().devices) return CUDA_ERROR_INVALID_DEVICE;
     if (ctx == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    // The device state (memory, modules, counters) is the process's, not per device.
+    if (drv().primary_refs > 0 && drv().primary.device != dev) {
+        say("a process uses one simulated device: device " + std::to_string(drv().primary.device) + " is in use, device " + std::to_string(dev) + " was asked for");
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    drv().primary.device = dev;
     drv().primary_refs++;
     *ctx = &drv().primary;
     return CUDA_SUCCESS;
@@ -419,7 +430,7 @@ KD_SIM_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice dev) {
 KD_SIM_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
     LOCK;
     if (!drv().initialised) return CUDA_ERROR_NOT_INITIALIZED;
-    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (dev < 0 || dev >= drv().devices) return CUDA_ERROR_INVALID_DEVICE;
     if (drv().primary_refs == 0) return CUDA_ERROR_INVALID_CONTEXT;
     drv().primary_refs--;
     return CUDA_SUCCESS;
@@ -881,6 +892,14 @@ KD_SIM_EXPORT CUresult cuEventRecord(CUevent e, CUstream s) {
     if (drv().events.count(e) == 0 || !valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
     e->recorded = true;
     e->at = std::chrono::steady_clock::now();
+    return CUDA_SUCCESS;
+}
+
+// Work runs at launch, so a recorded event has always completed.
+KD_SIM_EXPORT CUresult cuEventQuery(CUevent e) {
+    LOCK;
+    TRY(ready());
+    if (drv().events.count(e) == 0) return CUDA_ERROR_INVALID_HANDLE;
     return CUDA_SUCCESS;
 }
 
