@@ -73,6 +73,7 @@ impl<'a> NcclComm<'a> {
         let mut uid = ns::ncclUniqueId { internal: [0; 128] };
         uid.internal.iter_mut().zip(id).for_each(|(d, &b)| *d = b as ::core::ffi::c_char);
         be.gpu().bind()?;
+        super::sim::set_collective_timeout(timeout);
         let mut comm: ns::ncclComm_t = std::ptr::null_mut();
         // SAFETY: a valid out pointer and id; every rank of the job makes the same call.
         unsafe { nc::comm_init_rank(&mut comm, world as i32, uid, rank as i32) }.map_err(nccl_err("ncclCommInitRank"))?;
@@ -89,21 +90,41 @@ impl<'a> NcclComm<'a> {
         self.be.gpu().bind()?;
         nc::group_start().map_err(nccl_err("ncclGroupStart"))?;
         let queued = enqueue(self.comm);
-        nc::group_end().map_err(nccl_err("ncclGroupEnd"))?;
-        queued?;
+        let ended = nc::group_end().map(|_| ()).map_err(nccl_err("ncclGroupEnd"));
+        let done = queued.and(ended).and_then(|()| self.wait_for_stream(op));
+        let Err(e) = done else { return Ok(()) };
+        // A failure the communicator itself reports (a peer died, aborted or timed out) is a
+        // peer failure too: NCCL may report it from a call rather than from the stream (the
+        // simulated NCCL, which runs collectives at ncclGroupEnd, always does).
+        let async_err = self.async_error();
+        let e = match e.downcast::<PeerFailure>() {
+            Ok(p) => anyhow::Error::new(p),
+            Err(e) if !matches!(async_err, ns::ncclResult_t::ncclSuccess | ns::ncclResult_t::ncclInProgress) => {
+                anyhow::Error::new(PeerFailure(format!("NCCL {op} failed on rank {} of {}: {async_err:?} ({e:#}); the job stops", self.rank, self.world)))
+            }
+            Err(e) => return Err(e),
+        };
+        // SAFETY: a live communicator; after this it is never used again.
+        let _ = unsafe { nc::comm_abort(self.comm) };
+        *aborted = true;
+        Err(e)
+    }
+
+    /// The communicator's asynchronous error (`ncclSuccess` while it is healthy).
+    fn async_error(&self) -> ns::ncclResult_t {
+        let mut err = ns::ncclResult_t::ncclSuccess;
+        // SAFETY: a live communicator and a valid out pointer.
+        unsafe { ns::ncclCommGetAsyncError(self.comm, &mut err) };
+        err
+    }
+
+    /// Waits for the backend's stream (with the group's collectives on it) within the timeout.
+    fn wait_for_stream(&self, op: &'static str) -> Result<()> {
         let ev = dr::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| anyhow!("cuEventCreate: {e}"))?;
         let waited = self.wait(op, ev);
         // SAFETY: created above, destroyed once.
         let _ = unsafe { dr::event::destroy(ev) };
-        if let Err(e) = waited {
-            if e.downcast_ref::<PeerFailure>().is_some() {
-                // SAFETY: a live communicator; after this it is never used again.
-                let _ = unsafe { nc::comm_abort(self.comm) };
-                *aborted = true;
-            }
-            return Err(e);
-        }
-        Ok(())
+        waited
     }
 
     fn wait(&self, op: &'static str, ev: sys::CUevent) -> Result<()> {
@@ -117,9 +138,7 @@ impl<'a> NcclComm<'a> {
                 Err(dr::DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) => {}
                 Err(e) => bail!("CUDA error while waiting for NCCL {op}: {e}"),
             }
-            let mut async_err = ns::ncclResult_t::ncclSuccess;
-            // SAFETY: a live communicator and a valid out pointer.
-            unsafe { ns::ncclCommGetAsyncError(self.comm, &mut async_err) };
+            let async_err = self.async_error();
             if !matches!(async_err, ns::ncclResult_t::ncclSuccess | ns::ncclResult_t::ncclInProgress) {
                 bail!(PeerFailure(format!("NCCL {op} failed on rank {}: {async_err:?} (a rank died or the network failed); the job stops", self.rank)));
             }

@@ -1,11 +1,13 @@
 //! The simulated CUDA device: the CUDA backend run without a GPU (`KD_CUDA_SIM=1`).
 //!
-//! `build.rs` compiles `kernels/*.cu` for the CPU emulator (`kernels/sim/host_sim.h`) into two
-//! shared libraries that export the driver API and cuBLAS entry points cudarc loads
-//! (`kernels/sim/cuda_sim.h`). Loading them here by path, before cudarc's first call, makes the
-//! dynamic loader hand them to cudarc when it opens `libcuda.so` / `libcublas.so` by name (their
-//! sonames), so the same binary and the same backend code run: module loading, launches with their
-//! argument buffers, the caching pool, cuBLAS calls, whole models and training steps.
+//! `build.rs` compiles `kernels/*.cu` for the CPU emulator (`kernels/sim/host_sim.h`) into three
+//! shared libraries that export the driver API, cuBLAS and NCCL entry points cudarc loads
+//! (`kernels/sim/cuda_sim.h`, `kernels/sim/nccl.cpp`). Loading them here by path, before cudarc's
+//! first call, makes the dynamic loader hand them to cudarc when it opens `libcuda.so` /
+//! `libcublas.so` / `libnccl.so` by name (their sonames), so the same binary and the same backend
+//! code run: module loading, launches with their argument buffers, the caching pool, cuBLAS calls,
+//! whole models and training steps, and multi-process data parallelism over NCCL (the ranks meet
+//! in shared memory; `KD_SIM_DEVICES=N` lists N devices so each rank opens its `LOCAL_RANK`).
 //!
 //! What it proves and what it does not: every launch's configuration, arguments and memory
 //! accesses inside buffers, checked the way the driver would (and stricter: a write past a
@@ -80,6 +82,8 @@ struct SimLib {
     // Kept loaded for the life of the process (cudarc holds pointers into them).
     _driver: Library,
     _blas: Library,
+    _nccl: Library,
+    nccl_timeout: unsafe extern "C" fn(f64),
     lend: unsafe extern "C" fn(u64, usize) -> i32,
     reclaim: unsafe extern "C" fn(u64) -> i32,
     counters: unsafe extern "C" fn(*mut Counters),
@@ -109,16 +113,18 @@ fn load() -> Result<SimLib, String> {
     };
     let driver = open("libkd_cuda_sim.so")?;
     let blas = open("libkd_cublas_sim.so")?;
-    // SAFETY: the signatures are those of kernels/sim/driver.cpp.
+    let nccl = open("libkd_nccl_sim.so")?;
+    // SAFETY: the signatures are those of kernels/sim/driver.cpp and kernels/sim/nccl.cpp.
     unsafe {
-        let sym = |name: &[u8]| -> Result<*mut std::ffi::c_void, String> {
-            let s: Symbol<*mut std::ffi::c_void> = driver.get(name).map_err(|e| format!("the simulated CUDA device lacks a symbol: {e}"))?;
+        let sym = |lib: &Library, name: &[u8]| -> Result<*mut std::ffi::c_void, String> {
+            let s: Symbol<*mut std::ffi::c_void> = lib.get(name).map_err(|e| format!("the simulated CUDA device lacks a symbol: {e}"))?;
             Ok(*s)
         };
-        let lend = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(u64, usize) -> i32>(sym(b"kd_sim_lend")?);
-        let reclaim = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(u64) -> i32>(sym(b"kd_sim_reclaim")?);
-        let counters = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(*mut Counters)>(sym(b"kd_sim_counters")?);
-        Ok(SimLib { _driver: driver, _blas: blas, lend, reclaim, counters })
+        let lend = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(u64, usize) -> i32>(sym(&driver, b"kd_sim_lend")?);
+        let reclaim = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(u64) -> i32>(sym(&driver, b"kd_sim_reclaim")?);
+        let counters = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(*mut Counters)>(sym(&driver, b"kd_sim_counters")?);
+        let nccl_timeout = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(f64)>(sym(&nccl, b"kd_nccl_sim_set_timeout")?);
+        Ok(SimLib { _driver: driver, _blas: blas, _nccl: nccl, nccl_timeout, lend, reclaim, counters })
     }
 }
 
@@ -148,6 +154,15 @@ pub fn counters() -> Option<Counters> {
         unsafe { (l.counters)(&mut c) };
         c
     })
+}
+
+/// How long a simulated NCCL collective waits for the other ranks before it fails with
+/// ncclTimeout (a real one waits without end; `NcclComm` polls it against the same deadline).
+pub(crate) fn set_collective_timeout(timeout: std::time::Duration) {
+    if let Some(l) = lib() {
+        // SAFETY: takes a number of seconds.
+        unsafe { (l.nccl_timeout)(timeout.as_secs_f64()) };
+    }
 }
 
 /// The pool lends `[ptr, ptr + used)` of its block at `ptr` to a new buffer: the device fills it
