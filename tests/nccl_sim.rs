@@ -1,6 +1,7 @@
 //! The multi-process NCCL path on the simulated CUDA device (`KD_CUDA_SIM=1`, the simulated NCCL
 //! of `kernels/sim/nccl.cpp`): `kd-engine launch --gpus 2 -- train` against the 1-rank run of
-//! the same config, `selftest --nccl` under the launcher, and a rank killed mid-run.
+//! the same config (with and without ZeRO-1), `selftest --nccl` under the launcher, every
+//! collective of the stand-in against values computed here, and a rank killed or hung mid-run.
 //!
 //! Tolerance of the 2-rank run: its first step is the 1-rank step (same weights, same samples,
 //! the loss sums added in global micro-batch order), so its losses must be equal to the bit. The
@@ -186,6 +187,12 @@ fn two_ranks_over_the_simulated_nccl_train_what_one_rank_trains() {
     }
     // Rank 0 alone writes the run (one metrics file, one exported student).
     assert!(two.join("student/config.json").is_file());
+    // Plain data parallelism (all-reduce, every rank updates everything) is ZeRO-1 (the default:
+    // reduce to owners, owners update, broadcast) to the bit: the same sums, the same updates.
+    let plain = root.join("plain");
+    let args = ["launch", "--gpus", "2", "--", "train", "--set", "run.zero=false", "--config"];
+    check(kd().args(args).arg(&cfg).arg("--out").arg(&plain).output().unwrap(), "the 2-rank run without ZeRO-1");
+    assert_eq!(losses(&plain), got, "plain data parallelism and ZeRO-1 differ");
 }
 
 #[test]
