@@ -108,7 +108,7 @@ fn projector_gradients_through_a_frozen_decoder_with_spliced_visual_tokens() {
     let (_, dlogits, acts) = loss(&m, &be, &w, &b, &t);
     let dh = m.llm.lm_head_backward(&be, &w.llm, &acts.llm.hidden, &dlogits, None).unwrap();
     let mut gproj = ParamSet::zeros(&be, &m.projector.specs).unwrap();
-    m.backward(&be, &w, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: None }).unwrap();
+    m.backward(&be, &w, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: None, ready: None }).unwrap();
     assert!(gproj.bufs.iter().all(|g| g.iter().any(|&x| x != 0.0)), "every projector tensor gets a gradient");
     for (i, spec) in m.projector.specs.iter().enumerate() {
         let mut wp = w.clone();
@@ -131,7 +131,7 @@ fn llm_and_projector_gradients_when_both_train() {
     let mut gllm = ParamSet::zeros(&be, &m.llm.specs).unwrap();
     let mut gproj = ParamSet::zeros(&be, &m.projector.specs).unwrap();
     let dh = m.llm.lm_head_backward(&be, &w.llm, &acts.llm.hidden, &dlogits, Some(&mut gllm)).unwrap();
-    m.backward(&be, &w, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: Some(&mut gllm) }).unwrap();
+    m.backward(&be, &w, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: Some(&mut gllm), ready: None }).unwrap();
     // The embedding table is tied to the head and its placeholder row (22) is overwritten at the
     // visual positions: finite differences check that only the head's use of that row counts.
     for name in ["model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight"] {
@@ -155,4 +155,55 @@ fn visual_block_must_match_the_towers_token_count() {
     let feats = m.encode_images(&be, &w.vision, &b.pixel_values).unwrap();
     let err = m.forward(&be, &w, &b, Some(feats)).err().unwrap().to_string();
     assert!(err.contains("sequence 0") && err.contains("2 positions") && err.contains("3 tokens"), "{err}");
+}
+
+/// Records each `ready` call: the (set, tensor) pairs it reported, and for every tensor of every
+/// set whether its gradient was still all zeros at that moment.
+#[derive(Default)]
+struct Recorder {
+    calls: Vec<(Vec<(usize, usize)>, Vec<Vec<bool>>, Vec<Vec<Vec<f64>>>)>,
+}
+
+impl kd_engine::model::GradsReady<Vec<f64>> for Recorder {
+    fn ready(&mut self, done: &[(usize, usize)], grads: &mut [&mut ParamSet<Vec<f64>>]) -> anyhow::Result<()> {
+        let zero = grads.iter().map(|g| g.bufs.iter().map(|b| b.iter().all(|&x| x == 0.0)).collect()).collect();
+        let values = grads.iter().map(|g| g.bufs.clone()).collect();
+        self.calls.push((done.to_vec(), zero, values));
+        Ok(())
+    }
+}
+
+/// The backward tells which gradients are complete as it goes (what data parallelism reduces
+/// while the backward continues): every trained tensor exactly once; a reported gradient already
+/// holds its final value; and the last block is reported while the first block's gradients are
+/// still untouched (zeros), i.e. before the backward has reached it.
+#[test]
+fn the_backward_reports_each_gradient_once_complete_and_before_the_backward_ends() {
+    let be = B::new();
+    let m = model();
+    let mut rng = TestRng(7);
+    let b = batch(&mut rng);
+    let t = targets(&b);
+    let w = MllmWeights { vision: init(&be, &m.vision.specs, 1), projector: init(&be, &m.projector.specs, 2), llm: init(&be, &m.llm.specs, 3) };
+    let (_, dlogits, acts) = loss(&m, &be, &w, &b, &t);
+    let mut gllm = ParamSet::zeros(&be, &m.llm.specs).unwrap();
+    let mut gproj = ParamSet::zeros(&be, &m.projector.specs).unwrap();
+    let dh = m.llm.lm_head_backward(&be, &w.llm, &acts.llm.hidden, &dlogits, Some(&mut gllm)).unwrap();
+    let mut rec = Recorder::default();
+    m.backward(&be, &w, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: Some(&mut gllm), ready: Some(&mut rec) }).unwrap();
+    let finals = [&gproj, &gllm];
+    let mut seen = std::collections::HashSet::new();
+    for (done, _, values) in &rec.calls {
+        for &(s, i) in done {
+            assert!(seen.insert((s, i)), "({s}, {i}) reported twice");
+            assert_eq!(values[s][i], finals[s].bufs[i], "set {s} tensor {i} was reported before its gradient was final");
+        }
+    }
+    assert_eq!(seen.len(), gproj.bufs.len() + gllm.bufs.len(), "every trained tensor is reported");
+    let id = |name: &str| m.llm.specs.iter().position(|s| s.name == name).unwrap();
+    let last_block = rec.calls.iter().position(|(d, _, _)| d.contains(&(1, id("model.layers.1.mlp.down_proj.weight")))).unwrap();
+    let (_, zero, _) = &rec.calls[last_block];
+    assert!(zero[1][id("model.layers.0.self_attn.q_proj.weight")], "block 1 was reported after block 0's backward had run");
+    assert!(zero[0].iter().all(|&z| z), "block 1 was reported after the projector's backward had run");
+    assert!(last_block + 1 < rec.calls.len(), "reports come during the backward, not only at its end");
 }

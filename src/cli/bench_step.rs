@@ -367,7 +367,7 @@ fn bench<B: Backend>(
             sync(be, &dh)?;
         }
         lap(3, &mut clock);
-        student.backward(be, &ws, &sacts, &dh, MllmGrads { projector: Some(&mut gproj), llm: Some(&mut gllm) })?;
+        student.backward(be, &ws, &sacts, &dh, MllmGrads { projector: Some(&mut gproj), llm: Some(&mut gllm), ready: None })?;
         drop(sacts);
         if !a.no_phase_sync {
             sync(be, &gproj.bufs[0])?;

@@ -49,6 +49,14 @@ struct LayerIds {
     down: ParamId,
 }
 
+impl LayerIds {
+    /// The block's tensors: contiguous in the spec list (added one block at a time).
+    fn range(&self) -> std::ops::Range<usize> {
+        let first = [self.bq, self.bk, self.bv, self.bo].into_iter().flatten().chain([self.ln1]).map(|p| p.0).min().unwrap_or(self.ln1.0);
+        first..self.down.0 + 1
+    }
+}
+
 /// What one block's backward needs from its forward.
 struct LayerActs<Buf> {
     x_in: Buf,
@@ -217,6 +225,16 @@ impl Llm {
             add(ParamSpec::matrix("lm_head.weight".into(), cfg.vocab, h))
         };
         Llm { cfg, specs, gradient_checkpointing: false, embed, layers, norm, lm_head }
+    }
+
+    /// The embedding table's index in the spec list.
+    pub fn embed_id(&self) -> usize {
+        self.embed.0
+    }
+
+    /// The output head's index in the spec list (the embedding's when tied).
+    pub fn lm_head_id(&self) -> usize {
+        self.lm_head.0
     }
 
     fn attn_shape(&self) -> AttnShape {
@@ -493,7 +511,22 @@ impl Llm {
         w: &ParamSet<B::Buf>,
         acts: &LlmActs<B::Buf>,
         dhidden: &B::Buf,
+        grads: Option<&mut ParamSet<B::Buf>>,
+    ) -> Result<B::Buf> {
+        self.backward_reporting(be, w, acts, dhidden, grads, &mut |_, _| Ok(()))
+    }
+
+    /// [`Llm::backward`], telling `done` which tensors' gradients are complete as the backward
+    /// goes (the final norm's, then each block's from the last to the first; the embedding's and
+    /// a separate head's are not: the embedding backward and the loss write them elsewhere).
+    pub fn backward_reporting<B: Backend>(
+        &self,
+        be: &B,
+        w: &ParamSet<B::Buf>,
+        acts: &LlmActs<B::Buf>,
+        dhidden: &B::Buf,
         mut grads: Option<&mut ParamSet<B::Buf>>,
+        done: &mut dyn FnMut(std::ops::Range<usize>, &mut ParamSet<B::Buf>) -> Result<()>,
     ) -> Result<B::Buf> {
         let c = &self.cfg;
         let t = acts.layout.tokens();
@@ -503,6 +536,7 @@ impl Llm {
         be.rmsnorm_backward(dhidden, &acts.x_final, w.get(self.norm), &acts.rstd_final, &mut dx, &mut dnorm)?;
         if let Some(g) = grads.as_deref_mut() {
             be.add_assign(g.get_mut(self.norm), &dnorm)?;
+            done(self.norm.0..self.norm.0 + 1, g)?;
         }
         let mut tmp_h = be.empty(t * h)?;
         for (ids, saved) in self.layers.iter().zip(&acts.layers).rev() {
@@ -579,6 +613,7 @@ impl Llm {
             be.add_assign(&mut dx, &tmp_h)?;
             if let Some(g) = grads.as_deref_mut() {
                 be.add_assign(g.get_mut(ids.ln1), &dln)?;
+                done(ids.range(), g)?;
             }
         }
         Ok(dx)

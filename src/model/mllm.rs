@@ -33,6 +33,18 @@ pub struct MllmWeights<Buf> {
 pub struct MllmGrads<'a, Buf> {
     pub projector: Option<&'a mut ParamSet<Buf>>,
     pub llm: Option<&'a mut ParamSet<Buf>>,
+    /// Told as gradients become complete during the backward (data parallelism starts their
+    /// reduction then); `None`: nobody asks.
+    pub ready: Option<&'a mut dyn GradsReady<Buf>>,
+}
+
+/// Told, during a backward, which gradients are complete (no later op of this backward adds to
+/// them), so that their reduction can start while the backward goes on
+/// (`dist::GradSync::overlap`). Every tensor of every trained set is reported exactly once.
+pub trait GradsReady<Buf> {
+    /// `done`: (set, tensor) pairs completed since the last call; sets are numbered as `grads`
+    /// lists them: the projector's, then the LLM's, those trained.
+    fn ready(&mut self, done: &[(usize, usize)], grads: &mut [&mut ParamSet<Buf>]) -> Result<()>;
 }
 
 pub struct Mllm {
@@ -176,26 +188,43 @@ impl Mllm {
         dhidden: &B::Buf,
         grads: MllmGrads<'_, B::Buf>,
     ) -> Result<()> {
-        let MllmGrads { projector: gproj, llm: mut gllm } = grads;
+        let MllmGrads { projector: mut gproj, llm: mut gllm, mut ready } = grads;
         if gproj.is_none() && gllm.is_none() {
             return Ok(());
         }
-        let mut dx = self.llm.backward(be, &w.llm, &acts.llm, dhidden, gllm.as_deref_mut())?;
+        let llm_set = gproj.is_some() as usize;
+        let mut report = |done: &[(usize, usize)], gproj: &mut Option<&mut ParamSet<B::Buf>>, gllm: Option<&mut ParamSet<B::Buf>>| -> Result<()> {
+            match ready.as_deref_mut() {
+                Some(r) => r.ready(done, &mut gproj.as_deref_mut().into_iter().chain(gllm).collect::<Vec<_>>()),
+                None => Ok(()),
+            }
+        };
+        let mut dx = self.llm.backward_reporting(be, &w.llm, &acts.llm, dhidden, gllm.as_deref_mut(), &mut |range, g| {
+            report(&range.map(|t| (llm_set, t)).collect::<Vec<_>>(), &mut gproj, Some(g))
+        })?;
         let (h, nv) = (self.llm.cfg.hidden, self.visual_tokens());
-        if let (Some(g), Some(pacts)) = (gproj, &acts.projector) {
+        if let (Some(g), Some(pacts)) = (gproj.as_deref_mut(), &acts.projector) {
             let mut dvisual = be.empty(acts.visual_starts.len() * nv * h)?;
             for (i, &start) in acts.visual_starts.iter().enumerate() {
                 be.copy_range(&dx, start * h, &mut dvisual, i * nv * h, nv * h)?;
             }
             self.projector.backward(be, &w.projector, pacts, &dvisual, g)?;
         }
-        if let Some(g) = gllm {
+        if let Some(n) = gproj.as_deref().map(|g| g.bufs.len()) {
+            report(&(0..n).map(|t| (0, t)).collect::<Vec<_>>(), &mut gproj, gllm.as_deref_mut())?;
+        }
+        if let Some(g) = gllm.as_deref_mut() {
             // Visual rows came from the projector, not the embedding table: no gradient there.
             let zeros = be.zeros(nv * h)?;
             for &start in &acts.visual_starts {
                 be.copy_range(&zeros, 0, &mut dx, start * h, nv * h)?;
             }
             self.llm.embed_backward(be, g, &acts.ids, &dx)?;
+            // Last: the embedding (the tied head's too) and a separate head, whose gradient the
+            // loss wrote before this backward.
+            let mut last = vec![(llm_set, self.llm.embed_id())];
+            last.extend((self.llm.lm_head_id() != self.llm.embed_id()).then_some((llm_set, self.llm.lm_head_id())));
+            report(&last, &mut gproj, Some(g))?;
         }
         Ok(())
     }
