@@ -56,6 +56,20 @@ pub trait Collective<B: Backend>: Send + Sync {
     /// Copies every part from its owner to every rank: ZeRO-1's all-gather of the updated
     /// parameters.
     fn broadcast_from_owners(&self, be: &B, bufs: &mut [Owned<'_, B::Buf>]) -> Result<()>;
+    /// Starts [`Collective::all_reduce`] of a bucket and returns while it runs (on CUDA: on a
+    /// second stream, after the work queued so far); [`Collective::finish`] waits for it. Buckets
+    /// are started in the same order on every rank. By default it runs to the end at once.
+    fn start_all_reduce(&self, be: &B, bufs: &mut [&mut B::Buf]) -> Result<()> {
+        self.all_reduce(be, bufs)
+    }
+    /// Starts [`Collective::reduce_to_owners`] of a bucket, as [`Collective::start_all_reduce`].
+    fn start_reduce_to_owners(&self, be: &B, bufs: &mut [Owned<'_, B::Buf>]) -> Result<()> {
+        self.reduce_to_owners(be, bufs)
+    }
+    /// Waits until every bucket started has been reduced; work queued after it sees the results.
+    fn finish(&self, _be: &B) -> Result<()> {
+        Ok(())
+    }
     /// `owner`'s host values (`len` of them; `local` is `Some` exactly on the owner) on every rank:
     /// optimizer state on its way to the rank that writes the checkpoint.
     fn host_from(&self, local: Option<&[f32]>, len: usize, owner: usize) -> Result<Vec<f32>>;

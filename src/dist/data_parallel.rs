@@ -15,7 +15,7 @@ use super::collective::{sum_in_rank_order, Collective, Owned, Part};
 use super::partition::Partition;
 use crate::backend::Backend;
 use crate::loss::{LossCounts, LossReport};
-use crate::model::{ParamSet, ParamSpec};
+use crate::model::{GradsReady, ParamSet, ParamSpec};
 use crate::optim::{pieces, AdamW, AdamWConfig, Piece, PieceState, StepReport};
 use crate::train::checkpoint::{optimizer_entry_name, HostTensor};
 
@@ -27,6 +27,9 @@ pub struct DistOptions {
     pub zero: bool,
     /// Elements per gradient bucket: one exchange (one NCCL group) per bucket.
     pub bucket_elems: usize,
+    /// Start each bucket's reduction during the backward of the step's last micro-batch, as soon
+    /// as its gradients are complete ([`GradSync::overlap`]).
+    pub overlap: bool,
 }
 
 /// Sums each rank's counts over the ranks (in rank order: exact for counts below 2⁵³).
@@ -50,10 +53,14 @@ pub fn check_same_on_all_ranks<B: Backend>(comm: &dyn Collective<B>, what: &str,
     Ok(())
 }
 
-/// The step's loss counts over all ranks.
-pub fn step_counts<B: Backend>(comm: &dyn Collective<B>, local: &LossCounts) -> Result<LossCounts> {
-    let v = sum_over_ranks(comm, &[local.ce, local.response, local.prompt, local.visual, local.images])?;
-    Ok(LossCounts { ce: v[0], response: v[1], prompt: v[2], visual: v[3], images: v[4] })
+/// The step's loss counts over all ranks, and the fewest micro-batches any rank has this step
+/// (`micro_batches` is this rank's).
+pub fn step_counts<B: Backend>(comm: &dyn Collective<B>, local: &LossCounts, micro_batches: usize) -> Result<(LossCounts, usize)> {
+    let mine = [local.ce, local.response, local.prompt, local.visual, local.images, micro_batches];
+    let all = comm.all_gather_host(&mine.map(|v| v as f64))?;
+    let v: Vec<usize> = (0..5).map(|i| sum_in_rank_order(all.iter().map(|r| r[i])) as usize).collect();
+    let fewest = all.iter().map(|r| r[5] as usize).min().unwrap_or(0);
+    Ok((LossCounts { ce: v[0], response: v[1], prompt: v[2], visual: v[3], images: v[4] }, fewest))
 }
 
 const REPORT_LEN: usize = 11;
@@ -100,6 +107,9 @@ pub struct GradSync<'a, B: Backend> {
     partition: Partition,
     /// `parts[set][tensor]`: the tensor's pieces with their owners.
     parts: Vec<Vec<Vec<Part>>>,
+    /// The buckets, each (set, tensor) pairs in order: consecutive tensors of the sets, at most
+    /// `bucket_elems` elements unless one tensor alone is larger.
+    buckets: Vec<Vec<(usize, usize)>>,
 }
 
 impl<'a, B: Backend> GradSync<'a, B> {
@@ -113,7 +123,22 @@ impl<'a, B: Backend> GradSync<'a, B> {
         for (p, &owner) in pieces.iter().zip(&partition.owners) {
             parts[p.set][p.tensor].push(Part { start: p.start, len: p.len, owner });
         }
-        GradSync { comm, opts, cfg, pieces, partition, parts }
+        let mut buckets: Vec<Vec<(usize, usize)>> = Vec::new();
+        let mut elems = 0usize;
+        for (s, set) in params.iter().enumerate() {
+            for (i, spec) in set.specs.iter().enumerate() {
+                let n = spec.numel();
+                match buckets.last_mut() {
+                    Some(b) if elems + n <= opts.bucket_elems => b.push((s, i)),
+                    _ => {
+                        buckets.push(vec![(s, i)]);
+                        elems = 0;
+                    }
+                }
+                elems += n;
+            }
+        }
+        GradSync { comm, opts, cfg, pieces, partition, parts, buckets }
     }
 
     fn sharded(&self) -> bool {
@@ -127,25 +152,70 @@ impl<'a, B: Backend> GradSync<'a, B> {
         AdamW::holding(be, params, self.cfg, |k| !sharded || self.partition.owners[k] == rank)
     }
 
-    /// Calls `op` on consecutive buckets of `sets`' buffers (with their parts' owners), each at
-    /// most `bucket_elems` elements unless one buffer alone is larger.
-    fn for_buckets(&self, be: &B, sets: &mut [&mut ParamSet<B::Buf>], mut op: impl FnMut(&mut [Owned<'_, B::Buf>]) -> Result<()>) -> Result<()> {
-        let mut bucket: Vec<Owned<'_, B::Buf>> = Vec::new();
-        let mut elems = 0usize;
+    /// Calls `op` on `bucket`'s buffers of `sets`, with their parts' owners.
+    fn with_bucket(&self, sets: &mut [&mut ParamSet<B::Buf>], bucket: &[(usize, usize)], op: impl FnOnce(&mut [Owned<'_, B::Buf>]) -> Result<()>) -> Result<()> {
+        let mut owned: Vec<Owned<'_, B::Buf>> = Vec::with_capacity(bucket.len());
         for (s, set) in sets.iter_mut().enumerate() {
             for (i, buf) in set.bufs.iter_mut().enumerate() {
-                let n = be.len(buf);
-                if !bucket.is_empty() && elems + n > self.opts.bucket_elems {
-                    op(&mut bucket)?;
-                    bucket.clear();
-                    elems = 0;
+                if bucket.contains(&(s, i)) {
+                    owned.push(Owned { buf, parts: self.parts[s][i].clone() });
                 }
-                elems += n;
-                bucket.push(Owned { buf, parts: self.parts[s][i].clone() });
             }
         }
-        if !bucket.is_empty() {
-            op(&mut bucket)?;
+        op(&mut owned)
+    }
+
+    /// Starts the gradient reduction of bucket `b` (an all-reduce, or ZeRO-1's reduce to owners).
+    fn start_bucket(&self, be: &B, grads: &mut [&mut ParamSet<B::Buf>], b: usize) -> Result<()> {
+        self.with_bucket(grads, &self.buckets[b], |owned| {
+            if self.sharded() {
+                self.comm.start_reduce_to_owners(be, owned)
+            } else {
+                let mut bufs: Vec<&mut B::Buf> = owned.iter_mut().map(|o| &mut *o.buf).collect();
+                self.comm.start_all_reduce(be, &mut bufs)
+            }
+        })
+    }
+
+    /// A tracker to pass to the backward of the step's last micro-batch (as
+    /// [`crate::model::MllmGrads::ready`]): it starts each bucket's reduction as soon as all its
+    /// gradients are complete, while the backward goes on; [`GradSync::step`] then starts the
+    /// rest and waits for all. `None` when there is nothing to overlap (one rank, or overlap off).
+    /// Each bucket is reduced exactly as without it, so the results are the same bits. Every
+    /// rank must pass it to the same backward (the last micro-batch of the step, when every rank
+    /// has one), since the buckets start in the order the backward completes them.
+    pub fn overlap<'s>(&'s self, be: &'s B) -> Option<Overlap<'s, 'a, B>> {
+        (self.comm.world() > 1 && self.opts.overlap).then(|| Overlap {
+            sync: self,
+            be,
+            left: self.buckets.iter().map(Vec::len).collect(),
+            done: self.parts.iter().map(|set| vec![false; set.len()]).collect(),
+            started: vec![false; self.buckets.len()],
+        })
+    }
+
+    /// Starts the reduction of every bucket `overlap` has not started, then waits for all.
+    fn reduce(&self, be: &B, grads: &mut [&mut ParamSet<B::Buf>], overlap: Option<Overlap<'_, 'a, B>>) -> Result<()> {
+        let started = overlap.map(|o| o.started).unwrap_or_else(|| vec![false; self.buckets.len()]);
+        for b in (0..self.buckets.len()).filter(|&b| !started[b]) {
+            self.start_bucket(be, grads, b)?;
+        }
+        self.comm.finish(be)
+    }
+
+    /// Waits for the reductions `overlap` started, when the step is skipped after all (the
+    /// gradients are about to be zeroed for the next step).
+    pub fn abandon(&self, be: &B, overlap: Option<Overlap<'_, 'a, B>>) -> Result<()> {
+        match overlap {
+            Some(_) => self.comm.finish(be),
+            None => Ok(()),
+        }
+    }
+
+    /// Calls `op` on consecutive buckets of `sets`' buffers (with their parts' owners).
+    fn for_buckets(&self, sets: &mut [&mut ParamSet<B::Buf>], mut op: impl FnMut(&mut [Owned<'_, B::Buf>]) -> Result<()>) -> Result<()> {
+        for bucket in &self.buckets {
+            self.with_bucket(sets, bucket, &mut op)?;
         }
         Ok(())
     }
@@ -153,17 +223,19 @@ impl<'a, B: Backend> GradSync<'a, B> {
     /// Reduces the gradients, clips by their global norm and updates the parameters on every
     /// rank. The norm is Σ over ranks (in rank order) of Σ g² over the pieces each rank owns,
     /// computed the same way with or without ZeRO-1, so both give the same bits.
-    pub fn step(&self, be: &B, opt: &mut AdamW<B::State>, params: &mut [&mut ParamSet<B::Buf>], grads: &mut [&mut ParamSet<B::Buf>], lr: f32) -> Result<StepReport> {
+    /// `overlap`: the tracker the last micro-batch's backward was given, if any.
+    pub fn step(
+        &self,
+        be: &B,
+        opt: &mut AdamW<B::State>,
+        params: &mut [&mut ParamSet<B::Buf>],
+        grads: &mut [&mut ParamSet<B::Buf>],
+        lr: f32,
+        overlap: Option<Overlap<'_, 'a, B>>,
+    ) -> Result<StepReport> {
         let world = self.comm.world();
         if world > 1 {
-            if self.sharded() {
-                self.for_buckets(be, grads, |b| self.comm.reduce_to_owners(be, b))?;
-            } else {
-                self.for_buckets(be, grads, |b| {
-                    let mut bufs: Vec<&mut B::Buf> = b.iter_mut().map(|o| &mut *o.buf).collect();
-                    self.comm.all_reduce(be, &mut bufs)
-                })?;
-            }
+            self.reduce(be, grads, overlap)?;
         }
         // Σ g² of the pieces each rank owns, side by side in one set of sums: one read-back.
         let ranks: Vec<usize> = if self.sharded() { vec![self.comm.rank()] } else { (0..world).collect() };
@@ -187,7 +259,7 @@ impl<'a, B: Backend> GradSync<'a, B> {
         let grads_ref: Vec<&ParamSet<B::Buf>> = grads.iter().map(|g| &**g).collect();
         let report = opt.apply(be, params, &grads_ref, lr, sum_squares.sqrt())?;
         if self.sharded() && !report.skipped {
-            self.for_buckets(be, params, |b| self.comm.broadcast_from_owners(be, b))?;
+            self.for_buckets(params, |b| self.comm.broadcast_from_owners(be, b))?;
         }
         Ok(report)
     }
@@ -225,6 +297,36 @@ impl<'a, B: Backend> GradSync<'a, B> {
             }
         }
         Ok((rank == 0).then_some(out))
+    }
+}
+
+/// Starts bucket reductions as the backward completes their gradients ([`GradSync::overlap`]).
+pub struct Overlap<'s, 'a, B: Backend> {
+    sync: &'s GradSync<'a, B>,
+    be: &'s B,
+    /// Tensors of each bucket not complete yet.
+    left: Vec<usize>,
+    /// `done[set][tensor]`: reported complete.
+    done: Vec<Vec<bool>>,
+    started: Vec<bool>,
+}
+
+impl<B: Backend> GradsReady<B::Buf> for Overlap<'_, '_, B> {
+    fn ready(&mut self, done: &[(usize, usize)], grads: &mut [&mut ParamSet<B::Buf>]) -> Result<()> {
+        for &(s, t) in done {
+            let slot = self.done.get_mut(s).and_then(|set| set.get_mut(t));
+            let Some(slot) = slot else { anyhow::bail!("the backward reported gradient ({s}, {t}), which no trained set has") };
+            if std::mem::replace(slot, true) {
+                continue;
+            }
+            let Some(b) = self.sync.buckets.iter().position(|b| b.contains(&(s, t))) else { continue };
+            self.left[b] -= 1;
+            if self.left[b] == 0 {
+                self.sync.start_bucket(self.be, grads, b)?;
+                self.started[b] = true;
+            }
+        }
+        Ok(())
     }
 }
 

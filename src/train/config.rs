@@ -81,9 +81,15 @@ pub struct RunConfig {
     /// than keep all of it on every rank. The two train the same weights.
     #[serde(default = "defaults::yes")]
     pub zero: bool,
-    /// Data parallelism: MiB of bf16 gradients per reduction bucket (one NCCL group each).
+    /// Data parallelism: MiB of bf16 gradients per reduction bucket (one NCCL group each; a
+    /// fraction is allowed).
     #[serde(default = "defaults::bucket_mb")]
-    pub bucket_mb: usize,
+    pub bucket_mb: f64,
+    /// Data parallelism: start reducing each bucket as soon as the backward of a step's last
+    /// micro-batch has completed its gradients (on CUDA, on a second stream), instead of after
+    /// the backward. The two give the same bits.
+    #[serde(default = "defaults::yes")]
+    pub overlap_reduction: bool,
     /// Data parallelism: seconds a rank waits for the others at a collective before the whole
     /// job stops with an error naming the missing ranks (a rank died or hung).
     #[serde(default = "defaults::dist_timeout_s")]
@@ -96,7 +102,8 @@ pub struct RunConfig {
 
 impl RunConfig {
     pub fn dist_options(&self) -> crate::dist::DistOptions {
-        crate::dist::DistOptions { zero: self.zero, bucket_elems: (self.bucket_mb.max(1) << 20) / 2 }
+        let bucket_elems = ((self.bucket_mb * (1u64 << 20) as f64) / 2.0).max(1.0) as usize;
+        crate::dist::DistOptions { zero: self.zero, bucket_elems, overlap: self.overlap_reduction }
     }
     pub fn dist_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.dist_timeout_s)
@@ -116,6 +123,7 @@ impl Default for RunConfig {
             gradient_checkpointing: false,
             zero: true,
             bucket_mb: defaults::bucket_mb(),
+            overlap_reduction: true,
             dist_timeout_s: defaults::dist_timeout_s(),
             optimizer_piece: defaults::optimizer_piece(),
         }
@@ -346,8 +354,8 @@ mod defaults {
     pub fn yes() -> bool {
         true
     }
-    pub fn bucket_mb() -> usize {
-        32
+    pub fn bucket_mb() -> f64 {
+        32.0
     }
     pub fn dist_timeout_s() -> f64 {
         600.0
@@ -398,7 +406,8 @@ impl TrainConfig {
         }
         let t = self.run.dist_timeout_s;
         ensure!(t.is_finite() && t > 0.0 && t < 1e9, "run.dist_timeout_s: must be a positive number of seconds, found {t}");
-        ensure!(self.run.bucket_mb >= 1, "run.bucket_mb: must be at least 1");
+        let b = self.run.bucket_mb;
+        ensure!(b.is_finite() && b > 0.0 && b < 1e6, "run.bucket_mb: must be a positive number of MiB, found {b}");
         let p = self.run.optimizer_piece;
         ensure!(p >= 8 && p % 8 == 0, "run.optimizer_piece: must be a positive multiple of 8 elements, found {p}");
         ensure!(

@@ -21,7 +21,7 @@ use crate::loss::{
     frozen_head_gram, fused_distill_loss, kept_vocab, lm_head_grad, visual_ranges, vocab_mismatch_note, DistillConfig, FusedHeadOptions, HeadSide, KlTargets,
     LossCounts, LossInputs, LossReport, PendingReport,
 };
-use crate::model::{MllmGrads, ParamSet};
+use crate::model::{GradsReady, MllmGrads, ParamSet};
 use crate::optim::{AdamWConfig, CosineSchedule};
 
 /// What a stage needs from the run around it.
@@ -289,7 +289,7 @@ pub fn run_stage<B: Backend>(
                 batches.iter().map(|b| visual_ranges(&b.groups, &b.seq_lens)).collect::<Result<_>>()?;
             let counts: LossCounts = batches.iter().zip(&ranges).map(|(b, r)| LossCounts::of(&loss_inputs(b, r))).sum::<Result<LossCounts>>()?;
             // Every mean is over the whole step: all ranks' rows (SPEC §1).
-            let counts = step_counts(ctx.comm, &counts)?;
+            let (counts, fewest_micro_batches) = step_counts(ctx.comm, &counts, batches.len())?;
 
             gproj.zero_all(be)?;
             if let Some(g) = gllm.as_mut() {
@@ -299,7 +299,13 @@ pub fn run_stage<B: Backend>(
             let mut sums = be.sums(PendingReport::SLOTS * batches.len())?;
             let mut pending: Vec<PendingReport> = Vec::with_capacity(batches.len());
             let mut tokens = 0usize;
-            for (b, r) in batches.iter().zip(&ranges) {
+            // The gradient buckets are reduced while the last micro-batch's backward goes on,
+            // when every rank has one (every rank must start the same buckets in the same order).
+            let mut overlap = None;
+            for (k, (b, r)) in batches.iter().zip(&ranges).enumerate() {
+                if k + 1 == batches.len() && fewest_micro_batches > 0 {
+                    overlap = sync.overlap(be);
+                }
                 tokens += b.n_tokens();
                 let features = if b.pixel_values.is_empty() { None } else { Some(student.model.encode_images(be, &student.weights.vision, &b.pixel_values)?) };
                 // The teacher runs forward only: no activation outlives its block; the final hidden states
@@ -327,7 +333,8 @@ pub fn run_stage<B: Backend>(
                 let p = fused_distill_loss(be, &objective, &loss_inputs(b, r), s_side, t_side, &counts, &head_opts, &mut dh, dweight, &mut sums, at)?;
                 pending.push(p);
                 drop(teacher_hidden);
-                student.model.backward(be, &student.weights, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: gllm.as_mut() })?;
+                let ready = overlap.as_mut().map(|o| o as &mut dyn GradsReady<B::Buf>);
+                student.model.backward(be, &student.weights, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: gllm.as_mut(), ready })?;
             }
 
             let values = be.read_sums(&sums)?;
@@ -347,12 +354,13 @@ pub fn run_stage<B: Backend>(
             let update = if finite && !empty {
                 let w = &mut student.weights;
                 let rep = match gllm.as_mut() {
-                    Some(gl) => sync.step(be, &mut opt, &mut [&mut w.projector, &mut w.llm], &mut [&mut gproj, gl], lr as f32)?,
-                    None => sync.step(be, &mut opt, &mut [&mut w.projector], &mut [&mut gproj], lr as f32)?,
+                    Some(gl) => sync.step(be, &mut opt, &mut [&mut w.projector, &mut w.llm], &mut [&mut gproj, gl], lr as f32, overlap)?,
+                    None => sync.step(be, &mut opt, &mut [&mut w.projector], &mut [&mut gproj], lr as f32, overlap)?,
                 };
                 record.insert("grad_norm".into(), json!(rep.grad_norm));
                 !rep.skipped
             } else {
+                sync.abandon(be, overlap)?;
                 false
             };
             if empty {

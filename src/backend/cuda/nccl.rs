@@ -3,10 +3,14 @@
 //!
 //! libnccl is loaded at run time like the rest of CUDA (cudarc's `nccl` feature, dynamic
 //! loading): a build without it runs everywhere, and world size 1 never touches it. Collectives
-//! run on the backend's stream (the legacy default stream), each bucket in one NCCL group. The
-//! host waits for them by polling an event and `ncclCommGetAsyncError` against a deadline, never
-//! in a blocking synchronize: a peer that died or hung makes this rank abort its communicator and
-//! fail with a [`PeerFailure`] within the timeout (the launcher then stops the job).
+//! run on the backend's stream (the legacy default stream), each bucket in one NCCL group, except
+//! the gradient buckets started during the backward (`Collective::start_*`): those go on a second,
+//! non-blocking stream, after an event recorded on the backend's stream (so they see the
+//! gradients computed so far while the backward goes on), and `finish` makes the backend's
+//! stream wait for an event recorded after them. The host waits for collectives by polling an
+//! event and `ncclCommGetAsyncError` against a deadline, never in a blocking synchronize: a peer
+//! that died or hung makes this rank abort its communicator and fail with a [`PeerFailure`]
+//! within the timeout (the launcher then stops the job).
 
 use std::ffi::c_void;
 use std::sync::Mutex;
@@ -54,8 +58,17 @@ pub struct NcclComm<'a> {
     rank: usize,
     world: usize,
     timeout: Duration,
-    /// NCCL communicators are not thread-safe: one collective at a time; `true` once aborted.
-    state: Mutex<bool>,
+    /// The stream of the collectives started during the backward.
+    side: sys::CUstream,
+    /// NCCL communicators are not thread-safe: one collective at a time.
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    aborted: bool,
+    /// Collectives were started on `side` and not finished.
+    started: bool,
 }
 
 // SAFETY: the raw communicator is used only under `state`'s lock, with the backend's context
@@ -77,25 +90,101 @@ impl<'a> NcclComm<'a> {
         let mut comm: ns::ncclComm_t = std::ptr::null_mut();
         // SAFETY: a valid out pointer and id; every rank of the job makes the same call.
         unsafe { nc::comm_init_rank(&mut comm, world as i32, uid, rank as i32) }.map_err(nccl_err("ncclCommInitRank"))?;
-        Ok(NcclComm { be, comm, rank, world, timeout, state: Mutex::new(false) })
+        // Non-blocking: a blocking stream would wait for the legacy default stream's work (and it
+        // for this one's), which is exactly the overlap this stream is for.
+        let side = dr::stream::create(dr::stream::StreamKind::NonBlocking).map_err(|e| anyhow!("creating the NCCL stream: {e}"))?;
+        Ok(NcclComm { be, comm, rank, world, timeout, side, state: Mutex::new(State::default()) })
     }
 
     /// Runs `enqueue` (NCCL calls on the backend's stream) in one group and waits for it within
-    /// the timeout.
-    fn run(&self, op: &'static str, enqueue: impl FnOnce(ns::ncclComm_t) -> Result<()>) -> Result<()> {
-        let mut aborted = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if *aborted {
+    /// the timeout, after the collectives started on the side stream.
+    fn run(&self, op: &'static str, enqueue: impl FnOnce(ns::ncclComm_t, ns::cudaStream_t) -> Result<()>) -> Result<()> {
+        let mut state = self.lock(op)?;
+        // Collectives on one communicator run in the order they are called on every rank: the
+        // started ones first.
+        let done = self.finish_locked(&mut state).and_then(|()| self.group(NULL_STREAM, enqueue)).and_then(|()| {
+            let ev = self.record(std::ptr::null_mut())?;
+            self.wait_and_destroy(op, ev)
+        });
+        self.check(op, &mut state, done)
+    }
+
+    /// The lock, with the backend's context bound; an error once the communicator was aborted.
+    fn lock(&self, op: &'static str) -> Result<std::sync::MutexGuard<'_, State>> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.aborted {
             bail!(PeerFailure(format!("NCCL {op}: the communicator was aborted by an earlier failure")));
         }
         self.be.gpu().bind()?;
+        Ok(state)
+    }
+
+    /// `enqueue` on `stream` in one NCCL group.
+    fn group(&self, stream: ns::cudaStream_t, enqueue: impl FnOnce(ns::ncclComm_t, ns::cudaStream_t) -> Result<()>) -> Result<()> {
         nc::group_start().map_err(nccl_err("ncclGroupStart"))?;
-        let queued = enqueue(self.comm);
+        let queued = enqueue(self.comm, stream);
         let ended = nc::group_end().map(|_| ()).map_err(nccl_err("ncclGroupEnd"));
-        let done = queued.and(ended).and_then(|()| self.wait_for_stream(op));
+        queued.and(ended)
+    }
+
+    /// A fresh event recorded on `stream`.
+    fn record(&self, stream: sys::CUstream) -> Result<sys::CUevent> {
+        let ev = dr::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| anyhow!("cuEventCreate: {e}"))?;
+        // SAFETY: a live event and stream.
+        if let Err(e) = unsafe { dr::event::record(ev, stream) } {
+            // SAFETY: created above, destroyed once.
+            let _ = unsafe { dr::event::destroy(ev) };
+            bail!("cuEventRecord: {e}");
+        }
+        Ok(ev)
+    }
+
+    /// Waits for `ev` within the timeout, then destroys it.
+    fn wait_and_destroy(&self, op: &'static str, ev: sys::CUevent) -> Result<()> {
+        let waited = self.wait(op, ev);
+        // SAFETY: a live event, destroyed once.
+        let _ = unsafe { dr::event::destroy(ev) };
+        waited
+    }
+
+    /// Makes the backend's stream wait for the collectives started on the side stream, and the
+    /// host too (within the timeout: it is where a dead peer shows).
+    fn finish_locked(&self, state: &mut State) -> Result<()> {
+        if !state.started {
+            return Ok(());
+        }
+        let ev = self.record(self.side)?;
+        // SAFETY: live stream and event.
+        if let Err(e) = unsafe { dr::stream::wait_event(std::ptr::null_mut(), ev, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) } {
+            // SAFETY: created above, destroyed once.
+            let _ = unsafe { dr::event::destroy(ev) };
+            bail!("cuStreamWaitEvent: {e}");
+        }
+        self.wait_and_destroy("gradient reduction", ev)?;
+        state.started = false;
+        Ok(())
+    }
+
+    /// Starts `enqueue` on the side stream after the work queued so far on the backend's stream.
+    fn start(&self, op: &'static str, enqueue: impl FnOnce(ns::ncclComm_t, ns::cudaStream_t) -> Result<()>) -> Result<()> {
+        let mut state = self.lock(op)?;
+        let done = self.record(std::ptr::null_mut()).and_then(|ev| {
+            // SAFETY: live stream and event; an event may be destroyed once waited on.
+            let waited = unsafe { dr::stream::wait_event(self.side, ev, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) };
+            // SAFETY: created above, destroyed once (the wait keeps what it needs).
+            let _ = unsafe { dr::event::destroy(ev) };
+            waited.map_err(|e| anyhow!("cuStreamWaitEvent: {e}"))?;
+            state.started = true;
+            self.group(self.side as ns::cudaStream_t, enqueue)
+        });
+        self.check(op, &mut state, done)
+    }
+
+    /// Turns a failure the communicator itself reports (a peer died, aborted or timed out) into
+    /// a [`PeerFailure`] and aborts: NCCL may report it from a call rather than from the stream
+    /// (the simulated NCCL, which runs collectives at ncclGroupEnd, always does).
+    fn check(&self, op: &'static str, state: &mut State, done: Result<()>) -> Result<()> {
         let Err(e) = done else { return Ok(()) };
-        // A failure the communicator itself reports (a peer died, aborted or timed out) is a
-        // peer failure too: NCCL may report it from a call rather than from the stream (the
-        // simulated NCCL, which runs collectives at ncclGroupEnd, always does).
         let async_err = self.async_error();
         let e = match e.downcast::<PeerFailure>() {
             Ok(p) => anyhow::Error::new(p),
@@ -106,7 +195,7 @@ impl<'a> NcclComm<'a> {
         };
         // SAFETY: a live communicator; after this it is never used again.
         let _ = unsafe { nc::comm_abort(self.comm) };
-        *aborted = true;
+        state.aborted = true;
         Err(e)
     }
 
@@ -118,18 +207,8 @@ impl<'a> NcclComm<'a> {
         err
     }
 
-    /// Waits for the backend's stream (with the group's collectives on it) within the timeout.
-    fn wait_for_stream(&self, op: &'static str) -> Result<()> {
-        let ev = dr::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| anyhow!("cuEventCreate: {e}"))?;
-        let waited = self.wait(op, ev);
-        // SAFETY: created above, destroyed once.
-        let _ = unsafe { dr::event::destroy(ev) };
-        waited
-    }
-
+    /// Polls the recorded event `ev` and the communicator's error until the deadline.
     fn wait(&self, op: &'static str, ev: sys::CUevent) -> Result<()> {
-        // SAFETY: a live event, recorded on the backend's (legacy default) stream.
-        unsafe { dr::event::record(ev, std::ptr::null_mut()) }.map_err(|e| anyhow!("cuEventRecord: {e}"))?;
         let deadline = Instant::now() + self.timeout;
         loop {
             // SAFETY: a live event.
@@ -157,10 +236,14 @@ impl<'a> NcclComm<'a> {
 
 impl Drop for NcclComm<'_> {
     fn drop(&mut self) {
-        let aborted = *self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !aborted && self.be.gpu().bind().is_ok() {
-            // SAFETY: a live communicator, destroyed once.
-            let _ = unsafe { nc::comm_destroy(self.comm) };
+        let aborted = self.state.lock().unwrap_or_else(|e| e.into_inner()).aborted;
+        if self.be.gpu().bind().is_ok() {
+            if !aborted {
+                // SAFETY: a live communicator, destroyed once.
+                let _ = unsafe { nc::comm_destroy(self.comm) };
+            }
+            // SAFETY: created at init, destroyed once.
+            let _ = unsafe { dr::stream::destroy(self.side) };
         }
     }
 }
@@ -184,6 +267,27 @@ fn part_ptr(b: &CudaBuf, p: &Part) -> *mut c_void {
 
 const NULL_STREAM: ns::cudaStream_t = std::ptr::null_mut();
 
+/// Sums every buffer over the ranks, in place.
+fn enqueue_all_reduce(bufs: &[&mut CudaBuf], c: ns::ncclComm_t, st: ns::cudaStream_t) -> Result<()> {
+    for b in bufs {
+        // SAFETY: in place over the buffer's own length and type.
+        unsafe { nc::all_reduce(ptr(b), ptr(b), b.len(), dtype(b), ns::ncclRedOp_t::ncclSum, c, st) }.map_err(nccl_err("ncclAllReduce"))?;
+    }
+    Ok(())
+}
+
+/// Sums every part over the ranks into its owner's copy (parts checked by the caller).
+fn enqueue_reduce_to_owners(bufs: &[Owned<'_, CudaBuf>], c: ns::ncclComm_t, st: ns::cudaStream_t) -> Result<()> {
+    for b in bufs {
+        for p in &b.parts {
+            let at = part_ptr(b.buf, p);
+            // SAFETY: in place over a checked range of the buffer, in its own type.
+            unsafe { nc::reduce(at, at, p.len, dtype(b.buf), ns::ncclRedOp_t::ncclSum, p.owner as i32, c, st) }.map_err(nccl_err("ncclReduce"))?;
+        }
+    }
+    Ok(())
+}
+
 impl Collective<CudaBackend> for NcclComm<'_> {
     fn rank(&self) -> usize {
         self.rank
@@ -200,9 +304,9 @@ impl Collective<CudaBackend> for NcclComm<'_> {
         let send = self.be.alloc(2 * n, DType::F32)?;
         let recv = self.be.alloc(2 * n * self.world, DType::F32)?;
         self.be.gpu().htod(send.ptr(), xs)?;
-        self.run("all_gather", |c| {
+        self.run("all_gather", |c, st| {
             // SAFETY: send holds n f64, recv n·world.
-            unsafe { nc::all_gather(ptr(&send), ptr(&recv), n, ns::ncclDataType_t::ncclFloat64, c, NULL_STREAM) }.map_err(nccl_err("ncclAllGather"))?;
+            unsafe { nc::all_gather(ptr(&send), ptr(&recv), n, ns::ncclDataType_t::ncclFloat64, c, st) }.map_err(nccl_err("ncclAllGather"))?;
             Ok(())
         })?;
         let mut all = vec![0f64; n * self.world];
@@ -210,35 +314,32 @@ impl Collective<CudaBackend> for NcclComm<'_> {
         Ok(all.chunks(n).map(<[f64]>::to_vec).collect())
     }
     fn all_reduce(&self, _: &CudaBackend, bufs: &mut [&mut CudaBuf]) -> Result<()> {
-        self.run("all_reduce", |c| {
-            for b in bufs.iter() {
-                // SAFETY: in place over the buffer's own length and type.
-                unsafe { nc::all_reduce(ptr(b), ptr(b), b.len(), dtype(b), ns::ncclRedOp_t::ncclSum, c, NULL_STREAM) }.map_err(nccl_err("ncclAllReduce"))?;
-            }
-            Ok(())
-        })
+        self.run("all_reduce", |c, st| enqueue_all_reduce(bufs, c, st))
     }
     fn reduce_to_owners(&self, _: &CudaBackend, bufs: &mut [Owned<'_, CudaBuf>]) -> Result<()> {
         check_parts(bufs, CudaBuf::len)?;
-        self.run("reduce", |c| {
-            for b in bufs.iter() {
-                for p in &b.parts {
-                    let at = part_ptr(b.buf, p);
-                    // SAFETY: in place over a checked range of the buffer, in its own type.
-                    unsafe { nc::reduce(at, at, p.len, dtype(b.buf), ns::ncclRedOp_t::ncclSum, p.owner as i32, c, NULL_STREAM) }.map_err(nccl_err("ncclReduce"))?;
-                }
-            }
-            Ok(())
-        })
+        self.run("reduce", |c, st| enqueue_reduce_to_owners(bufs, c, st))
+    }
+    fn start_all_reduce(&self, _: &CudaBackend, bufs: &mut [&mut CudaBuf]) -> Result<()> {
+        self.start("all_reduce", |c, st| enqueue_all_reduce(bufs, c, st))
+    }
+    fn start_reduce_to_owners(&self, _: &CudaBackend, bufs: &mut [Owned<'_, CudaBuf>]) -> Result<()> {
+        check_parts(bufs, CudaBuf::len)?;
+        self.start("reduce", |c, st| enqueue_reduce_to_owners(bufs, c, st))
+    }
+    fn finish(&self, _: &CudaBackend) -> Result<()> {
+        let mut state = self.lock("gradient reduction")?;
+        let done = self.finish_locked(&mut state);
+        self.check("gradient reduction", &mut state, done)
     }
     fn broadcast_from_owners(&self, _: &CudaBackend, bufs: &mut [Owned<'_, CudaBuf>]) -> Result<()> {
         check_parts(bufs, CudaBuf::len)?;
-        self.run("broadcast", |c| {
+        self.run("broadcast", |c, st| {
             for b in bufs.iter() {
                 for p in &b.parts {
                     let at = part_ptr(b.buf, p);
                     // SAFETY: in place over a checked range of the buffer, in its own type.
-                    unsafe { nc::broadcast(at, at, p.len, dtype(b.buf), p.owner as i32, c, NULL_STREAM) }.map_err(nccl_err("ncclBroadcast"))?;
+                    unsafe { nc::broadcast(at, at, p.len, dtype(b.buf), p.owner as i32, c, st) }.map_err(nccl_err("ncclBroadcast"))?;
                 }
             }
             Ok(())
@@ -251,9 +352,9 @@ impl Collective<CudaBackend> for NcclComm<'_> {
             ensure!(data.len() == len, "host_from: {} values for {len}", data.len());
             self.be.gpu().htod(buf.ptr(), data)?;
         }
-        self.run("broadcast", |c| {
+        self.run("broadcast", |c, st| {
             // SAFETY: buf holds len f32 on every rank.
-            unsafe { nc::broadcast(ptr(&buf), ptr(&buf), len, ns::ncclDataType_t::ncclFloat32, owner as i32, c, NULL_STREAM) }.map_err(nccl_err("ncclBroadcast"))?;
+            unsafe { nc::broadcast(ptr(&buf), ptr(&buf), len, ns::ncclDataType_t::ncclFloat32, owner as i32, c, st) }.map_err(nccl_err("ncclBroadcast"))?;
             Ok(())
         })?;
         let mut out = vec![0f32; len];
