@@ -70,6 +70,10 @@ std::string check_range(uint64_t ptr, size_t bytes);
 // cuBLAS work is counted with the driver's counters; a fault makes the context's error sticky.
 void count_gemm(double flops);
 bool context_current();
+// The trace's name of a stream: 0 for the default streams, 1, 2, … for created ones.
+int stream_id(void* stream);
+// Appends a line to the trace when KD_SIM_TRACE names a folder (see driver.cpp).
+void trace(const std::string& line);
 void fail_sticky(int cuda_error, const std::string& why);
 
 }  // namespace kd_simdev

@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -78,7 +79,10 @@ static const unsigned char kGuardByte = 0xA5;
 static const unsigned char kFreshByte = 0xFF;  // f32 and bf16 NaN, int -1: reads of unwritten memory show
 
 struct KdCtx { int device; };
-struct KdEvent { bool recorded = false; std::chrono::steady_clock::time_point at; };
+struct KdEvent { bool recorded = false; std::chrono::steady_clock::time_point at; unsigned id = 0; };
+// A created stream. Work runs at launch on every stream, so streams only name the work (the
+// trace shows which stream each launch, event and collective is on).
+struct KdStream { int id; };
 struct KdFunction {
     std::string name;
     const kd_simdev::HostKernel* kernel;
@@ -110,6 +114,9 @@ struct Driver {
     std::set<KdModule*> modules;
     std::set<KdFunction*> functions;
     std::set<KdEvent*> events;
+    std::set<KdStream*> streams;
+    int next_stream = 1;
+    unsigned next_event = 1;
     KdSimCounters counters{};
     int sticky = CUDA_SUCCESS;
 };
@@ -275,6 +282,25 @@ void count_gemm(double flops) {
     drv().counters.gemm_flops += flops;
 }
 bool context_current() { return drv().initialised && current_ctx != nullptr; }
+
+int stream_id(void* s) {
+    std::lock_guard<std::recursive_mutex> g(device_lock());
+    auto it = drv().streams.find(static_cast<CUstream>(s));
+    return it == drv().streams.end() ? 0 : (*it)->id;
+}
+
+// KD_SIM_TRACE=<folder>: one line per launch, event record, stream wait and collective, in
+// order, to <folder>/<pid>.trace, so tests can check what ran on which stream after what.
+void trace(const std::string& line) {
+    static FILE* f = [] {
+        const char* dir = getenv("KD_SIM_TRACE");
+        return dir ? fopen((std::string(dir) + "/" + std::to_string(getpid()) + ".trace").c_str(), "w") : nullptr;
+    }();
+    if (f == nullptr) return;
+    std::lock_guard<std::recursive_mutex> g(device_lock());
+    fprintf(f, "%s\n", line.c_str());
+    fflush(f);
+}
 void fail_sticky(int e, const std::string& why) {
     std::lock_guard<std::recursive_mutex> g(device_lock());
     drv().sticky = e;
@@ -459,8 +485,34 @@ KD_SIM_EXPORT CUresult cuCtxSynchronize() {
 }
 
 static bool valid_stream(CUstream s) {
-    // The legacy default stream (null, CU_STREAM_LEGACY) and the per-thread one: no others exist.
-    return s == nullptr || s == (CUstream)0x1 || s == (CUstream)0x2;
+    // The legacy default stream (null, CU_STREAM_LEGACY), the per-thread one, and created ones.
+    return s == nullptr || s == (CUstream)0x1 || s == (CUstream)0x2 || drv().streams.count(s) != 0;
+}
+
+KD_SIM_EXPORT CUresult cuStreamCreate(CUstream* s, unsigned flags) {
+    LOCK;
+    TRY(ready());
+    if (s == nullptr || flags > 1) return CUDA_ERROR_INVALID_VALUE;  // CU_STREAM_DEFAULT, CU_STREAM_NON_BLOCKING
+    *s = new KdStream{drv().next_stream++};
+    drv().streams.insert(*s);
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuStreamDestroy_v2(CUstream s) {
+    LOCK;
+    TRY(ready());
+    if (drv().streams.erase(s) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    delete s;
+    return CUDA_SUCCESS;
+}
+
+KD_SIM_EXPORT CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned flags) {
+    LOCK;
+    TRY(ready());
+    if (!valid_stream(s) || drv().events.count(e) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    kd_simdev::trace("wait s" + std::to_string(kd_simdev::stream_id(s)) + " e" + std::to_string(e->id));
+    return CUDA_SUCCESS;
 }
 
 KD_SIM_EXPORT CUresult cuStreamSynchronize(CUstream s) {
@@ -870,6 +922,7 @@ KD_SIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, un
         return CUDA_ERROR_NOT_SUPPORTED;
     }
     unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
+    kd_simdev::trace("launch " + f->name + " s" + std::to_string(kd_simdev::stream_id(s)));
     f->kernel->run(f->kernel->fn, params, grid, block, smem);
     drv().counters.launches++;
     return check_guards(f->name);
@@ -882,6 +935,7 @@ KD_SIM_EXPORT CUresult cuEventCreate(CUevent* e, unsigned flags) {
     TRY(ready());
     if (e == nullptr || flags > 0xF) return CUDA_ERROR_INVALID_VALUE;
     *e = new KdEvent();
+    (*e)->id = drv().next_event++;
     drv().events.insert(*e);
     return CUDA_SUCCESS;
 }
@@ -892,6 +946,7 @@ KD_SIM_EXPORT CUresult cuEventRecord(CUevent e, CUstream s) {
     if (drv().events.count(e) == 0 || !valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
     e->recorded = true;
     e->at = std::chrono::steady_clock::now();
+    kd_simdev::trace("record e" + std::to_string(e->id) + " s" + std::to_string(kd_simdev::stream_id(s)));
     return CUDA_SUCCESS;
 }
 

@@ -361,7 +361,6 @@ static thread_local int g_group_depth = 0;
 static thread_local std::vector<Op> g_group;
 
 static ncclResult_t submit(Kind kind, const void* send, void* recv, size_t count, int type, int op, int root, ncclComm_t comm, cudaStream_t stream) {
-    (void)stream;  // see the header: every stream is idle when a collective is called
     if (comm == nullptr || comm->sh == nullptr) {
         say(nullptr, "%s: a null or destroyed communicator", kind_name(kind));
         return ncclInvalidArgument;
@@ -400,6 +399,9 @@ static ncclResult_t submit(Kind kind, const void* send, void* recv, size_t count
             }
         }
     }
+    // The stream only names the work (see the header: every stream is idle when a collective is
+    // called); the trace records it, to check which stream a collective was queued on.
+    kd_simdev::trace(std::string(kind_name(kind)) + " s" + std::to_string(kd_simdev::stream_id(stream)) + " n" + std::to_string(count));
     Op o{kind, static_cast<const unsigned char*>(send), static_cast<unsigned char*>(recv), count, type, op, root, comm};
     if (g_group_depth > 0) {
         g_group.push_back(o);
