@@ -408,3 +408,93 @@ fn ranks_given_different_recipes_are_refused_naming_the_rank() {
     let e = format!("{e:#}");
     assert!(e.contains("rank 1's recipe ([run] and the stages) differs from rank 0's"), "{e}");
 }
+
+/// Rank 0's collectives in order, as the wrapped [`ThreadGroup`] performs them: `gather N` (an
+/// all-gather of N host values), `start` (a gradient bucket started by the backward's tracker or
+/// the step), `reduce` (a bucket reduced by a plain call), `finish`.
+struct Recording {
+    inner: ThreadGroup,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Recording {
+    fn note(&self, what: String) {
+        if Collective::<Cpu>::rank(&self.inner) == 0 {
+            self.log.lock().unwrap().push(what);
+        }
+    }
+}
+
+impl Collective<Cpu> for Recording {
+    fn rank(&self) -> usize {
+        Collective::<Cpu>::rank(&self.inner)
+    }
+    fn world(&self) -> usize {
+        Collective::<Cpu>::world(&self.inner)
+    }
+    fn all_gather_host(&self, xs: &[f64]) -> anyhow::Result<Vec<Vec<f64>>> {
+        self.note(format!("gather {}", xs.len()));
+        Collective::<Cpu>::all_gather_host(&self.inner, xs)
+    }
+    fn all_reduce(&self, be: &Cpu, bufs: &mut [&mut Vec<f32>]) -> anyhow::Result<()> {
+        self.note("reduce".into());
+        self.inner.all_reduce(be, bufs)
+    }
+    fn reduce_to_owners(&self, be: &Cpu, bufs: &mut [Owned<'_, Vec<f32>>]) -> anyhow::Result<()> {
+        self.note("reduce".into());
+        self.inner.reduce_to_owners(be, bufs)
+    }
+    fn start_all_reduce(&self, be: &Cpu, bufs: &mut [&mut Vec<f32>]) -> anyhow::Result<()> {
+        self.note("start".into());
+        self.inner.all_reduce(be, bufs)
+    }
+    fn start_reduce_to_owners(&self, be: &Cpu, bufs: &mut [Owned<'_, Vec<f32>>]) -> anyhow::Result<()> {
+        self.note("start".into());
+        self.inner.reduce_to_owners(be, bufs)
+    }
+    fn finish(&self, _: &Cpu) -> anyhow::Result<()> {
+        self.note("finish".into());
+        Ok(())
+    }
+    fn broadcast_from_owners(&self, be: &Cpu, bufs: &mut [Owned<'_, Vec<f32>>]) -> anyhow::Result<()> {
+        self.inner.broadcast_from_owners(be, bufs)
+    }
+    fn host_from(&self, local: Option<&[f32]>, len: usize, owner: usize) -> anyhow::Result<Vec<f32>> {
+        Collective::<Cpu>::host_from(&self.inner, local, len, owner)
+    }
+}
+
+/// With small buckets, every bucket's reduction starts inside the micro-batch loop (between the
+/// step's count gather, 6 values, and the next gather, of its loss reports: the tracker
+/// starts them from the last micro-batch's backward, which tests/mllm_grad.rs shows reports the
+/// last blocks before the first ones are computed), none is left to the optimizer step, and the
+/// weights are the same bits as with the reduction after the backward, with and without ZeRO-1.
+#[test]
+fn gradient_buckets_are_reduced_during_the_last_backward_and_give_the_same_bits() {
+    let s = setup();
+    for (zero, dirs) in [(false, ("ov-on", "ov-off")), (true, ("ovz-on", "ovz-off"))] {
+        // 0.002 MiB: 1048 elements per bucket, so the tiny model's gradients fill several.
+        let rc = |overlap| RunConfig { log_every: 0, zero, bucket_mb: 0.002, overlap_reduction: overlap, ..RunConfig::default() };
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l = log.clone();
+        let on = train_with::<f32, _>(&s, Job { world: 2, rc: rc(true), dir: dirs.0, resume: None, stop: None }, move |g| Recording { inner: g, log: l.clone() }).unwrap();
+        let off = train::<f32>(&s, Job { world: 2, rc: rc(false), dir: dirs.1, resume: None, stop: None });
+        assert!(bit_equal(&on[0], &off[0]), "zero={zero}: overlapping the reduction changed the weights");
+        let log = log.lock().unwrap();
+        // Each step: `gather 6` (counts), the micro-batches, a gather of the reports, the step.
+        let steps: Vec<usize> = log.iter().enumerate().filter(|(_, e)| *e == "gather 6").map(|(i, _)| i).collect();
+        assert_eq!(steps.len(), 6, "six optimizer steps: {log:?}");
+        for (k, &at) in steps.iter().enumerate() {
+            let report = at + 1 + log[at + 1..].iter().position(|e| e.starts_with("gather ")).unwrap();
+            let during = log[at..report].iter().filter(|e| *e == "start").count();
+            let next = steps.get(k + 1).copied().unwrap_or(log.len());
+            let finish = report + log[report..next].iter().position(|e| e == "finish").unwrap();
+            println!("zero={zero} step {}: {during} buckets started during the backward", k + 1);
+            // DPT (steps 1-2) trains the projector alone: one bucket; SFT and DFT the LLM too.
+            let want = if k < 2 { 1 } else { 3 };
+            assert!(during >= want, "step {}: only {during} buckets started during the backward: {:?}", k + 1, &log[at..next]);
+            assert!(!log[at..next].contains(&"reduce".to_string()), "step {}: a bucket was reduced outside the tracker", k + 1);
+            assert!(!log[report..finish].contains(&"start".to_string()), "step {}: a bucket was left to the optimizer step", k + 1);
+        }
+    }
+}
