@@ -444,3 +444,91 @@ fn the_simulated_nccl_computes_every_collective_type_and_reduction() {
         assert!(t.join().is_ok(), "rank {r} failed");
     }
 }
+
+/// Checks one rank's trace (`KD_SIM_TRACE`, written by the simulated driver and NCCL) of a run
+/// with gradient buckets reduced during the backward; returns how many bucket collectives ran on
+/// the side stream and how many of those had a backward kernel launched after them in the same
+/// step (before the optimizer).
+fn check_trace(trace: &str) -> (usize, usize) {
+    let lines: Vec<&str> = trace.lines().collect();
+    let stream = |l: &str| l.split_whitespace().find_map(|w| w.strip_prefix('s').and_then(|n| n.parse::<u32>().ok()));
+    // Where each event was last recorded, as of each line.
+    let mut recorded_on = std::collections::HashMap::new();
+    let (mut side, mut overlapped) = (0, 0);
+    let mut last_side_collective: Option<(usize, u32)> = None;
+    for (i, l) in lines.iter().enumerate() {
+        let word: Vec<&str> = l.split_whitespace().collect();
+        match word[0] {
+            "record" => {
+                recorded_on.insert(word[1], stream(l).unwrap());
+            }
+            "ncclAllReduce" | "ncclReduce" if stream(l) != Some(0) => {
+                let s = stream(l).unwrap();
+                side += 1;
+                // Within a group: after the group's first collective; the first follows a wait
+                // of the side stream for an event recorded on the compute stream.
+                let first = lines[..i].iter().rposition(|p| !(p.starts_with("ncclAllReduce") || p.starts_with("ncclReduce")) || stream(p) != Some(s)).unwrap();
+                let w: Vec<&str> = lines[first].split_whitespace().collect();
+                assert!(w[0] == "wait" && stream(lines[first]) == Some(s), "line {i} ({l}): the bucket does not wait for the compute stream first: {}", lines[first]);
+                assert_eq!(recorded_on.get(w[2]), Some(&0), "line {i}: the side stream waits for {}, not an event of the compute stream", w[2]);
+                // A backward kernel on the compute stream after it, before the optimizer's.
+                let rest = &lines[i + 1..];
+                let optimizer = rest.iter().position(|p| p.starts_with("launch adamw")).unwrap_or(rest.len());
+                if rest[..optimizer].iter().any(|p| p.starts_with("launch") && p.contains("_bwd") && stream(p) == Some(0)) {
+                    overlapped += 1;
+                }
+                last_side_collective = Some((i, s));
+            }
+            "launch" if l.starts_with("launch adamw") => {
+                // The optimizer reads the reduced gradients: the compute stream must wait for an
+                // event recorded on the side stream after its last collective.
+                if let Some((at, s)) = last_side_collective.take() {
+                    let waited = lines[at..i].iter().any(|p| {
+                        let w: Vec<&str> = p.split_whitespace().collect();
+                        w[0] == "wait" && stream(p) == Some(0) && recorded_on.get(w[2]) == Some(&s)
+                    });
+                    assert!(waited, "line {i}: the optimizer does not wait for the side stream's reductions (lines {at}..{i})");
+                }
+            }
+            _ => {}
+        }
+    }
+    (side, overlapped)
+}
+
+/// On the simulated device, with small buckets: every gradient bucket is reduced on a second
+/// stream after an event of the compute stream, backward kernels still run on the compute
+/// stream after buckets were started (the reduction overlaps the backward), and the optimizer's
+/// stream waits for the side stream's event; the losses equal the run without overlap.
+#[test]
+fn gradient_buckets_run_on_a_second_stream_during_the_backward() {
+    if !sim_built() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let cfg = write_job(root, 1);
+    let run = |name: &str, overlap: bool, trace: Option<&Path>| {
+        let mut c = kd();
+        c.args(["launch", "--gpus", "2", "--", "train", "--config"]).arg(&cfg).arg("--out").arg(root.join(name));
+        c.args(["--set", "run.bucket_mb=0.01", "--set", &format!("run.overlap_reduction={overlap}")]);
+        if let Some(t) = trace {
+            c.env("KD_SIM_TRACE", t);
+        }
+        check(c.output().unwrap(), name);
+        losses(&root.join(name))
+    };
+    let traces = root.join("traces");
+    std::fs::create_dir(&traces).unwrap();
+    let on = run("on", true, Some(&traces));
+    let off = run("off", false, None);
+    assert_eq!(on, off, "overlapping the reduction changed the losses");
+    let files: Vec<PathBuf> = std::fs::read_dir(&traces).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 2, "one trace per rank: {files:?}");
+    for f in files {
+        let (side, overlapped) = check_trace(&std::fs::read_to_string(&f).unwrap());
+        println!("{}: {side} bucket collectives on the side stream, {overlapped} with backward kernels after them", f.display());
+        assert!(side >= 20, "{side} bucket collectives on the side stream");
+        assert!(overlapped * 2 >= side, "only {overlapped} of {side} buckets overlap backward kernels");
+    }
+}
