@@ -201,6 +201,7 @@ fn fused_now<Bk: Backend>(
 
 fn all_terms(temperature: f32) -> DistillConfig {
     DistillConfig {
+        ce: true,
         alpha: 0.7,
         beta: 1.3,
         gamma: 0.5,
@@ -276,6 +277,10 @@ fn fused_head_matches_direct_path_default_objective_and_term_switches() {
     compare(&s, &mdist_only, "MDist only");
     let rdist_only = DistillConfig { mdist: false, ..all_terms(1.0) };
     compare(&s, &rdist_only, "RDist only");
+    // Distillation alone: the fused path skips CE's gradient where it is fused into the response
+    // KL (softmax_kl_ce) as well as where it runs on its own.
+    compare(&s, &DistillConfig { ce: false, ..mdist_only }, "MDist only, no CE");
+    compare(&s, &DistillConfig { ce: false, ..all_terms(2.0) }, "every distillation term, no CE, τ 2");
 }
 
 #[test]

@@ -149,6 +149,7 @@ impl Objective {
             .collect();
         let c = fx.f32("obj_config");
         let cfg = DistillConfig {
+            ce: true,
             alpha: c[1],
             beta: c[2],
             gamma: c[3],

@@ -274,6 +274,7 @@ const SEQ_B: &[Group] = &[P, P, R, R, R, P, P, P, R, R];
 
 fn all_terms() -> DistillConfig {
     DistillConfig {
+        ce: true,
         alpha: 0.8,
         beta: 0.6,
         gamma: 0.5,
@@ -465,6 +466,39 @@ fn micro_batches_add_up_to_the_whole_step() {
     }
     let joined: Vec<f64> = d1.iter().chain(&d2).copied().collect();
     assert!(joined.iter().zip(&d).all(|(a, b)| (a - b).abs() <= 1e-15), "gradients differ");
+}
+
+#[test]
+fn cross_entropy_off_leaves_the_distillation_terms_alone() {
+    // With `ce` off the objective is the distillation terms alone: the gradient is the full
+    // objective's minus the CE-only objective's (two independent runs), the total leaves CE out,
+    // and CE is still measured for the report.
+    let mut rng = TestRng(620);
+    let (vs, vt) = (9, 12);
+    let b = Batch::new(&[SEQ_A, SEQ_B], vs, &mut rng);
+    let n = b.groups.len();
+    let s = rng.vec(n * vs, 2.0);
+    let t = rng.vec(n * vt, 2.0);
+    let step = LossCounts::of(&b.inputs()).unwrap();
+    let off = DistillConfig { ce: false, ..all_terms() };
+    let (r_off, d_off) = run(&off, &b, &s, vs, Some((&t, vt)), &step).unwrap();
+    let (r_all, d_all) = run(&all_terms(), &b, &s, vs, Some((&t, vt)), &step).unwrap();
+    let (r_ce, d_ce) = run(&DistillConfig::ce_only(), &b, &s, vs, None, &step).unwrap();
+    assert_eq!(r_off.ce, r_ce.ce, "CE is measured even when off");
+    assert!(r_ce.ce > 0.1);
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
+    assert!(close(r_off.total, r_all.total - r_ce.ce), "total {} vs {} − {}", r_off.total, r_all.total, r_ce.ce);
+    let want = 0.8f32 as f64 * (r_off.response.unwrap() + r_off.prompt.unwrap()) + 0.6f32 as f64 * r_off.visual.unwrap() + 0.5 * r_off.relation.unwrap();
+    assert!(close(r_off.total, want));
+    for (i, ((o, a), c)) in d_off.iter().zip(&d_all).zip(&d_ce).enumerate() {
+        assert!((o - (a - c)).abs() <= 1e-12, "∂/∂z[{i}]: CE off {o} vs all − CE-only {}", a - c);
+    }
+    let f = |z: &[f64]| run(&off, &b, z, vs, Some((&t, vt)), &step).unwrap().0.total;
+    check_grad("objective without CE", &s, &d_off, 10_000, 5e-6, &mut |z| f(z));
+    // Nothing left to train on is refused.
+    let none = DistillConfig { ce: false, mdist: false, rdist: false, ..all_terms() };
+    let e = run(&none, &b, &s, vs, Some((&t, vt)), &step).unwrap_err().to_string();
+    assert!(e.contains("no term"), "{e}");
 }
 
 #[test]

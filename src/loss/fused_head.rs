@@ -275,7 +275,7 @@ pub fn fused_distill_loss<B: Backend>(
     let chunks = plan_chunks(&role, inputs.images, image_chunks, opts.chunk_rows);
 
     be.fill_zero(dhidden)?;
-    let ce_scale = grad_scale(1.0, step.ce);
+    let ce_scale = grad_scale(cfg.ce_weight(), step.ce);
     let pending = PendingReport::new(at, cfg, step, teacher.is_some());
     let slot = |k: usize| pending.slot(k);
     let shape = teacher.map(|t| KlShape {

@@ -2,7 +2,9 @@
 //!
 //! total = L_ce + α·(L_res + L_prompt) + β·L_vis + γ·L_rel
 //!
-//! * L_ce: next-token cross-entropy over the student's full vocabulary;
+//! * L_ce: next-token cross-entropy over the student's full vocabulary (it can be switched off,
+//!   for distillation alone: it is then still measured and reported, but not in the total and
+//!   with no gradient);
 //! * L_res, L_prompt, L_vis: τ²·D(p_t, p_s) with p = softmax(logits/τ) over the first
 //!   min(V_s, V_t) columns, D the stage's divergence (forward KL(p_t‖p_s) by default; the others
 //!   are defined in [`crate::backend::divergence`]), on the rows [`select`] describes (L_prompt is the text-side KL of the
@@ -48,6 +50,9 @@ impl Default for KlTargets {
 /// The objective of one stage: weights, which terms are on, and the KL temperature.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DistillConfig {
+    /// L_ce in the objective (always in the paper's stages). Off, the student learns from the
+    /// teacher alone: the distillation sanity experiment of the study.
+    pub ce: bool,
     /// Weight of L_res (and of L_prompt).
     pub alpha: f32,
     /// Weight of L_vis.
@@ -71,6 +76,7 @@ impl Default for DistillConfig {
     /// MDist and RDist on, τ = 1, forward KL.
     fn default() -> Self {
         DistillConfig {
+            ce: true,
             alpha: 1.0,
             beta: 1.0,
             gamma: 0.5,
@@ -101,14 +107,33 @@ impl DistillConfig {
     pub fn relation_on(&self) -> bool {
         self.rdist
     }
+    /// The weight of L_ce in the total: 1, or 0 when it is off (then its gradient scale is 0:
+    /// the term is still computed, for the report, but moves nothing).
+    pub fn ce_weight(&self) -> f32 {
+        if self.ce {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// The total of a report's terms under this objective (terms that are off count 0).
+    pub fn total(&self, r: &LossReport) -> f64 {
+        let (a, b, g) = (self.alpha as f64, self.beta as f64, self.gamma as f64);
+        self.ce_weight() as f64 * r.ce
+            + a * (r.response.unwrap_or(0.0) + r.prompt.unwrap_or(0.0))
+            + b * r.visual.unwrap_or(0.0)
+            + g * r.relation.unwrap_or(0.0)
+    }
 
     /// Whether any distillation term is on (then teacher logits are required).
     pub fn needs_teacher(&self) -> bool {
         self.response_on() || self.prompt_on() || self.visual_on() || self.relation_on()
     }
 
-    /// Weights finite and ≥ 0, temperature finite and > 0.
+    /// Weights finite and ≥ 0, temperature finite and > 0, and some term on.
     pub fn validate(&self) -> Result<()> {
+        ensure!(self.ce || self.needs_teacher(), "the objective has no term: cross-entropy is off and so is every distillation term");
         for (name, w) in [("alpha", self.alpha), ("beta", self.beta), ("gamma", self.gamma)] {
             ensure!(w.is_finite() && w >= 0.0, "distillation weight {name} must be finite and non-negative, got {w}");
         }
@@ -130,12 +155,13 @@ pub struct Logits<'a, Buf> {
 /// that is off.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LossReport {
+    /// The student's cross-entropy on the labels: measured even when the objective leaves it out.
     pub ce: f64,
     pub response: Option<f64>,
     pub prompt: Option<f64>,
     pub visual: Option<f64>,
     pub relation: Option<f64>,
-    /// L_ce + α·(L_res + L_prompt) + β·L_vis + γ·L_rel.
+    /// L_ce (only when the objective's CE is on) + α·(L_res + L_prompt) + β·L_vis + γ·L_rel.
     pub total: f64,
 }
 
@@ -209,11 +235,7 @@ impl PendingReport {
             report.visual = term(cfg.visual_on(), Self::VISUAL, step.visual);
             report.relation = term(cfg.relation_on(), Self::RELATION, step.images);
         }
-        let (a, b, g) = (cfg.alpha as f64, cfg.beta as f64, cfg.gamma as f64);
-        report.total = report.ce
-            + a * (report.response.unwrap_or(0.0) + report.prompt.unwrap_or(0.0))
-            + b * report.visual.unwrap_or(0.0)
-            + g * report.relation.unwrap_or(0.0);
+        report.total = cfg.total(&report);
         Ok(report)
     }
 }
@@ -334,7 +356,7 @@ pub fn distill_loss<B: Backend>(
     let pending = PendingReport::new(0, cfg, step, teacher.is_some());
     let mut sums = be.sums(PendingReport::SLOTS)?;
     let targets = inputs.ce_targets()?;
-    be.cross_entropy_into(student.data, &targets, vs, grad_scale(1.0, step.ce), dstudent, &mut sums, pending.slot(PendingReport::CE))?;
+    be.cross_entropy_into(student.data, &targets, vs, grad_scale(cfg.ce_weight(), step.ce), dstudent, &mut sums, pending.slot(PendingReport::CE))?;
 
     if let Some(t) = teacher {
         let shape = KlShape {

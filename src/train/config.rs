@@ -217,6 +217,10 @@ pub struct StageConfig {
     /// Global gradient-norm clipping; 0 disables it.
     #[serde(default = "defaults::max_grad_norm")]
     pub max_grad_norm: f64,
+    /// Cross-entropy on the labels in the loss (the paper's stages all have it). `false` in a
+    /// DPT/DFT stage trains on the teacher's distributions alone (MDist/RDist, no labels).
+    #[serde(default = "defaults::yes")]
+    pub ce: bool,
     /// Weights of L_res (+ L_prompt), L_vis and L_rel: α, β, γ (α', β', γ' in DFT).
     #[serde(default = "defaults::one")]
     pub alpha: f64,
@@ -285,6 +289,15 @@ impl StageConfig {
         ensure!(self.temperature > 0.0, "{}: must be positive, found {}", at("temperature"), self.temperature);
         ensure!(self.max_len > 0, "{}: must be positive", at("max_len"));
         ensure!(!self.name.as_ref().is_some_and(|n| n.trim().is_empty()), "{}: must not be empty", at("name"));
+        if !self.ce {
+            ensure!(
+                self.kind.distills(),
+                "{}: cross-entropy is off, but {} has no other loss (only DPT and DFT distil)",
+                at("ce"),
+                self.kind.name().to_uppercase()
+            );
+            ensure!(self.mdist || self.rdist, "{}: cross-entropy is off and so are mdist and rdist: the stage has no loss", at("ce"));
+        }
         for (name, v) in [("alpha", self.alpha), ("beta", self.beta), ("gamma", self.gamma), ("weight_decay", self.weight_decay), ("max_grad_norm", self.max_grad_norm)] {
             ensure!(v.is_finite() && v >= 0.0, "{}: must be a non-negative number, found {v}", at(name));
         }
@@ -610,6 +623,11 @@ global_batch = 128
         assert!(e.contains("stage.0.divergence") && e.contains("unknown divergence \"kl\"") && e.contains("skew_rkl"), "{e}");
         let e = TrainConfig::parse(BASE, &["stage.0.divergence=\"jsd\"".into(), "stage.0.divergence_lambda=1.5".into()]).unwrap_err().to_string();
         assert!(e.contains("stage.0.divergence") && e.contains("divergence_lambda") && e.contains("1.5"), "{e}");
+        let e = TrainConfig::parse(BASE, &["stage.1.ce=false".into()]).unwrap_err().to_string();
+        assert!(e.contains("stage.1.ce") && e.contains("SFT has no other loss"), "{e}");
+        let e = TrainConfig::parse(BASE, &["stage.0.ce=false".into(), "stage.0.mdist=false".into(), "stage.0.rdist=false".into()]).unwrap_err().to_string();
+        assert!(e.contains("stage.0.ce") && e.contains("no loss"), "{e}");
+        assert!(!TrainConfig::parse(BASE, &["stage.0.ce=false".into()]).unwrap().stages[0].ce);
         let c = TrainConfig::parse(BASE, &["stage.0.divergence=\"skew_rkl\"".into()]).unwrap();
         assert_eq!(c.stages[0].divergence().unwrap(), Divergence::SkewRkl { lambda: 0.1 });
         let e = TrainConfig::parse("[student\n", &[]).unwrap_err().to_string();

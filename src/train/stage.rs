@@ -92,6 +92,7 @@ pub fn distill_config(stage: &StageConfig) -> Result<DistillConfig> {
         return Ok(DistillConfig::ce_only());
     }
     Ok(DistillConfig {
+        ce: stage.ce,
         alpha: stage.alpha as f32,
         beta: stage.beta as f32,
         gamma: stage.gamma as f32,
@@ -388,6 +389,10 @@ pub fn run_stage<B: Backend>(
             record.insert("global_step".into(), json!(state.global_step));
             record.insert("lr".into(), json!(lr));
             record.extend(loss_fields(&report));
+            if !objective.ce {
+                // `ce` is then the student's cross-entropy on the labels, measured, not trained on.
+                record.insert("ce_in_loss".into(), json!(false));
+            }
             record.insert("tokens".into(), json!(tokens));
             record.insert("tokens_per_s".into(), json!(tokens as f64 / elapsed.max(1e-9)));
             record.insert("skipped_samples".into(), json!(skipped));

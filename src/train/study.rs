@@ -117,6 +117,7 @@ pub fn stage(kind: StageKind, data: &Path, lr: f64, epochs: f64, batch: usize) -
         warmup_ratio: 0.03,
         weight_decay: 0.0,
         max_grad_norm: 1.0,
+        ce: true,
         alpha: 1.0,
         beta: 1.0,
         gamma: 0.5,
