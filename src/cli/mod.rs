@@ -82,6 +82,12 @@ pub enum Command {
         /// Run folder (default: a fresh runs/run-<time>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Study: which experiment. `llava-kd`: teacher, student, student + LLaVA-KD;
+        /// `distil-only`: students trained by MDist alone (no CE) against CE alone, scored by
+        /// agreement with the teacher (the distillation sanity check; with --quick a few
+        /// minutes a seed on 2 cores).
+        #[arg(long, value_enum, default_value_t = train::StudyArg::LlavaKd)]
+        study: train::StudyArg,
         /// Study: the small version (smoke test, about 30-40 s a seed on 2 cores).
         #[arg(long)]
         quick: bool,
@@ -116,8 +122,8 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Forward { model, input_ids, out, device } => forward::run(&model, &input_ids, &out, device),
         Command::EncodeImage { vision, image, layer, out, device } => encode_image::run(&vision, &image, layer, &out, device),
-        Command::Train { config, overrides, resume, out, quick, ablation, seeds, device } => {
-            train::run(train::TrainArgs { config, overrides, resume, out, quick, ablation, seeds, device })
+        Command::Train { config, overrides, resume, out, study, quick, ablation, seeds, device } => {
+            train::run(train::TrainArgs { config, overrides, resume, out, study, quick, ablation, seeds, device })
         }
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),

@@ -17,13 +17,21 @@ use crate::dist::{Collective, Solo};
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
 use crate::train::recipe::run_config;
-use crate::train::study::{data_dir, run_study, seed_dir, write_compare_questions, StudyOptions, STUDY_MODELS};
+use crate::train::study::{data_dir, run_study, seed_dir, write_compare_questions, StudyKind, StudyOptions, STUDY_MODELS};
+
+/// The built-in study's experiments (`--study`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StudyArg {
+    LlavaKd,
+    DistilOnly,
+}
 
 pub struct TrainArgs {
     pub config: Option<PathBuf>,
     pub overrides: Vec<String>,
     pub resume: Option<PathBuf>,
     pub out: Option<PathBuf>,
+    pub study: StudyArg,
     pub quick: bool,
     pub ablation: bool,
     pub seeds: usize,
@@ -63,8 +71,12 @@ fn compare_report(out: &Path, device: Device) -> Result<PathBuf> {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     ensure!(
-        a.config.is_none() || !(a.quick || a.ablation || a.seeds != 1),
-        "--quick, --ablation and --seeds choose the built-in study's runs; a --config recipe takes none of them"
+        a.config.is_none() || !(a.quick || a.ablation || a.seeds != 1 || a.study != StudyArg::LlavaKd),
+        "--study, --quick, --ablation and --seeds choose the built-in study's runs; a --config recipe takes none of them"
+    );
+    ensure!(
+        !(a.ablation && a.study == StudyArg::DistilOnly),
+        "--ablation adds variants of the llava-kd study; --study distil-only has none"
     );
     // One rank of a multi-process job when the launcher variables say so (WORLD_SIZE > 1).
     let env = RankEnv::from_env()?.filter(|e| e.world > 1);
@@ -147,12 +159,23 @@ fn run_on<B: Backend>(be: &B, comm: &dyn Collective<B>, a: &TrainArgs) -> Result
             Ok(())
         }
         None => {
-            ensure!(a.overrides.is_empty() && a.resume.is_none(), "--set and --resume need --config (the built-in study takes --quick, --ablation, --seeds, --out)");
+            ensure!(a.overrides.is_empty() && a.resume.is_none(), "--set and --resume need --config (the built-in study takes --study, --quick, --ablation, --seeds, --out)");
             ensure!(a.seeds >= 1, "--seeds must be at least 1");
             let out = a.out.clone().unwrap_or_else(fresh_run_dir);
-            let opts = StudyOptions { quick: a.quick, ablation: a.ablation, seeds: (1..=a.seeds as u64).collect(), out: out.clone(), progress };
+            let kind = match a.study {
+                StudyArg::LlavaKd => StudyKind::LlavaKd,
+                StudyArg::DistilOnly => StudyKind::DistilOnly,
+            };
+            let opts = StudyOptions { kind, quick: a.quick, smoke: false, ablation: a.ablation, seeds: (1..=a.seeds as u64).collect(), out: out.clone(), progress };
             let table = run_study(be, &opts)?;
             println!("{table}");
+            if kind == StudyKind::DistilOnly {
+                eprintln!(
+                    "results in {out}: results.md, results.json, and per seed models/ (HF folders), predictions/ (every model's answers), runs/ (metrics, plots)",
+                    out = out.display()
+                );
+                return Ok(());
+            }
             let report = compare_report(&out, a.device)?;
             eprintln!(
                 "results in {out}: results.md, and per seed models/ (HF folders for generate, eval and compare), predictions/, runs/ \

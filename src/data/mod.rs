@@ -25,7 +25,7 @@ pub use image::{check_image_size, decode_rgb, load_rgb, ImageTooLarge, RgbImage,
 pub use processor::{preprocess, ImageProcessorConfig, PREPROCESSOR_CONFIG_FILE};
 pub use resample::{resize, Resample};
 pub use rng::{shuffled_indices, SplitMix64};
-pub use synthetic::{answer_matches, write_study_data, StudyFiles, StudySpec};
+pub use synthetic::{answer_matches, normalise_answer, write_study_data, StudyFiles, StudySpec};
 pub use template::{
     default_visual_placeholder, load_tokenizer, EncodeError, EncodeErrorKind, EncodeOptions,
     EncodedSample, Group, Role, Template, Turn, DEFAULT_MAX_LEN, IMAGE_TAG,
