@@ -49,8 +49,8 @@ pub struct StudyOptions {
     pub kind: StudyKind,
     /// The small version (less data, fewer held-out questions).
     pub quick: bool,
-    /// Every training of `DistilOnly` cut short ([`Plan::smoke`]): a check of the plumbing, whose
-    /// models are undertrained, for the tests (the command line has no switch for it).
+    /// Every training cut short ([`Plan::smoke`]): a check of the plumbing, whose models are
+    /// undertrained, for the tests (the command line has no switch for it).
     pub smoke: bool,
     pub ablation: bool,
     pub seeds: Vec<u64>,
@@ -118,7 +118,7 @@ fn plan(quick: bool, vocab: usize) -> Plan {
 }
 
 impl Plan {
-    /// The smoke distil-only run: every training cut short, a check of the plumbing (the CI test
+    /// The smoke run: every training cut short, a check of the plumbing (the distil-only CI test
     /// runs it) whose models are undertrained.
     fn smoke(self) -> Plan {
         Plan { teacher_caption_epochs: 4.0, student_caption_epochs: 3.0, sft_epochs: 2.0, teacher_sft_epochs: 2.0, ..self }
@@ -392,7 +392,7 @@ impl<'a, B: Backend> Study<'a, B> {
         ensure!(!used, "{} is not empty: a study writes into a new or empty folder; choose another --out", out.display());
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         let vocab = study_tokenizer()?.get_vocab_size(true);
-        let p = if opts.smoke && opts.kind == StudyKind::DistilOnly { plan(opts.quick, vocab).smoke() } else { plan(opts.quick, vocab) };
+        let p = if opts.smoke { plan(opts.quick, vocab).smoke() } else { plan(opts.quick, vocab) };
         let files = write_study_data(&data_dir(out), &p.spec)?;
         let vision_dir = out.join("vision");
         write_vision_tower(&vision_dir, &p.vision, 7)?;
