@@ -6,18 +6,25 @@
 //   For each listed row i (r = rows[i]), over the first `kept` columns, with
 //   z_s = student[r, c] / τ, z_t = teacher[r, c] / τ, p = softmax(z):
 //     row_kl[i]          = τ² · Σ_c p_t(c) · (log p_t(c) − log p_s(c))      (p_t = 0 contributes 0)
-//     dstudent[r, c]    += grad_scale · τ · (p_s(c) − p_t(c))                 c < kept
+//     dstudent[r, c]    += w_i · τ · (p_s(c) − p_t(c))                        c < kept
+//   with w_i = row_scale[i] when row_scale != NULL (the fused head's chunk: each row weighted by
+//   the KL terms it belongs to, 0 for none), else grad_scale;
 //   and, when ce_targets != NULL and t = ce_targets[i] >= 0 (cross-entropy over the FULL student
 //   row at temperature 1, the label fused into the same launch):
 //     row_ce[i]          = logsumexp_c(student[r, c]) − student[r, t]         c < student_vocab
 //     dstudent[r, c]    += ce_scale · (softmax(student[r, :])(c) − [c == t])
-//   otherwise row_ce[i] = 0 (row_ce may be NULL when ce_targets is NULL). dstudent is accumulated
-//   (read-modify-write of bf16), as the CPU backend's "accumulate" convention says; columns from
-//   `kept` on are touched only by the CE term; unlisted rows are untouched.
+//   otherwise row_ce[i] = 0 (row_ce may be NULL when ce_targets is NULL). With accumulate != 0,
+//   dstudent is accumulated (read-modify-write of bf16), as the CPU backend's "accumulate"
+//   convention says, and columns from `kept` on are touched only by the CE term. With
+//   accumulate == 0 every column of a listed row is written (`=` instead of `+=`, columns from
+//   `kept` on 0 without a CE term): the fused head lists every row of its chunk in one launch, so
+//   its gradient needs neither a zero-fill before nor a read of it (−2 B/element). Unlisted rows
+//   are untouched either way.
 //   A target >= student_vocab is a caller bug: row_ce[i] = NaN and no CE gradient (no OOB access).
 //
 // Shapes: student [rows, student_vocab] bf16, teacher [rows, teacher_vocab] bf16, dstudent like
-//   student; rows/ce_targets int[n_rows]; row_kl/row_ce f32[n_rows]. Row offsets are 64-bit.
+//   student; rows/ce_targets int[n_rows]; row_scale, row_kl, row_ce f32[n_rows]. Row offsets are
+//   64-bit.
 //   student and dstudent must not alias. Listed rows must be distinct (rows are written in parallel).
 //
 // Launch configuration:
@@ -40,11 +47,11 @@
 //   Loads are 16 bytes (8 bf16) when the row pointers are 16-byte aligned (any vocabulary that is
 //   a multiple of 8, e.g. 151936 and 152064), with a scalar tail; otherwise the row goes scalar.
 //   Two 16-byte vectors per input are in flight per thread per iteration.
-// Bytes per element: 2 + 2 (pass 1) + 2 + 2 (pass 2, partly from L2) + 2 + 2 (dstudent RMW)
-//   = 12 B/element from memory at worst: 4096 × 151936 → 7.5 GB → 1.78 ms at 4.2 TB/s; each L2 hit
-//   of pass 2 saves up to 4 of the 12. A faster version would hold the row in shared memory of a
-//   thread-block cluster (4 SMs × 152 KB) and read every input byte once (→ ~1.2 ms), or not
-//   accumulate into dstudent (write-only gradient: −2 B/element).
+// Bytes per element: 2 + 2 (pass 1) + 2 + 2 (pass 2, partly from L2) + 2 (dstudent written; +2
+//   more when accumulating) = 10 B/element from memory at worst in the fused head's write mode:
+//   4096 × 151936 → 6.2 GB → 1.48 ms at 4.2 TB/s (12 B, 1.78 ms, accumulating); each L2 hit of
+//   pass 2 saves up to 4. A faster version would hold the row in shared memory of a thread-block
+//   cluster (4 SMs × 152 KB) and read every input byte once (→ ~0.9 ms).
 // Precision: statistics in fp32 (per-thread partial sums over ~300 values, then a tree), the
 //   exponentials through ex2.approx (~2 ulp); logs are precise log2f. Expected agreement with the
 //   f64 CPU reference: ~1e-6 relative on the losses, bf16 rounding on the gradient.
@@ -303,16 +310,23 @@ __device__ __forceinline__ void ce_pass2(const KlGrad& q, const float* zs, long 
     }
 }
 
-__device__ __forceinline__ void rmw_bf16x8(__nv_bfloat16* d, const float g[8]) {
-    uint4 old = *reinterpret_cast<const uint4*>(d);
+// Stores of the gradient: ACC adds to what is there (read-modify-write), otherwise overwrites.
+template <bool ACC>
+__device__ __forceinline__ void put_bf16x8(__nv_bfloat16* d, const float g[8]) {
     float x[8];
-    unpack_bf16x8(old, x);
+    if (ACC) {
+        unpack_bf16x8(*reinterpret_cast<const uint4*>(d), x);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) x[k] += g[k];
+        for (int k = 0; k < 8; ++k) x[k] += g[k];
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) x[k] = g[k];
+    }
     *reinterpret_cast<uint4*>(d) = pack_bf16x8(x);
 }
 
-__device__ __forceinline__ void rmw_bf16(__nv_bfloat16* d, float g) { *d = f32_to_bf16(bf16_to_f32(*d) + g); }
+template <bool ACC>
+__device__ __forceinline__ void put_bf16(__nv_bfloat16* d, float g) { *d = f32_to_bf16(ACC ? bf16_to_f32(*d) + g : g); }
 
 // One listed row as both kernels walk it: row pointers, the CE target, and the column ranges:
 // kept columns [0, kv) as n_kvec 16-byte vectors when all three row pointers allow it, then
@@ -377,6 +391,8 @@ __device__ __forceinline__ void write_row_ce(const KlGrad& q, const KlRow& w, in
 
 // The CE gradient on the student-only columns [kept, student_vocab) (nothing without a CE term:
 // then n_evec = 0 and q.ce is false), walked from the row's end as pass 2 of both kernels does.
+// Without ACC (write mode) and without a CE term, the student-only columns are written 0.
+template <bool ACC>
 __device__ __forceinline__ void ce_only_grad(const KlGrad& q, const __nv_bfloat16* __restrict__ S, __nv_bfloat16* D, int kept,
                                              int student_vocab, long long n_evec, long long ev) {
     const int tid = threadIdx.x, nt = blockDim.x;
@@ -384,14 +400,16 @@ __device__ __forceinline__ void ce_only_grad(const KlGrad& q, const __nv_bfloat1
         for (long long col = (long long)student_vocab - 1 - tid; col >= ev; col -= nt) {
             float zs = bf16_to_f32(S[col]), g;
             ce_pass2<1>(q, &zs, col, &g);
-            rmw_bf16(D + col, g);
+            put_bf16<ACC>(D + col, g);
         }
+    } else if (!ACC) {
+        for (long long col = (long long)student_vocab - 1 - tid; col >= kept; col -= nt) D[col] = f32_to_bf16(0.0f);
     }
     for (long long e = n_evec - 1 - tid; e >= 0; e -= nt) {
         float zs[8], g[8];
         unpack_bf16x8(ldg_u4(S + kept + 8 * e), zs);
         ce_pass2<8>(q, zs, kept + 8 * e, g);
-        rmw_bf16x8(D + kept + 8 * e, g);
+        put_bf16x8<ACC>(D + kept + 8 * e, g);
     }
 }
 
@@ -477,18 +495,18 @@ __device__ __forceinline__ KlStats kl_row_stats(const KlRow& w, int kept, int st
 
 // The gradient pass of both kernels over one row, walked from its end (the reverse of pass 1, so
 // that its first reads are the bytes most likely still in L2): CE-only columns, then the kept ones.
-template <bool DIV>
+template <bool DIV, bool ACC>
 __device__ __forceinline__ void kl_grad_pass(const KlGrad& q, const KlRow& w, int kept, int student_vocab) {
     const int tid = threadIdx.x, nt = blockDim.x;
     const __nv_bfloat16* S = w.S;
     const __nv_bfloat16* T = w.T;
     __nv_bfloat16* D = w.D;
     const long long n_kvec = w.n_kvec, kv = w.kv;
-    ce_only_grad(q, S, D, kept, student_vocab, w.n_evec, w.ev);
+    ce_only_grad<ACC>(q, S, D, kept, student_vocab, w.n_evec, w.ev);
     for (long long col = (long long)kept - 1 - tid; col >= kv; col -= nt) {
         float zs = bf16_to_f32(S[col]), zt = bf16_to_f32(T[col]), g;
         kl_pass2<1, DIV>(q, &zs, &zt, col, &g);
-        rmw_bf16(D + col, g);
+        put_bf16<ACC>(D + col, g);
     }
     {
         long long v = n_kvec - 1 - tid;
@@ -500,18 +518,18 @@ __device__ __forceinline__ void kl_grad_pass(const KlGrad& q, const KlRow& w, in
             unpack_bf16x8(s0, zs);
             unpack_bf16x8(t0, zt);
             kl_pass2<8, DIV>(q, zs, zt, 8 * v, g);
-            rmw_bf16x8(D + 8 * v, g);
+            put_bf16x8<ACC>(D + 8 * v, g);
             unpack_bf16x8(s1, zs);
             unpack_bf16x8(t1, zt);
             kl_pass2<8, DIV>(q, zs, zt, 8 * v1, g);
-            rmw_bf16x8(D + 8 * v1, g);
+            put_bf16x8<ACC>(D + 8 * v1, g);
         }
         for (; v >= 0; v -= nt) {
             float zs[8], zt[8], g[8];
             unpack_bf16x8(ldg_u4(S + 8 * v), zs);
             unpack_bf16x8(ldg_u4(T + 8 * v), zt);
             kl_pass2<8, DIV>(q, zs, zt, 8 * v, g);
-            rmw_bf16x8(D + 8 * v, g);
+            put_bf16x8<ACC>(D + 8 * v, g);
         }
     }
 }
@@ -519,8 +537,9 @@ __device__ __forceinline__ void kl_grad_pass(const KlGrad& q, const KlRow& w, in
 extern "C" __global__ void __launch_bounds__(KL_THREADS, 2)
 softmax_kl_bf16(const __nv_bfloat16* __restrict__ student, const __nv_bfloat16* __restrict__ teacher,
                 const int* __restrict__ rows, int n_rows, int student_vocab, int teacher_vocab, int kept,
-                float temperature, float grad_scale, const int* __restrict__ ce_targets, float ce_scale,
-                float* __restrict__ row_kl, float* __restrict__ row_ce, __nv_bfloat16* __restrict__ dstudent) {
+                float temperature, float grad_scale, const float* __restrict__ row_scale,
+                const int* __restrict__ ce_targets, float ce_scale, float* __restrict__ row_kl, float* __restrict__ row_ce,
+                int accumulate, __nv_bfloat16* __restrict__ dstudent) {
     __shared__ KlStats warp_stats[KL_THREADS / 32];
     __shared__ KlStats row_stats;
 
@@ -530,7 +549,7 @@ softmax_kl_bf16(const __nv_bfloat16* __restrict__ student, const __nv_bfloat16* 
                                  ce_targets != nullptr ? (long long)ce_targets[i] : -1);
 
     const KlStats st = kl_row_stats(w, kept, student_vocab, warp_stats, &row_stats);
-    KlGrad q = kl_grad_consts(st, w, temperature, grad_scale, ce_scale);
+    KlGrad q = kl_grad_consts(st, w, temperature, row_scale != nullptr ? row_scale[i] : grad_scale, ce_scale);
 
     if (threadIdx.x == 0) {
         // KL = ln2 · (A/S_t − lse2_t + lse2_s), times τ².
@@ -540,13 +559,14 @@ softmax_kl_bf16(const __nv_bfloat16* __restrict__ student, const __nv_bfloat16* 
     }
 
     // ---- pass 2: gradient, in the reverse order of pass 1 ----
-    kl_grad_pass<false>(q, w, kept, student_vocab);
+    if (accumulate) kl_grad_pass<false, true>(q, w, kept, student_vocab);
+    else kl_grad_pass<false, false>(q, w, kept, student_vocab);
 }
 
 // The other divergences (rkl, skl, jsd, tvd, skew_fkl, skew_rkl; `divergence` a DIV_* code, `lambda`
 // its weight λ or β, ignored by those without one). Same arguments, outputs and conventions as
 // softmax_kl_bf16 otherwise, with row_kl[i] = τ²·D(p_t, p_s) and the gradient
-// grad_scale·τ·(h − p_s·H) (div_terms). Three passes instead of two: pass 1 (statistics) as above;
+// w_i·τ·(h − p_s·H) (div_terms). Three passes instead of two: pass 1 (statistics) as above;
 // pass 2 reads the kept columns again for Σℓ (the loss) and H = Σh, block-reduced; pass 3 writes
 // the gradient, which needs H. Why not two: ℓ and h of the mixture forms (jsd, skews) involve
 // ln(λ·p + (1−λ)·q) of the *normalised* probabilities, which an online (max, sum) rescaling cannot
@@ -557,9 +577,9 @@ softmax_kl_bf16(const __nv_bfloat16* __restrict__ student, const __nv_bfloat16* 
 extern "C" __global__ void __launch_bounds__(KL_THREADS, 2)
 softmax_div_bf16(const __nv_bfloat16* __restrict__ student, const __nv_bfloat16* __restrict__ teacher,
                  const int* __restrict__ rows, int n_rows, int student_vocab, int teacher_vocab, int kept,
-                 float temperature, float grad_scale, const int* __restrict__ ce_targets, float ce_scale,
-                 int divergence, float lambda, float* __restrict__ row_kl, float* __restrict__ row_ce,
-                 __nv_bfloat16* __restrict__ dstudent) {
+                 float temperature, float grad_scale, const float* __restrict__ row_scale,
+                 const int* __restrict__ ce_targets, float ce_scale, int divergence, float lambda,
+                 float* __restrict__ row_kl, float* __restrict__ row_ce, int accumulate, __nv_bfloat16* __restrict__ dstudent) {
     __shared__ KlStats warp_stats[KL_THREADS / 32];
     __shared__ KlStats row_stats;
     __shared__ float scratch[32];
@@ -570,7 +590,7 @@ softmax_div_bf16(const __nv_bfloat16* __restrict__ student, const __nv_bfloat16*
     const KlRow w = kl_row_setup(student, teacher, dstudent, rows[i], student_vocab, teacher_vocab, kept, temperature,
                                  ce_targets != nullptr ? (long long)ce_targets[i] : -1);
     const KlStats st = kl_row_stats(w, kept, student_vocab, warp_stats, &row_stats);
-    KlGrad q = kl_grad_consts(st, w, temperature, grad_scale, ce_scale);
+    KlGrad q = kl_grad_consts(st, w, temperature, row_scale != nullptr ? row_scale[i] : grad_scale, ce_scale);
     q.div = divergence;
     q.lam = lambda;
     q.ln_lam = logf(lambda);
@@ -604,5 +624,6 @@ softmax_div_bf16(const __nv_bfloat16* __restrict__ student, const __nv_bfloat16*
     }
 
     // ---- pass 3: gradient ----
-    kl_grad_pass<true>(q, w, kept, student_vocab);
+    if (accumulate) kl_grad_pass<true, true>(q, w, kept, student_vocab);
+    else kl_grad_pass<true, false>(q, w, kept, student_vocab);
 }

@@ -86,7 +86,9 @@ static double ref_divergence(const std::vector<double>& zs, const std::vector<do
 
 // div < 0: softmax_kl_bf16 (the forward KL's two-pass kernel); otherwise softmax_div_bf16 with that
 // DIV_* code and weight, its gradient checked against central differences of ref_divergence.
-static void test_softmax_kl(int vs, int vt, float tau, bool with_ce, int offset_elems, int div = -1, float lam = 0.0f) {
+// write: the fused head's mode (accumulate = 0, a weight per row, one of them 0): the listed rows'
+// gradient starts as NaN garbage and must come out whole, every column written.
+static void test_softmax_kl(int vs, int vt, float tau, bool with_ce, int offset_elems, int div = -1, float lam = 0.0f, bool write = false) {
     const int n_total = 6, kept = std::min(vs, vt);
     std::vector<int> rows = {4, 0, 5, 2};
     const int n_rows = (int)rows.size();
@@ -105,13 +107,19 @@ static void test_softmax_kl(int vs, int vt, float tau, bool with_ce, int offset_
     std::vector<int> targets = {std::min(3, vs - 1), -100, vs - 1, kept / 2};
     std::vector<float> row_kl(n_rows, NAN), row_ce(n_rows, NAN);
     const float grad_scale = 0.7f, ce_scale = 0.3f;
+    std::vector<float> row_scale = {0.7f, 0.0f, 1.3f, 0.35f};
+    if (write) {
+        for (int r : rows)
+            for (int c = 0; c < vs; ++c) Dg[(size_t)r * vs + c] = tb(NAN), d0[(size_t)r * vs + c] = 0.0f;
+    }
+    const float* rs = write ? row_scale.data() : nullptr;
     kd_sim::launch({(unsigned)n_rows, 1, 1}, {KL_THREADS, 1, 1}, 0, [&] {
         if (div < 0)
-            softmax_kl_bf16(S, T, rows.data(), n_rows, vs, vt, kept, tau, grad_scale, with_ce ? targets.data() : nullptr,
-                            ce_scale, row_kl.data(), with_ce ? row_ce.data() : nullptr, Dg);
+            softmax_kl_bf16(S, T, rows.data(), n_rows, vs, vt, kept, tau, grad_scale, rs, with_ce ? targets.data() : nullptr,
+                            ce_scale, row_kl.data(), with_ce ? row_ce.data() : nullptr, write ? 0 : 1, Dg);
         else
-            softmax_div_bf16(S, T, rows.data(), n_rows, vs, vt, kept, tau, grad_scale, with_ce ? targets.data() : nullptr,
-                             ce_scale, div, lam, row_kl.data(), with_ce ? row_ce.data() : nullptr, Dg);
+            softmax_div_bf16(S, T, rows.data(), n_rows, vs, vt, kept, tau, grad_scale, rs, with_ce ? targets.data() : nullptr,
+                             ce_scale, div, lam, row_kl.data(), with_ce ? row_ce.data() : nullptr, write ? 0 : 1, Dg);
     });
     // Reference in double.
     std::vector<double> kl_out, kl_ref, ce_out, ce_ref, g_out, g_ref;
@@ -131,12 +139,13 @@ static void test_softmax_kl(int vs, int vt, float tau, bool with_ce, int offset_
         double ls = lse(zs, kept, 1.0 / tau), lt = lse(zt, kept, 1.0 / tau), lc = lse(zs, vs, 1.0);
         double kl = 0;
         std::vector<double> g(vs, 0.0);
+        const double w = write ? row_scale[i] : grad_scale;
         if (div < 0) {
             for (int c = 0; c < kept; ++c) {
                 double lps = fb(zs[c]) / tau - ls, lpt = fb(zt[c]) / tau - lt;
                 double pt = exp(lpt), ps = exp(lps);
                 if (pt > 0) kl += pt * (lpt - lps);
-                g[c] += grad_scale * tau * (ps - pt);
+                g[c] += w * tau * (ps - pt);
             }
             kl *= tau * tau;
         } else {
@@ -152,7 +161,7 @@ static void test_softmax_kl(int vs, int vt, float tau, bool with_ce, int offset_
                 xs[c] = x - h;
                 double fm = ref_divergence(xs, xt, tau, div, lam);
                 xs[c] = x;
-                g[c] += grad_scale * (fp - fm) / (2 * h);
+                g[c] += w * (fp - fm) / (2 * h);
             }
         }
         kl_out.push_back(row_kl[i]);
@@ -177,11 +186,11 @@ static void test_softmax_kl(int vs, int vt, float tau, bool with_ce, int offset_
     bool untouched = true;
     for (int r = 0; r < n_total; ++r)
         for (int c = 0; c < vs; ++c) {
-            bool may_change = listed[r] && (c < kept || with_ce);
+            bool may_change = listed[r] && (c < kept || with_ce || write);
             if (!may_change && fb(Dg[(size_t)r * vs + c]) != d0[(size_t)r * vs + c]) untouched = false;
         }
     char name[160];
-    snprintf(name, sizeof name, "%s Vs=%d Vt=%d tau=%.1f ce=%d off=%d", div < 0 ? "softmax_kl" : ("softmax_div " + std::to_string(div) + " lambda " + std::to_string(lam)).c_str(), vs, vt, tau, (int)with_ce, offset_elems);
+    snprintf(name, sizeof name, "%s%s Vs=%d Vt=%d tau=%.1f ce=%d off=%d", div < 0 ? "softmax_kl" : ("softmax_div " + std::to_string(div) + " lambda " + std::to_string(lam)).c_str(), write ? " (write, row weights)" : "", vs, vt, tau, (int)with_ce, offset_elems);
     check(std::string(name) + " loss", rel_err(kl_out, kl_ref), 2e-5);
     if (with_ce) check(std::string(name) + " ce", rel_err(ce_out, ce_ref), 2e-5);
     check(std::string(name) + " grad", rel_err(g_out, g_ref), 2e-2);
@@ -688,6 +697,12 @@ int main(int argc, char** argv) {
     test_softmax_kl(203, 199, 1.5f, true, 1);      // scalar path, misaligned rows
     test_softmax_kl(203, 199, 1.0f, false, 0);     // no CE
     test_softmax_kl(1, 1, 1.0f, true, 0);          // one column
+    // The fused head's write mode: NaN garbage in, every column of the listed rows out, per-row weights.
+    test_softmax_kl(1000, 1016, 1.0f, true, 0, -1, 0.0f, true);
+    test_softmax_kl(1024, 1000, 2.0f, false, 0, -1, 0.0f, true);  // no CE: student-only columns written 0
+    test_softmax_kl(203, 199, 1.5f, true, 1, -1, 0.0f, true);     // scalar path
+    test_softmax_kl(1024, 1000, 2.0f, true, 0, DIV_JSD, 0.9f, true);
+    test_softmax_kl(203, 199, 1.0f, false, 1, DIV_RKL, 0.0f, true);
     // The other divergences (softmax_div_bf16): every one on the vector path with the CE fused and
     // τ ≠ 1, the mixture forms also on the scalar path with misaligned rows; fkl through the
     // three-pass kernel matches the two-pass one's reference.

@@ -393,6 +393,35 @@ pub trait Backend: Send + Sync {
         let v = resolved(self, 2, |s| self.softmax_kl_ce_into(student, teacher, shape, rows, targets, scale, ce_scale, dstudent, s, 0, 1))?;
         Ok((v[0], v[1]))
     }
+    /// The distillation of one fused-head chunk in one pass over its logits: every row r of
+    /// `student` (`[rows, V_s]`) gets its CE (over the full student row, target `terms.targets[r]`,
+    /// `IGNORE_INDEX` for none) and its KL terms (bit k of `terms.kl_terms[r]`: term k, weight
+    /// `terms.kl_scales[k]`; the divergence, temperature and kept columns of `shape`), and the
+    /// gradient of all of them is **written** into `dstudent`, every row and column (0 where a row
+    /// has no term): no zero-fill before and no read of it. Adds Σ CE to `sums[terms.ce_slot]` and,
+    /// for each term k, Σ over its rows of τ²·D(p_t, p_s) to `sums[terms.kl_slots[k]]`.
+    ///
+    /// The default composes the other ops (CE writing every row, then each term's KL adding onto
+    /// its rows); the CUDA backend runs the whole chunk as one softmax-KL launch in write mode.
+    fn distill_rows_into(
+        &self,
+        student: &Self::Buf,
+        teacher: &Self::Buf,
+        shape: KlShape,
+        terms: &RowTerms<'_>,
+        dstudent: &mut Self::Buf,
+        sums: &mut Self::Sums,
+    ) -> Result<()> {
+        let n_rows = check_row_terms("distill_rows", self.len(student), shape.student_vocab, terms)?;
+        self.cross_entropy_into(student, terms.targets, shape.student_vocab, terms.ce_scale, dstudent, sums, terms.ce_slot)?;
+        for (k, (&scale, &slot)) in terms.kl_scales.iter().zip(terms.kl_slots).enumerate() {
+            let rows: Vec<u32> = (0..n_rows).filter(|&r| terms.kl_terms[r] >> k & 1 == 1).map(|r| r as u32).collect();
+            if !rows.is_empty() {
+                self.softmax_kl_into(student, teacher, shape, &rows, scale, dstudent, sums, slot)?;
+            }
+        }
+        Ok(())
+    }
     /// Relation distillation (RDist): for each image `(start_row, n)`, Z = the n consecutive rows
     /// from `start_row` (first `kept` columns), R = Z·Zᵀ; adds Σ_images (1 − cos(vec R_s,
     /// vec R_t)) to `sums[slot]` and **accumulates** `scale · ∂/∂Z_s` into `dstudent`.
@@ -449,6 +478,46 @@ pub trait Backend: Send + Sync {
         v: &mut Self::State,
         master: Option<&mut Self::State>,
     ) -> Result<()>;
+}
+
+/// What each row of a fused-head chunk carries ([`Backend::distill_rows_into`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RowTerms<'a> {
+    /// Per row: its CE target, or `IGNORE_INDEX`.
+    pub targets: &'a [i32],
+    /// Per row: the KL terms it belongs to, bit k for term k (at most [`RowTerms::MAX_TERMS`]).
+    pub kl_terms: &'a [u8],
+    /// Per KL term: its gradient scale (weight / the step's count of its rows).
+    pub kl_scales: &'a [f32],
+    /// Per KL term: the slot its sum goes to.
+    pub kl_slots: &'a [usize],
+    /// The CE gradient scale and the slot of its sum.
+    pub ce_scale: f32,
+    pub ce_slot: usize,
+}
+
+impl RowTerms<'_> {
+    /// KL terms a chunk may carry (L_res, L_prompt, L_vis).
+    pub const MAX_TERMS: usize = 3;
+}
+
+/// Checks [`RowTerms`] against logits of `len` elements with rows of `vocab`: one target and one
+/// term mask per row, a scale and a slot per term, no bit past the terms, every target in range.
+/// Returns the number of rows.
+pub fn check_row_terms(what: &str, len: usize, vocab: usize, terms: &RowTerms<'_>) -> Result<usize> {
+    ensure!(vocab > 0 && len % vocab == 0, "{what}: {len} logits are not rows of {vocab}");
+    let rows = len / vocab;
+    ensure!(terms.targets.len() == rows, "{what}: {} targets for {rows} rows", terms.targets.len());
+    ensure!(terms.kl_terms.len() == rows, "{what}: {} term masks for {rows} rows", terms.kl_terms.len());
+    let n = terms.kl_scales.len();
+    ensure!(n <= RowTerms::MAX_TERMS && terms.kl_slots.len() == n, "{what}: {n} KL scales and {} slots (at most {} terms)", terms.kl_slots.len(), RowTerms::MAX_TERMS);
+    if let Some(r) = terms.kl_terms.iter().position(|&b| b >> n != 0) {
+        bail!("{what}: row {r} belongs to KL term bits {:#b}, but only {n} terms are given", terms.kl_terms[r]);
+    }
+    if let Some((r, &t)) = terms.targets.iter().enumerate().find(|(_, &t)| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab)) {
+        bail!("{what}: target {t} of row {r} is outside the student vocabulary of {vocab}");
+    }
+    Ok(rows)
 }
 
 /// Runs `f` on `n` fresh sums and reads them back: the immediate forms of the `_into` ops.

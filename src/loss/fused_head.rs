@@ -13,10 +13,11 @@
 //!    image's visual rows form one chunk of their own (728 rows at the anchor shape), so L_vis
 //!    and L_rel share one computation of those logits.
 //! 3. Per chunk: Z_s = H_s[chunk]·W_sᵀ and (when a KL or relation term needs it) Z_t = H_t[chunk]·W_tᵀ
-//!    by the backend GEMM; the backend's `cross_entropy` writes ∂Z_s, `softmax_kl` and
-//!    `relation_loss` accumulate onto it — when the response rows are exactly the labelled rows
-//!    (the usual case) `softmax_kl_ce` computes their CE and L_res together in one pass instead;
-//!    then ∂H_s[chunk] = ∂Z_s·W_s and ∂W_s += ∂Z_sᵀ·H_s[chunk].
+//!    by the backend GEMM; the backend's `distill_rows_into` computes every row's CE and KL terms
+//!    (each row weighted by the terms it belongs to) and **writes** ∂Z_s whole — on CUDA one
+//!    softmax-KL launch per chunk, no zero-fill and no read of ∂Z_s — or, without distillation,
+//!    `cross_entropy` writes it; `relation_loss` accumulates onto it; then ∂H_s[chunk] = ∂Z_s·W_s
+//!    and ∂W_s += ∂Z_sᵀ·H_s[chunk].
 //! 4. With [`RelationForm::Identity`] L_rel needs no logits: R = H·(WᵀW)·Hᵀ per image
 //!    ([`super::relation_identity`]), its gradient added to ∂H_s (and to ∂W_s through ∂M_s).
 //!
@@ -47,7 +48,7 @@ use anyhow::{bail, ensure, Result};
 use super::relation_identity::{head_gram, head_gram_backward, relation_loss_identity, GramSide};
 use super::select::{LossCounts, LossInputs};
 use super::{grad_scale, kept_vocab, DistillConfig, PendingReport};
-use crate::backend::{Backend, Gemm, KlShape, IGNORE_INDEX};
+use crate::backend::{Backend, Gemm, KlShape, RowTerms, IGNORE_INDEX};
 use crate::model::{Llm, ParamSet};
 
 /// Default rows per chunk: 467 MB of bf16 chunk buffers at the anchor shape (see the module
@@ -278,6 +279,14 @@ pub fn fused_distill_loss<B: Backend>(
     let ce_scale = grad_scale(cfg.ce_weight(), step.ce);
     let pending = PendingReport::new(at, cfg, step, teacher.is_some());
     let slot = |k: usize| pending.slot(k);
+    // The KL terms a row may carry (its role bit), each with its gradient scale and sum slot.
+    let kl_terms = [
+        (RES, grad_scale(cfg.alpha, step.response), slot(PendingReport::RESPONSE)),
+        (PROMPT, grad_scale(cfg.alpha, step.prompt), slot(PendingReport::PROMPT)),
+        (VIS, grad_scale(cfg.beta, step.visual), slot(PendingReport::VISUAL)),
+    ];
+    let kl_scales: Vec<f32> = kl_terms.iter().map(|t| t.1).collect();
+    let kl_slots: Vec<usize> = kl_terms.iter().map(|t| t.2).collect();
     let shape = teacher.map(|t| KlShape {
         student_vocab: vs,
         teacher_vocab: t.vocab,
@@ -291,47 +300,34 @@ pub fn fused_distill_loss<B: Backend>(
         let h_chunk = gather(be, student.hidden, &chunk.rows, hs)?;
         let mut zs = be.empty(c * vs)?;
         be.gemm(Gemm::linear(c, vs, hs), &h_chunk, student.weight, &mut zs)?;
-        let mut dz = be.zeros(c * vs)?;
+        // Written whole by the chunk's one loss op below: every row of a chunk carries a term (the
+        // rows of an image chunk without one get 0), so no zero-fill.
+        let mut dz = be.empty(c * vs)?;
         let local_targets: Vec<i32> = chunk.rows.iter().map(|&r| targets[r as usize]).collect();
-        let local = |bit: u8| -> Vec<u32> {
-            chunk.rows.iter().enumerate().filter(|(_, &r)| role[r as usize] & bit != 0).map(|(l, _)| l as u32).collect()
-        };
-        let (res_rows, prompt_rows, vis_rows) = (local(RES), local(PROMPT), local(VIS));
-        let distils = !(res_rows.is_empty() && prompt_rows.is_empty() && vis_rows.is_empty() && chunk.images.is_empty());
-        // The response rows are usually exactly the labelled rows: then their CE is fused into the
-        // response KL (one read of each student row for both).
-        let labelled: Vec<u32> = (0..c as u32).filter(|&l| local_targets[l as usize] != IGNORE_INDEX).collect();
-        let fuse_ce = teacher.is_some() && !res_rows.is_empty() && res_rows == labelled;
-        if !fuse_ce && !labelled.is_empty() {
-            be.cross_entropy_into(&zs, &local_targets, vs, ce_scale, &mut dz, sums, slot(PendingReport::CE))?;
-        }
-        if let (Some(t), Some(shape)) = (teacher, shape) {
-            if distils {
+        // Bit k of a row: it belongs to KL term k of `kl_terms`.
+        let row_terms: Vec<u8> =
+            chunk.rows.iter().map(|&r| kl_terms.iter().enumerate().filter(|(_, t)| role[r as usize] & t.0 != 0).fold(0u8, |m, (k, _)| m | 1 << k)).collect();
+        match (teacher, shape) {
+            (Some(t), Some(shape)) if row_terms.iter().any(|&b| b != 0) || !chunk.images.is_empty() => {
                 let ht_chunk = gather(be, t.hidden, &chunk.rows, t.hidden_size)?;
                 let mut zt = be.empty(c * t.vocab)?;
                 be.gemm(Gemm::linear(c, t.vocab, t.hidden_size), &ht_chunk, t.weight, &mut zt)?;
                 drop(ht_chunk);
-                let kl = |rows: &[u32], weight: f32, count: usize, k: usize, dz: &mut B::Buf, sums: &mut B::Sums| -> Result<()> {
-                    if rows.is_empty() {
-                        return Ok(());
-                    }
-                    be.softmax_kl_into(&zs, &zt, shape, rows, grad_scale(weight, count), dz, sums, slot(k))
+                let terms = RowTerms {
+                    targets: &local_targets,
+                    kl_terms: &row_terms,
+                    kl_scales: &kl_scales,
+                    kl_slots: &kl_slots,
+                    ce_scale,
+                    ce_slot: slot(PendingReport::CE),
                 };
-                if fuse_ce {
-                    let res_targets: Vec<i32> = res_rows.iter().map(|&l| local_targets[l as usize]).collect();
-                    let (kl_slot, ce_slot) = (slot(PendingReport::RESPONSE), slot(PendingReport::CE));
-                    let scale = grad_scale(cfg.alpha, step.response);
-                    be.softmax_kl_ce_into(&zs, &zt, shape, &res_rows, &res_targets, scale, ce_scale, &mut dz, sums, kl_slot, ce_slot)?;
-                } else {
-                    kl(&res_rows, cfg.alpha, step.response, PendingReport::RESPONSE, &mut dz, sums)?;
-                }
-                kl(&prompt_rows, cfg.alpha, step.prompt, PendingReport::PROMPT, &mut dz, sums)?;
-                kl(&vis_rows, cfg.beta, step.visual, PendingReport::VISUAL, &mut dz, sums)?;
+                be.distill_rows_into(&zs, &zt, shape, &terms, &mut dz, sums)?;
                 if !chunk.images.is_empty() {
                     let scale = grad_scale(cfg.gamma, step.images);
                     be.relation_loss_into(&zs, &zt, shape, &chunk.images, scale, &mut dz, sums, slot(PendingReport::RELATION))?;
                 }
             }
+            _ => be.cross_entropy_into(&zs, &local_targets, vs, ce_scale, &mut dz, sums, slot(PendingReport::CE))?,
         }
         drop(zs);
         let mut dh_chunk = be.empty(c * hs)?;

@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::{CudaBackend, CudaBuf, DType};
 use crate::backend::cpu::bf16::stochastic_round_bf16;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AdamWStep, AttnShape, Backend, Divergence, Gemm, GeluKind, KlShape, IGNORE_INDEX};
+use crate::backend::{AdamWStep, AttnShape, Backend, Divergence, Gemm, GeluKind, KlShape, RowTerms, IGNORE_INDEX};
 use crate::data::rng::SplitMix64;
 
 /// Tolerances.
@@ -658,6 +658,45 @@ fn softmax_kl(c: &mut Ctx) {
             c.cmp_buf(&format!("{name} dstudent (accumulate)"), &d, &want, TOL_BF16)
         });
     }
+    // A fused-head chunk in one launch (write mode): every row's CE and KL terms, rows in two terms,
+    // rows in none (gradient 0), rows with only a CE; the gradient starts as NaN garbage and must
+    // be written whole; each term's sum lands in its own slot (added to what is there).
+    for (vs, vt, tau, div) in [(1003usize, 1011usize, 2.0f32, "fkl"), (4099, 4096, 1.0, "fkl"), (1000, 1000, 1.5, "jsd")] {
+        let name = format!("distill_rows Vs={vs} Vt={vt} tau={tau} {div}");
+        c.case(&name, |c| {
+            let rows = 9;
+            let kept = vs.min(vt);
+            let divergence = Divergence::parse(div, (div == "jsd").then_some(0.9))?;
+            let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept, temperature: tau, divergence };
+            let s = c.rand(rows * vs, -4.0, 4.0);
+            let t = c.rand(rows * vt, -4.0, 4.0);
+            let targets = [3, IGNORE_INDEX, (vs - 1) as i32, 0, IGNORE_INDEX, 7, IGNORE_INDEX, 11, 5];
+            let kl_terms = [0b001u8, 0b100, 0b001, 0b000, 0b110, 0b001, 0b100, 0b010, 0b101];
+            let terms = RowTerms { targets: &targets, kl_terms: &kl_terms, kl_scales: &[0.25, 0.5, 1.25], kl_slots: &[1, 2, 4], ce_scale: 0.2, ce_slot: 0 };
+            let mut want = vec![f32::NAN; rows * vs];
+            let mut wsums = c.cpu.sums(5)?;
+            c.cpu.distill_rows_into(&s, &t, shape, &terms, &mut want, &mut wsums)?;
+            let mut d = c.poisoned(rows * vs)?;
+            let mut sums = c.be.sums(5)?;
+            c.be.distill_rows_into(&c.up(&s)?, &c.up(&t)?, shape, &terms, &mut d, &mut sums)?;
+            let got = c.be.read_sums(&sums)?;
+            for (slot, what) in [(0, "CE"), (1, "term 0"), (2, "term 1"), (4, "term 2")] {
+                c.cmp_scalar(&format!("{name} {what} sum"), got[slot], wsums[slot], TOL_F32);
+            }
+            ensure!(got[3] == 0.0, "{name}: slot 3 belongs to no term but holds {}", got[3]);
+            c.cmp_buf(&format!("{name} dstudent (written over NaN)"), &d, &want, TOL_BF16)
+        });
+    }
+    c.case("distill_rows refuses a term bit past its terms", |c| {
+        let (s, t) = (c.up(&[0.0; 8])?, c.up(&[0.0; 8])?);
+        let mut d = c.be.zeros(8)?;
+        let shape = KlShape { student_vocab: 4, teacher_vocab: 4, kept: 4, temperature: 1.0, divergence: Divergence::Fkl };
+        let terms = RowTerms { targets: &[0, 1], kl_terms: &[0b10, 0], kl_scales: &[1.0], kl_slots: &[0], ce_scale: 1.0, ce_slot: 0 };
+        let mut sums = c.be.sums(1)?;
+        let e = c.be.distill_rows_into(&s, &t, shape, &terms, &mut d, &mut sums).err().map(|e| e.to_string()).unwrap_or_default();
+        ensure!(e.contains("row 0"), "accepted, or an error that does not name the row: {e:?}");
+        Ok(())
+    });
     // The CE fused into the same launch: τ = 1 with V_s = kept (the kernel reuses the KL's student
     // statistics), τ = 2 with extra student columns (a third statistic), a listed row without a
     // label, and the real vocabulary.

@@ -30,6 +30,7 @@
 //! | softmax_kl(_ce) | `softmax_kl_bf16` (softmax_kl.cu) for fkl; `softmax_div_bf16` (same file) for the other divergences; then `sum_into_f64_from_f32` per loss |
 //! | relation_loss | cuBLAS Grams (bf16 in, f32 out) → `relation_cosine_partials`, `relation_cosine_grad` (relation.cu; loss into its slot) → f32→bf16 → cuBLAS dZ += 2·G·Z |
 //! | gram_cosine | `relation_cosine_partials_bf16`, `relation_cosine_grad_bf16` (relation.cu) |
+//! | distill_rows | one `softmax_kl_bf16` / `softmax_div_bf16` launch over the fused head's chunk in write mode (per-row KL weights), then `sum_terms_into_f64` (sums.cu) |
 //! | sum_squares | `sum_squares_bf16` (adamw.cu) partials, then `sum_into_f64_from_f64` (sums.cu) |
 //! | adamw | `adamw_bf16` (adamw.cu) |
 

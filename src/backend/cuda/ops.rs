@@ -4,7 +4,10 @@
 use anyhow::{bail, ensure, Result};
 
 use super::{bf, check_len, f32p, int, to_bf16_bits, CudaBackend, CudaBuf, CudaSums, DType, KArg};
-use crate::backend::{check_ce_labels, check_kl_rows, check_kl_shape, check_relation_images, AdamWStep, AttnShape, Backend, Divergence, Gemm, GeluKind, KlShape, IGNORE_INDEX};
+use crate::backend::{
+    check_ce_labels, check_kl_rows, check_kl_shape, check_relation_images, check_row_terms, AdamWStep, AttnShape, Backend, Divergence, Gemm, GeluKind,
+    KlShape, RowTerms, IGNORE_INDEX,
+};
 
 /// Kernel argument list from local variables: one [`KArg`] per parameter (the variable's address
 /// and size; the launch checks the sizes against the PTX). Only plain identifiers are accepted,
@@ -116,7 +119,7 @@ impl CudaBackend {
         let outputs = if ce.is_some() { 2 * n } else { n };
         let (_gw, klp) = self.work_f32(outputs)?;
         let ce_dev = ce.map(|(_, ce_scale, _)| (rp + 4 * n as u64, ce_scale, klp + 4 * n as u64));
-        self.softmax_kl_launch(student, teacher, shape, rp, n, scale, ce_dev, klp, dstudent)?;
+        self.softmax_kl_launch(student, teacher, shape, rp, n, scale, 0, ce_dev, klp, true, dstudent)?;
         self.add_sum_f32(klp, n, kl_slot)?;
         if let Some((_, _, ce_slot)) = ce {
             // Rows without a label have row_ce 0.
@@ -126,8 +129,11 @@ impl CudaBackend {
     }
 
     /// The softmax-KL launch on rows already on the device (`rows_dev`, `n_rows` ints): writes
-    /// `row_kl` (f32 [n_rows]) and accumulates into `dstudent`; with `ce` = (targets, scale,
-    /// row_ce) also the fused cross-entropy. Used by [`Backend::softmax_kl`] and the benchmarks.
+    /// `row_kl` (f32 [n_rows]) and the gradient into `dstudent`, added (`accumulate`) or written
+    /// over every column of the listed rows; with `ce` = (targets, scale, row_ce) also the fused
+    /// cross-entropy. The KL gradient scale is `scale`, or per row from `row_scale` (f32
+    /// [n_rows] on the device) when it is not 0. Used by [`Backend::softmax_kl`],
+    /// [`Backend::distill_rows_into`] and the benchmarks.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn softmax_kl_launch(
         &self,
@@ -137,8 +143,10 @@ impl CudaBackend {
         rows_dev: u64,
         n_rows: usize,
         scale: f32,
+        row_scale: u64,
         ce: Option<(u64, f32, u64)>,
         row_kl: u64,
+        accumulate: bool,
         dstudent: &mut CudaBuf,
     ) -> Result<()> {
         let s = bf(student, "softmax_kl student logits")?;
@@ -147,15 +155,16 @@ impl CudaBackend {
         let (nr, vs, vt, kept) = (int(n_rows, "rows")?, int(shape.student_vocab, "student vocabulary")?, int(shape.teacher_vocab, "teacher vocabulary")?, int(shape.kept, "kept columns")?);
         let tau = shape.temperature;
         let (ce_t, ce_scale, row_ce) = ce.unwrap_or((0, 0.0, 0));
+        let acc = i32::from(accumulate);
         let grid = (n_rows as u32, 1, 1);
         if shape.divergence == Divergence::Fkl {
             // The forward KL's two-pass kernel (its KL comes from pass-1 statistics).
-            let mut a = args![s, t, rows_dev, nr, vs, vt, kept, tau, scale, ce_t, ce_scale, row_kl, row_ce, d];
+            let mut a = args![s, t, rows_dev, nr, vs, vt, kept, tau, scale, row_scale, ce_t, ce_scale, row_kl, row_ce, acc, d];
             // SAFETY: lengths were checked by the caller; rows_dev holds n_rows in-range, distinct rows.
             unsafe { self.gpu.launch("softmax_kl", "softmax_kl_bf16", grid, (512, 1, 1), 0, &mut a) }
         } else {
             let (code, lambda) = (shape.divergence.code(), shape.divergence.lambda() as f32);
-            let mut a = args![s, t, rows_dev, nr, vs, vt, kept, tau, scale, ce_t, ce_scale, code, lambda, row_kl, row_ce, d];
+            let mut a = args![s, t, rows_dev, nr, vs, vt, kept, tau, scale, row_scale, ce_t, ce_scale, code, lambda, row_kl, row_ce, acc, d];
             // SAFETY: as above; the extra arguments are scalars.
             unsafe { self.gpu.launch("softmax_kl", "softmax_div_bf16", grid, (512, 1, 1), 0, &mut a) }
         }
@@ -584,6 +593,40 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let (kl_out, ce_out) = (sums.slot("softmax_kl_ce (KL)", kl_slot)?, sums.slot("softmax_kl_ce (CE)", ce_slot)?);
         self.kl_with_ce("softmax_kl_ce", student, teacher, shape, rows, Some((targets, ce_scale, ce_out)), scale, dstudent, kl_out)
+    }
+
+    fn distill_rows_into(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, terms: &RowTerms<'_>, dstudent: &mut CudaBuf, sums: &mut CudaSums) -> Result<()> {
+        const WHAT: &str = "distill_rows";
+        let n = check_kl_shape(WHAT, student.len, teacher.len, dstudent.len, shape)?;
+        check_row_terms(WHAT, student.len, shape.student_vocab, terms)?;
+        ensure!(shape.temperature.is_finite() && shape.temperature > 0.0, "{WHAT}: temperature must be positive and finite, got {}", shape.temperature);
+        let mut outs = [0u64; 4];
+        for (k, &slot) in terms.kl_slots.iter().enumerate() {
+            outs[k] = sums.slot(WHAT, slot)?;
+        }
+        outs[3] = sums.slot(WHAT, terms.ce_slot)?;
+        if n == 0 {
+            return Ok(());
+        }
+        int(n, "rows")?;
+        // Per row: its index (every row is listed), CE target, KL weight (the sum of its terms'
+        // scales, bits of an f32) and term mask, in one upload.
+        let weight = |b: u8| terms.kl_scales.iter().enumerate().filter(|(k, _)| b >> k & 1 == 1).map(|(_, &s)| s).sum::<f32>();
+        let packed: Vec<i32> = (0..n as i32)
+            .chain(terms.targets.iter().copied())
+            .chain(terms.kl_terms.iter().map(|&b| weight(b).to_bits() as i32))
+            .chain(terms.kl_terms.iter().map(|&b| b as i32))
+            .collect();
+        let (_gi, base) = self.upload_idx(&packed)?;
+        let at = |k: u64| base + 4 * k * n as u64;
+        let (_gw, klp) = self.work_f32(2 * n)?;
+        let cep = klp + 4 * n as u64;
+        self.softmax_kl_launch(student, teacher, shape, at(0), n, 0.0, at(2), Some((at(1), terms.ce_scale, cep)), klp, false, dstudent)?;
+        let (bits, nn) = (at(3), n as i64);
+        let [o0, o1, o2, oce] = outs;
+        let mut a = args![klp, cep, bits, nn, o0, o1, o2, oce];
+        // SAFETY: row_kl, row_ce and bits hold n values; every non-null out is a slot of `sums`.
+        unsafe { self.gpu.launch("sums", "sum_terms_into_f64", (4, 1, 1), (256, 1, 1), 0, &mut a) }
     }
 
     fn relation_loss_into(&self, student: &CudaBuf, teacher: &CudaBuf, shape: KlShape, images: &[(u32, u32)], scale: f32, dstudent: &mut CudaBuf, sums: &mut CudaSums, slot: usize) -> Result<()> {
