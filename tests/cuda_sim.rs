@@ -301,6 +301,56 @@ fn bench_step_runs_on_the_simulated_device_and_counts_its_work() {
     assert!(per_step["blocking_copies"].as_f64().unwrap() <= per_step["dtoh_copies"].as_f64().unwrap(), "an upload made the host wait: {per_step}");
 }
 
+/// The timed step of a bench-step trace (`KD_SIM_TRACE`), each line without the launch's argument
+/// values (AdamW's clipping factor and seeds follow the read-back values, which differ when
+/// nothing is computed; the buffers' bytes and every operation do not).
+fn traced_step(dir: &Path) -> Vec<String> {
+    let files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "one trace: {files:?}");
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.iter().position(|l| l.starts_with("mark step") && l.ends_with("timed")).expect("a timed step is marked");
+    lines[from..].iter().map(|l| l.split(" args=").next().unwrap_or(l).to_string()).collect()
+}
+
+/// KD_SIM_COUNT_ONLY=1 (nothing computed, for benches/step_model.py at the anchor's full sizes)
+/// issues exactly the operations of a real step: the same launches with the same buffers, GEMMs,
+/// memsets and copies in the same order; and the step model reads its trace.
+#[test]
+fn count_only_traces_the_operations_of_a_real_step() {
+    if !sim_built() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let trace = |count_only: bool| {
+        let dir = tmp.path().join(if count_only { "count" } else { "real" });
+        std::fs::create_dir(&dir).unwrap();
+        let mut c = kd();
+        c.args(["bench-step", "--device", "cuda", "--scale", "32", "--no-phase-sync", "--steps", "1", "--warmup", "1"]).env("KD_CUDA_SIM", "1").env("KD_SIM_TRACE", &dir);
+        if count_only {
+            c.env("KD_SIM_COUNT_ONLY", "1");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "bench-step (count only: {count_only}) failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        dir
+    };
+    let (real, counted) = (trace(false), trace(true));
+    let (a, b) = (traced_step(&real), traced_step(&counted));
+    assert!(a.iter().filter(|l| l.starts_with("launch")).count() > 100 && a.iter().any(|l| l.starts_with("gemm")), "{a:?}");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(x, y, "operation {i} of the step differs when nothing is computed");
+    }
+    assert_eq!(a.len(), b.len(), "the steps issue different numbers of operations");
+    let model = Command::new("python3").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/step_model.py")).args(std::fs::read_dir(&counted).unwrap().map(|e| e.unwrap().path())).output();
+    match model {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && text.contains("modelled step"), "step_model.py failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Err(e) => println!("skipped the step model: no python3 ({e})"),
+    }
+}
+
 /// Rounds every weight to bf16 in place, so the CPU run starts where the CUDA one does (the CUDA
 /// backend stores the same initial values rounded to bf16).
 fn round_to_bf16(state: &mut kd_engine::train::model_state::MllmState<Vec<f32>>) {

@@ -129,6 +129,11 @@ KD_SIM_EXPORT cublasStatus_t cublasGemmEx(cublasHandle_t h, int transa, int tran
             return CUBLAS_STATUS_EXECUTION_FAILED;
         }
     }
+    const double elem_ab = atype == CUDA_R_32F ? 4 : 2, elem_c = ctype == CUDA_R_32F ? 4 : 2;
+    // What a GEMM moves at the least: A and B read once, C written (and read when beta != 0).
+    const double bytes = (reads_ab ? elem_ab * ((double)m * k + (double)k * n) : 0) + elem_c * (double)m * n * (be == 0.0f ? 1 : 2);
+    kd_simdev::count_gemm(m, n, k, 2.0 * m * n * (double)k, bytes);
+    if (kd_simdev::count_only()) return CUBLAS_STATUS_SUCCESS;
     std::vector<float> col(k);
     for (long j = 0; j < n; ++j) {
         // Column j of op(B), widened once.
@@ -142,7 +147,6 @@ KD_SIM_EXPORT cublasStatus_t cublasGemmEx(cublasHandle_t h, int transa, int tran
             store(C, ctype, ci, al * acc + c);
         }
     }
-    kd_simdev::count_gemm(2.0 * m * n * (double)k);
     return CUBLAS_STATUS_SUCCESS;
 }
 

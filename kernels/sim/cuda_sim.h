@@ -55,6 +55,9 @@ namespace __attribute__((visibility("default"))) kd_simdev {
 struct HostKernel {
     void* fn;
     std::vector<size_t> param_sizes;
+    // What each parameter is, for the trace: 'p' pointer (a device buffer), 'i' integer,
+    // 'f' floating point, 'o' anything else.
+    std::vector<char> param_kinds;
     void (*run)(void* fn, void** params, unsigned grid[3], unsigned block[3], size_t smem);
 };
 
@@ -67,13 +70,17 @@ std::recursive_mutex& device_lock();
 // What the driver checks for cuBLAS: that [ptr, ptr + bytes) lies inside one live buffer.
 // Returns an empty string when it does, else why not.
 std::string check_range(uint64_t ptr, size_t bytes);
-// cuBLAS work is counted with the driver's counters; a fault makes the context's error sticky.
-void count_gemm(double flops);
+// cuBLAS work is counted with the driver's counters and traced with the bytes of A, B and C; a
+// fault makes the context's error sticky.
+void count_gemm(int m, int n, int k, double flops, double bytes);
+// KD_SIM_COUNT_ONLY=1: every call is checked, counted and traced, nothing is computed (driver.cpp).
+bool count_only();
 bool context_current();
 // The trace's name of a stream: 0 for the default streams, 1, 2, … for created ones.
 int stream_id(void* stream);
 // Appends a line to the trace when KD_SIM_TRACE names a folder (see driver.cpp).
 void trace(const std::string& line);
+bool tracing();
 void fail_sticky(int cuda_error, const std::string& why);
 
 }  // namespace kd_simdev

@@ -19,8 +19,18 @@
 // container is not read (kd-engine embeds plain cubins). cuModuleLoadDataEx writes why into the
 // caller's CU_JIT_ERROR_LOG_BUFFER. The compute capability reported (default 9.0) is
 // KD_SIM_COMPUTE_CAPABILITY=major.minor, so the image choice for other GPUs can be tested.
+//
+// The step-cost model (benches/step_model.py, issue 15) needs every operation of a training step
+// at the anchor's full sizes, where emulating the kernels would take days. The trace
+// (KD_SIM_TRACE) gives each launch's argument values and the bytes of the buffers it is handed,
+// each GEMM's shape, FLOPs and bytes, each memset and copy, and the caller's phase marks
+// (kd_sim_mark); KD_SIM_COUNT_ONLY=1 then checks, counts and traces every call but computes
+// nothing: no kernel runs, no byte moves, and device memory is reserved address space that is
+// never touched, so the anchor's tens of GB of buffers cost no RAM. Results are meaningless then
+// (read-backs give positive filler values); only the operations are real.
 
 #include <math.h>
+#include <sys/mman.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -119,6 +129,7 @@ struct Driver {
     unsigned next_event = 1;
     KdSimCounters counters{};
     int sticky = CUDA_SUCCESS;
+    bool count_only = false;  // KD_SIM_COUNT_ONLY=1
 };
 
 Driver& drv() {
@@ -173,6 +184,7 @@ std::string range_problem(uint64_t ptr, size_t bytes) {
 }
 
 void fill_guards(uint64_t base, Allocation& a) {
+    if (drv().count_only) return;  // no kernel runs that could write past a buffer
     memset(a.raw, kGuardByte, kGuard);
     const size_t from = a.lent ? a.used : 0;
     memset(a.raw + kGuard + from, kGuardByte, a.size - from + kGuard);
@@ -276,11 +288,14 @@ std::string check_range(uint64_t ptr, size_t bytes) {
     std::lock_guard<std::recursive_mutex> g(device_lock());
     return bytes == 0 ? "" : range_problem(ptr, bytes);
 }
-void count_gemm(double flops) {
+void count_gemm(int m, int n, int k, double flops, double bytes) {
     std::lock_guard<std::recursive_mutex> g(device_lock());
     drv().counters.gemm_calls++;
     drv().counters.gemm_flops += flops;
+    trace("gemm " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) + " flops=" + std::to_string((long long)flops) +
+          " bytes=" + std::to_string((long long)bytes));
 }
+bool count_only() { return drv().count_only; }
 bool context_current() { return drv().initialised && current_ctx != nullptr; }
 
 int stream_id(void* s) {
@@ -289,13 +304,19 @@ int stream_id(void* s) {
     return it == drv().streams.end() ? 0 : (*it)->id;
 }
 
-// KD_SIM_TRACE=<folder>: one line per launch, event record, stream wait and collective, in
-// order, to <folder>/<pid>.trace, so tests can check what ran on which stream after what.
-void trace(const std::string& line) {
+// KD_SIM_TRACE=<folder>: one line per launch (with its arguments and bytes), GEMM, memset, copy,
+// event record, stream wait, collective and caller's mark, in order, to <folder>/<pid>.trace, so
+// tests can check what ran on which stream after what, and benches/step_model.py can cost a step.
+static FILE* trace_file() {
     static FILE* f = [] {
         const char* dir = getenv("KD_SIM_TRACE");
         return dir ? fopen((std::string(dir) + "/" + std::to_string(getpid()) + ".trace").c_str(), "w") : nullptr;
     }();
+    return f;
+}
+bool tracing() { return trace_file() != nullptr; }
+void trace(const std::string& line) {
+    FILE* f = trace_file();
     if (f == nullptr) return;
     std::lock_guard<std::recursive_mutex> g(device_lock());
     fprintf(f, "%s\n", line.c_str());
@@ -326,7 +347,7 @@ KD_SIM_EXPORT int kd_sim_lend(uint64_t ptr, size_t used) {
     if (a == nullptr || base != ptr || used > a->size) return CUDA_ERROR_INVALID_VALUE;
     a->lent = true;
     a->used = used;
-    memset(a->raw + kGuard, kFreshByte, used);
+    if (!drv().count_only) memset(a->raw + kGuard, kFreshByte, used);
     fill_guards(base, *a);
     return CUDA_SUCCESS;
 }
@@ -346,6 +367,9 @@ KD_SIM_EXPORT void kd_sim_counters(KdSimCounters* out) {
     LOCK;
     *out = drv().counters;
 }
+
+// A mark from the caller (bench-step: where each step and phase ends) in the trace.
+KD_SIM_EXPORT void kd_sim_mark(const char* what) { kd_simdev::trace(std::string("mark ") + (what ? what : "")); }
 
 // ---- initialisation, device, context ----
 
@@ -368,6 +392,8 @@ KD_SIM_EXPORT CUresult cuInit(unsigned flags) {
         }
         const char* n = getenv("KD_SIM_DEVICES");
         d.devices = n ? std::max(1, atoi(n)) : 1;
+        const char* count_only = getenv("KD_SIM_COUNT_ONLY");
+        d.count_only = count_only != nullptr && strcmp(count_only, "1") == 0;
         d.initialised = true;
     }
     return CUDA_SUCCESS;
@@ -532,10 +558,17 @@ KD_SIM_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* dptr, size_t bytes) {
     Driver& d = drv();
     const size_t rounded = (bytes + 255) / 256 * 256;
     if (rounded > d.capacity - d.allocated) return CUDA_ERROR_OUT_OF_MEMORY;
-    unsigned char* raw = static_cast<unsigned char*>(aligned_alloc(256, rounded + 2 * kGuard));
+    unsigned char* raw = nullptr;
+    if (d.count_only) {
+        // Address space only: nothing ever writes it, so no page of it is ever backed.
+        void* p = mmap(nullptr, rounded + 2 * kGuard, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        raw = p == MAP_FAILED ? nullptr : static_cast<unsigned char*>(p);
+    } else {
+        raw = static_cast<unsigned char*>(aligned_alloc(256, rounded + 2 * kGuard));
+    }
     if (raw == nullptr) return CUDA_ERROR_OUT_OF_MEMORY;
     Allocation a{raw, rounded, bytes, true};
-    memset(raw + kGuard, kFreshByte, bytes);
+    if (!d.count_only) memset(raw + kGuard, kFreshByte, bytes);
     const uint64_t base = (uint64_t)(uintptr_t)(raw + kGuard);
     fill_guards(base, a);
     d.allocs[base] = a;
@@ -551,7 +584,10 @@ KD_SIM_EXPORT CUresult cuMemFree_v2(CUdeviceptr ptr) {
     auto it = drv().allocs.find(ptr);
     if (it == drv().allocs.end()) return CUDA_ERROR_INVALID_VALUE;
     drv().allocated -= it->second.size;
-    free(it->second.raw);
+    if (drv().count_only)
+        munmap(it->second.raw, it->second.size + 2 * kGuard);
+    else
+        free(it->second.raw);
     drv().allocs.erase(it);
     drv().counters.driver_frees++;
     return CUDA_SUCCESS;
@@ -573,13 +609,19 @@ static CUresult checked_range(uint64_t ptr, size_t bytes, const char* call) {
     return CUDA_ERROR_INVALID_VALUE;
 }
 
+// A host-to-device copy's data movement (both forms), traced.
+static void copy_in(CUdeviceptr dst, const void* src, size_t bytes) {
+    kd_simdev::trace("htod bytes=" + std::to_string(bytes));
+    if (!drv().count_only) memcpy((void*)(uintptr_t)dst, src, bytes);
+}
+
 KD_SIM_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
     LOCK;
     TRY(ready());
     if (bytes == 0) return CUDA_SUCCESS;
     if (src == nullptr) return CUDA_ERROR_INVALID_VALUE;
     TRY(checked_range(dst, bytes, "cuMemcpyHtoD"));
-    memcpy((void*)(uintptr_t)dst, src, bytes);
+    copy_in(dst, src, bytes);
     drv().counters.htod_copies++;
     drv().counters.htod_bytes += bytes;
     drv().counters.blocking_copies++;  // returns when the copy is done: the host waits
@@ -592,7 +634,15 @@ KD_SIM_EXPORT CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes)
     if (bytes == 0) return CUDA_SUCCESS;
     if (dst == nullptr) return CUDA_ERROR_INVALID_VALUE;
     TRY(checked_range(src, bytes, "cuMemcpyDtoH"));
-    memcpy(dst, (const void*)(uintptr_t)src, bytes);
+    kd_simdev::trace("dtoh bytes=" + std::to_string(bytes));
+    if (drv().count_only)
+        // The device computed nothing. Bytes 0x30..0x3F read as positive finite numbers in every
+        // float type (f32 and bf16 between 6e-10 and 0.75), different from one read-back to the
+        // next, so the host takes the branches a real step takes (zeros would make a Gram's norm
+        // vanish and skip its loss).
+        memset(dst, 0x30 + (int)(drv().counters.dtoh_copies % 16), bytes);
+    else
+        memcpy(dst, (const void*)(uintptr_t)src, bytes);
     drv().counters.dtoh_copies++;
     drv().counters.dtoh_bytes += bytes;
     drv().counters.blocking_copies++;  // waits for the stream's work, then copies
@@ -606,7 +656,8 @@ KD_SIM_EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, si
     if (bytes == 0) return CUDA_SUCCESS;
     TRY(checked_range(src, bytes, "cuMemcpyDtoDAsync (source)"));
     TRY(checked_range(dst, bytes, "cuMemcpyDtoDAsync (destination)"));
-    memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, bytes);
+    kd_simdev::trace("dtod bytes=" + std::to_string(bytes));
+    if (!drv().count_only) memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, bytes);
     drv().counters.dtod_copies++;
     drv().counters.dtod_bytes += bytes;
     return CUDA_SUCCESS;
@@ -655,7 +706,7 @@ KD_SIM_EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, si
     if (bytes == 0) return CUDA_SUCCESS;
     if (src == nullptr) return CUDA_ERROR_INVALID_VALUE;
     TRY(checked_range(dst, bytes, "cuMemcpyHtoDAsync"));
-    memcpy((void*)(uintptr_t)dst, src, bytes);
+    copy_in(dst, src, bytes);
     drv().counters.htod_copies++;
     drv().counters.htod_bytes += bytes;
     if (!is_pinned(src, bytes)) drv().counters.blocking_copies++;
@@ -670,7 +721,9 @@ static CUresult memset_n(CUdeviceptr dst, const void* value, size_t width, size_
     if (dst % width != 0) return CUDA_ERROR_INVALID_VALUE;  // D16/D32 need aligned destinations
     TRY(checked_range(dst, n * width, call));
     unsigned char* p = (unsigned char*)(uintptr_t)dst;
-    for (size_t i = 0; i < n; ++i) memcpy(p + i * width, value, width);
+    kd_simdev::trace("memset bytes=" + std::to_string(n * width));
+    if (!drv().count_only)
+        for (size_t i = 0; i < n; ++i) memcpy(p + i * width, value, width);
     drv().counters.memsets++;
     drv().counters.memset_bytes += n * width;
     return CUDA_SUCCESS;
@@ -902,6 +955,43 @@ KD_SIM_EXPORT CUresult cuFuncSetAttribute(CUfunction f, int attrib, int value) {
     return CUDA_SUCCESS;
 }
 
+// A launch's arguments for the trace, comma-separated: a buffer as @<bytes from the address to the
+// end of what its buffer uses> (a trailing v when the address is inside the buffer: a view),
+// integers and floats as their values. The bytes returned, the sum over the buffers, bound what
+// the kernel reads and writes once; a view is charged to its buffer's end, which
+// benches/step_model.py replaces with the kernel's own count from the other arguments.
+static size_t launch_args(const kd_simdev::HostKernel& k, void** params, std::string* out) {
+    size_t total = 0;
+    char b[64];
+    for (size_t i = 0; i < k.param_kinds.size(); ++i) {
+        const size_t size = k.param_sizes[i];
+        snprintf(b, sizeof b, "?");
+        if (k.param_kinds[i] == 'p') {
+            uint64_t ptr = 0, base = 0;
+            memcpy(&ptr, params[i], sizeof ptr);
+            const Allocation* a = find_alloc(ptr, &base);
+            const size_t extent = a != nullptr && a->lent && ptr - base < a->used ? a->used - (size_t)(ptr - base) : 0;
+            total += extent;
+            snprintf(b, sizeof b, "@%zu%s", extent, extent > 0 && ptr != base ? "v" : "");
+        } else if (k.param_kinds[i] == 'i' && (size == 4 || size == 8)) {
+            int32_t x = 0;
+            long long v = 0;
+            if (size == 4) memcpy(&x, params[i], 4), v = x;
+            else memcpy(&v, params[i], 8);
+            snprintf(b, sizeof b, "%lld", v);
+        } else if (k.param_kinds[i] == 'f' && (size == 4 || size == 8)) {
+            float x = 0;
+            double v = 0;
+            if (size == 4) memcpy(&x, params[i], 4), v = x;
+            else memcpy(&v, params[i], 8);
+            snprintf(b, sizeof b, "%g", v);
+        }
+        if (i > 0) *out += ',';
+        *out += b;
+    }
+    return total;
+}
+
 KD_SIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                       unsigned bz, unsigned smem, CUstream s, void** params, void** extra) {
     LOCK;
@@ -922,9 +1012,15 @@ KD_SIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, un
         return CUDA_ERROR_NOT_SUPPORTED;
     }
     unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
-    kd_simdev::trace("launch " + f->name + " s" + std::to_string(kd_simdev::stream_id(s)));
-    f->kernel->run(f->kernel->fn, params, grid, block, smem);
+    if (kd_simdev::tracing()) {
+        std::string args;
+        const size_t bytes = launch_args(*f->kernel, params, &args);
+        kd_simdev::trace("launch " + f->name + " s" + std::to_string(kd_simdev::stream_id(s)) + " bytes=" + std::to_string(bytes) +
+                         " args=" + args);
+    }
     drv().counters.launches++;
+    if (drv().count_only) return CUDA_SUCCESS;
+    f->kernel->run(f->kernel->fn, params, grid, block, smem);
     return check_guards(f->name);
 }
 

@@ -30,11 +30,17 @@ struct Launcher {
     }
 };
 
+template <class T>
+constexpr char param_kind() {
+    return std::is_pointer_v<T> ? 'p' : std::is_integral_v<T> ? 'i' : std::is_floating_point_v<T> ? 'f' : 'o';
+}
+
 // Deduction picks the kernel out of an overload set (elementwise.cu's f32_to_bf16 kernel shares its
 // name with host_sim.h's conversion helper, which does not return void).
 template <class... A>
 HostKernel host_kernel(void (*k)(A...)) {
-    return HostKernel{reinterpret_cast<void*>(k), {sizeof(std::decay_t<A>)...}, &Launcher<A...>::run};
+    return HostKernel{reinterpret_cast<void*>(k), {sizeof(std::decay_t<A>)...}, {param_kind<std::decay_t<A>>()...},
+                      &Launcher<A...>::run};
 }
 
 struct Registrar {

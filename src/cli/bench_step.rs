@@ -316,9 +316,11 @@ fn bench<B: Backend>(
         }
         let mut ph = [0f64; 6];
         let mut clock = Instant::now();
+        sim::mark(&format!("step {step} {}", if step < a.warmup { "warmup" } else { "timed" }));
         let mut lap = |i: usize, clock: &mut Instant| {
             ph[i] = clock.elapsed().as_secs_f64();
             *clock = Instant::now();
+            sim::mark(&format!("end {}", PHASES[i]));
         };
         let features = student.encode_images(be, &ws.vision, &batch.pixel_values)?;
         if !a.no_phase_sync {
@@ -592,13 +594,19 @@ pub fn run(a: BenchStepArgs) -> Result<()> {
                 allocs_at_reset.set(be.pool_stats().driver_allocs);
                 counted_from.set(sim::counters());
             };
-            // The simulated device runs kernels on the CPU emulator: the anchor would take days.
+            // The simulated device runs kernels on the CPU emulator: the anchor would take days,
+            // unless it only counts (KD_SIM_COUNT_ONLY=1, for benches/step_model.py).
             ensure!(
-                !sim::active() || a.scale.is_some(),
+                !sim::active() || a.scale.is_some() || sim::count_only(),
                 "bench-step on the simulated CUDA device (KD_CUDA_SIM=1) needs --scale: its kernels run on a CPU emulator; \
-                 count a step's work with --scale 16 --keep-layers"
+                 count a step's work with --scale 16 --keep-layers, or trace the anchor step's operations without \
+                 computing them with KD_SIM_COUNT_ONLY=1 KD_SIM_TRACE=<folder> (benches/step_model.py)"
             );
+            if sim::count_only() {
+                eprintln!("note: KD_SIM_COUNT_ONLY=1: the simulated device computes nothing; only the operations and their counts are real (not the times, losses or memory contents)");
+            }
             let mut r = bench(&be, &a, &peak, &reset, "kd-engine's device buffers, high-water mark over the timed steps", 2)?;
+            r["count_only"] = json!(sim::count_only());
             if let (Some(from), Some(now)) = (counted_from.get(), sim::counters()) {
                 r["simulated_device_per_step"] = per_step(&now.since(&from), a.steps);
                 // bench-step's own waits: the final one per step, plus five between phases.

@@ -87,6 +87,7 @@ struct SimLib {
     lend: unsafe extern "C" fn(u64, usize) -> i32,
     reclaim: unsafe extern "C" fn(u64) -> i32,
     counters: unsafe extern "C" fn(*mut Counters),
+    mark: unsafe extern "C" fn(*const std::ffi::c_char),
 }
 
 static SIM: OnceLock<Result<SimLib, String>> = OnceLock::new();
@@ -124,7 +125,8 @@ fn load() -> Result<SimLib, String> {
         let reclaim = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(u64) -> i32>(sym(&driver, b"kd_sim_reclaim")?);
         let counters = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(*mut Counters)>(sym(&driver, b"kd_sim_counters")?);
         let nccl_timeout = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(f64)>(sym(&nccl, b"kd_nccl_sim_set_timeout")?);
-        Ok(SimLib { _driver: driver, _blas: blas, _nccl: nccl, nccl_timeout, lend, reclaim, counters })
+        let mark = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(*const std::ffi::c_char)>(sym(&driver, b"kd_sim_mark")?);
+        Ok(SimLib { _driver: driver, _blas: blas, _nccl: nccl, nccl_timeout, lend, reclaim, counters, mark })
     }
 }
 
@@ -162,6 +164,22 @@ pub(crate) fn set_collective_timeout(timeout: std::time::Duration) {
     if let Some(l) = lib() {
         // SAFETY: takes a number of seconds.
         unsafe { (l.nccl_timeout)(timeout.as_secs_f64()) };
+    }
+}
+
+/// Whether `KD_SIM_COUNT_ONLY=1` asks the simulated device to check, count and trace every call
+/// without computing anything (the anchor step's operations at full size for
+/// benches/step_model.py; the results are meaningless).
+pub fn count_only() -> bool {
+    active() && std::env::var("KD_SIM_COUNT_ONLY").is_ok_and(|v| v == "1")
+}
+
+/// Writes a mark into the simulated device's trace (`KD_SIM_TRACE`), e.g. where a step's phase
+/// ends, so the trace can be cut into steps and phases. Nothing without the simulated device.
+pub fn mark(what: &str) {
+    if let (Some(l), Ok(c)) = (lib(), std::ffi::CString::new(what)) {
+        // SAFETY: a NUL-terminated string that outlives the call.
+        unsafe { (l.mark)(c.as_ptr()) };
     }
 }
 
