@@ -1084,56 +1084,46 @@ KD_SIM_EXPORT CUresult cuEventDestroy_v2(CUevent e) {
 
 // ---- errors ----
 
-static const char* error_name(CUresult r) {
-    switch (r) {
-        case CUDA_SUCCESS: return "CUDA_SUCCESS";
-        case CUDA_ERROR_INVALID_VALUE: return "CUDA_ERROR_INVALID_VALUE";
-        case CUDA_ERROR_OUT_OF_MEMORY: return "CUDA_ERROR_OUT_OF_MEMORY";
-        case CUDA_ERROR_NOT_INITIALIZED: return "CUDA_ERROR_NOT_INITIALIZED";
-        case CUDA_ERROR_INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
-        case CUDA_ERROR_INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
-        case CUDA_ERROR_INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
-        case CUDA_ERROR_NO_BINARY_FOR_GPU: return "CUDA_ERROR_NO_BINARY_FOR_GPU";
-        case CUDA_ERROR_INVALID_PTX: return "CUDA_ERROR_INVALID_PTX";
-        case CUDA_ERROR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
-        case CUDA_ERROR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
-        case CUDA_ERROR_NOT_READY: return "CUDA_ERROR_NOT_READY";
-        case CUDA_ERROR_ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
-        case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
-        case CUDA_ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
-        default: return nullptr;
-    }
-}
+// The driver's name and description of every CUresult this device returns, in one table.
+struct ErrorText {
+    CUresult code;
+    const char* name;
+    const char* text;
+};
+static const ErrorText kErrors[] = {
+    {CUDA_SUCCESS, "CUDA_SUCCESS", "no error"},
+    {CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
+    {CUDA_ERROR_OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+    {CUDA_ERROR_NOT_INITIALIZED, "CUDA_ERROR_NOT_INITIALIZED", "initialization error"},
+    {CUDA_ERROR_INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
+    {CUDA_ERROR_INVALID_IMAGE, "CUDA_ERROR_INVALID_IMAGE", "device kernel image is invalid"},
+    {CUDA_ERROR_INVALID_CONTEXT, "CUDA_ERROR_INVALID_CONTEXT", "invalid device context"},
+    {CUDA_ERROR_NO_BINARY_FOR_GPU, "CUDA_ERROR_NO_BINARY_FOR_GPU", "no kernel image is available for execution on the device"},
+    {CUDA_ERROR_INVALID_PTX, "CUDA_ERROR_INVALID_PTX", "a PTX JIT compilation failed"},
+    {CUDA_ERROR_INVALID_HANDLE, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
+    {CUDA_ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+    {CUDA_ERROR_NOT_READY, "CUDA_ERROR_NOT_READY", "device not ready"},
+    {CUDA_ERROR_ILLEGAL_ADDRESS, "CUDA_ERROR_ILLEGAL_ADDRESS", "an illegal memory access was encountered"},
+    {CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES", "too many resources requested for launch"},
+    {CUDA_ERROR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},
+};
 
-static const char* error_string(CUresult r) {
-    switch (r) {
-        case CUDA_SUCCESS: return "no error";
-        case CUDA_ERROR_INVALID_VALUE: return "invalid argument";
-        case CUDA_ERROR_OUT_OF_MEMORY: return "out of memory";
-        case CUDA_ERROR_NOT_INITIALIZED: return "initialization error";
-        case CUDA_ERROR_INVALID_DEVICE: return "invalid device ordinal";
-        case CUDA_ERROR_INVALID_IMAGE: return "device kernel image is invalid";
-        case CUDA_ERROR_INVALID_CONTEXT: return "invalid device context";
-        case CUDA_ERROR_NO_BINARY_FOR_GPU: return "no kernel image is available for execution on the device";
-        case CUDA_ERROR_INVALID_PTX: return "a PTX JIT compilation failed";
-        case CUDA_ERROR_INVALID_HANDLE: return "invalid resource handle";
-        case CUDA_ERROR_NOT_FOUND: return "named symbol not found";
-        case CUDA_ERROR_NOT_READY: return "device not ready";
-        case CUDA_ERROR_ILLEGAL_ADDRESS: return "an illegal memory access was encountered";
-        case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: return "too many resources requested for launch";
-        case CUDA_ERROR_NOT_SUPPORTED: return "operation not supported";
-        default: return nullptr;
-    }
+static const ErrorText* error_text(CUresult r) {
+    for (const ErrorText& e : kErrors)
+        if (e.code == r) return &e;
+    return nullptr;
 }
 
 KD_SIM_EXPORT CUresult cuGetErrorName(CUresult r, const char** s) {
     if (s == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    *s = error_name(r);
+    const ErrorText* e = error_text(r);
+    *s = e ? e->name : nullptr;
     return *s ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
 
 KD_SIM_EXPORT CUresult cuGetErrorString(CUresult r, const char** s) {
     if (s == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    *s = error_string(r);
+    const ErrorText* e = error_text(r);
+    *s = e ? e->text : nullptr;
     return *s ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
