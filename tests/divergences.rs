@@ -5,15 +5,16 @@
 //! through the whole objective (finite differences of the total) and through the chunked fused LM
 //! head (against the direct path is in tests/fused_head.rs).
 //!
-//! PyTorch fixtures are not used for these: the only PyTorch wheel on PyPI pulls the CUDA
-//! packages (several GB), out of reach here, so the reference is this file's straightforward f64
-//! implementation.
+//! And every divergence against PyTorch autograd: values and gradients written the way TRL, Liger
+//! and DistiLLM write them, saved by tests/fixtures/make_divergence_fixtures.py
+//! (tests/fixtures/divergence/reference.safetensors).
 
 mod common;
 
-use common::{check_grad, TestRng};
+use common::{check_grad, fixture, max_rel_diff, TestRng};
 use kd_engine::backend::cpu::CpuBackend;
 use kd_engine::backend::{Backend, Divergence, KlShape};
+use kd_engine::weights::WeightSource;
 
 type B = CpuBackend<f64>;
 
@@ -162,4 +163,46 @@ fn the_fused_ce_variant_adds_the_same_divergence() {
     let want = be.softmax_kl(&s, &t, shape, &[0, 2], 0.5, &mut d2).unwrap();
     assert_eq!(kl, want);
     assert_eq!(d1, d2);
+}
+
+/// Each divergence's value and gradient against PyTorch autograd (the fixture script writes them
+/// as TRL's generalized JSD, Liger's TVD and DistiLLM's skew KLs do), at τ 1, 2 and 1.5, with the
+/// default and a non-default mixing weight, mismatched and equal vocabularies.
+#[test]
+fn every_divergence_matches_pytorch() {
+    let src = WeightSource::open(&fixture("divergence/reference.safetensors")).unwrap();
+    let f32s = |name: &str| -> (Vec<f32>, Vec<usize>) {
+        let shape = src.info(name).unwrap_or_else(|| panic!("fixture tensor {name} missing")).shape.clone();
+        (src.read_f32(name, &shape).unwrap(), shape)
+    };
+    let be = B::new();
+    let mut checked = 0;
+    for name in ["fkl", "rkl", "skl", "jsd", "tvd", "skew_fkl", "skew_rkl"] {
+        for case in ["a", "b", "w"] {
+            let p = format!("{name}_{case}_");
+            if src.info(&format!("{p}s")).is_none() {
+                continue; // no weight to vary for fkl, rkl, tvd
+            }
+            let ((s, s_shape), (t, t_shape)) = (f32s(&format!("{p}s")), f32s(&format!("{p}t")));
+            let meta = f32s(&format!("{p}meta")).0;
+            let listed: Vec<u32> = src.read_i64(&format!("{p}rows")).unwrap().iter().map(|&r| r as u32).collect();
+            // The weight was 0.9, 0.1 or 0.3 in the script; f32 storage rounded it.
+            let weight = (meta[2] as f64 * 1e6).round() / 1e6;
+            let div = Divergence::parse(name, if weight > 0.0 { Some(weight) } else { None }).unwrap();
+            let (vs, vt) = (s_shape[1], t_shape[1]);
+            let shape = KlShape { student_vocab: vs, teacher_vocab: vt, kept: meta[1] as usize, temperature: meta[0], divergence: div };
+            let s64: Vec<f64> = s.iter().map(|&x| x as f64).collect();
+            let t64: Vec<f64> = t.iter().map(|&x| x as f64).collect();
+            let mut grad = vec![0.0; s.len()];
+            let value = be.softmax_kl(&s64, &t64, shape, &listed, 1.0, &mut grad).unwrap();
+            let want = f32s(&format!("{p}value")).0[0] as f64;
+            let rel = (value - want).abs() / want.abs();
+            assert!(rel <= 1e-6, "{p}: value {value} vs PyTorch {want} (rel {rel:.1e})");
+            let got: Vec<f32> = grad.iter().map(|&g| g as f32).collect();
+            let rel = max_rel_diff(&got, &f32s(&format!("{p}grad")).0);
+            assert!(rel <= 1e-6, "{p}: gradient differs from PyTorch by {rel:.1e} (max abs diff / max abs)");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 7 * 2 + 4, "cases in the fixture");
 }
