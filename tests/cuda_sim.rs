@@ -396,10 +396,12 @@ fn a_dpt_sft_dft_run_gives_the_cpu_losses() {
     write_vision_tower(&vision, &vcfg, 3).unwrap();
     let vocab = kd_engine::data::load_tokenizer(&files.tokenizer).unwrap().get_vocab_size(true);
     let llm = |heads: usize| LlmConfig { hidden: 64 * heads, intermediate: 96 * heads, heads, kv_heads: 1, vocab, ..tiny_llm(Arch::Qwen2) };
-    let stages: Vec<StageConfig> = [(StageKind::Dpt, &files.pretrain), (StageKind::Sft, &files.sft), (StageKind::Dft, &files.sft)]
+    let mut stages: Vec<StageConfig> = [(StageKind::Dpt, &files.pretrain), (StageKind::Sft, &files.sft), (StageKind::Dft, &files.sft)]
         .into_iter()
         .map(|(kind, data)| StageConfig { max_steps: Some(1), micro_batch: Some(2), ..stage(kind, data, 3e-3, 1.0, 4) })
         .collect();
+    // And a DFT step by the distillation terms alone (`ce = false`: CE scale 0 in the fused kernel).
+    stages.push(StageConfig { ce: false, ..stages[2].clone() });
     let rc = RunConfig { log_every: 0, ..RunConfig::default() };
     let recipe = |dir: &str| RecipeRun { run: &rc, out_dir: root.join(dir), progress: false, resume: None, stop_after_global_step: None };
 
@@ -416,7 +418,17 @@ fn a_dpt_sft_dft_run_gives_the_cpu_losses() {
     run_stages(&cuda, &recipe("cuda"), &stages, &mut student, Some(&teacher)).unwrap();
 
     let (want, got) = (loss_lines(&root.join("cpu/metrics.jsonl")), loss_lines(&root.join("cuda/metrics.jsonl")));
-    assert_eq!(want.len(), 3, "one line per optimizer step: {want:?}");
+    assert_eq!(want.len(), 4, "one line per optimizer step: {want:?}");
+    // The last step's total leaves CE out on both backends (CE is still measured and logged):
+    // it is α·(L_res + L_prompt) + β·L_vis + γ·L_rel alone.
+    let dft = &stages[3];
+    for (side, lines) in [("cpu", &want), ("cuda", &got)] {
+        let l = &lines[3];
+        let term = |k: &str| l.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+        let terms = dft.alpha * (term("res") + term("prompt")) + dft.beta * term("vis") + dft.gamma * term("rel");
+        let (loss, ce) = (l["loss"].as_f64().unwrap(), l["ce"].as_f64().unwrap());
+        assert!(ce > 0.1 && (loss - terms).abs() <= 1e-4 * loss.abs().max(1.0), "{side}: with ce = false the loss {loss} must be the distillation terms {terms} (ce {ce} logged): {l:?}");
+    }
     assert_eq!(got.len(), want.len());
     for (step, (g, w)) in got.iter().zip(&want).enumerate() {
         let keys: Vec<&String> = w.keys().filter(|k| ["loss", "ce", "res", "prompt", "vis", "rel"].contains(&k.as_str())).collect();
