@@ -16,10 +16,11 @@
 //! and step (the next two steps also carry the first updates' differences). The relation term is
 //! 1 − cos with cos ≈ 1 and is compared absolutely (1e-3; measured ≤ 4.7e-4), see below.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
-use kd_engine::backend::cuda::sim;
 use kd_engine::backend::GeluKind;
 use kd_engine::model::{Arch, InitOptions, LlmConfig, Preset, PresetModel, VisionConfig};
 use kd_engine::weights::StoreDtype;
@@ -28,15 +29,6 @@ fn kd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kd-engine"))
 }
 
-/// Whether the simulated device is in this build (CI requires it: KD_REQUIRE_KERNELS=1).
-fn sim_built() -> bool {
-    if sim::built() {
-        return true;
-    }
-    assert!(std::env::var("KD_REQUIRE_KERNELS").as_deref() != Ok("1"), "KD_REQUIRE_KERNELS=1 but the simulated CUDA device was not built");
-    println!("skipped: this build has no simulated CUDA device (needs nvcc and g++ at build time)");
-    false
-}
 
 /// Runs kd-engine with `args` then `--device cuda` on the simulated device, or `--device cpu`.
 fn run(args: &[&str], on_sim: bool) -> Output {
@@ -104,7 +96,7 @@ const IDS: &str = "1,17,42,7,300,9,100,3,3,250,64,128,5,77,12,0,199,31,8,2,150,4
 
 #[test]
 fn qwen2_and_llama_logits_match_the_cpu() {
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -123,7 +115,7 @@ fn qwen2_and_llama_logits_match_the_cpu() {
 
 #[test]
 fn siglip_tower_matches_the_cpu() {
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -175,7 +167,7 @@ fn sharpen(dir: &Path) {
 
 #[test]
 fn greedy_generation_with_the_kv_cache_gives_the_cpu_ids() {
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -229,7 +221,7 @@ fn greedy_generation_with_the_kv_cache_gives_the_cpu_ids() {
 
 #[test]
 fn selftest_passes_on_the_simulated_device() {
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     let out = kd().args(["selftest", "--only", "memory,gemm,elementwise,embedding,norm,rope,cross_entropy,softmax_kl,relation,adamw"]).env("KD_CUDA_SIM", "1").output().unwrap();
@@ -247,7 +239,7 @@ fn selftest_passes_on_the_simulated_device() {
 /// choice fails to load rather than passing unnoticed; the elementwise checks then run on it.
 #[test]
 fn the_kernel_image_follows_the_compute_capability() {
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     let cubins = kd_engine::backend::cuda::built_cubins();
@@ -270,7 +262,7 @@ fn the_kernel_image_follows_the_compute_capability() {
 
 #[test]
 fn bench_step_runs_on_the_simulated_device_and_counts_its_work() {
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     let refused = kd().args(["bench-step", "--device", "cuda"]).env("KD_CUDA_SIM", "1").output().unwrap();
@@ -318,7 +310,7 @@ fn traced_step(dir: &Path) -> Vec<String> {
 /// memsets and copies in the same order; and the step model reads its trace.
 #[test]
 fn count_only_traces_the_operations_of_a_real_step() {
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -381,7 +373,7 @@ fn a_dpt_sft_dft_run_gives_the_cpu_losses() {
     use kd_engine::train::config::{RunConfig, StageConfig, StageKind};
     use kd_engine::train::recipe::{run_stages, RecipeRun};
     use kd_engine::train::study::{new_model, stage, write_vision_tower};
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     // In this test's process the CUDA backend is the simulated one (the other tests run the

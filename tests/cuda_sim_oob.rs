@@ -2,13 +2,13 @@
 //! kernel, and the context stays failed afterwards, as on a GPU. A process of its own, since the
 //! error is sticky (`backend::cuda::checks::out_of_bounds_write_is_caught`).
 
-use kd_engine::backend::cuda::{self, checks, CudaBackend};
+mod common;
+
+use kd_engine::backend::cuda::{checks, CudaBackend};
 
 #[test]
 fn a_kernel_writing_past_its_buffer_is_caught_and_sticky() {
-    if !cuda::sim::built() {
-        assert!(std::env::var("KD_REQUIRE_KERNELS").as_deref() != Ok("1"), "KD_REQUIRE_KERNELS=1 but the simulated CUDA device was not built");
-        println!("skipped: this build has no simulated CUDA device");
+    if !common::simulated_device_built() {
         return;
     }
     // Always the simulated device, even beside a GPU: on a real one this would poison the context.

@@ -7,7 +7,7 @@ use common::{check_grad, TestRng};
 use kd_engine::backend::cpu::CpuBackend;
 use kd_engine::backend::{Backend, IGNORE_INDEX};
 use kd_engine::data::{Group, PackedBatch};
-use kd_engine::model::{Arch, FeatureSelect, Llm, LlmConfig, Mllm, MllmGrads, MllmWeights, ParamSet, VisionConfig, VisionTower};
+use kd_engine::model::{Arch, FeatureSelect, GradsReady, Llm, LlmConfig, Mllm, MllmGrads, MllmWeights, ParamSet, VisionConfig, VisionTower};
 use kd_engine::backend::GeluKind;
 
 type B = CpuBackend<f64>;
@@ -86,6 +86,35 @@ fn init(be: &B, specs: &[kd_engine::model::ParamSpec], seed: u64) -> ParamSet<Ve
     .unwrap()
 }
 
+fn weights(be: &B, m: &Mllm) -> MllmWeights<Vec<f64>> {
+    MllmWeights { vision: init(be, &m.vision.specs, 1), projector: init(be, &m.projector.specs, 2), llm: init(be, &m.llm.specs, 3) }
+}
+
+/// The projector's gradients, and the LLM's when `train_llm` (head included), from one forward
+/// and backward of `b`; `ready` hears which gradients are complete as the backward goes.
+fn gradients(
+    m: &Mllm,
+    be: &B,
+    w: &MllmWeights<Vec<f64>>,
+    b: &PackedBatch,
+    t: &[i32],
+    train_llm: bool,
+    ready: Option<&mut dyn GradsReady<Vec<f64>>>,
+) -> (ParamSet<Vec<f64>>, Option<ParamSet<Vec<f64>>>) {
+    let (_, dlogits, acts) = loss(m, be, w, b, t);
+    let mut gproj = ParamSet::zeros(be, &m.projector.specs).unwrap();
+    let mut gllm = train_llm.then(|| ParamSet::zeros(be, &m.llm.specs).unwrap());
+    let dh = m.llm.lm_head_backward(be, &w.llm, &acts.llm.hidden, &dlogits, gllm.as_mut()).unwrap();
+    let mut ready = ready;
+    // A reborrow for this call alone (MllmGrads holds all its references for one lifetime).
+    let ready: Option<&mut dyn GradsReady<Vec<f64>>> = match ready.as_mut() {
+        Some(r) => Some(&mut **r),
+        None => None,
+    };
+    m.backward(be, w, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: gllm.as_mut(), ready }).unwrap();
+    (gproj, gllm)
+}
+
 fn loss(m: &Mllm, be: &B, w: &MllmWeights<Vec<f64>>, b: &PackedBatch, t: &[i32]) -> (f64, Vec<f64>, kd_engine::model::MllmActs<Vec<f64>>) {
     let feats = m.encode_images(be, &w.vision, &b.pixel_values).unwrap();
     let acts = m.forward(be, w, b, Some(feats)).unwrap();
@@ -104,11 +133,8 @@ fn projector_gradients_through_a_frozen_decoder_with_spliced_visual_tokens() {
     let mut rng = TestRng(5);
     let b = batch(&mut rng);
     let t = targets(&b);
-    let w = MllmWeights { vision: init(&be, &m.vision.specs, 1), projector: init(&be, &m.projector.specs, 2), llm: init(&be, &m.llm.specs, 3) };
-    let (_, dlogits, acts) = loss(&m, &be, &w, &b, &t);
-    let dh = m.llm.lm_head_backward(&be, &w.llm, &acts.llm.hidden, &dlogits, None).unwrap();
-    let mut gproj = ParamSet::zeros(&be, &m.projector.specs).unwrap();
-    m.backward(&be, &w, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: None, ready: None }).unwrap();
+    let w = weights(&be, &m);
+    let (gproj, _) = gradients(&m, &be, &w, &b, &t, false, None);
     assert!(gproj.bufs.iter().all(|g| g.iter().any(|&x| x != 0.0)), "every projector tensor gets a gradient");
     for (i, spec) in m.projector.specs.iter().enumerate() {
         let mut wp = w.clone();
@@ -126,12 +152,9 @@ fn llm_and_projector_gradients_when_both_train() {
     let mut rng = TestRng(6);
     let b = batch(&mut rng);
     let t = targets(&b);
-    let w = MllmWeights { vision: init(&be, &m.vision.specs, 1), projector: init(&be, &m.projector.specs, 2), llm: init(&be, &m.llm.specs, 3) };
-    let (_, dlogits, acts) = loss(&m, &be, &w, &b, &t);
-    let mut gllm = ParamSet::zeros(&be, &m.llm.specs).unwrap();
-    let mut gproj = ParamSet::zeros(&be, &m.projector.specs).unwrap();
-    let dh = m.llm.lm_head_backward(&be, &w.llm, &acts.llm.hidden, &dlogits, Some(&mut gllm)).unwrap();
-    m.backward(&be, &w, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: Some(&mut gllm), ready: None }).unwrap();
+    let w = weights(&be, &m);
+    let (_, gllm) = gradients(&m, &be, &w, &b, &t, true, None);
+    let gllm = gllm.unwrap();
     // The embedding table is tied to the head and its placeholder row (22) is overwritten at the
     // visual positions: finite differences check that only the head's use of that row counts.
     for name in ["model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight"] {
@@ -151,7 +174,7 @@ fn visual_block_must_match_the_towers_token_count() {
     let mut rng = TestRng(7);
     let mut b = batch(&mut rng);
     b.groups[4] = Group::Prompt; // a 2-token visual block for a 3-token tower
-    let w = MllmWeights { vision: init(&be, &m.vision.specs, 1), projector: init(&be, &m.projector.specs, 2), llm: init(&be, &m.llm.specs, 3) };
+    let w = weights(&be, &m);
     let feats = m.encode_images(&be, &w.vision, &b.pixel_values).unwrap();
     let err = m.forward(&be, &w, &b, Some(feats)).err().unwrap().to_string();
     assert!(err.contains("sequence 0") && err.contains("2 positions") && err.contains("3 tokens"), "{err}");
@@ -164,7 +187,7 @@ struct Recorder {
     calls: Vec<(Vec<(usize, usize)>, Vec<Vec<bool>>, Vec<Vec<Vec<f64>>>)>,
 }
 
-impl kd_engine::model::GradsReady<Vec<f64>> for Recorder {
+impl GradsReady<Vec<f64>> for Recorder {
     fn ready(&mut self, done: &[(usize, usize)], grads: &mut [&mut ParamSet<Vec<f64>>]) -> anyhow::Result<()> {
         let zero = grads.iter().map(|g| g.bufs.iter().map(|b| b.iter().all(|&x| x == 0.0)).collect()).collect();
         let values = grads.iter().map(|g| g.bufs.clone()).collect();
@@ -184,13 +207,10 @@ fn the_backward_reports_each_gradient_once_complete_and_before_the_backward_ends
     let mut rng = TestRng(7);
     let b = batch(&mut rng);
     let t = targets(&b);
-    let w = MllmWeights { vision: init(&be, &m.vision.specs, 1), projector: init(&be, &m.projector.specs, 2), llm: init(&be, &m.llm.specs, 3) };
-    let (_, dlogits, acts) = loss(&m, &be, &w, &b, &t);
-    let mut gllm = ParamSet::zeros(&be, &m.llm.specs).unwrap();
-    let mut gproj = ParamSet::zeros(&be, &m.projector.specs).unwrap();
-    let dh = m.llm.lm_head_backward(&be, &w.llm, &acts.llm.hidden, &dlogits, Some(&mut gllm)).unwrap();
+    let w = weights(&be, &m);
     let mut rec = Recorder::default();
-    m.backward(&be, &w, &acts, &dh, MllmGrads { projector: Some(&mut gproj), llm: Some(&mut gllm), ready: Some(&mut rec) }).unwrap();
+    let (gproj, gllm) = gradients(&m, &be, &w, &b, &t, true, Some(&mut rec));
+    let gllm = gllm.unwrap();
     let finals = [&gproj, &gllm];
     let mut seen = std::collections::HashSet::new();
     for (done, _, values) in &rec.calls {

@@ -17,6 +17,8 @@
 //! loss and CE within 4.1e-4 relative, the KL terms within 1.4e-4 absolute, the relation term
 //! within 1.7e-4 absolute.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -39,15 +41,20 @@ fn kd() -> Command {
     c
 }
 
-/// Whether the simulated device is in this build (CI requires it: KD_REQUIRE_KERNELS=1).
-fn sim_built() -> bool {
-    if sim::built() {
-        return true;
+/// `kd-engine train` of `cfg` into `out` with `--set` overrides `sets`, on `ranks` simulated
+/// devices (through `kd-engine launch` when more than one).
+fn train(ranks: usize, cfg: &Path, out: &Path, sets: &[&str]) -> Command {
+    let mut c = kd();
+    if ranks > 1 {
+        c.args(["launch", "--gpus", &ranks.to_string(), "--"]);
     }
-    assert!(std::env::var("KD_REQUIRE_KERNELS").as_deref() != Ok("1"), "KD_REQUIRE_KERNELS=1 but the simulated CUDA device was not built");
-    println!("skipped: this build has no simulated CUDA device (needs nvcc and g++ at build time)");
-    false
+    c.args(["train", "--config"]).arg(cfg).arg("--out").arg(out);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    c
 }
+
 
 /// A tiny teacher and student (head_dim 64: the CUDA attention kernels' size) exported as
 /// LLaVA folders, the study data, and a config of `dpt_steps` DPT steps then two SFT and two DFT
@@ -156,7 +163,7 @@ fn losses(run: &Path) -> Vec<(String, f64)> {
 
 #[test]
 fn two_ranks_over_the_simulated_nccl_train_what_one_rank_trains() {
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -165,10 +172,10 @@ fn two_ranks_over_the_simulated_nccl_train_what_one_rank_trains() {
     let one = root.join("one");
     let two = root.join("two");
     let started = Instant::now();
-    check(kd().args(["train", "--config"]).arg(&cfg).arg("--out").arg(&one).output().unwrap(), "the 1-rank run");
+    check(train(1, &cfg, &one, &[]).output().unwrap(), "the 1-rank run");
     let one_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
-    let text = check(kd().args(["launch", "--gpus", "2", "--", "train", "--config"]).arg(&cfg).arg("--out").arg(&two).output().unwrap(), "the 2-rank run");
+    let text = check(train(2, &cfg, &two, &[]).output().unwrap(), "the 2-rank run");
     println!("1 rank {one_s:.1} s, 2 ranks {:.1} s", started.elapsed().as_secs_f64());
     assert!(text.contains("DFT step 2/2"), "the 2-rank run logs its steps:\n{text}");
     let (want, got) = (losses(&one), losses(&two));
@@ -190,14 +197,13 @@ fn two_ranks_over_the_simulated_nccl_train_what_one_rank_trains() {
     // Plain data parallelism (all-reduce, every rank updates everything) is ZeRO-1 (the default:
     // reduce to owners, owners update, broadcast) to the bit: the same sums, the same updates.
     let plain = root.join("plain");
-    let args = ["launch", "--gpus", "2", "--", "train", "--set", "run.zero=false", "--config"];
-    check(kd().args(args).arg(&cfg).arg("--out").arg(&plain).output().unwrap(), "the 2-rank run without ZeRO-1");
+    check(train(2, &cfg, &plain, &["run.zero=false"]).output().unwrap(), "the 2-rank run without ZeRO-1");
     assert_eq!(losses(&plain), got, "plain data parallelism and ZeRO-1 differ");
 }
 
 #[test]
 fn selftest_nccl_passes_on_two_simulated_ranks() {
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     let text = check(kd().args(["launch", "--gpus", "2", "--", "selftest", "--nccl"]).output().unwrap(), "selftest --nccl on 2 ranks");
@@ -214,10 +220,7 @@ fn peer_fails(signal: &str, set: &str) -> (Duration, String) {
     let cfg = write_job(tmp.path(), 20);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let rank = |r: usize| {
-        kd().args(["train", "--config"])
-            .arg(&cfg)
-            .args(["--set", set, "--out"])
-            .arg(tmp.path().join("run"))
+        train(1, &cfg, &tmp.path().join("run"), &[set])
             .envs([("RANK", r.to_string()), ("WORLD_SIZE", "2".into()), ("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", port.to_string())])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -263,7 +266,7 @@ fn peer_fails(signal: &str, set: &str) -> (Duration, String) {
 /// A rank killed during training ends the other with an error naming it at once.
 #[test]
 fn a_killed_rank_ends_the_other_with_an_error_naming_it() {
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     let (after, err) = peer_fails("-KILL", "run.dist_timeout_s=60");
@@ -274,7 +277,7 @@ fn a_killed_rank_ends_the_other_with_an_error_naming_it() {
 /// A rank that hangs (stopped) ends the other at the job's timeout, naming the late rank.
 #[test]
 fn a_hung_rank_ends_the_other_at_the_timeout_naming_it() {
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     let (after, err) = peer_fails("-STOP", "run.dist_timeout_s=8");
@@ -356,7 +359,7 @@ fn host(p: u64, len: usize) -> Vec<u8> {
 /// against the values computed here; then buffer checks and a rank's abort.
 #[test]
 fn the_simulated_nccl_computes_every_collective_type_and_reduction() {
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     std::env::set_var("KD_CUDA_SIM", "1");
@@ -502,16 +505,14 @@ fn check_trace(trace: &str) -> (usize, usize) {
 /// stream waits for the side stream's event; the losses equal the run without overlap.
 #[test]
 fn gradient_buckets_run_on_a_second_stream_during_the_backward() {
-    if !sim_built() {
+    if !common::simulated_device_built() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let cfg = write_job(root, 1);
     let run = |name: &str, overlap: bool, trace: Option<&Path>| {
-        let mut c = kd();
-        c.args(["launch", "--gpus", "2", "--", "train", "--config"]).arg(&cfg).arg("--out").arg(root.join(name));
-        c.args(["--set", "run.bucket_mb=0.01", "--set", &format!("run.overlap_reduction={overlap}")]);
+        let mut c = train(2, &cfg, &root.join(name), &["run.bucket_mb=0.01", &format!("run.overlap_reduction={overlap}")]);
         if let Some(t) = trace {
             c.env("KD_SIM_TRACE", t);
         }

@@ -3,6 +3,18 @@
 
 use std::path::PathBuf;
 
+/// Whether this build has the simulated CUDA device (needs nvcc and g++ at build time). CI
+/// requires it (`KD_REQUIRE_KERNELS=1`): there a build without it fails the test instead of
+/// skipping it.
+pub fn simulated_device_built() -> bool {
+    if kd_engine::backend::cuda::sim::built() {
+        return true;
+    }
+    assert!(std::env::var("KD_REQUIRE_KERNELS").as_deref() != Ok("1"), "KD_REQUIRE_KERNELS=1 but the simulated CUDA device was not built");
+    println!("skipped: this build has no simulated CUDA device (needs nvcc and g++ at build time)");
+    false
+}
+
 pub fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
 }
