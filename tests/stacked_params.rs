@@ -6,10 +6,11 @@
 //! * a training checkpoint (weights, and the optimizer state written by ZeRO-1 ranks) holds the
 //!   Hugging Face tensors, reads back bit-identically at another world size, and a checkpoint
 //!   written with the plain layout loads into the stacked one;
-//! * the LLaVA export writes Hugging Face tensors that load back into the plain layout.
+//! * the LLaVA export writes Hugging Face tensors only, which `load_llava` reads back (into the
+//!   model's own layout) with identical values.
 //!
-//! The stacked layout here comes from the test's own regrouping of [`Llm::new`]'s plain specs,
-//! independent of the model code.
+//! The stacked layout here comes from the test's own regrouping of the decoder's Hugging Face
+//! tensors, independent of how `Llm::new` lays its parameters out.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -46,7 +47,12 @@ fn llm_cfg() -> LlmConfig {
     }
 }
 
-/// `specs` with each layer's q/k/v weights (and biases) stacked into `qkv_proj` and gate/up into
+/// The decoder's parameters as plain Hugging Face tensors, whatever layout `Llm::new` uses.
+fn plain_llm_specs() -> Vec<ParamSpec> {
+    Llm::new(llm_cfg()).specs.iter().flat_map(ParamSpec::hf_specs).collect()
+}
+
+/// Plain `specs` with each layer's q/k/v weights (and biases) stacked into `qkv_proj` and gate/up into
 /// `gate_up_proj`, at the place of the first of them.
 fn restack(specs: &[ParamSpec]) -> Vec<ParamSpec> {
     let by_name = |n: &str| specs.iter().find(|s| s.name == n).unwrap_or_else(|| panic!("no {n}"));
@@ -117,7 +123,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 #[test]
 fn the_restacked_layout_stacks_what_it_should() {
-    let plain = Llm::new(llm_cfg()).specs;
+    let plain = plain_llm_specs();
     let stacked = restack(&plain);
     assert_eq!(stacked.iter().filter(|s| s.is_stacked()).count(), 3 * llm_cfg().layers);
     assert_eq!(all_hf_names(&stacked).len(), plain.len());
@@ -132,7 +138,7 @@ fn the_restacked_layout_stacks_what_it_should() {
 fn loading_puts_each_hf_tensor_in_its_rows_and_names_a_missing_or_misshaped_part() {
     let tmp = tempfile::tempdir().unwrap();
     let be = Be::new();
-    let plain = Llm::new(llm_cfg()).specs;
+    let plain = plain_llm_specs();
     let stacked = restack(&plain);
     // The file: every HF tensor apart, tensor k's element i holding val(0, 0, k, i).
     let values: Vec<Vec<f32>> = plain.iter().enumerate().map(|(k, s)| (0..s.numel()).map(|i| val(0, 0, k, i)).collect()).collect();
@@ -212,7 +218,7 @@ fn a_checkpoint_holds_hf_tensors_and_resumes_bit_identically_at_another_world_si
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().to_path_buf();
     let be = Be::new();
-    let stacked = restack(&Llm::new(llm_cfg()).specs);
+    let stacked = restack(&plain_llm_specs());
     let largest_stacked = stacked.iter().filter(|s| s.is_stacked()).map(ParamSpec::numel).max().unwrap();
     assert!(largest_stacked > 4 * PIECE, "stacked parameters must span several optimizer pieces");
     let w = Arc::new(weights(&be, &stacked));
@@ -276,7 +282,7 @@ fn a_checkpoint_holds_hf_tensors_and_resumes_bit_identically_at_another_world_si
     let ck = ckpt.clone();
     let pieces = run_threads(3, Duration::from_secs(5), move |g| {
         let be = Be::new();
-        let z = zero_weights(&be, &restack(&Llm::new(llm_cfg()).specs));
+        let z = zero_weights(&be, &restack(&plain_llm_specs()));
         let sets = [&z.projector, &z.llm];
         let sync = GradSync::new(&g as &dyn Collective<Be>, zero_opts(), &sets, opt_cfg());
         let mut opt = sync.optimizer(&be, &sets)?;
@@ -302,7 +308,7 @@ fn a_checkpoint_holds_hf_tensors_and_resumes_bit_identically_at_another_world_si
 fn a_checkpoint_of_the_plain_layout_loads_into_the_stacked_one() {
     let tmp = tempfile::tempdir().unwrap();
     let be = Be::new();
-    let plain = Llm::new(llm_cfg()).specs;
+    let plain = plain_llm_specs();
     let stacked = restack(&plain);
     let w = weights(&be, &plain);
     let ckpt = checkpoint::write(&be, tmp.path(), &TrainState::default(), &w, None).unwrap();
@@ -319,7 +325,7 @@ fn a_checkpoint_of_the_plain_layout_loads_into_the_stacked_one() {
 }
 
 #[test]
-fn the_export_writes_hf_tensors_that_load_into_the_plain_layout() {
+fn the_export_writes_hf_tensors_that_load_back_with_identical_values() {
     let tmp = tempfile::tempdir().unwrap();
     let be = Be::new();
     let vision = VisionConfig {
@@ -334,7 +340,8 @@ fn the_export_writes_hf_tensors_that_load_into_the_plain_layout() {
         act: kd_engine::backend::GeluKind::Tanh,
     };
     let mut mllm = Mllm::new(VisionTower::new(vision), Llm::new(llm_cfg()), -2, FeatureSelect::Patch).unwrap();
-    let plain_specs = mllm.llm.specs.clone();
+    let model_specs = mllm.llm.specs.clone();
+    let plain_specs = plain_llm_specs();
     // Only the export's view of the layout changes: it writes from the specs and the buffers.
     mllm.llm.specs = restack(&plain_specs);
     let weights = MllmWeights {
@@ -345,14 +352,14 @@ fn the_export_writes_hf_tensors_that_load_into_the_plain_layout() {
     let dir = tmp.path().join("export");
     let opts = ExportOptions { image_token_id: Some(3), dtype: StoreDtype::F32, ..Default::default() };
     let summary = export_llava(&be, &dir, &mllm, &weights, &opts).unwrap();
-    let n_plain = plain_specs.len() + mllm.vision.specs.len() + mllm.projector.specs.len();
+    let n_plain = plain_specs.len() + all_hf_names(&mllm.vision.specs).len() + all_hf_names(&mllm.projector.specs).len();
     assert_eq!(summary.tensors, n_plain);
     let src = WeightSource::open(&dir).unwrap();
     assert_eq!(src.names().count(), n_plain);
     assert!(src.names().all(|n| !n.contains("qkv_proj") && !n.contains("gate_up_proj")));
 
     let loaded = load_llava(&be, &dir).unwrap();
-    assert_eq!(loaded.mllm.llm.specs, plain_specs);
+    assert_eq!(loaded.mllm.llm.specs, model_specs);
     for s in &plain_specs {
         assert_eq!(bits(&hf_values(&loaded.weights.llm, &s.name)), bits(&hf_values(&weights.llm, &s.name)), "{}", s.name);
     }
