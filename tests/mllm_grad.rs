@@ -7,7 +7,7 @@ use common::{check_grad, TestRng};
 use kd_engine::backend::cpu::CpuBackend;
 use kd_engine::backend::{Backend, IGNORE_INDEX};
 use kd_engine::data::{Group, PackedBatch};
-use kd_engine::model::{Arch, FeatureSelect, GradsReady, Llm, LlmConfig, Mllm, MllmGrads, MllmWeights, ParamSet, VisionConfig, VisionTower};
+use kd_engine::model::{find_hf, Arch, FeatureSelect, GradsReady, Llm, LlmConfig, Mllm, MllmGrads, MllmWeights, ParamSet, VisionConfig, VisionTower};
 use kd_engine::backend::GeluKind;
 
 type B = CpuBackend<f64>;
@@ -158,7 +158,8 @@ fn llm_and_projector_gradients_when_both_train() {
     // The embedding table is tied to the head and its placeholder row (22) is overwritten at the
     // visual positions: finite differences check that only the head's use of that row counts.
     for name in ["model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight"] {
-        let i = w.llm.specs.iter().position(|s| s.name == name).unwrap();
+        // The parameter holding the HF tensor (a stacked q/k/v is checked whole).
+        let i = find_hf(&w.llm.specs, name).unwrap().0.0;
         let mut wp = w.clone();
         check_grad(name, &w.llm.bufs[i], &gllm.bufs[i], 40, 1e-5, &mut |v| {
             wp.llm.bufs[i] = v.to_vec();
@@ -220,7 +221,7 @@ fn the_backward_reports_each_gradient_once_complete_and_before_the_backward_ends
         }
     }
     assert_eq!(seen.len(), gproj.bufs.len() + gllm.bufs.len(), "every trained tensor is reported");
-    let id = |name: &str| m.llm.specs.iter().position(|s| s.name == name).unwrap();
+    let id = |name: &str| find_hf(&m.llm.specs, name).unwrap().0.0;
     let last_block = rec.calls.iter().position(|(d, _, _)| d.contains(&(1, id("model.layers.1.mlp.down_proj.weight")))).unwrap();
     let (_, zero, _) = &rec.calls[last_block];
     assert!(zero[1][id("model.layers.0.self_attn.q_proj.weight")], "block 1 was reported after block 0's backward had run");

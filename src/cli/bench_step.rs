@@ -186,7 +186,8 @@ fn make_batch(sh: &Shapes, seed: u64) -> PackedBatch {
     b
 }
 
-/// Random weights as `kd-engine init` writes them, by file name (`prefix` + spec name).
+/// Random weights as `kd-engine init` writes them, by file name (`prefix` + Hugging Face tensor
+/// name: [`ParamSet::from_fn`] initialises a stacked parameter per tensor).
 fn random_set<B: Backend>(be: &B, specs: &[ParamSpec], prefix: &str, seed: u64) -> Result<ParamSet<B::Buf>> {
     ParamSet::from_fn(be, specs, |s| init_values(seed, &format!("{prefix}{}", s.name), s.numel()))
 }

@@ -17,7 +17,7 @@ use crate::backend::Backend;
 use crate::loss::{LossCounts, LossReport};
 use crate::model::{GradsReady, ParamSet, ParamSpec};
 use crate::optim::{pieces, AdamW, AdamWConfig, Piece, PieceState, StepReport};
-use crate::train::checkpoint::{optimizer_entry_name, HostTensor};
+use crate::train::checkpoint::{optimizer_entry_name, push_hf_tensors, HostTensor};
 
 /// How the ranks share the optimizer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,7 +291,7 @@ impl<'a, B: Backend> GradSync<'a, B> {
                         }
                     }
                     if rank == 0 {
-                        out.push((optimizer_entry_name(kind, name, &spec.name), spec.shape.clone(), values));
+                        push_hf_tensors(spec, values, |n| optimizer_entry_name(kind, name, n), &mut out)?;
                     }
                 }
             }

@@ -49,7 +49,7 @@ use super::relation_identity::{head_gram, head_gram_backward, relation_loss_iden
 use super::select::{LossCounts, LossInputs};
 use super::{grad_scale, kept_vocab, DistillConfig, PendingReport};
 use crate::backend::{Backend, Gemm, KlShape, RowTerms, IGNORE_INDEX};
-use crate::model::{Llm, ParamSet};
+use crate::model::{find_hf, Llm, ParamSet};
 
 /// Default rows per chunk: 467 MB of bf16 chunk buffers at the anchor shape (see the module
 /// documentation).
@@ -127,7 +127,13 @@ pub fn lm_head_grad<'a, Buf>(llm: &Llm, g: &'a mut ParamSet<Buf>) -> Result<&'a 
 
 fn lm_head_index(llm: &Llm) -> Result<usize> {
     let name = if llm.cfg.tie_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-    llm.specs.iter().position(|s| s.name == name).ok_or_else(|| anyhow::anyhow!("the model has no {name}"))
+    let (id, range) = find_hf(&llm.specs, name).ok_or_else(|| anyhow::anyhow!("the model has no {name}"))?;
+    ensure!(
+        range.start == 0 && range.end == llm.specs[id.0].numel(),
+        "{name} is stacked into parameter {} with other tensors; the LM head must be a parameter of its own",
+        llm.specs[id.0].name
+    );
+    Ok(id.0)
 }
 
 /// Rows of one chunk (ascending) and the images it holds whole, as local `(start, n)`.

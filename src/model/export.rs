@@ -47,7 +47,7 @@ use serde_json::{json, Value};
 use super::config::{read_json, Arch, JsonFields, LlmConfig};
 use super::llm::Llm;
 use super::mllm::{FeatureSelect, Mllm, MllmWeights};
-use super::params::{ParamSet, ParamSpec};
+use super::params::ParamSet;
 use super::vision::{VisionConfig, VisionTower};
 use crate::backend::{Backend, GeluKind};
 use crate::data::{load_tokenizer, Group, ImageProcessorConfig, PackedBatch, IMAGE_TAG, PREPROCESSOR_CONFIG_FILE};
@@ -368,21 +368,45 @@ pub fn export_llava<B: Backend>(
 
     let tmp = StagedDir::new(dir, "export target", "export")?;
 
-    // Weights, streamed one tensor at a time.
+    // Weights, streamed one Hugging Face tensor at a time. A parameter stacking several is
+    // downloaded once and kept until its last tensor is written (the file's name order may
+    // interleave its tensors with others: `k_proj`, `o_proj`, `q_proj`, `v_proj`).
     let mut metas = Vec::new();
-    let mut bufs = Vec::new();
+    // Per HF tensor: its parameter (index into `params`) and its index among the parameter's.
+    let mut sources = Vec::new();
+    let mut params = Vec::new();
     for (prefix, set) in [
         (EXPORT_VISION_PREFIX, &weights.vision),
         (EXPORT_PROJECTOR_PREFIX, &weights.projector),
         (EXPORT_LLM_PREFIX, &weights.llm),
     ] {
         for (spec, buf) in set.specs.iter().zip(&set.bufs) {
-            metas.push(TensorMeta { name: format!("{prefix}{}", spec.name), shape: spec.shape.clone() });
-            bufs.push(buf);
+            for (k, t) in spec.hf_tensors().into_iter().enumerate() {
+                metas.push(TensorMeta { name: format!("{prefix}{}", t.name), shape: t.shape });
+                sources.push((params.len(), k));
+            }
+            params.push((spec, buf));
         }
     }
+    let mut left: Vec<usize> = params.iter().map(|(s, _)| s.hf_tensors().len()).collect();
+    let mut held: std::collections::HashMap<usize, Vec<f32>> = std::collections::HashMap::new();
     write_safetensors_streamed(&tmp.path().join("model.safetensors"), &metas, opts.dtype, &[("format", "pt")], |i| {
-        be.download(bufs[i])
+        let (p, k) = sources[i];
+        let (spec, buf) = params[p];
+        left[p] -= 1;
+        if !spec.is_stacked() {
+            return be.download(buf);
+        }
+        let values = match held.remove(&p) {
+            Some(v) => v,
+            None => be.download(buf)?,
+        };
+        let part = spec.split(&values)?.get(k).map(|(_, v)| v.to_vec());
+        let part = part.with_context(|| format!("parameter {} has no tensor {k}", spec.name))?;
+        if left[p] > 0 {
+            held.insert(p, values);
+        }
+        Ok(part)
     })?;
 
     write_json(&tmp.path().join("config.json"), &llava_config_json(mllm, image_token_id, opts.dtype)?)?;
@@ -461,14 +485,6 @@ fn tinyllava_connector(n: &str) -> String {
 /// Finds which of `candidates` a probe tensor exists under.
 fn find<T: Copy>(source: &WeightSource, candidates: &[T], probe: impl Fn(T) -> String) -> Option<T> {
     candidates.iter().copied().find(|&c| source.info(&probe(c)).is_some())
-}
-
-fn load_set<B: Backend>(be: &B, specs: &[ParamSpec], source: &WeightSource, name: impl Fn(&str) -> String) -> Result<ParamSet<B::Buf>> {
-    let bufs = specs
-        .iter()
-        .map(|s| be.upload(&source.read_f32(&name(&s.name), &s.shape)?))
-        .collect::<Result<_>>()?;
-    Ok(ParamSet { specs: specs.to_vec(), bufs })
 }
 
 /// Reads a single-folder LLaVA checkpoint onto `be`: an HF `LlavaForConditionalGeneration` folder
@@ -592,10 +608,10 @@ pub fn load_llava<B: Backend>(be: &B, dir: &Path) -> Result<LoadedLlava<B::Buf>>
     let tower = VisionTower::new(vision_cfg);
     let mllm = Mllm::new(tower, llm, feature_layer, select).with_context(|| format!("{what}: vision_feature_layer"))?;
     let d = dir.display();
-    let vision = load_set(be, &mllm.vision.specs, &source, |n| format!("{}{n}", names.vision_prefix))
+    let vision = ParamSet::load_named(be, &mllm.vision.specs, &source, |n| format!("{}{n}", names.vision_prefix))
         .with_context(|| format!("{d}: loading the vision tower"))?;
-    let projector = load_set(be, &mllm.projector.specs, &source, names.projector).with_context(|| format!("{d}: loading the projector"))?;
-    let llm_w = load_set(be, &mllm.llm.specs, &source, names.llm).with_context(|| format!("{d}: loading the language model"))?;
+    let projector = ParamSet::load_named(be, &mllm.projector.specs, &source, names.projector).with_context(|| format!("{d}: loading the projector"))?;
+    let llm_w = ParamSet::load_named(be, &mllm.llm.specs, &source, names.llm).with_context(|| format!("{d}: loading the language model"))?;
     let image_processor = ImageProcessorConfig::for_tower(dir, mllm.vision.cfg.image_size)?;
     Ok(LoadedLlava { mllm, weights: MllmWeights { vision, projector, llm: llm_w }, layout, image_token_id, image_processor })
 }

@@ -13,7 +13,7 @@ pub use config::{Arch, LlmConfig};
 pub use export::{choose_image_token_id, export_llava, load_llava, mllm_logits, ExportOptions, ExportSummary, LlavaLayout, LoadedLlava};
 pub use llm::{Llm, LlmActs, LoadedLlm, SeqLayout};
 pub use mllm::{FeatureSelect, GradsReady, Mllm, MllmActs, MllmGrads, MllmWeights};
-pub use params::{ParamId, ParamSet, ParamSpec};
+pub use params::{find_hf, HfTensor, ParamId, ParamPart, ParamSet, ParamSpec};
 pub use presets::{InitOptions, InitSummary, Preset, PresetModel};
 pub use projector::Projector;
 pub use vision::{LoadedVision, VisionConfig, VisionOutput, VisionTower};

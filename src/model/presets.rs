@@ -239,13 +239,14 @@ impl Preset {
         }
     }
 
-    /// The tensors of the checkpoint, by their names in the file, in module order.
+    /// The tensors of the checkpoint, by their names in the file, in module order: Hugging Face
+    /// tensors, each a plain spec (a parameter stacking several gives each of them).
     pub fn tensors(&self) -> Vec<ParamSpec> {
+        let hf = |specs: &[ParamSpec]| specs.iter().flat_map(ParamSpec::hf_specs).collect::<Vec<_>>();
         match &self.model {
-            PresetModel::Llm(c) => Llm::new(c.clone()).specs,
+            PresetModel::Llm(c) => hf(&Llm::new(c.clone()).specs),
             PresetModel::Vision(c) => {
-                let mut specs: Vec<ParamSpec> = VisionTower::new(c.clone())
-                    .specs
+                let mut specs: Vec<ParamSpec> = hf(&VisionTower::new(c.clone()).specs)
                     .into_iter()
                     .map(|s| ParamSpec { name: format!("{SIGLIP_PREFIX}{}", s.name), ..s })
                     .collect();
@@ -327,7 +328,7 @@ fn siglip_head_specs(c: &VisionConfig) -> Vec<ParamSpec> {
     let (d, i) = (c.hidden, c.intermediate);
     let p = |s: &str| format!("{SIGLIP_PREFIX}head.{s}");
     vec![
-        ParamSpec { name: p("probe"), shape: vec![1, 1, d], decay: true },
+        ParamSpec::plain(p("probe"), vec![1, 1, d], true),
         ParamSpec::matrix(p("attention.in_proj_weight"), 3 * d, d),
         ParamSpec::vector(p("attention.in_proj_bias"), 3 * d),
         ParamSpec::matrix(p("attention.out_proj.weight"), d, d),

@@ -131,7 +131,7 @@ impl VisionTower {
         let mut specs = Vec::new();
         let mut add = |name: String, shape: Vec<usize>| {
             let decay = shape.len() > 1;
-            specs.push(ParamSpec { name, shape, decay });
+            specs.push(ParamSpec::plain(name, shape, decay));
             ParamId(specs.len() - 1)
         };
         let (d, i, p, c) = (cfg.hidden, cfg.intermediate, cfg.patch_size, cfg.channels);

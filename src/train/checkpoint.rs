@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{RunConfig, StageConfig, StageKind};
 use crate::backend::Backend;
-use crate::model::{MllmWeights, ParamSet};
+use crate::model::{MllmWeights, ParamSet, ParamSpec};
 use crate::optim::AdamW;
 use crate::weights::{write_safetensors, NamedTensor, WeightSource};
 
@@ -73,15 +73,30 @@ const STATE: &str = "state.json";
 const WEIGHTS: &str = "weights.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 
-fn download_set<B: Backend>(be: &B, prefix: &str, set: &ParamSet<B::Buf>, out: &mut Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<()> {
+fn download_set<B: Backend>(be: &B, prefix: &str, set: &ParamSet<B::Buf>, out: &mut Vec<HostTensor>) -> Result<()> {
     for (spec, buf) in set.specs.iter().zip(&set.bufs) {
-        out.push((format!("{prefix}.{}", spec.name), spec.shape.clone(), be.download(buf)?));
+        push_hf_tensors(spec, be.download(buf)?, |n| format!("{prefix}.{n}"), out)?;
     }
     Ok(())
 }
 
 /// A tensor on the host as a checkpoint file holds it: name, shape, values.
 pub type HostTensor = (String, Vec<usize>, Vec<f32>);
+
+/// Appends parameter `spec`'s host `values` to `out` as its Hugging Face tensors, each named
+/// `name(tensor name)`: a checkpoint file holds Hugging Face tensors whatever the parameter
+/// layout (a plain parameter's values are moved, not copied).
+pub fn push_hf_tensors(spec: &ParamSpec, values: Vec<f32>, name: impl Fn(&str) -> String, out: &mut Vec<HostTensor>) -> Result<()> {
+    if !spec.is_stacked() {
+        ensure!(values.len() == spec.numel(), "parameter {} has {} values for shape {:?}", spec.name, values.len(), spec.shape);
+        out.push((name(&spec.name), spec.shape.clone(), values));
+        return Ok(());
+    }
+    for (t, v) in spec.split(&values)? {
+        out.push((name(&t.name), t.shape, v.to_vec()));
+    }
+    Ok(())
+}
 
 /// The name of an optimizer tensor in `optimizer.safetensors`: `kind` (`m`, `v`, `master`),
 /// then the parameter set, then the parameter.
@@ -255,7 +270,7 @@ pub fn check_resume(state: &TrainState, run: &RunConfig, stages: &[StageConfig])
 
 fn load_set<B: Backend>(be: &B, src: &WeightSource, prefix: &str, set: &mut ParamSet<B::Buf>) -> Result<()> {
     for (spec, buf) in set.specs.iter().zip(set.bufs.iter_mut()) {
-        *buf = be.upload(&src.read_f32(&format!("{prefix}.{}", spec.name), &spec.shape)?)?;
+        *buf = be.upload(&spec.read(src, |n| format!("{prefix}.{n}"))?)?;
     }
     Ok(())
 }
@@ -277,17 +292,25 @@ pub fn load_optimizer<B: Backend>(be: &B, ckpt: &Path, opt: &mut AdamW<B::State>
     ensure!(path.is_file(), "{}: the checkpoint has no optimizer state to resume a stage from", ckpt.display());
     ensure!(names.len() == opt.specs.len(), "{} set names for an optimizer over {} sets", names.len(), opt.specs.len());
     let src = WeightSource::open(&path)?;
-    let name_of = |kind: &str, set: usize, tensor: usize| optimizer_entry_name(kind, names[set], &opt.specs[set][tensor].name);
-    let first_master = opt.specs.iter().enumerate().find(|(_, s)| !s.is_empty()).map(|(set, _)| name_of("master", set, 0));
+    // Entries are named by the parameters' Hugging Face tensors (a stacked parameter has several).
+    let first_master = opt
+        .specs
+        .iter()
+        .enumerate()
+        .find_map(|(set, s)| s.first().map(|spec| (set, spec)))
+        .and_then(|(set, spec)| spec.hf_tensors().first().map(|t| optimizer_entry_name("master", names[set], &t.name)));
     let master_saved = first_master.is_some_and(|n| src.info(&n).is_some());
     // One read of each tensor for its consecutive pieces.
     let mut cache: Option<((usize, usize), Vec<Vec<f32>>)> = None;
     for (p, st) in opt.pieces.iter().zip(opt.state.iter_mut()) {
         let Some(st) = st else { continue };
         if cache.as_ref().map(|c| c.0) != Some((p.set, p.tensor)) {
-            let shape = &opt.specs[p.set][p.tensor].shape;
+            let spec = &opt.specs[p.set][p.tensor];
             let kinds: &[&str] = if st.master.is_some() && master_saved { &["m", "v", "master"] } else { &["m", "v"] };
-            let values = kinds.iter().map(|k| src.read_f32(&name_of(k, p.set, p.tensor), shape)).collect::<Result<Vec<_>>>()?;
+            let values = kinds
+                .iter()
+                .map(|k| spec.read(&src, |n| optimizer_entry_name(k, names[p.set], n)))
+                .collect::<Result<Vec<_>>>()?;
             cache = Some(((p.set, p.tensor), values));
         }
         let values = &cache.as_ref().map(|c| &c.1).context("the tensor cache was just filled")?;

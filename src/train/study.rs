@@ -181,9 +181,11 @@ pub fn write_vision_tower(dir: &Path, cfg: &VisionConfig, seed: u64) -> Result<(
     std::fs::create_dir_all(dir)?;
     let tower = VisionTower::new(cfg.clone());
     let mut init = linear_default_init(seed);
+    // The file holds Hugging Face tensors, each initialised by its own name and shape.
     let values: Vec<(ParamSpec, Vec<f32>)> = tower
         .specs
         .iter()
+        .flat_map(ParamSpec::hf_specs)
         .map(|s| {
             let v = if s.name.contains("layer_norm") || s.name.contains("post_layernorm") {
                 vec![if s.name.ends_with("weight") { 1.0 } else { 0.0 }; s.numel()]
@@ -192,9 +194,9 @@ pub fn write_vision_tower(dir: &Path, cfg: &VisionConfig, seed: u64) -> Result<(
                 let fan = s.shape[1..].iter().product::<usize>() as f64;
                 init(&ParamSpec::matrix(s.name.clone(), s.shape[0], fan as usize))
             } else {
-                init(s)
+                init(&s)
             };
-            (s.clone(), v)
+            (s, v)
         })
         .collect();
     let tensors: Vec<NamedTensor> = values.iter().map(|(s, v)| NamedTensor { name: s.name.clone(), shape: s.shape.clone(), data: v }).collect();
