@@ -1,12 +1,14 @@
 // elementwise.cu — the element-wise and row-gather ops of the CUDA backend.
 //
 // What: bias add and its gradient, residual add (`add_assign`), scale, embedding gather and its
-// scatter-add, rotary embedding (HF rotate-half), SwiGLU and GELU (erf and tanh) forward and
-// backward, f32 → bf16 conversion, and the random fills the benchmarks and tests create their
-// inputs with on the device.
+// scatter-add, rotary embedding (HF rotate-half; alone, and fused with the split of a stacked Q/K/V
+// projection and with its backward), SwiGLU (on two tensors and on a stacked gate/up projection)
+// and GELU (erf and tanh) forward and backward, f32 → bf16 conversion, and the random fills the
+// benchmarks and tests create their inputs with on the device.
 //
 // Shapes: flat bf16 buffers of `n` elements (`long long`: the fused-head logits pass 2^31); row
-// ops take `[rows, dim]`; RoPE takes `x [T, heads, head_dim]` and one position per token.
+// ops take `[rows, dim]`; RoPE takes `x [T, heads, head_dim]` and one position per token; the
+// fused Q/K/V ops `[T, q_dim + 2·kv_dim]`, the stacked SwiGLU `[R, 2·inter]`.
 //
 // Why this way: every op here is memory-bound with nothing to reuse, so each is one pass over its
 // operands (grid-stride loops, so any launch size is valid), fp32 arithmetic on bf16 loads and
@@ -182,6 +184,61 @@ extern "C" __global__ void embedding_bwd_bf16(const bf16* dout, const int* uid, 
         embedding_bwd_cols<1>(dout, order, p0, p1, dim, row);
 }
 
+// W consecutive bf16 at p as floats into x[0 .. W), and back: one 16-byte access when W = 8 (p
+// aligned), one 2-byte access when W = 1. The row kernels below pick W once for the whole launch.
+template <int W>
+__device__ __forceinline__ void load_bf16(const bf16* p, float (&x)[8]) {
+    if constexpr (W == 8) {
+        unpack_bf16x8(*reinterpret_cast<const uint4*>(p), x);
+    } else {
+        x[0] = f(*p);
+    }
+}
+
+template <int W>
+__device__ __forceinline__ void store_bf16(bf16* p, const float (&y)[8]) {
+    if constexpr (W == 8) {
+        *reinterpret_cast<uint4*>(p) = pack_bf16x8(y);
+    } else {
+        *p = b(y[0]);
+    }
+}
+
+// RoPE's (cos, sign·sin) of pairs i0 .. i0 + W − 1 at position pos: angle pos·θ^(−2i/D) in double.
+template <int W>
+__device__ __forceinline__ void rope_angles(unsigned pos, int i0, int head_dim, double theta, float sign, float (&cf)[W],
+                                            float (&sf)[W]) {
+    for (int e = 0; e < W; ++e) {
+        double inv_freq = pow(theta, -(double)(2 * (i0 + e)) / (double)head_dim);
+        double s, c;
+        sincos((double)pos * inv_freq, &s, &c);
+        cf[e] = (float)c;
+        sf[e] = (float)(sign * s);
+    }
+}
+
+// The rotation of one token's heads: for each of `heads` heads of head_dim in src, the pairs
+// (x[i], x[i + D/2]), i = i0 .. i0 + W − 1, rotated by (cf, sf) and written to the same places in
+// dst (which may be src: each head's pairs are read before they are written).
+template <int W>
+__device__ __forceinline__ void rope_rotate_heads(const bf16* src, bf16* dst, int heads, int head_dim, int i0,
+                                                  const float (&cf)[W], const float (&sf)[W]) {
+    const int half = head_dim / 2;
+    for (int h = 0; h < heads; h++) {
+        const bf16* s1 = src + h * head_dim + i0;
+        bf16* d1 = dst + h * head_dim + i0;
+        float x1[8], x2[8], y1[8], y2[8];
+        load_bf16<W>(s1, x1);
+        load_bf16<W>(s1 + half, x2);
+        for (int e = 0; e < W; ++e) {
+            y1[e] = x1[e] * cf[e] - x2[e] * sf[e];
+            y2[e] = x2[e] * cf[e] + x1[e] * sf[e];
+        }
+        store_bf16<W>(d1, y1);
+        store_bf16<W>(d1 + half, y2);
+    }
+}
+
 // HF rotate-half RoPE in place on x [T, heads, head_dim]: for i < D/2 the pair (x[i], x[i+D/2])
 // rotates by pos·θ^(−2i/D) (sign −1: the inverse rotation). One thread per (token, W consecutive
 // i), all heads: W = 8 (16-byte accesses to both halves) when D/2 is a multiple of 8 and x is
@@ -192,38 +249,10 @@ __device__ __forceinline__ void rope_rows(bf16* x, const unsigned* pos, int T, i
     const long long n = (long long)T * chunks;
     GRID_STRIDE(idx, n) {
         const int t = (int)(idx / chunks), i0 = (int)(idx % chunks) * W;
-        float cf[W], sf[W], x1[8], x2[8];
-        for (int e = 0; e < W; ++e) {
-            double inv_freq = pow(theta, -(double)(2 * (i0 + e)) / (double)head_dim);
-            double s, c;
-            sincos((double)pos[t] * inv_freq, &s, &c);
-            cf[e] = (float)c;
-            sf[e] = (float)(sign * s);
-        }
+        float cf[W], sf[W];
+        rope_angles<W>(pos[t], i0, head_dim, theta, sign, cf, sf);
         bf16* row = x + (long long)t * heads * head_dim;
-        for (int h = 0; h < heads; h++) {
-            bf16* p1 = row + h * head_dim + i0;
-            bf16* p2 = p1 + half;
-            if constexpr (W == 8) {
-                unpack_bf16x8(*reinterpret_cast<const uint4*>(p1), x1);
-                unpack_bf16x8(*reinterpret_cast<const uint4*>(p2), x2);
-            } else {
-                x1[0] = f(*p1);
-                x2[0] = f(*p2);
-            }
-            float y1[8], y2[8];
-            for (int e = 0; e < W; ++e) {
-                y1[e] = x1[e] * cf[e] - x2[e] * sf[e];
-                y2[e] = x2[e] * cf[e] + x1[e] * sf[e];
-            }
-            if constexpr (W == 8) {
-                *reinterpret_cast<uint4*>(p1) = pack_bf16x8(y1);
-                *reinterpret_cast<uint4*>(p2) = pack_bf16x8(y2);
-            } else {
-                *p1 = b(y1[0]);
-                *p2 = b(y2[0]);
-            }
-        }
+        rope_rotate_heads<W>(row, row, heads, head_dim, i0, cf, sf);
     }
 }
 
@@ -233,6 +262,74 @@ extern "C" __global__ void rope_bf16(bf16* x, const unsigned* pos, int T, int he
         rope_rows<8>(x, pos, T, heads, head_dim, theta, sign);
     else
         rope_rows<1>(x, pos, T, heads, head_dim, theta, sign);
+}
+
+// Fused Q/K/V rows with RoPE, both directions. Part p (0 q, 1 k, 2 v) of token t is read at
+// src[p] + t·src_stride[p] and written at dst[p] + t·dst_stride[p]; q has q_heads heads, k and v
+// kv_heads, all of head_dim. q and k are rotated by (cos, sign·sin) of pos·θ^(−2i/D), v is copied.
+// One thread per (token, W consecutive pairs i), as rope_rows: the angles are computed once for
+// all q and k heads, and the thread also copies columns i0.., i0 + D/2.. of every v head, so the
+// three parts go in one pass with every column of a row covered exactly once.
+template <int W>
+__device__ __forceinline__ void qkv_rope_rows(const bf16* const (&src)[3], const long long (&src_stride)[3],
+                                              bf16* const (&dst)[3], const long long (&dst_stride)[3], const unsigned* pos,
+                                              int T, int q_heads, int kv_heads, int head_dim, double theta, float sign) {
+    const int half = head_dim / 2, chunks = half / W;
+    const long long n = (long long)T * chunks;
+    GRID_STRIDE(idx, n) {
+        const long long t = idx / chunks;
+        const int i0 = (int)(idx % chunks) * W;
+        float cf[W], sf[W];
+        rope_angles<W>(pos[t], i0, head_dim, theta, sign, cf, sf);
+        rope_rotate_heads<W>(src[0] + t * src_stride[0], dst[0] + t * dst_stride[0], q_heads, head_dim, i0, cf, sf);
+        rope_rotate_heads<W>(src[1] + t * src_stride[1], dst[1] + t * dst_stride[1], kv_heads, head_dim, i0, cf, sf);
+        const bf16* sv = src[2] + t * src_stride[2] + i0;
+        bf16* dv = dst[2] + t * dst_stride[2] + i0;
+        for (int h = 0; h < kv_heads; h++) {
+            for (int part = 0; part < 2; part++) {  // columns i0.. and i0 + D/2.. of head h
+                const int c = h * head_dim + part * half;
+                float x[8];
+                load_bf16<W>(sv + c, x);
+                store_bf16<W>(dv + c, x);
+            }
+        }
+    }
+}
+
+// q [T, q_dim], k [T, kv_dim], v [T, kv_dim] from qkv [T, q_dim + 2·kv_dim] (each row q | k | v),
+// q and k rotated as rope_bf16 rotates them (q_dim = q_heads·D, kv_dim = kv_heads·D). The attention
+// projection is one GEMM over the stacked weights; this one pass replaces three column copies and
+// two in-place RoPE launches (each of which read and wrote q or k again). W = 8 when D/2 is a
+// multiple of 8 and every buffer is aligned (the part offsets are then multiples of 16 elements),
+// else W = 1.
+extern "C" __global__ void qkv_split_rope_bf16(const bf16* qkv, const unsigned* pos, int T, int q_heads, int kv_heads,
+                                               int head_dim, double theta, bf16* q, bf16* k, bf16* v) {
+    const long long q_dim = (long long)q_heads * head_dim, kv_dim = (long long)kv_heads * head_dim, row = q_dim + 2 * kv_dim;
+    const bf16* const src[3] = {qkv, qkv + q_dim, qkv + q_dim + kv_dim};
+    const long long ss[3] = {row, row, row};
+    bf16* const dst[3] = {q, k, v};
+    const long long ds[3] = {q_dim, kv_dim, kv_dim};
+    if ((head_dim / 2) % 8 == 0 && is_aligned16(qkv) && is_aligned16(q) && is_aligned16(k) && is_aligned16(v))
+        qkv_rope_rows<8>(src, ss, dst, ds, pos, T, q_heads, kv_heads, head_dim, theta, 1.f);
+    else
+        qkv_rope_rows<1>(src, ss, dst, ds, pos, T, q_heads, kv_heads, head_dim, theta, 1.f);
+}
+
+// The backward of qkv_split_rope_bf16: dqkv [T, q_dim + 2·kv_dim] ← each row dq and dk rotated
+// back (the transposed rotation, sign −1) and dv; the same pass in the other direction, so the
+// gradient of the fused projection needs no column copies either.
+extern "C" __global__ void qkv_merge_rope_bwd_bf16(const bf16* dq, const bf16* dk, const bf16* dv, const unsigned* pos,
+                                                   int T, int q_heads, int kv_heads, int head_dim, double theta,
+                                                   bf16* dqkv) {
+    const long long q_dim = (long long)q_heads * head_dim, kv_dim = (long long)kv_heads * head_dim, row = q_dim + 2 * kv_dim;
+    const bf16* const src[3] = {dq, dk, dv};
+    const long long ss[3] = {q_dim, kv_dim, kv_dim};
+    bf16* const dst[3] = {dqkv, dqkv + q_dim, dqkv + q_dim + kv_dim};
+    const long long ds[3] = {row, row, row};
+    if ((head_dim / 2) % 8 == 0 && is_aligned16(dq) && is_aligned16(dk) && is_aligned16(dv) && is_aligned16(dqkv))
+        qkv_rope_rows<8>(src, ss, dst, ds, pos, T, q_heads, kv_heads, head_dim, theta, -1.f);
+    else
+        qkv_rope_rows<1>(src, ss, dst, ds, pos, T, q_heads, kv_heads, head_dim, theta, -1.f);
 }
 
 __device__ __forceinline__ float sigmoidf_(float g) { return 1.f / (1.f + __expf(-g)); }
@@ -254,6 +351,67 @@ extern "C" __global__ void swiglu_bwd_bf16(const bf16* gate, const bf16* up, con
             o[1][e] = d * g * s;
         }
     });
+}
+
+// SwiGLU on a stacked gate/up projection: out [R, inter] = silu(gate)·up, gate_up [R, 2·inter]
+// holding each row's gate then its up (the MLP's gate and up projections as one GEMM). Rows are
+// not contiguous in both operands, so map_bf16's flat index does not apply: one thread per (row,
+// W consecutive columns), W = 8 when inter is a multiple of 8 and both buffers are aligned (then
+// every row's gate and up start aligned), else W = 1. The arithmetic is swiglu_fwd_bf16's.
+template <int W>
+__device__ __forceinline__ void swiglu_stacked_fwd_rows(const bf16* gate_up, long long rows, int inter, bf16* out) {
+    const int chunks = inter / W;
+    GRID_STRIDE(idx, rows * chunks) {
+        const long long r = idx / chunks;
+        const int j = (int)(idx % chunks) * W;
+        const bf16* g = gate_up + r * 2 * inter + j;
+        float x[8], u[8], y[8];
+        load_bf16<W>(g, x);
+        load_bf16<W>(g + inter, u);
+        for (int e = 0; e < W; ++e) y[e] = x[e] * sigmoidf_(x[e]) * u[e];
+        store_bf16<W>(out + r * inter + j, y);
+    }
+}
+
+extern "C" __global__ void swiglu_stacked_fwd_bf16(const bf16* gate_up, long long rows, int inter, bf16* out) {
+    if (inter % 8 == 0 && is_aligned16(gate_up) && is_aligned16(out))
+        swiglu_stacked_fwd_rows<8>(gate_up, rows, inter, out);
+    else
+        swiglu_stacked_fwd_rows<1>(gate_up, rows, inter, out);
+}
+
+// The backward: dgate_up [R, 2·inter] ← each row's dgate = dout·up·σ(g)·(1 + g·(1 − σ(g))) then
+// dup = dout·silu(g), from gate_up [R, 2·inter] and dout [R, inter]; the layout and the choice of W
+// as in the forward, the arithmetic swiglu_bwd_bf16's.
+template <int W>
+__device__ __forceinline__ void swiglu_stacked_bwd_rows(const bf16* gate_up, const bf16* dout, long long rows, int inter,
+                                                        bf16* dgate_up) {
+    const int chunks = inter / W;
+    GRID_STRIDE(idx, rows * chunks) {
+        const long long r = idx / chunks;
+        const int j = (int)(idx % chunks) * W;
+        const bf16* gu = gate_up + r * 2 * inter + j;
+        bf16* dgu = dgate_up + r * 2 * inter + j;
+        float gv[8], uv[8], dv[8], dg[8], du[8];
+        load_bf16<W>(gu, gv);
+        load_bf16<W>(gu + inter, uv);
+        load_bf16<W>(dout + r * inter + j, dv);
+        for (int e = 0; e < W; ++e) {
+            const float g = gv[e], u = uv[e], d = dv[e], s = sigmoidf_(g);
+            dg[e] = d * u * s * (1.f + g * (1.f - s));
+            du[e] = d * g * s;
+        }
+        store_bf16<W>(dgu, dg);
+        store_bf16<W>(dgu + inter, du);
+    }
+}
+
+extern "C" __global__ void swiglu_stacked_bwd_bf16(const bf16* gate_up, const bf16* dout, long long rows, int inter,
+                                                   bf16* dgate_up) {
+    if (inter % 8 == 0 && is_aligned16(gate_up) && is_aligned16(dout) && is_aligned16(dgate_up))
+        swiglu_stacked_bwd_rows<8>(gate_up, dout, rows, inter, dgate_up);
+    else
+        swiglu_stacked_bwd_rows<1>(gate_up, dout, rows, inter, dgate_up);
 }
 
 #define SQRT_2_OVER_PI 0.7978845608028654f

@@ -193,6 +193,161 @@ fn swiglu_gradients() {
     check_grad("swiglu dup", &u, &du, 100, TOL, &mut |u| f(&g, u));
 }
 
+/// `[T, a + b + c]` → its three column blocks (row by row).
+fn split_columns(x: &[f64], widths: [usize; 3]) -> [Vec<f64>; 3] {
+    let row = widths.iter().sum::<usize>();
+    let mut parts = [Vec::new(), Vec::new(), Vec::new()];
+    for r in x.chunks(row) {
+        let mut off = 0;
+        for (p, &w) in parts.iter_mut().zip(&widths) {
+            p.extend_from_slice(&r[off..off + w]);
+            off += w;
+        }
+    }
+    parts
+}
+
+#[test]
+fn qkv_split_rope_is_split_then_rope_and_its_backward_is_the_gradient() {
+    let be = B::new();
+    let mut rng = TestRng(21);
+    // GQA (4 query heads on 2 kv heads), multi-head (3 on 3), a head_dim whose half is odd (6).
+    for (q_heads, kv_heads, d) in [(4usize, 2usize, 8usize), (3, 3, 4), (2, 1, 6)] {
+        let pos = [0u32, 3, 1, 17, 2];
+        let (t, theta) = (pos.len(), 1e4);
+        let (qd, kd) = (q_heads * d, kv_heads * d);
+        let what = format!("qkv_split_rope q_heads={q_heads} kv_heads={kv_heads} head_dim={d}");
+        let qkv = rng.vec(t * (qd + 2 * kd), 1.0);
+        let f = |qkv: &[f64]| {
+            let (mut q, mut k, mut v) = (vec![f64::NAN; t * qd], vec![f64::NAN; t * kd], vec![f64::NAN; t * kd]);
+            be.qkv_split_rope(&qkv.to_vec(), &pos, d, theta, &mut q, &mut k, &mut v).unwrap();
+            (q, k, v)
+        };
+        let (q, k, v) = f(&qkv);
+        // The composition it replaces: split the columns, then rope q and k in place.
+        let [mut wq, mut wk, wv] = split_columns(&qkv, [qd, kd, kd]);
+        be.rope(&mut wq, &pos, d, theta, false).unwrap();
+        be.rope(&mut wk, &pos, d, theta, false).unwrap();
+        assert_eq!(q, wq, "{what}: q");
+        assert_eq!(k, wk, "{what}: k");
+        assert_eq!(v, wv, "{what}: v");
+        // The backward: dL/dqkv for L = Σ rq∘q + rk∘k + rv∘v.
+        let (rq, rk, rv) = (rng.vec(t * qd, 1.0), rng.vec(t * kd, 1.0), rng.vec(t * kd, 1.0));
+        let mut dqkv = vec![f64::NAN; qkv.len()];
+        be.qkv_merge_rope_backward(&rq, &rk, &rv, &pos, d, theta, &mut dqkv).unwrap();
+        check_grad(&what, &qkv, &dqkv, 200, TOL, &mut |x| {
+            let (q, k, v) = f(x);
+            dot(&q, &rq) + dot(&k, &rk) + dot(&v, &rv)
+        });
+        // … and it is the inverse rope of dq and dk, then dv, placed as the columns were.
+        let [gq, gk, gv] = split_columns(&dqkv, [qd, kd, kd]);
+        let (mut iq, mut ik) = (rq.clone(), rk.clone());
+        be.rope(&mut iq, &pos, d, theta, true).unwrap();
+        be.rope(&mut ik, &pos, d, theta, true).unwrap();
+        assert_eq!((gq, gk, gv), (iq, ik, rv.clone()), "{what}: backward against the inverse rope");
+    }
+}
+
+#[test]
+fn swiglu_stacked_is_swiglu_on_the_halves_and_its_backward_is_the_gradient() {
+    let be = B::new();
+    let mut rng = TestRng(22);
+    for (rows, inter) in [(4usize, 5usize), (1, 1), (3, 16)] {
+        let what = format!("swiglu_stacked {rows}x{inter}");
+        let mut gate_up = rng.vec(rows * 2 * inter, 1.0);
+        // Gates over SiLU's curved range, ups around 1.
+        for r in gate_up.chunks_mut(2 * inter) {
+            r[..inter].iter_mut().for_each(|g| *g *= 4.0);
+        }
+        let f = |gu: &[f64]| {
+            let mut o = vec![f64::NAN; rows * inter];
+            be.swiglu_stacked(&gu.to_vec(), inter, &mut o).unwrap();
+            o
+        };
+        let out = f(&gate_up);
+        let [g, u, _] = split_columns(&gate_up, [inter, inter, 0]);
+        let mut want = vec![0.0; rows * inter];
+        be.swiglu(&g, &u, &mut want).unwrap();
+        assert_eq!(out, want, "{what}: forward against swiglu on the halves");
+        let r = rng.vec(rows * inter, 1.0);
+        let mut dgu = vec![f64::NAN; gate_up.len()];
+        be.swiglu_stacked_backward(&gate_up, inter, &r, &mut dgu).unwrap();
+        check_grad(&what, &gate_up, &dgu, 200, TOL, &mut |x| dot(&f(x), &r));
+        let (mut dg, mut du) = (vec![0.0; rows * inter], vec![0.0; rows * inter]);
+        be.swiglu_backward(&g, &u, &r, &mut dg, &mut du).unwrap();
+        let [gg, gu, _] = split_columns(&dgu, [inter, inter, 0]);
+        assert_eq!((gg, gu), (dg, du), "{what}: backward against swiglu_backward on the halves");
+    }
+}
+
+/// Asserts that `r` is an error whose message names `op` and contains `says` (the tensor it blames).
+fn assert_err_names(r: anyhow::Result<()>, op: &str, says: &str, case: &str) {
+    match r {
+        Ok(()) => panic!("{op}, {case}: accepted"),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            assert!(msg.contains(op) && msg.contains(says), "{op}, {case}: the error does not say {says:?}: {msg}");
+        }
+    }
+}
+
+#[test]
+fn fused_qkv_and_swiglu_ops_reject_bad_lengths() {
+    let be = B::new();
+    // T = 2, head_dim 4, q_dim 8 (2 heads), kv_dim 4 (1 head): rows of 16.
+    const POS: [u32; 2] = [0, 1];
+    let (pos, d) = (&POS, 4usize);
+    let z = |n: usize| vec![0.0f64; n];
+    // (fused, q, k, v, head_dim, positions)
+    type Lens = (usize, usize, usize, usize, usize, &'static [u32]);
+    let good: Lens = (32, 16, 8, 8, d, pos);
+    // The case, its lengths, and the tensor the error must blame ("" for head_dim and positions).
+    let cases: Vec<(&str, Lens, &str)> = vec![
+        ("odd head_dim", (32, 16, 8, 8, 3, pos), ""),
+        ("zero head_dim", (32, 16, 8, 8, 0, pos), ""),
+        ("no positions", (32, 16, 8, 8, d, &[]), ""),
+        ("q not whole heads", (33, 17, 8, 8, d, pos), "q"),
+        ("empty q", (16, 0, 8, 8, d, pos), "q"),
+        ("k not whole heads", (34, 16, 9, 9, d, pos), "k"),
+        ("v shorter than k", (28, 16, 8, 4, d, pos), "v"),
+        ("fused one short", (31, 16, 8, 8, d, pos), "qkv"),
+        ("fused one long", (33, 16, 8, 8, d, pos), "qkv"),
+    ];
+    let run = |(fused, q, k, v, hd, p): Lens| -> [anyhow::Result<()>; 2] {
+        let (mut qb, mut kb, mut vb, mut fb) = (z(q), z(k), z(v), z(fused));
+        [
+            be.qkv_split_rope(&z(fused), p, hd, 1e4, &mut qb, &mut kb, &mut vb),
+            be.qkv_merge_rope_backward(&z(q), &z(k), &z(v), p, hd, 1e4, &mut fb),
+        ]
+    };
+    let [a, b] = run(good);
+    a.unwrap();
+    b.unwrap();
+    for (case, lens, tensor) in cases {
+        let [split, merge] = run(lens);
+        // The backward names its own tensors: dq, dk, dv, dqkv.
+        let (says, dsays) = match tensor {
+            "" if case.contains("head_dim") => (": head_dim".to_string(), ": head_dim".to_string()),
+            "" => ("no positions".to_string(), "no positions".to_string()),
+            t => (format!(": {t} has"), format!(": d{t} has")),
+        };
+        assert_err_names(split, "qkv_split_rope", &says, case);
+        assert_err_names(merge, "qkv_merge_rope_backward", &dsays, case);
+    }
+    // swiglu_stacked: 3 rows of inter 5.
+    let (gu, inter) = (z(30), 5usize);
+    be.swiglu_stacked(&gu, inter, &mut z(15)).unwrap();
+    be.swiglu_stacked_backward(&gu, inter, &z(15), &mut z(30)).unwrap();
+    assert_err_names(be.swiglu_stacked(&gu, 0, &mut z(15)), "swiglu_stacked", "inter", "inter 0");
+    assert_err_names(be.swiglu_stacked(&z(31), inter, &mut z(15)), "swiglu_stacked", ": gate_up has", "gate_up not whole rows");
+    assert_err_names(be.swiglu_stacked(&gu, 4, &mut z(15)), "swiglu_stacked", ": gate_up has", "gate_up not rows of 2·inter");
+    assert_err_names(be.swiglu_stacked(&gu, inter, &mut z(16)), "swiglu_stacked", ": out has", "out too long");
+    assert_err_names(be.swiglu_stacked_backward(&gu, 0, &z(15), &mut z(30)), "swiglu_stacked_backward", "inter", "inter 0");
+    assert_err_names(be.swiglu_stacked_backward(&z(29), inter, &z(15), &mut z(30)), "swiglu_stacked_backward", ": gate_up has", "gate_up not whole rows");
+    assert_err_names(be.swiglu_stacked_backward(&gu, inter, &z(14), &mut z(30)), "swiglu_stacked_backward", ": dout has", "dout short");
+    assert_err_names(be.swiglu_stacked_backward(&gu, inter, &z(15), &mut z(29)), "swiglu_stacked_backward", " dgate_up has", "dgate_up short");
+}
+
 /// Naive attention, written independently from the definition (softmax(QKᵀ/√d + mask)·V).
 fn naive_attention(shape: AttnShape, lens: &[usize], q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
     let (h, hkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);

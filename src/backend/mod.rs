@@ -236,6 +236,34 @@ pub trait Backend: Send + Sync {
         inverse: bool,
     ) -> Result<()>;
 
+    /// Splits a fused Q/K/V projection `qkv [T, q_dim + 2·kv_dim]` (each row: the queries, then the
+    /// keys, then the values) into `q [T, q_dim]`, `k [T, kv_dim]`, `v [T, kv_dim]`, rotating q and k
+    /// by RoPE on the way (as `rope` does: HF rotate-half, angle pos·θ^(−2i/head_dim)). Overwrites q, k, v.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_split_rope(
+        &self,
+        qkv: &Self::Buf,
+        positions: &[u32],
+        head_dim: usize,
+        theta: f64,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &mut Self::Buf,
+    ) -> Result<()>;
+    /// The backward of [`Backend::qkv_split_rope`]: `dqkv [T, q_dim + 2·kv_dim]` holds, row by row, dq and dk
+    /// rotated back (the transposed rotation) and dv. Overwrites dqkv.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_merge_rope_backward(
+        &self,
+        dq: &Self::Buf,
+        dk: &Self::Buf,
+        dv: &Self::Buf,
+        positions: &[u32],
+        head_dim: usize,
+        theta: f64,
+        dqkv: &mut Self::Buf,
+    ) -> Result<()>;
+
     // ---- attention ----
     /// Scaled dot-product attention over packed sequences with GQA. `q [T, H·D]`, `k, v [T, Hkv·D]`,
     /// `out [T, H·D]`, `lse [T, H]` (log-sum-exp of each softmax row, saved for the backward).
@@ -301,6 +329,11 @@ pub trait Backend: Send + Sync {
         dgate: &mut Self::Buf,
         dup: &mut Self::Buf,
     ) -> Result<()>;
+
+    /// `out [R, inter] = silu(gate) · up` where `gate_up [R, 2·inter]` holds each row's gate then its up.
+    fn swiglu_stacked(&self, gate_up: &Self::Buf, inter: usize, out: &mut Self::Buf) -> Result<()>;
+    /// The backward of [`Backend::swiglu_stacked`]: overwrites `dgate_up [R, 2·inter]` (each row: dgate then dup).
+    fn swiglu_stacked_backward(&self, gate_up: &Self::Buf, inter: usize, dout: &Self::Buf, dgate_up: &mut Self::Buf) -> Result<()>;
 
     /// `out = gelu(x)`, exact (erf) or the tanh approximation (`gelu_pytorch_tanh`).
     fn gelu(&self, x: &Self::Buf, out: &mut Self::Buf, kind: GeluKind) -> Result<()>;
@@ -590,6 +623,62 @@ pub fn check_relation_images(what: &str, images: &[(u32, u32)], n_rows: usize) -
         }
     }
     Ok(())
+}
+
+/// The shape of a fused Q/K/V row ([`Backend::qkv_split_rope`] and its backward).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QkvDims {
+    /// Tokens (rows).
+    pub t: usize,
+    /// Query columns per row (query heads × head_dim).
+    pub q_dim: usize,
+    /// Key columns per row, and value columns (kv heads × head_dim).
+    pub kv_dim: usize,
+}
+
+impl QkvDims {
+    /// Columns of a fused row: `q_dim + 2·kv_dim`.
+    pub fn row(&self) -> usize {
+        self.q_dim + 2 * self.kv_dim
+    }
+}
+
+/// Checks the lengths of [`Backend::qkv_split_rope`] (`what` names the op; `names` the fused tensor
+/// and its three parts, as the op calls them): one position per token, an even head_dim, q, k and v
+/// whole rows of whole heads, v as long as k, and the fused tensor `T·(q_dim + 2·kv_dim)`. Every
+/// backend runs it first.
+pub fn check_qkv_dims(what: &str, names: [&str; 4], positions: usize, head_dim: usize, fused: usize, q: usize, k: usize, v: usize) -> Result<QkvDims> {
+    let [fused_name, q_name, k_name, v_name] = names;
+    ensure!(head_dim > 0 && head_dim % 2 == 0, "{what}: head_dim {head_dim} must be even and positive");
+    let t = positions;
+    ensure!(t > 0, "{what}: no positions (one per token is needed)");
+    for (name, len) in [(q_name, q), (k_name, k)] {
+        ensure!(
+            len > 0 && len % (t * head_dim) == 0,
+            "{what}: {name} has {len} elements, which do not split into {t} tokens of one or more heads of {head_dim}"
+        );
+    }
+    ensure!(v == k, "{what}: {v_name} has {v} elements, but {k_name} has {k} (they must match)");
+    let dims = QkvDims { t, q_dim: q / t, kv_dim: k / t };
+    ensure!(
+        fused == t * dims.row(),
+        "{what}: {fused_name} has {fused} elements, expected {} ({t} tokens × ({} + 2·{}))",
+        t * dims.row(),
+        dims.q_dim,
+        dims.kv_dim
+    );
+    Ok(dims)
+}
+
+/// Checks the lengths of [`Backend::swiglu_stacked`] (`stacked`: `gate_up` or `dgate_up`;
+/// `half`: `out` or `dout`): `inter > 0`, the stacked tensor whole rows of `2·inter`, the other
+/// `R·inter`. Returns R. Every backend runs it first.
+pub fn check_swiglu_stacked(what: &str, stacked_name: &str, stacked: usize, half_name: &str, half: usize, inter: usize) -> Result<usize> {
+    ensure!(inter > 0, "{what}: inter must be positive");
+    ensure!(stacked % (2 * inter) == 0, "{what}: {stacked_name} has {stacked} elements, not rows of 2·{inter}");
+    let rows = stacked / (2 * inter);
+    ensure!(half == rows * inter, "{what}: {half_name} has {half} elements, expected {} ({rows} rows × {inter})", rows * inter);
+    Ok(rows)
 }
 
 /// Checks the arguments of [`Backend::attention_decode`] from their lengths (`q`, `out`, each

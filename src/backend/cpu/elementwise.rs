@@ -1,10 +1,11 @@
-//! Row-wise and element-wise ops of the CPU backend: bias, embedding, RoPE, SwiGLU, AdamW.
+//! Row-wise and element-wise ops of the CPU backend: bias, embedding, RoPE (alone and fused with
+//! the Q/K/V split), SwiGLU (on two tensors and on a stacked gate/up projection), AdamW.
 
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::{check_len, Elem};
-use crate::backend::{AdamWStep, GeluKind};
+use crate::backend::{check_qkv_dims, check_swiglu_stacked, AdamWStep, GeluKind};
 
 /// Rows shorter than this are not worth a rayon task each.
 const PAR_MIN_LEN: usize = 1 << 14;
@@ -56,33 +57,98 @@ pub fn embedding_backward<T: Elem>(dout: &[T], ids: &[u32], dim: usize, dtable: 
     Ok(())
 }
 
+/// RoPE's inverse frequencies `θ^(−2i/D)` for i < D/2, in f64.
+fn rope_inv_freq(head_dim: usize, theta: f64) -> Vec<f64> {
+    (0..head_dim / 2).map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64)).collect()
+}
+
+/// (cos, sign · sin) of each pair's angle `pos · inv_freq[i]`. The angle is computed in f64, so
+/// the f32 backend's cos/sin are as exact as f32 can hold; `inverse` gives the transposed rotation.
+fn rope_angles<T: Elem>(pos: u32, inv_freq: &[f64], inverse: bool) -> Vec<(T, T)> {
+    let sign = if inverse { -1.0 } else { 1.0 };
+    inv_freq
+        .iter()
+        .map(|f| {
+            let a = pos as f64 * f;
+            (T::of(a.cos()), T::of(sign * a.sin()))
+        })
+        .collect()
+}
+
+/// Rotates, in place, every head of one token's row `[heads, head_dim]`: the pair (x[i], x[i + D/2])
+/// of each head by the angle whose (cos, sin) is `cs[i]` (HF rotate-half). The one rotation of
+/// `rope` and of the fused Q/K/V split and its backward.
+fn rotate_row_heads<T: Elem>(row: &mut [T], head_dim: usize, cs: &[(T, T)]) {
+    let half = head_dim / 2;
+    for head in row.chunks_mut(head_dim) {
+        let (lo, hi) = head.split_at_mut(half);
+        for ((a, b), &(c, s)) in lo.iter_mut().zip(hi.iter_mut()).zip(cs) {
+            let (x1, x2) = (*a, *b);
+            *a = x1 * c - x2 * s;
+            *b = x2 * c + x1 * s;
+        }
+    }
+}
+
 /// HF rotate-half RoPE: for i < D/2 the pair (x[i], x[i + D/2]) rotates by `pos · θ^(−2i/D)`.
-/// The angle is computed in f64, so the f32 backend's cos/sin are as exact as f32 can hold.
 pub fn rope<T: Elem>(x: &mut [T], positions: &[u32], head_dim: usize, theta: f64, inverse: bool) -> Result<()> {
     ensure!(head_dim % 2 == 0 && head_dim > 0, "rope: head_dim {head_dim} must be even");
     let t = positions.len();
     ensure!(t > 0 && x.len() % (t * head_dim) == 0, "rope: {} elements do not split into {t} tokens of heads × {head_dim}", x.len());
     let row_len = x.len() / t;
-    let half = head_dim / 2;
-    let inv_freq: Vec<f64> = (0..half).map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64)).collect();
-    let sign = if inverse { -1.0 } else { 1.0 };
+    let inv_freq = rope_inv_freq(head_dim, theta);
     x.par_chunks_mut(row_len).zip(positions).for_each(|(row, &pos)| {
-        let cs: Vec<(T, T)> = inv_freq
-            .iter()
-            .map(|f| {
-                let a = pos as f64 * f;
-                (T::of(a.cos()), T::of(sign * a.sin()))
-            })
-            .collect();
-        for head in row.chunks_mut(head_dim) {
-            let (lo, hi) = head.split_at_mut(half);
-            for ((a, b), &(c, s)) in lo.iter_mut().zip(hi.iter_mut()).zip(&cs) {
-                let (x1, x2) = (*a, *b);
-                *a = x1 * c - x2 * s;
-                *b = x2 * c + x1 * s;
-            }
-        }
+        rotate_row_heads(row, head_dim, &rope_angles::<T>(pos, &inv_freq, inverse));
     });
+    Ok(())
+}
+
+/// Fused Q/K/V split with RoPE: each row `q | k | v` of `qkv` is copied into q, k and v, and q's
+/// and k's heads are rotated as [`rope`] rotates them.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_split_rope<T: Elem>(qkv: &[T], positions: &[u32], head_dim: usize, theta: f64, q: &mut [T], k: &mut [T], v: &mut [T]) -> Result<()> {
+    let dims = check_qkv_dims("qkv_split_rope", ["qkv", "q", "k", "v"], positions.len(), head_dim, qkv.len(), q.len(), k.len(), v.len())?;
+    let (qd, kd) = (dims.q_dim, dims.kv_dim);
+    let inv_freq = rope_inv_freq(head_dim, theta);
+    q.par_chunks_mut(qd)
+        .zip(k.par_chunks_mut(kd))
+        .zip(v.par_chunks_mut(kd))
+        .zip(qkv.par_chunks(dims.row()))
+        .zip(positions)
+        .for_each(|((((qr, kr), vr), src), &pos)| {
+            qr.copy_from_slice(&src[..qd]);
+            kr.copy_from_slice(&src[qd..qd + kd]);
+            vr.copy_from_slice(&src[qd + kd..]);
+            let cs = rope_angles::<T>(pos, &inv_freq, false);
+            rotate_row_heads(qr, head_dim, &cs);
+            rotate_row_heads(kr, head_dim, &cs);
+        });
+    Ok(())
+}
+
+/// The backward of [`qkv_split_rope`]: each row of `dqkv` is dq and dk rotated back (the
+/// transposed rotation), then dv.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_merge_rope_backward<T: Elem>(dq: &[T], dk: &[T], dv: &[T], positions: &[u32], head_dim: usize, theta: f64, dqkv: &mut [T]) -> Result<()> {
+    let what = "qkv_merge_rope_backward";
+    let dims = check_qkv_dims(what, ["dqkv", "dq", "dk", "dv"], positions.len(), head_dim, dqkv.len(), dq.len(), dk.len(), dv.len())?;
+    let (qd, kd) = (dims.q_dim, dims.kv_dim);
+    let inv_freq = rope_inv_freq(head_dim, theta);
+    dqkv.par_chunks_mut(dims.row())
+        .zip(dq.par_chunks(qd))
+        .zip(dk.par_chunks(kd))
+        .zip(dv.par_chunks(kd))
+        .zip(positions)
+        .for_each(|((((dst, qr), kr), vr), &pos)| {
+            let (dst_q, rest) = dst.split_at_mut(qd);
+            let (dst_k, dst_v) = rest.split_at_mut(kd);
+            dst_q.copy_from_slice(qr);
+            dst_k.copy_from_slice(kr);
+            dst_v.copy_from_slice(vr);
+            let cs = rope_angles::<T>(pos, &inv_freq, true);
+            rotate_row_heads(dst_q, head_dim, &cs);
+            rotate_row_heads(dst_k, head_dim, &cs);
+        });
     Ok(())
 }
 
@@ -111,13 +177,39 @@ pub fn swiglu_backward<T: Elem>(gate: &[T], up: &[T], dout: &[T], dgate: &mut [T
         .with_min_len(PAR_MIN_LEN)
         .zip(dup.par_iter_mut())
         .enumerate()
-        .for_each(|(i, (dg, du))| {
-            let g = gate[i];
-            let sig = T::one() / (T::one() + (-g).exp());
-            // d silu(g)/dg = σ(g) · (1 + g · (1 − σ(g)))
-            *dg = dout[i] * up[i] * sig * (T::one() + g * (T::one() - sig));
-            *du = dout[i] * g * sig;
-        });
+        .for_each(|(i, (dg, du))| (*dg, *du) = swiglu_grads(gate[i], up[i], dout[i]));
+    Ok(())
+}
+
+/// (dgate, dup) of `silu(g) · u` for the output gradient `d`.
+fn swiglu_grads<T: Elem>(g: T, u: T, d: T) -> (T, T) {
+    let sig = T::one() / (T::one() + (-g).exp());
+    // d silu(g)/dg = σ(g) · (1 + g · (1 − σ(g)))
+    (d * u * sig * (T::one() + g * (T::one() - sig)), d * g * sig)
+}
+
+/// SwiGLU on a stacked projection: `out[r, j] = silu(gate_up[r, j]) · gate_up[r, inter + j]`.
+pub fn swiglu_stacked<T: Elem>(gate_up: &[T], inter: usize, out: &mut [T]) -> Result<()> {
+    check_swiglu_stacked("swiglu_stacked", "gate_up", gate_up.len(), "out", out.len(), inter)?;
+    out.par_chunks_mut(inter).zip(gate_up.par_chunks(2 * inter)).for_each(|(o, gu)| {
+        let (gate, up) = gu.split_at(inter);
+        o.iter_mut().zip(gate.iter().zip(up)).for_each(|(o, (&g, &u))| *o = silu(g) * u);
+    });
+    Ok(())
+}
+
+/// The backward of [`swiglu_stacked`]: each row of `dgate_up` is dgate then dup.
+pub fn swiglu_stacked_backward<T: Elem>(gate_up: &[T], inter: usize, dout: &[T], dgate_up: &mut [T]) -> Result<()> {
+    let what = "swiglu_stacked_backward";
+    let rows = check_swiglu_stacked(what, "gate_up", gate_up.len(), "dout", dout.len(), inter)?;
+    check_len("swiglu_stacked_backward dgate_up", dgate_up.len(), rows * 2 * inter)?;
+    dgate_up.par_chunks_mut(2 * inter).zip(gate_up.par_chunks(2 * inter)).zip(dout.par_chunks(inter)).for_each(|((dgu, gu), d)| {
+        let (dgate, dup) = dgu.split_at_mut(inter);
+        let (gate, up) = gu.split_at(inter);
+        for j in 0..inter {
+            (dgate[j], dup[j]) = swiglu_grads(gate[j], up[j], d[j]);
+        }
+    });
     Ok(())
 }
 

@@ -298,6 +298,32 @@ impl<T: Elem> Backend for CpuBackend<T> {
         elementwise::rope(x, positions, head_dim, theta, inverse)
     }
 
+    fn qkv_split_rope(
+        &self,
+        qkv: &Vec<T>,
+        positions: &[u32],
+        head_dim: usize,
+        theta: f64,
+        q: &mut Vec<T>,
+        k: &mut Vec<T>,
+        v: &mut Vec<T>,
+    ) -> Result<()> {
+        elementwise::qkv_split_rope(qkv, positions, head_dim, theta, q, k, v)
+    }
+
+    fn qkv_merge_rope_backward(
+        &self,
+        dq: &Vec<T>,
+        dk: &Vec<T>,
+        dv: &Vec<T>,
+        positions: &[u32],
+        head_dim: usize,
+        theta: f64,
+        dqkv: &mut Vec<T>,
+    ) -> Result<()> {
+        elementwise::qkv_merge_rope_backward(dq, dk, dv, positions, head_dim, theta, dqkv)
+    }
+
     fn attention(
         &self,
         shape: AttnShape,
@@ -355,6 +381,14 @@ impl<T: Elem> Backend for CpuBackend<T> {
         dup: &mut Vec<T>,
     ) -> Result<()> {
         elementwise::swiglu_backward(gate, up, dout, dgate, dup)
+    }
+
+    fn swiglu_stacked(&self, gate_up: &Vec<T>, inter: usize, out: &mut Vec<T>) -> Result<()> {
+        elementwise::swiglu_stacked(gate_up, inter, out)
+    }
+
+    fn swiglu_stacked_backward(&self, gate_up: &Vec<T>, inter: usize, dout: &Vec<T>, dgate_up: &mut Vec<T>) -> Result<()> {
+        elementwise::swiglu_stacked_backward(gate_up, inter, dout, dgate_up)
     }
 
     fn gelu(&self, x: &Vec<T>, out: &mut Vec<T>, kind: GeluKind) -> Result<()> {

@@ -147,10 +147,16 @@ pub fn run_family(be: &CudaBackend, family: &str, seed: u64) -> Result<Vec<Check
     match family {
         "memory" => memory(&mut c),
         "gemm" => gemm(&mut c),
-        "elementwise" => elementwise(&mut c),
+        "elementwise" => {
+            elementwise(&mut c);
+            swiglu_stacked(&mut c);
+        }
         "embedding" => embedding(&mut c),
         "norm" => norm(&mut c),
-        "rope" => rope(&mut c),
+        "rope" => {
+            rope(&mut c);
+            qkv_rope(&mut c);
+        }
         "attention" => attention(&mut c),
         "attention_decode" => attention_decode(&mut c),
         "cross_entropy" => cross_entropy(&mut c),
@@ -412,6 +418,52 @@ fn elementwise(c: &mut Ctx) {
     }
 }
 
+/// `swiglu_stacked` and its backward: inter a multiple of 8 (the 16-byte path) and not (13, 1:
+/// the scalar path), outputs poisoned; wrong lengths are errors.
+fn swiglu_stacked(c: &mut Ctx) {
+    for (rows, inter) in [(1usize, 1usize), (37, 13), (29, 64), (5, 200)] {
+        let name = format!("swiglu_stacked {rows}x(2·{inter})");
+        c.case(&name, |c| {
+            let mut gu = c.rand(rows * 2 * inter, -2.0, 2.0);
+            // Gates over SiLU's curved range.
+            for r in gu.chunks_mut(2 * inter) {
+                r[..inter].iter_mut().for_each(|g| *g = r16(*g * 3.0));
+            }
+            let d = c.rand(rows * inter, -1.0, 1.0);
+            let mut want = vec![0.0; rows * inter];
+            c.cpu.swiglu_stacked(&gu, inter, &mut want)?;
+            let (ggu, gd) = (c.up(&gu)?, c.up(&d)?);
+            let mut out = c.poisoned(rows * inter)?;
+            c.be.swiglu_stacked(&ggu, inter, &mut out)?;
+            c.cmp_buf(&name, &out, &want, TOL_BF16)?;
+            let mut wd = vec![0.0; rows * 2 * inter];
+            c.cpu.swiglu_stacked_backward(&gu, inter, &d, &mut wd)?;
+            let mut dgu = c.poisoned(rows * 2 * inter)?;
+            c.be.swiglu_stacked_backward(&ggu, inter, &gd, &mut dgu)?;
+            c.cmp_buf(&format!("swiglu_stacked_backward {rows}x(2·{inter})"), &dgu, &wd, TOL_BF16)
+        });
+    }
+    c.case("swiglu_stacked: bad lengths are errors", |c| {
+        let (gu, d) = (c.be.zeros(30)?, c.be.zeros(15)?);
+        let (mut out, mut long, mut dgu, mut short) = (c.be.zeros(15)?, c.be.zeros(16)?, c.be.zeros(30)?, c.be.zeros(29)?);
+        c.be.swiglu_stacked(&gu, 5, &mut out)?;
+        c.be.swiglu_stacked_backward(&gu, 5, &d, &mut dgu)?;
+        let errs = [
+            ("inter 0", c.be.swiglu_stacked(&gu, 0, &mut out).err(), "inter"),
+            ("gate_up not rows of 2·inter", c.be.swiglu_stacked(&gu, 4, &mut out).err(), "gate_up"),
+            ("out too long", c.be.swiglu_stacked(&gu, 5, &mut long).err(), "out"),
+            ("backward: dgate_up short", c.be.swiglu_stacked_backward(&gu, 5, &out, &mut short).err(), "dgate_up"),
+            ("backward: dout wrong", c.be.swiglu_stacked_backward(&gu, 5, &long, &mut dgu).err(), "dout"),
+        ];
+        for (case, err, tensor) in errs {
+            let msg = err.map(|e| e.to_string()).ok_or_else(|| anyhow!("swiglu_stacked, {case}: accepted"))?;
+            ensure!(msg.contains("swiglu_stacked") && msg.contains(tensor), "swiglu_stacked, {case}: the error does not name {tensor}: {msg}");
+        }
+        c.record("swiglu_stacked: bad lengths are errors", 0.0, 0.0, String::new());
+        Ok(())
+    });
+}
+
 fn embedding(c: &mut Ctx) {
     for (rows, dim, t) in [(50usize, 33usize, 70usize), (1, 1, 1), (1000, 896, 300)] {
         let name = format!("embedding table {rows}x{dim}, {t} ids");
@@ -497,6 +549,61 @@ fn rope(c: &mut Ctx) {
             });
         }
     }
+}
+
+/// The fused Q/K/V split with RoPE and its backward: GQA and multi-head, D/2 a multiple of 8 (the
+/// 16-byte path: head dims 64, 128) and not (2, 6, 72: the scalar path), every output poisoned
+/// (v is an exact copy); wrong lengths are errors.
+fn qkv_rope(c: &mut Ctx) {
+    let shapes = [(1usize, 1usize, 1usize, 2usize, 1e4f64), (37, 4, 2, 64, 1e6), (19, 3, 3, 6, 1e4), (23, 6, 2, 72, 1e6), (11, 2, 1, 128, 1e4)];
+    for (t, qh, kvh, hd, theta) in shapes {
+        let name = format!("qkv_split_rope T={t} heads={qh}/{kvh} head_dim={hd} theta={theta:e}");
+        c.case(&name, |c| {
+            let (qd, kd) = (qh * hd, kvh * hd);
+            let qkv = c.rand(t * (qd + 2 * kd), -1.0, 1.0);
+            let pos: Vec<u32> = (0..t).map(|_| c.below(20_000) as u32).collect();
+            let (mut wq, mut wk, mut wv) = (vec![0.0; t * qd], vec![0.0; t * kd], vec![0.0; t * kd]);
+            c.cpu.qkv_split_rope(&qkv, &pos, hd, theta, &mut wq, &mut wk, &mut wv)?;
+            let (mut q, mut k, mut v) = (c.poisoned(t * qd)?, c.poisoned(t * kd)?, c.poisoned(t * kd)?);
+            c.be.qkv_split_rope(&c.up(&qkv)?, &pos, hd, theta, &mut q, &mut k, &mut v)?;
+            c.cmp_buf(&format!("{name} q"), &q, &wq, TOL_BF16)?;
+            c.cmp_buf(&format!("{name} k"), &k, &wk, TOL_BF16)?;
+            c.cmp_buf(&format!("{name} v (a copy)"), &v, &wv, 0.0)?;
+            let (dq, dk, dv) = (c.rand(t * qd, -1.0, 1.0), c.rand(t * kd, -1.0, 1.0), c.rand(t * kd, -1.0, 1.0));
+            let mut want = vec![0.0; qkv.len()];
+            c.cpu.qkv_merge_rope_backward(&dq, &dk, &dv, &pos, hd, theta, &mut want)?;
+            let mut got = c.poisoned(qkv.len())?;
+            c.be.qkv_merge_rope_backward(&c.up(&dq)?, &c.up(&dk)?, &c.up(&dv)?, &pos, hd, theta, &mut got)?;
+            c.cmp_buf(&format!("qkv_merge_rope_backward T={t} heads={qh}/{kvh} head_dim={hd}"), &got, &want, TOL_BF16)
+        });
+    }
+    c.case("qkv_split_rope: bad lengths are errors", |c| {
+        // T = 2, head_dim 4, q_dim 8, kv_dim 4: rows of 16.
+        let pos = [0u32, 1];
+        let z = |n: usize| c.be.zeros(n);
+        let (qkv, q, k, v) = (z(32)?, z(16)?, z(8)?, z(8)?);
+        let (mut mq, mut mk, mut mv, mut mqkv) = (z(16)?, z(8)?, z(8)?, z(32)?);
+        c.be.qkv_split_rope(&qkv, &pos, 4, 1e4, &mut mq, &mut mk, &mut mv)?;
+        c.be.qkv_merge_rope_backward(&q, &k, &v, &pos, 4, 1e4, &mut mqkv)?;
+        let (qkv_long, k_odd, v_short) = (z(33)?, z(9)?, z(4)?);
+        let (mut q_odd, mut v_short_m) = (z(17)?, z(4)?);
+        let errs = [
+            ("odd head_dim", c.be.qkv_split_rope(&qkv, &pos, 3, 1e4, &mut mq, &mut mk, &mut mv).err(), "head_dim"),
+            ("no positions", c.be.qkv_split_rope(&qkv, &[], 4, 1e4, &mut mq, &mut mk, &mut mv).err(), "positions"),
+            ("q not whole heads", c.be.qkv_split_rope(&qkv, &pos, 4, 1e4, &mut q_odd, &mut mk, &mut mv).err(), ": q has"),
+            ("v shorter than k", c.be.qkv_split_rope(&qkv, &pos, 4, 1e4, &mut mq, &mut mk, &mut v_short_m).err(), ": v has"),
+            ("qkv one long", c.be.qkv_split_rope(&qkv_long, &pos, 4, 1e4, &mut mq, &mut mk, &mut mv).err(), ": qkv has"),
+            ("backward: dk not whole heads", c.be.qkv_merge_rope_backward(&q, &k_odd, &k_odd, &pos, 4, 1e4, &mut mqkv).err(), ": dk has"),
+            ("backward: dv shorter than dk", c.be.qkv_merge_rope_backward(&q, &k, &v_short, &pos, 4, 1e4, &mut mqkv).err(), ": dv has"),
+            ("backward: dqkv one short", c.be.qkv_merge_rope_backward(&q, &k, &v, &pos, 4, 1e4, &mut q_odd).err(), ": dqkv has"),
+        ];
+        for (case, err, says) in errs {
+            let msg = err.map(|e| e.to_string()).ok_or_else(|| anyhow!("qkv rope, {case}: accepted"))?;
+            ensure!(msg.contains("qkv_") && msg.contains(says), "qkv rope, {case}: the error does not say {says:?}: {msg}");
+        }
+        c.record("qkv_split_rope: bad lengths are errors", 0.0, 0.0, String::new());
+        Ok(())
+    });
 }
 
 fn attention(c: &mut Ctx) {

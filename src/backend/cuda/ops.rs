@@ -5,7 +5,7 @@ use anyhow::{bail, ensure, Result};
 
 use super::{bf, check_len, f32p, int, to_bf16_bits, CudaBackend, CudaBuf, CudaSums, DType, KArg};
 use crate::backend::{
-    check_ce_labels, check_kl_rows, check_kl_shape, check_relation_images, check_row_terms, AdamWStep, AttnShape, Backend, Divergence, Gemm, GeluKind,
+    check_ce_labels, check_kl_rows, check_kl_shape, check_qkv_dims, check_relation_images, check_row_terms, check_swiglu_stacked, AdamWStep, AttnShape, Backend, Divergence, Gemm, GeluKind,
     KlShape, RowTerms, IGNORE_INDEX,
 };
 
@@ -465,6 +465,31 @@ impl Backend for CudaBackend {
         unsafe { self.launch_1d("elementwise", "rope_bf16", t * head_dim / 2, &mut a) }
     }
 
+    fn qkv_split_rope(&self, qkv: &CudaBuf, positions: &[u32], head_dim: usize, theta: f64, q: &mut CudaBuf, k: &mut CudaBuf, v: &mut CudaBuf) -> Result<()> {
+        let what = "qkv_split_rope";
+        let dims = check_qkv_dims(what, ["qkv", "q", "k", "v"], positions.len(), head_dim, qkv.len, q.len, k.len, v.len)?;
+        let (src, qp, kp, vp) = (bf(qkv, "qkv_split_rope qkv")?, bf(q, "qkv_split_rope q")?, bf(k, "qkv_split_rope k")?, bf(v, "qkv_split_rope v")?);
+        let (_g, pp) = self.upload_idx(positions)?;
+        let (ti, qh, kh, di) = (int(dims.t, "tokens")?, int(dims.q_dim / head_dim, "q heads")?, int(dims.kv_dim / head_dim, "kv heads")?, int(head_dim, "head_dim")?);
+        int(dims.row(), "qkv row length")?;
+        let mut a = args![src, pp, ti, qh, kh, di, theta, qp, kp, vp];
+        // SAFETY: qkv is T × (q_dim + 2·kv_dim), q T × q_dim, k and v T × kv_dim; positions T.
+        unsafe { self.launch_1d("elementwise", "qkv_split_rope_bf16", dims.t * head_dim / 2, &mut a) }
+    }
+
+    fn qkv_merge_rope_backward(&self, dq: &CudaBuf, dk: &CudaBuf, dv: &CudaBuf, positions: &[u32], head_dim: usize, theta: f64, dqkv: &mut CudaBuf) -> Result<()> {
+        let what = "qkv_merge_rope_backward";
+        let dims = check_qkv_dims(what, ["dqkv", "dq", "dk", "dv"], positions.len(), head_dim, dqkv.len, dq.len, dk.len, dv.len)?;
+        let (dqp, dkp, dvp) = (bf(dq, "qkv_merge_rope_backward dq")?, bf(dk, "qkv_merge_rope_backward dk")?, bf(dv, "qkv_merge_rope_backward dv")?);
+        let dst = bf(dqkv, "qkv_merge_rope_backward dqkv")?;
+        let (_g, pp) = self.upload_idx(positions)?;
+        let (ti, qh, kh, di) = (int(dims.t, "tokens")?, int(dims.q_dim / head_dim, "q heads")?, int(dims.kv_dim / head_dim, "kv heads")?, int(head_dim, "head_dim")?);
+        int(dims.row(), "dqkv row length")?;
+        let mut a = args![dqp, dkp, dvp, pp, ti, qh, kh, di, theta, dst];
+        // SAFETY: dqkv is T × (q_dim + 2·kv_dim), dq T × q_dim, dk and dv T × kv_dim; positions T.
+        unsafe { self.launch_1d("elementwise", "qkv_merge_rope_bwd_bf16", dims.t * head_dim / 2, &mut a) }
+    }
+
     fn attention(
         &self,
         shape: AttnShape,
@@ -529,6 +554,25 @@ impl Backend for CudaBackend {
         let mut a = args![gp, upp, dp, dgp, dup_p, nn];
         // SAFETY: all hold n values.
         unsafe { self.launch_1d("elementwise", "swiglu_bwd_bf16", n, &mut a) }
+    }
+
+    fn swiglu_stacked(&self, gate_up: &CudaBuf, inter: usize, out: &mut CudaBuf) -> Result<()> {
+        let rows = check_swiglu_stacked("swiglu_stacked", "gate_up", gate_up.len, "out", out.len, inter)?;
+        let (gp, op) = (bf(gate_up, "swiglu_stacked gate_up")?, bf(out, "swiglu_stacked out")?);
+        let (r, ii) = (rows as i64, int(inter, "swiglu_stacked inter")?);
+        let mut a = args![gp, r, ii, op];
+        // SAFETY: gate_up holds rows × 2·inter values, out rows × inter.
+        unsafe { self.launch_1d("elementwise", "swiglu_stacked_fwd_bf16", out.len, &mut a) }
+    }
+
+    fn swiglu_stacked_backward(&self, gate_up: &CudaBuf, inter: usize, dout: &CudaBuf, dgate_up: &mut CudaBuf) -> Result<()> {
+        let rows = check_swiglu_stacked("swiglu_stacked_backward", "gate_up", gate_up.len, "dout", dout.len, inter)?;
+        check_len("swiglu_stacked_backward dgate_up", dgate_up.len, gate_up.len)?;
+        let (gp, dp, dgp) = (bf(gate_up, "swiglu_stacked gate_up")?, bf(dout, "swiglu_stacked dout")?, bf(dgate_up, "swiglu_stacked dgate_up")?);
+        let (r, ii) = (rows as i64, int(inter, "swiglu_stacked inter")?);
+        let mut a = args![gp, dp, r, ii, dgp];
+        // SAFETY: gate_up and dgate_up hold rows × 2·inter values, dout rows × inter.
+        unsafe { self.launch_1d("elementwise", "swiglu_stacked_bwd_bf16", dout.len, &mut a) }
     }
 
     fn gelu(&self, x: &CudaBuf, out: &mut CudaBuf, kind: GeluKind) -> Result<()> {
