@@ -157,7 +157,15 @@ fn llm_and_projector_gradients_when_both_train() {
     let gllm = gllm.unwrap();
     // The embedding table is tied to the head and its placeholder row (22) is overwritten at the
     // visual positions: finite differences check that only the head's use of that row counts.
-    for name in ["model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight"] {
+    let names = [
+        "model.embed_tokens.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.bias",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.norm.weight",
+    ];
+    for name in names {
         // The parameter holding the HF tensor (a stacked q/k/v is checked whole).
         let i = find_hf(&w.llm.specs, name).unwrap().0.0;
         let mut wp = w.clone();

@@ -9,7 +9,7 @@
 //! they use, chunk by chunk) and returns the gradient of the input embeddings, which DPT needs even
 //! when no LLM weight trains: weight gradients are skipped when no gradient set is given.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
 use super::config::LlmConfig;
 use super::params::{ParamId, ParamSet, ParamSpec};
@@ -33,27 +33,26 @@ impl SeqLayout {
     }
 }
 
+/// One block's parameters. The Q/K/V projections are one parameter (`qkv_proj`: the three
+/// Hugging Face weights stacked by rows, and their biases likewise) and so are gate and up
+/// (`gate_up_proj`): one GEMM reads the normed input once for all of them, where three or two
+/// GEMMs would read it again and launch again; loading, checkpoints and export still see the
+/// Hugging Face tensors ([`ParamSpec::stacked`]).
 struct LayerIds {
     ln1: ParamId,
-    wq: ParamId,
-    bq: Option<ParamId>,
-    wk: ParamId,
-    bk: Option<ParamId>,
-    wv: ParamId,
-    bv: Option<ParamId>,
+    wqkv: ParamId,
+    bqkv: Option<ParamId>,
     wo: ParamId,
     bo: Option<ParamId>,
     ln2: ParamId,
-    gate: ParamId,
-    up: ParamId,
+    gate_up: ParamId,
     down: ParamId,
 }
 
 impl LayerIds {
-    /// The block's tensors: contiguous in the spec list (added one block at a time).
+    /// The block's tensors: contiguous in the spec list (added one block at a time, `ln1` first).
     fn range(&self) -> std::ops::Range<usize> {
-        let first = [self.bq, self.bk, self.bv, self.bo].into_iter().flatten().chain([self.ln1]).map(|p| p.0).min().unwrap_or(self.ln1.0);
-        first..self.down.0 + 1
+        self.ln1.0..self.down.0 + 1
     }
 }
 
@@ -70,8 +69,8 @@ struct LayerActs<Buf> {
     x_mid: Buf,
     rstd2: Buf,
     h2: Buf,
-    gate: Buf,
-    up: Buf,
+    /// `[T, 2·intermediate]`: each row's gate projection, then its up projection.
+    gate_up: Buf,
     act: Buf,
 }
 
@@ -194,28 +193,17 @@ impl Llm {
         let layers = (0..cfg.layers)
             .map(|l| {
                 let p = format!("model.layers.{l}.");
-                let mut bias = |name: &str, len: usize, on: bool| {
-                    on.then(|| add(ParamSpec::vector(format!("{p}self_attn.{name}.bias"), len)))
-                };
-                let bq = bias("q_proj", qd, cfg.qkv_bias);
-                let bk = bias("k_proj", kvd, cfg.qkv_bias);
-                let bv = bias("v_proj", kvd, cfg.qkv_bias);
-                let bo = bias("o_proj", h, cfg.o_bias);
-                LayerIds {
-                    ln1: add(ParamSpec::vector(format!("{p}input_layernorm.weight"), h)),
-                    wq: add(ParamSpec::matrix(format!("{p}self_attn.q_proj.weight"), qd, h)),
-                    bq,
-                    wk: add(ParamSpec::matrix(format!("{p}self_attn.k_proj.weight"), kvd, h)),
-                    bk,
-                    wv: add(ParamSpec::matrix(format!("{p}self_attn.v_proj.weight"), kvd, h)),
-                    bv,
-                    wo: add(ParamSpec::matrix(format!("{p}self_attn.o_proj.weight"), h, qd)),
-                    bo,
-                    ln2: add(ParamSpec::vector(format!("{p}post_attention_layernorm.weight"), h)),
-                    gate: add(ParamSpec::matrix(format!("{p}mlp.gate_proj.weight"), i, h)),
-                    up: add(ParamSpec::matrix(format!("{p}mlp.up_proj.weight"), i, h)),
-                    down: add(ParamSpec::matrix(format!("{p}mlp.down_proj.weight"), h, i)),
-                }
+                let qkv = |kind: &str| [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)].map(|(n, rows)| (format!("{p}self_attn.{n}.{kind}"), rows)).to_vec();
+                let ln1 = add(ParamSpec::vector(format!("{p}input_layernorm.weight"), h));
+                let wqkv = add(ParamSpec::stacked(format!("{p}self_attn.qkv_proj.weight"), qkv("weight"), Some(h), true));
+                let bqkv = cfg.qkv_bias.then(|| add(ParamSpec::stacked(format!("{p}self_attn.qkv_proj.bias"), qkv("bias"), None, false)));
+                let wo = add(ParamSpec::matrix(format!("{p}self_attn.o_proj.weight"), h, qd));
+                let bo = cfg.o_bias.then(|| add(ParamSpec::vector(format!("{p}self_attn.o_proj.bias"), h)));
+                let ln2 = add(ParamSpec::vector(format!("{p}post_attention_layernorm.weight"), h));
+                let gate_up_parts = ["gate_proj", "up_proj"].map(|n| (format!("{p}mlp.{n}.weight"), i)).to_vec();
+                let gate_up = add(ParamSpec::stacked(format!("{p}mlp.gate_up_proj.weight"), gate_up_parts, Some(h), true));
+                let down = add(ParamSpec::matrix(format!("{p}mlp.down_proj.weight"), h, i));
+                LayerIds { ln1, wqkv, bqkv, wo, bo, ln2, gate_up, down }
             })
             .collect();
         let norm = add(ParamSpec::vector("model.norm.weight".into(), h));
@@ -267,9 +255,15 @@ impl Llm {
         let mut layers = Vec::with_capacity(self.cfg.layers);
         let mut x = x;
         for ids in &self.layers {
-            let (x_out, acts) = self.train_block(be, w, ids, x, layout)?;
-            x = x_out;
-            layers.push(if self.gradient_checkpointing { SavedBlock::Input(acts.x_in) } else { SavedBlock::Full(acts) });
+            layers.push(if self.gradient_checkpointing {
+                let x_in = be.duplicate(&x)?;
+                x = self.train_block(be, w, ids, x, layout, false)?.0;
+                SavedBlock::Input(x_in)
+            } else {
+                let (x_out, acts) = self.train_block(be, w, ids, x, layout, true)?;
+                x = x_out;
+                SavedBlock::Full(acts.context("the block kept no activations")?)
+            });
         }
         let t = layout.tokens();
         let mut rstd_final = be.empty(t)?;
@@ -284,7 +278,7 @@ impl Llm {
         self.check_input(be, &x, layout)?;
         let mut x = x;
         for ids in &self.layers {
-            x = self.train_block(be, w, ids, x, layout)?.0;
+            x = self.train_block(be, w, ids, x, layout, false)?.0;
         }
         self.final_norm(be, w, &x)
     }
@@ -293,7 +287,7 @@ impl Llm {
     pub fn saved_values<B: Backend>(&self, be: &B, acts: &LlmActs<B::Buf>) -> usize {
         let block = |s: &SavedBlock<B::Buf>| match s {
             SavedBlock::Input(x) => be.len(x),
-            SavedBlock::Full(a) => [&a.x_in, &a.rstd1, &a.h1, &a.q, &a.k, &a.v, &a.attn, &a.lse, &a.x_mid, &a.rstd2, &a.h2, &a.gate, &a.up, &a.act]
+            SavedBlock::Full(a) => [&a.x_in, &a.rstd1, &a.h1, &a.q, &a.k, &a.v, &a.attn, &a.lse, &a.x_mid, &a.rstd2, &a.h2, &a.gate_up, &a.act]
                 .iter()
                 .map(|b| be.len(b))
                 .sum(),
@@ -309,10 +303,11 @@ impl Llm {
         ids: &LayerIds,
         x: B::Buf,
         layout: &SeqLayout,
-    ) -> Result<(B::Buf, LayerActs<B::Buf>)> {
+        keep: bool,
+    ) -> Result<(B::Buf, Option<LayerActs<B::Buf>>)> {
         let c = &self.cfg;
         let t = layout.tokens();
-        self.block(be, w, ids, x, &layout.positions, |q, k, v| {
+        self.block(be, w, ids, x, &layout.positions, keep, |q, k, v| {
             let mut attn = be.empty(t * c.heads * c.head_dim)?;
             let mut lse = be.empty(t * c.heads)?;
             be.attention(self.attn_shape(), &layout.seq_lens, q, k, v, &mut attn, &mut lse)?;
@@ -324,7 +319,13 @@ impl Llm {
     /// caller's (`attend(q, k, v) -> (out, lse)` with q and k already rotated), so training
     /// (packed varlen attention), prefill (the same, plus filling a KV cache) and decoding
     /// (one query against the cache) share every other line of the block. Returns the block's
-    /// output and what its backward needs.
+    /// output and, when `keep`, what its backward needs.
+    ///
+    /// The residual adds ride on the output projections' GEMMs (beta = 1 onto the residual
+    /// stream): a pass that keeps nothing (the teacher, generation) adds in place, where a
+    /// separate add would read the stream twice and write it once more; a pass that keeps the
+    /// block's input and middle for the backward adds onto a copy, which costs what the add did.
+    #[allow(clippy::too_many_arguments)]
     fn block<B: Backend>(
         &self,
         be: &B,
@@ -332,43 +333,52 @@ impl Llm {
         ids: &LayerIds,
         x: B::Buf,
         positions: &[u32],
+        keep: bool,
         attend: impl FnOnce(&B::Buf, &B::Buf, &B::Buf) -> Result<(B::Buf, B::Buf)>,
-    ) -> Result<(B::Buf, LayerActs<B::Buf>)> {
+    ) -> Result<(B::Buf, Option<LayerActs<B::Buf>>)> {
         let c = &self.cfg;
         let t = positions.len();
         let (h, im, qd, kvd) = (c.hidden, c.intermediate, c.heads * c.head_dim, c.kv_heads * c.head_dim);
         let mut rstd1 = be.empty(t)?;
         let mut h1 = be.empty(t * h)?;
         be.rmsnorm(&x, w.get(ids.ln1), c.rms_eps, &mut h1, &mut rstd1)?;
-        let linear = |wt: ParamId, b: Option<ParamId>, inp: &B::Buf, din: usize, dout: usize| -> Result<B::Buf> {
-            let mut y = be.empty(t * dout)?;
-            be.gemm(Gemm::linear(t, dout, din), inp, w.get(wt), &mut y)?;
+        // y (+)= inp·Wᵀ + b: `onto` is the residual stream to add to, else y is new.
+        let linear = |wt: ParamId, b: Option<ParamId>, inp: &B::Buf, din: usize, dout: usize, onto: Option<B::Buf>| -> Result<B::Buf> {
+            let (mut y, beta) = match onto {
+                Some(y) => (y, 1.0),
+                None => (be.empty(t * dout)?, 0.0),
+            };
+            be.gemm(Gemm { beta, ..Gemm::linear(t, dout, din) }, inp, w.get(wt), &mut y)?;
             if let Some(b) = b {
                 be.add_bias(&mut y, w.get(b), t)?;
             }
             Ok(y)
         };
-        let mut q = linear(ids.wq, ids.bq, &h1, h, qd)?;
-        let mut k = linear(ids.wk, ids.bk, &h1, h, kvd)?;
-        let v = linear(ids.wv, ids.bv, &h1, h, kvd)?;
-        be.rope(&mut q, positions, c.head_dim, c.rope_theta, false)?;
-        be.rope(&mut k, positions, c.head_dim, c.rope_theta, false)?;
+        // The stream to add a branch onto, and the value kept for the backward when `keep`.
+        let residual = |x: B::Buf| -> Result<(B::Buf, Option<B::Buf>)> {
+            Ok(if keep { (be.duplicate(&x)?, Some(x)) } else { (x, None) })
+        };
+        let qkv = linear(ids.wqkv, ids.bqkv, &h1, h, qd + 2 * kvd, None)?;
+        let (mut q, mut k, mut v) = (be.empty(t * qd)?, be.empty(t * kvd)?, be.empty(t * kvd)?);
+        be.qkv_split_rope(&qkv, positions, c.head_dim, c.rope_theta, &mut q, &mut k, &mut v)?;
+        drop(qkv);
         let (attn, lse) = attend(&q, &k, &v)?;
-        let o = linear(ids.wo, ids.bo, &attn, qd, h)?;
-        let x_in = x;
-        let mut x_mid = o;
-        be.add_assign(&mut x_mid, &x_in)?;
+        let (stream, x_in) = residual(x)?;
+        let x_mid = linear(ids.wo, ids.bo, &attn, qd, h, Some(stream))?;
 
         let mut rstd2 = be.empty(t)?;
         let mut h2 = be.empty(t * h)?;
         be.rmsnorm(&x_mid, w.get(ids.ln2), c.rms_eps, &mut h2, &mut rstd2)?;
-        let gate = linear(ids.gate, None, &h2, h, im)?;
-        let up = linear(ids.up, None, &h2, h, im)?;
+        let gate_up = linear(ids.gate_up, None, &h2, h, 2 * im, None)?;
         let mut act = be.empty(t * im)?;
-        be.swiglu(&gate, &up, &mut act)?;
-        let mut x_out = linear(ids.down, None, &act, im, h)?;
-        be.add_assign(&mut x_out, &x_mid)?;
-        Ok((x_out, LayerActs { x_in, rstd1, h1, q, k, v, attn, lse, x_mid, rstd2, h2, gate, up, act }))
+        be.swiglu_stacked(&gate_up, im, &mut act)?;
+        let (stream, x_mid) = residual(x_mid)?;
+        let x_out = linear(ids.down, None, &act, im, h, Some(stream))?;
+        let acts = match (x_in, x_mid) {
+            (Some(x_in), Some(x_mid)) => Some(LayerActs { x_in, rstd1, h1, q, k, v, attn, lse, x_mid, rstd2, h2, gate_up, act }),
+            _ => None,
+        };
+        Ok((x_out, acts))
     }
 
     /// The final RMSNorm alone (inference: no statistics kept).
@@ -409,7 +419,7 @@ impl Llm {
         for (l, ids) in self.layers.iter().enumerate() {
             let layer = &mut cache.layers[l];
             let cap = cache.capacity;
-            let (x_out, _) = self.block(be, w, ids, x, &layout.positions, |q, k, v| {
+            let (x_out, _) = self.block(be, w, ids, x, &layout.positions, false, |q, k, v| {
                 let mut start = 0;
                 for (&slot, &len) in slots.iter().zip(seq_lens) {
                     be.copy_range(k, start * kvd, &mut layer.0, slot * cap * kvd, len * kvd)?;
@@ -458,7 +468,7 @@ impl Llm {
         let mut x = x;
         for (l, ids) in self.layers.iter().enumerate() {
             let layer = &mut cache.layers[l];
-            let (x_out, _) = self.block(be, w, ids, x, &positions, |q, k, v| {
+            let (x_out, _) = self.block(be, w, ids, x, &positions, false, |q, k, v| {
                 for (row, (&slot, &pos)) in slots.iter().zip(&positions).enumerate() {
                     let at = (slot * cap + pos as usize) * kvd;
                     be.copy_range(k, row * kvd, &mut layer.0, at, kvd)?;
@@ -544,11 +554,11 @@ impl Llm {
             let a = match saved {
                 SavedBlock::Full(a) => a,
                 SavedBlock::Input(x_in) => {
-                    recomputed = self.train_block(be, w, ids, be.duplicate(x_in)?, &acts.layout)?.1;
+                    recomputed = self.train_block(be, w, ids, be.duplicate(x_in)?, &acts.layout, true)?.1.context("the block kept no activations")?;
                     &recomputed
                 }
             };
-            // Linear layer backward: dX (+)= dY·W, and (when training) dW += dYᵀ·X, db += Σ dY.
+            // Linear layer backward: dX = dY·W, and (when training) dW += dYᵀ·X, db += Σ dY.
             let linear_back = |grads: &mut Option<&mut ParamSet<B::Buf>>,
                                    wt: ParamId,
                                    b: Option<ParamId>,
@@ -556,10 +566,9 @@ impl Llm {
                                    x: &B::Buf,
                                    dx: &mut B::Buf,
                                    din: usize,
-                                   dout: usize,
-                                   accumulate: bool|
+                                   dout: usize|
              -> Result<()> {
-                be.gemm(Gemm::linear_input_grad(t, dout, din, accumulate), dy, w.get(wt), dx)?;
+                be.gemm(Gemm::linear_input_grad(t, dout, din, false), dy, w.get(wt), dx)?;
                 if let Some(g) = grads.as_deref_mut() {
                     be.gemm(Gemm::linear_weight_grad(t, dout, din), dy, x, g.get_mut(wt))?;
                     if let Some(b) = b {
@@ -570,13 +579,13 @@ impl Llm {
             };
             // MLP branch; dx is the gradient of the block's output.
             let mut dact = be.empty(t * im)?;
-            linear_back(&mut grads, ids.down, None, &dx, &a.act, &mut dact, im, h, false)?;
-            let mut dgate = be.empty(t * im)?;
-            let mut dup = be.empty(t * im)?;
-            be.swiglu_backward(&a.gate, &a.up, &dact, &mut dgate, &mut dup)?;
+            linear_back(&mut grads, ids.down, None, &dx, &a.act, &mut dact, im, h)?;
+            let mut dgate_up = be.empty(t * 2 * im)?;
+            be.swiglu_stacked_backward(&a.gate_up, im, &dact, &mut dgate_up)?;
+            drop(dact);
             let mut dh2 = be.empty(t * h)?;
-            linear_back(&mut grads, ids.gate, None, &dgate, &a.h2, &mut dh2, h, im, false)?;
-            linear_back(&mut grads, ids.up, None, &dup, &a.h2, &mut dh2, h, im, true)?;
+            linear_back(&mut grads, ids.gate_up, None, &dgate_up, &a.h2, &mut dh2, h, 2 * im)?;
+            drop(dgate_up);
             let mut dln = be.zeros(h)?;
             be.rmsnorm_backward(&dh2, &a.x_mid, w.get(ids.ln2), &a.rstd2, &mut tmp_h, &mut dln)?;
             be.add_assign(&mut dx, &tmp_h)?;
@@ -585,7 +594,7 @@ impl Llm {
             }
             // Attention branch; dx is now the gradient of x_mid.
             let mut dattn = be.empty(t * qd)?;
-            linear_back(&mut grads, ids.wo, ids.bo, &dx, &a.attn, &mut dattn, qd, h, false)?;
+            linear_back(&mut grads, ids.wo, ids.bo, &dx, &a.attn, &mut dattn, qd, h)?;
             let mut dq = be.empty(t * qd)?;
             let mut dk = be.empty(t * kvd)?;
             let mut dv = be.empty(t * kvd)?;
@@ -602,12 +611,12 @@ impl Llm {
                 &mut dk,
                 &mut dv,
             )?;
-            be.rope(&mut dq, &acts.layout.positions, c.head_dim, c.rope_theta, true)?;
-            be.rope(&mut dk, &acts.layout.positions, c.head_dim, c.rope_theta, true)?;
+            let mut dqkv = be.empty(t * (qd + 2 * kvd))?;
+            be.qkv_merge_rope_backward(&dq, &dk, &dv, &acts.layout.positions, c.head_dim, c.rope_theta, &mut dqkv)?;
+            drop((dq, dk, dv));
             let mut dh1 = be.empty(t * h)?;
-            linear_back(&mut grads, ids.wq, ids.bq, &dq, &a.h1, &mut dh1, h, qd, false)?;
-            linear_back(&mut grads, ids.wk, ids.bk, &dk, &a.h1, &mut dh1, h, kvd, true)?;
-            linear_back(&mut grads, ids.wv, ids.bv, &dv, &a.h1, &mut dh1, h, kvd, true)?;
+            linear_back(&mut grads, ids.wqkv, ids.bqkv, &dqkv, &a.h1, &mut dh1, h, qd + 2 * kvd)?;
+            drop(dqkv);
             be.fill_zero(&mut dln)?;
             be.rmsnorm_backward(&dh1, &a.x_in, w.get(ids.ln1), &a.rstd1, &mut tmp_h, &mut dln)?;
             be.add_assign(&mut dx, &tmp_h)?;
