@@ -217,19 +217,32 @@ __device__ __forceinline__ void rope_angles(unsigned pos, int i0, int head_dim, 
     }
 }
 
-// The rotation of one token's heads: for each of `heads` heads of head_dim in src, the pairs
-// (x[i], x[i + D/2]), i = i0 .. i0 + W − 1, rotated by (cf, sf) and written to the same places in
-// dst (which may be src: each head's pairs are read before they are written).
+// Adds W consecutive bias values at p (none when p is null) to x[0 .. W).
 template <int W>
-__device__ __forceinline__ void rope_rotate_heads(const bf16* src, bf16* dst, int heads, int head_dim, int i0,
-                                                  const float (&cf)[W], const float (&sf)[W]) {
+__device__ __forceinline__ void add_bias_values(const bf16* p, float (&x)[8]) {
+    if (p == nullptr) return;
+    float bv[8];
+    load_bf16<W>(p, bv);
+    for (int e = 0; e < W; ++e) x[e] += bv[e];
+}
+
+// The rotation of one token's heads: for each of `heads` heads of head_dim in src, the pairs
+// (x[i], x[i + D/2]), i = i0 .. i0 + W − 1, plus the same columns of `bias` (laid out as one row of
+// src; null: none), rotated by (cf, sf) and written to the same places in dst (which may be src:
+// each head's pairs are read before they are written).
+template <int W>
+__device__ __forceinline__ void rope_rotate_heads(const bf16* src, const bf16* bias, bf16* dst, int heads, int head_dim,
+                                                  int i0, const float (&cf)[W], const float (&sf)[W]) {
     const int half = head_dim / 2;
     for (int h = 0; h < heads; h++) {
-        const bf16* s1 = src + h * head_dim + i0;
-        bf16* d1 = dst + h * head_dim + i0;
+        const int c = h * head_dim + i0;
+        const bf16* s1 = src + c;
+        bf16* d1 = dst + c;
         float x1[8], x2[8], y1[8], y2[8];
         load_bf16<W>(s1, x1);
         load_bf16<W>(s1 + half, x2);
+        add_bias_values<W>(bias ? bias + c : nullptr, x1);
+        add_bias_values<W>(bias ? bias + c + half : nullptr, x2);
         for (int e = 0; e < W; ++e) {
             y1[e] = x1[e] * cf[e] - x2[e] * sf[e];
             y2[e] = x2[e] * cf[e] + x1[e] * sf[e];
@@ -252,7 +265,7 @@ __device__ __forceinline__ void rope_rows(bf16* x, const unsigned* pos, int T, i
         float cf[W], sf[W];
         rope_angles<W>(pos[t], i0, head_dim, theta, sign, cf, sf);
         bf16* row = x + (long long)t * heads * head_dim;
-        rope_rotate_heads<W>(row, row, heads, head_dim, i0, cf, sf);
+        rope_rotate_heads<W>(row, nullptr, row, heads, head_dim, i0, cf, sf);
     }
 }
 
@@ -266,13 +279,14 @@ extern "C" __global__ void rope_bf16(bf16* x, const unsigned* pos, int T, int he
 
 // Fused Q/K/V rows with RoPE, both directions. Part p (0 q, 1 k, 2 v) of token t is read at
 // src[p] + t·src_stride[p] and written at dst[p] + t·dst_stride[p]; q has q_heads heads, k and v
-// kv_heads, all of head_dim. q and k are rotated by (cos, sign·sin) of pos·θ^(−2i/D), v is copied.
+// kv_heads, all of head_dim. bias[p] (null: none) is one row of part p, added to every token's
+// row before q and k are rotated by (cos, sign·sin) of pos·θ^(−2i/D); v is copied.
 // One thread per (token, W consecutive pairs i), as rope_rows: the angles are computed once for
 // all q and k heads, and the thread also copies columns i0.., i0 + D/2.. of every v head, so the
 // three parts go in one pass with every column of a row covered exactly once.
 template <int W>
 __device__ __forceinline__ void qkv_rope_rows(const bf16* const (&src)[3], const long long (&src_stride)[3],
-                                              bf16* const (&dst)[3], const long long (&dst_stride)[3], const unsigned* pos,
+                                              const bf16* const (&bias)[3], bf16* const (&dst)[3], const long long (&dst_stride)[3], const unsigned* pos,
                                               int T, int q_heads, int kv_heads, int head_dim, double theta, float sign) {
     const int half = head_dim / 2, chunks = half / W;
     const long long n = (long long)T * chunks;
@@ -281,8 +295,8 @@ __device__ __forceinline__ void qkv_rope_rows(const bf16* const (&src)[3], const
         const int i0 = (int)(idx % chunks) * W;
         float cf[W], sf[W];
         rope_angles<W>(pos[t], i0, head_dim, theta, sign, cf, sf);
-        rope_rotate_heads<W>(src[0] + t * src_stride[0], dst[0] + t * dst_stride[0], q_heads, head_dim, i0, cf, sf);
-        rope_rotate_heads<W>(src[1] + t * src_stride[1], dst[1] + t * dst_stride[1], kv_heads, head_dim, i0, cf, sf);
+        rope_rotate_heads<W>(src[0] + t * src_stride[0], bias[0], dst[0] + t * dst_stride[0], q_heads, head_dim, i0, cf, sf);
+        rope_rotate_heads<W>(src[1] + t * src_stride[1], bias[1], dst[1] + t * dst_stride[1], kv_heads, head_dim, i0, cf, sf);
         const bf16* sv = src[2] + t * src_stride[2] + i0;
         bf16* dv = dst[2] + t * dst_stride[2] + i0;
         for (int h = 0; h < kv_heads; h++) {
@@ -290,6 +304,7 @@ __device__ __forceinline__ void qkv_rope_rows(const bf16* const (&src)[3], const
                 const int c = h * head_dim + part * half;
                 float x[8];
                 load_bf16<W>(sv + c, x);
+                add_bias_values<W>(bias[2] ? bias[2] + i0 + c : nullptr, x);
                 store_bf16<W>(dv + c, x);
             }
         }
@@ -297,22 +312,25 @@ __device__ __forceinline__ void qkv_rope_rows(const bf16* const (&src)[3], const
 }
 
 // q [T, q_dim], k [T, kv_dim], v [T, kv_dim] from qkv [T, q_dim + 2·kv_dim] (each row q | k | v),
-// q and k rotated as rope_bf16 rotates them (q_dim = q_heads·D, kv_dim = kv_heads·D). The attention
-// projection is one GEMM over the stacked weights; this one pass replaces three column copies and
-// two in-place RoPE launches (each of which read and wrote q or k again). W = 8 when D/2 is a
+// q and k rotated as rope_bf16 rotates them (q_dim = q_heads·D, kv_dim = kv_heads·D), after adding
+// the projection's bias [q_dim + 2·kv_dim] (null: none). The attention projection is one GEMM over
+// the stacked weights; this one pass replaces the bias add, three column copies and two in-place
+// RoPE launches (each of which read and wrote q, k or all three again). W = 8 when D/2 is a
 // multiple of 8 and every buffer is aligned (the part offsets are then multiples of 16 elements),
 // else W = 1.
-extern "C" __global__ void qkv_split_rope_bf16(const bf16* qkv, const unsigned* pos, int T, int q_heads, int kv_heads,
-                                               int head_dim, double theta, bf16* q, bf16* k, bf16* v) {
+extern "C" __global__ void qkv_split_rope_bf16(const bf16* qkv, const bf16* bias, const unsigned* pos, int T, int q_heads,
+                                               int kv_heads, int head_dim, double theta, bf16* q, bf16* k, bf16* v) {
     const long long q_dim = (long long)q_heads * head_dim, kv_dim = (long long)kv_heads * head_dim, row = q_dim + 2 * kv_dim;
     const bf16* const src[3] = {qkv, qkv + q_dim, qkv + q_dim + kv_dim};
     const long long ss[3] = {row, row, row};
+    const bf16* const bs[3] = {bias, bias ? bias + q_dim : nullptr, bias ? bias + q_dim + kv_dim : nullptr};
     bf16* const dst[3] = {q, k, v};
     const long long ds[3] = {q_dim, kv_dim, kv_dim};
-    if ((head_dim / 2) % 8 == 0 && is_aligned16(qkv) && is_aligned16(q) && is_aligned16(k) && is_aligned16(v))
-        qkv_rope_rows<8>(src, ss, dst, ds, pos, T, q_heads, kv_heads, head_dim, theta, 1.f);
+    if ((head_dim / 2) % 8 == 0 && is_aligned16(qkv) && (!bias || is_aligned16(bias)) && is_aligned16(q) && is_aligned16(k) &&
+        is_aligned16(v))
+        qkv_rope_rows<8>(src, ss, bs, dst, ds, pos, T, q_heads, kv_heads, head_dim, theta, 1.f);
     else
-        qkv_rope_rows<1>(src, ss, dst, ds, pos, T, q_heads, kv_heads, head_dim, theta, 1.f);
+        qkv_rope_rows<1>(src, ss, bs, dst, ds, pos, T, q_heads, kv_heads, head_dim, theta, 1.f);
 }
 
 // The backward of qkv_split_rope_bf16: dqkv [T, q_dim + 2·kv_dim] ← each row dq and dk rotated
@@ -326,10 +344,11 @@ extern "C" __global__ void qkv_merge_rope_bwd_bf16(const bf16* dq, const bf16* d
     const long long ss[3] = {q_dim, kv_dim, kv_dim};
     bf16* const dst[3] = {dqkv, dqkv + q_dim, dqkv + q_dim + kv_dim};
     const long long ds[3] = {row, row, row};
+    const bf16* const none[3] = {nullptr, nullptr, nullptr};
     if ((head_dim / 2) % 8 == 0 && is_aligned16(dq) && is_aligned16(dk) && is_aligned16(dv) && is_aligned16(dqkv))
-        qkv_rope_rows<8>(src, ss, dst, ds, pos, T, q_heads, kv_heads, head_dim, theta, -1.f);
+        qkv_rope_rows<8>(src, ss, none, dst, ds, pos, T, q_heads, kv_heads, head_dim, theta, -1.f);
     else
-        qkv_rope_rows<1>(src, ss, dst, ds, pos, T, q_heads, kv_heads, head_dim, theta, -1.f);
+        qkv_rope_rows<1>(src, ss, none, dst, ds, pos, T, q_heads, kv_heads, head_dim, theta, -1.f);
 }
 
 __device__ __forceinline__ float sigmoidf_(float g) { return 1.f / (1.f + __expf(-g)); }

@@ -220,7 +220,7 @@ fn qkv_split_rope_is_split_then_rope_and_its_backward_is_the_gradient() {
         let qkv = rng.vec(t * (qd + 2 * kd), 1.0);
         let f = |qkv: &[f64]| {
             let (mut q, mut k, mut v) = (vec![f64::NAN; t * qd], vec![f64::NAN; t * kd], vec![f64::NAN; t * kd]);
-            be.qkv_split_rope(&qkv.to_vec(), &pos, d, theta, &mut q, &mut k, &mut v).unwrap();
+            be.qkv_split_rope(&qkv.to_vec(), None, &pos, d, theta, &mut q, &mut k, &mut v).unwrap();
             (q, k, v)
         };
         let (q, k, v) = f(&qkv);
@@ -231,6 +231,13 @@ fn qkv_split_rope_is_split_then_rope_and_its_backward_is_the_gradient() {
         assert_eq!(q, wq, "{what}: q");
         assert_eq!(k, wk, "{what}: k");
         assert_eq!(v, wv, "{what}: v");
+        // With the projection's bias: the split of qkv with the bias added to every row first.
+        let bias = rng.vec(qd + 2 * kd, 1.0);
+        let (mut bq, mut bk, mut bv) = (vec![f64::NAN; t * qd], vec![f64::NAN; t * kd], vec![f64::NAN; t * kd]);
+        be.qkv_split_rope(&qkv, Some(&bias), &pos, d, theta, &mut bq, &mut bk, &mut bv).unwrap();
+        let mut biased = qkv.clone();
+        be.add_bias(&mut biased, &bias, t).unwrap();
+        assert_eq!((bq, bk, bv), f(&biased), "{what}: with bias");
         // The backward: dL/dqkv for L = Σ rq∘q + rk∘k + rv∘v.
         let (rq, rk, rv) = (rng.vec(t * qd, 1.0), rng.vec(t * kd, 1.0), rng.vec(t * kd, 1.0));
         let mut dqkv = vec![f64::NAN; qkv.len()];
@@ -316,7 +323,7 @@ fn fused_qkv_and_swiglu_ops_reject_bad_lengths() {
     let run = |(fused, q, k, v, hd, p): Lens| -> [anyhow::Result<()>; 2] {
         let (mut qb, mut kb, mut vb, mut fb) = (z(q), z(k), z(v), z(fused));
         [
-            be.qkv_split_rope(&z(fused), p, hd, 1e4, &mut qb, &mut kb, &mut vb),
+            be.qkv_split_rope(&z(fused), None, p, hd, 1e4, &mut qb, &mut kb, &mut vb),
             be.qkv_merge_rope_backward(&z(q), &z(k), &z(v), p, hd, 1e4, &mut fb),
         ]
     };

@@ -237,12 +237,15 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     /// Splits a fused Q/K/V projection `qkv [T, q_dim + 2·kv_dim]` (each row: the queries, then the
-    /// keys, then the values) into `q [T, q_dim]`, `k [T, kv_dim]`, `v [T, kv_dim]`, rotating q and k
-    /// by RoPE on the way (as `rope` does: HF rotate-half, angle pos·θ^(−2i/head_dim)). Overwrites q, k, v.
+    /// keys, then the values) into `q [T, q_dim]`, `k [T, kv_dim]`, `v [T, kv_dim]`, adding the
+    /// projection's `bias [q_dim + 2·kv_dim]` when given (so the bias costs no pass of its own) and
+    /// rotating q and k by RoPE on the way (as `rope` does: HF rotate-half, angle
+    /// pos·θ^(−2i/head_dim)). Overwrites q, k, v.
     #[allow(clippy::too_many_arguments)]
     fn qkv_split_rope(
         &self,
         qkv: &Self::Buf,
+        bias: Option<&Self::Buf>,
         positions: &[u32],
         head_dim: usize,
         theta: f64,

@@ -358,9 +358,11 @@ impl Llm {
         let residual = |x: B::Buf| -> Result<(B::Buf, Option<B::Buf>)> {
             Ok(if keep { (be.duplicate(&x)?, Some(x)) } else { (x, None) })
         };
-        let qkv = linear(ids.wqkv, ids.bqkv, &h1, h, qd + 2 * kvd, None)?;
+        // The bias is added by the split, not by a pass of its own.
+        let qkv = linear(ids.wqkv, None, &h1, h, qd + 2 * kvd, None)?;
         let (mut q, mut k, mut v) = (be.empty(t * qd)?, be.empty(t * kvd)?, be.empty(t * kvd)?);
-        be.qkv_split_rope(&qkv, positions, c.head_dim, c.rope_theta, &mut q, &mut k, &mut v)?;
+        let bias = ids.bqkv.map(|b| w.get(b));
+        be.qkv_split_rope(&qkv, bias, positions, c.head_dim, c.rope_theta, &mut q, &mut k, &mut v)?;
         drop(qkv);
         let (attn, lse) = attend(&q, &k, &v)?;
         let (stream, x_in) = residual(x)?;

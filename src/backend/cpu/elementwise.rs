@@ -103,12 +103,29 @@ pub fn rope<T: Elem>(x: &mut [T], positions: &[u32], head_dim: usize, theta: f64
     Ok(())
 }
 
-/// Fused Q/K/V split with RoPE: each row `q | k | v` of `qkv` is copied into q, k and v, and q's
-/// and k's heads are rotated as [`rope`] rotates them.
+/// Fused Q/K/V split with RoPE: each row `q | k | v` of `qkv`, plus `bias` when given, is copied
+/// into q, k and v, and q's and k's heads are rotated as [`rope`] rotates them.
 #[allow(clippy::too_many_arguments)]
-pub fn qkv_split_rope<T: Elem>(qkv: &[T], positions: &[u32], head_dim: usize, theta: f64, q: &mut [T], k: &mut [T], v: &mut [T]) -> Result<()> {
+pub fn qkv_split_rope<T: Elem>(
+    qkv: &[T],
+    bias: Option<&[T]>,
+    positions: &[u32],
+    head_dim: usize,
+    theta: f64,
+    q: &mut [T],
+    k: &mut [T],
+    v: &mut [T],
+) -> Result<()> {
     let dims = check_qkv_dims("qkv_split_rope", ["qkv", "q", "k", "v"], positions.len(), head_dim, qkv.len(), q.len(), k.len(), v.len())?;
     let (qd, kd) = (dims.q_dim, dims.kv_dim);
+    if let Some(b) = bias {
+        check_len("qkv_split_rope bias", b.len(), dims.row())?;
+    }
+    let add = |dst: &mut [T], at: usize| {
+        if let Some(b) = bias {
+            dst.iter_mut().zip(&b[at..]).for_each(|(d, &x)| *d = *d + x);
+        }
+    };
     let inv_freq = rope_inv_freq(head_dim, theta);
     q.par_chunks_mut(qd)
         .zip(k.par_chunks_mut(kd))
@@ -119,6 +136,9 @@ pub fn qkv_split_rope<T: Elem>(qkv: &[T], positions: &[u32], head_dim: usize, th
             qr.copy_from_slice(&src[..qd]);
             kr.copy_from_slice(&src[qd..qd + kd]);
             vr.copy_from_slice(&src[qd + kd..]);
+            add(qr, 0);
+            add(kr, qd);
+            add(vr, qd + kd);
             let cs = rope_angles::<T>(pos, &inv_freq, false);
             rotate_row_heads(qr, head_dim, &cs);
             rotate_row_heads(kr, head_dim, &cs);

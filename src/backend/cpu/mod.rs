@@ -301,6 +301,7 @@ impl<T: Elem> Backend for CpuBackend<T> {
     fn qkv_split_rope(
         &self,
         qkv: &Vec<T>,
+        bias: Option<&Vec<T>>,
         positions: &[u32],
         head_dim: usize,
         theta: f64,
@@ -308,7 +309,7 @@ impl<T: Elem> Backend for CpuBackend<T> {
         k: &mut Vec<T>,
         v: &mut Vec<T>,
     ) -> Result<()> {
-        elementwise::qkv_split_rope(qkv, positions, head_dim, theta, q, k, v)
+        elementwise::qkv_split_rope(qkv, bias.map(Vec::as_slice), positions, head_dim, theta, q, k, v)
     }
 
     fn qkv_merge_rope_backward(

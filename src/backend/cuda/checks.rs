@@ -553,7 +553,8 @@ fn rope(c: &mut Ctx) {
 
 /// The fused Q/K/V split with RoPE and its backward: GQA and multi-head, D/2 a multiple of 8 (the
 /// 16-byte path: head dims 64, 128) and not (2, 6, 72: the scalar path), every output poisoned
-/// (v is an exact copy); wrong lengths are errors.
+/// (v an exact copy where there is no bias), with and without the projection's bias; wrong
+/// lengths are errors.
 fn qkv_rope(c: &mut Ctx) {
     let shapes = [(1usize, 1usize, 1usize, 2usize, 1e4f64), (37, 4, 2, 64, 1e6), (19, 3, 3, 6, 1e4), (23, 6, 2, 72, 1e6), (11, 2, 1, 128, 1e4)];
     for (t, qh, kvh, hd, theta) in shapes {
@@ -562,13 +563,19 @@ fn qkv_rope(c: &mut Ctx) {
             let (qd, kd) = (qh * hd, kvh * hd);
             let qkv = c.rand(t * (qd + 2 * kd), -1.0, 1.0);
             let pos: Vec<u32> = (0..t).map(|_| c.below(20_000) as u32).collect();
-            let (mut wq, mut wk, mut wv) = (vec![0.0; t * qd], vec![0.0; t * kd], vec![0.0; t * kd]);
-            c.cpu.qkv_split_rope(&qkv, &pos, hd, theta, &mut wq, &mut wk, &mut wv)?;
-            let (mut q, mut k, mut v) = (c.poisoned(t * qd)?, c.poisoned(t * kd)?, c.poisoned(t * kd)?);
-            c.be.qkv_split_rope(&c.up(&qkv)?, &pos, hd, theta, &mut q, &mut k, &mut v)?;
-            c.cmp_buf(&format!("{name} q"), &q, &wq, TOL_BF16)?;
-            c.cmp_buf(&format!("{name} k"), &k, &wk, TOL_BF16)?;
-            c.cmp_buf(&format!("{name} v (a copy)"), &v, &wv, 0.0)?;
+            // The bias is bf16 on the device: round it so both backends add the same values.
+            let bias: Vec<f32> = c.rand(qd + 2 * kd, -1.0, 1.0).into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect();
+            for with_bias in [false, true] {
+                let (mut wq, mut wk, mut wv) = (vec![0.0; t * qd], vec![0.0; t * kd], vec![0.0; t * kd]);
+                c.cpu.qkv_split_rope(&qkv, with_bias.then_some(&bias), &pos, hd, theta, &mut wq, &mut wk, &mut wv)?;
+                let (mut q, mut k, mut v) = (c.poisoned(t * qd)?, c.poisoned(t * kd)?, c.poisoned(t * kd)?);
+                let gbias = c.up(&bias)?;
+                c.be.qkv_split_rope(&c.up(&qkv)?, with_bias.then_some(&gbias), &pos, hd, theta, &mut q, &mut k, &mut v)?;
+                let name = format!("{name}{}", if with_bias { " with bias" } else { "" });
+                c.cmp_buf(&format!("{name} q"), &q, &wq, TOL_BF16)?;
+                c.cmp_buf(&format!("{name} k"), &k, &wk, TOL_BF16)?;
+                c.cmp_buf(&format!("{name} v"), &v, &wv, if with_bias { TOL_BF16 } else { 0.0 })?;
+            }
             let (dq, dk, dv) = (c.rand(t * qd, -1.0, 1.0), c.rand(t * kd, -1.0, 1.0), c.rand(t * kd, -1.0, 1.0));
             let mut want = vec![0.0; qkv.len()];
             c.cpu.qkv_merge_rope_backward(&dq, &dk, &dv, &pos, hd, theta, &mut want)?;
@@ -583,16 +590,17 @@ fn qkv_rope(c: &mut Ctx) {
         let z = |n: usize| c.be.zeros(n);
         let (qkv, q, k, v) = (z(32)?, z(16)?, z(8)?, z(8)?);
         let (mut mq, mut mk, mut mv, mut mqkv) = (z(16)?, z(8)?, z(8)?, z(32)?);
-        c.be.qkv_split_rope(&qkv, &pos, 4, 1e4, &mut mq, &mut mk, &mut mv)?;
+        c.be.qkv_split_rope(&qkv, None, &pos, 4, 1e4, &mut mq, &mut mk, &mut mv)?;
         c.be.qkv_merge_rope_backward(&q, &k, &v, &pos, 4, 1e4, &mut mqkv)?;
         let (qkv_long, k_odd, v_short) = (z(33)?, z(9)?, z(4)?);
         let (mut q_odd, mut v_short_m) = (z(17)?, z(4)?);
         let errs = [
-            ("odd head_dim", c.be.qkv_split_rope(&qkv, &pos, 3, 1e4, &mut mq, &mut mk, &mut mv).err(), "head_dim"),
-            ("no positions", c.be.qkv_split_rope(&qkv, &[], 4, 1e4, &mut mq, &mut mk, &mut mv).err(), "positions"),
-            ("q not whole heads", c.be.qkv_split_rope(&qkv, &pos, 4, 1e4, &mut q_odd, &mut mk, &mut mv).err(), ": q has"),
-            ("v shorter than k", c.be.qkv_split_rope(&qkv, &pos, 4, 1e4, &mut mq, &mut mk, &mut v_short_m).err(), ": v has"),
-            ("qkv one long", c.be.qkv_split_rope(&qkv_long, &pos, 4, 1e4, &mut mq, &mut mk, &mut mv).err(), ": qkv has"),
+            ("odd head_dim", c.be.qkv_split_rope(&qkv, None, &pos, 3, 1e4, &mut mq, &mut mk, &mut mv).err(), "head_dim"),
+            ("no positions", c.be.qkv_split_rope(&qkv, None, &[], 4, 1e4, &mut mq, &mut mk, &mut mv).err(), "positions"),
+            ("q not whole heads", c.be.qkv_split_rope(&qkv, None, &pos, 4, 1e4, &mut q_odd, &mut mk, &mut mv).err(), ": q has"),
+            ("v shorter than k", c.be.qkv_split_rope(&qkv, None, &pos, 4, 1e4, &mut mq, &mut mk, &mut v_short_m).err(), ": v has"),
+            ("qkv one long", c.be.qkv_split_rope(&qkv_long, None, &pos, 4, 1e4, &mut mq, &mut mk, &mut mv).err(), ": qkv has"),
+            ("bias one short", c.be.qkv_split_rope(&qkv, Some(&z(15)?), &pos, 4, 1e4, &mut mq, &mut mk, &mut mv).err(), "bias has"),
             ("backward: dk not whole heads", c.be.qkv_merge_rope_backward(&q, &k_odd, &k_odd, &pos, 4, 1e4, &mut mqkv).err(), ": dk has"),
             ("backward: dv shorter than dk", c.be.qkv_merge_rope_backward(&q, &k, &v_short, &pos, 4, 1e4, &mut mqkv).err(), ": dv has"),
             ("backward: dqkv one short", c.be.qkv_merge_rope_backward(&q, &k, &v, &pos, 4, 1e4, &mut q_odd).err(), ": dqkv has"),

@@ -881,7 +881,7 @@ mod tests {
             ("rope_bf16", vec![p, p, i, i, i, d, f]),
             ("swiglu_fwd_bf16", vec![p, p, p, l]),
             ("swiglu_bwd_bf16", vec![p, p, p, p, p, l]),
-            ("qkv_split_rope_bf16", vec![p, p, i, i, i, i, d, p, p, p]),
+            ("qkv_split_rope_bf16", vec![p, p, p, i, i, i, i, d, p, p, p]),
             ("qkv_merge_rope_bwd_bf16", vec![p, p, p, p, i, i, i, i, d, p]),
             ("swiglu_stacked_fwd_bf16", vec![p, l, i, p]),
             ("swiglu_stacked_bwd_bf16", vec![p, p, l, i, p]),

@@ -465,15 +465,33 @@ impl Backend for CudaBackend {
         unsafe { self.launch_1d("elementwise", "rope_bf16", t * head_dim / 2, &mut a) }
     }
 
-    fn qkv_split_rope(&self, qkv: &CudaBuf, positions: &[u32], head_dim: usize, theta: f64, q: &mut CudaBuf, k: &mut CudaBuf, v: &mut CudaBuf) -> Result<()> {
+    fn qkv_split_rope(
+        &self,
+        qkv: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        positions: &[u32],
+        head_dim: usize,
+        theta: f64,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &mut CudaBuf,
+    ) -> Result<()> {
         let what = "qkv_split_rope";
         let dims = check_qkv_dims(what, ["qkv", "q", "k", "v"], positions.len(), head_dim, qkv.len, q.len, k.len, v.len)?;
+        let bp = match bias {
+            Some(b) => {
+                check_len("qkv_split_rope bias", b.len, dims.row())?;
+                bf(b, "qkv_split_rope bias")?
+            }
+            None => 0u64,
+        };
         let (src, qp, kp, vp) = (bf(qkv, "qkv_split_rope qkv")?, bf(q, "qkv_split_rope q")?, bf(k, "qkv_split_rope k")?, bf(v, "qkv_split_rope v")?);
         let (_g, pp) = self.upload_idx(positions)?;
         let (ti, qh, kh, di) = (int(dims.t, "tokens")?, int(dims.q_dim / head_dim, "q heads")?, int(dims.kv_dim / head_dim, "kv heads")?, int(head_dim, "head_dim")?);
         int(dims.row(), "qkv row length")?;
-        let mut a = args![src, pp, ti, qh, kh, di, theta, qp, kp, vp];
-        // SAFETY: qkv is T × (q_dim + 2·kv_dim), q T × q_dim, k and v T × kv_dim; positions T.
+        let mut a = args![src, bp, pp, ti, qh, kh, di, theta, qp, kp, vp];
+        // SAFETY: qkv is T × (q_dim + 2·kv_dim), bias (if not null) q_dim + 2·kv_dim, q T × q_dim,
+        // k and v T × kv_dim; positions T.
         unsafe { self.launch_1d("elementwise", "qkv_split_rope_bf16", dims.t * head_dim / 2, &mut a) }
     }
 
