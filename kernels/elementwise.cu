@@ -1,14 +1,14 @@
 // elementwise.cu — the element-wise and row-gather ops of the CUDA backend.
 //
 // What: bias add and its gradient, residual add (`add_assign`), scale, embedding gather and its
-// scatter-add, rotary embedding (HF rotate-half; alone, and fused with the split of a stacked Q/K/V
-// projection and with its backward), SwiGLU (on two tensors and on a stacked gate/up projection)
-// and GELU (erf and tanh) forward and backward, f32 → bf16 conversion, and the random fills the
-// benchmarks and tests create their inputs with on the device.
+// scatter-add, the split of a stacked Q/K/V projection with its bias and rotary embedding (HF
+// rotate-half) and its backward, SwiGLU on a stacked gate/up projection and GELU (erf and tanh)
+// forward and backward, f32 → bf16 conversion, and the random fills the benchmarks and tests
+// create their inputs with on the device.
 //
 // Shapes: flat bf16 buffers of `n` elements (`long long`: the fused-head logits pass 2^31); row
-// ops take `[rows, dim]`; RoPE takes `x [T, heads, head_dim]` and one position per token; the
-// fused Q/K/V ops `[T, q_dim + 2·kv_dim]`, the stacked SwiGLU `[R, 2·inter]`.
+// ops take `[rows, dim]`; the Q/K/V ops `[T, q_dim + 2·kv_dim]` (heads of head_dim, one RoPE
+// position per token), SwiGLU `[R, 2·inter]`.
 //
 // Why this way: every op here is memory-bound with nothing to reuse, so each is one pass over its
 // operands (grid-stride loops, so any launch size is valid), fp32 arithmetic on bf16 loads and
@@ -252,36 +252,11 @@ __device__ __forceinline__ void rope_rotate_heads(const bf16* src, const bf16* b
     }
 }
 
-// HF rotate-half RoPE in place on x [T, heads, head_dim]: for i < D/2 the pair (x[i], x[i+D/2])
-// rotates by pos·θ^(−2i/D) (sign −1: the inverse rotation). One thread per (token, W consecutive
-// i), all heads: W = 8 (16-byte accesses to both halves) when D/2 is a multiple of 8 and x is
-// aligned (head dims 64, 80, 128), else W = 1.
-template <int W>
-__device__ __forceinline__ void rope_rows(bf16* x, const unsigned* pos, int T, int heads, int head_dim, double theta, float sign) {
-    const int half = head_dim / 2, chunks = half / W;
-    const long long n = (long long)T * chunks;
-    GRID_STRIDE(idx, n) {
-        const int t = (int)(idx / chunks), i0 = (int)(idx % chunks) * W;
-        float cf[W], sf[W];
-        rope_angles<W>(pos[t], i0, head_dim, theta, sign, cf, sf);
-        bf16* row = x + (long long)t * heads * head_dim;
-        rope_rotate_heads<W>(row, nullptr, row, heads, head_dim, i0, cf, sf);
-    }
-}
-
-extern "C" __global__ void rope_bf16(bf16* x, const unsigned* pos, int T, int heads, int head_dim, double theta,
-                                     float sign) {
-    if ((head_dim / 2) % 8 == 0 && is_aligned16(x))
-        rope_rows<8>(x, pos, T, heads, head_dim, theta, sign);
-    else
-        rope_rows<1>(x, pos, T, heads, head_dim, theta, sign);
-}
-
 // Fused Q/K/V rows with RoPE, both directions. Part p (0 q, 1 k, 2 v) of token t is read at
 // src[p] + t·src_stride[p] and written at dst[p] + t·dst_stride[p]; q has q_heads heads, k and v
 // kv_heads, all of head_dim. bias[p] (null: none) is one row of part p, added to every token's
 // row before q and k are rotated by (cos, sign·sin) of pos·θ^(−2i/D); v is copied.
-// One thread per (token, W consecutive pairs i), as rope_rows: the angles are computed once for
+// One thread per (token, W consecutive pairs i): the angles are computed once for
 // all q and k heads, and the thread also copies columns i0.., i0 + D/2.. of every v head, so the
 // three parts go in one pass with every column of a row covered exactly once.
 template <int W>
@@ -312,9 +287,9 @@ __device__ __forceinline__ void qkv_rope_rows(const bf16* const (&src)[3], const
 }
 
 // q [T, q_dim], k [T, kv_dim], v [T, kv_dim] from qkv [T, q_dim + 2·kv_dim] (each row q | k | v),
-// q and k rotated as rope_bf16 rotates them (q_dim = q_heads·D, kv_dim = kv_heads·D), after adding
-// the projection's bias [q_dim + 2·kv_dim] (null: none). The attention projection is one GEMM over
-// the stacked weights; this one pass replaces the bias add, three column copies and two in-place
+// q and k rotated by HF rotate-half RoPE (the pair (x[i], x[i + D/2]) by pos·θ^(−2i/D); q_dim =
+// q_heads·D, kv_dim = kv_heads·D), after adding the projection's bias [q_dim + 2·kv_dim] (null:
+// none). The attention projection is one GEMM over the stacked weights; this one pass replaces the bias add, three column copies and two in-place
 // RoPE launches (each of which read and wrote q, k or all three again). W = 8 when D/2 is a
 // multiple of 8 and every buffer is aligned (the part offsets are then multiples of 16 elements),
 // else W = 1.
@@ -353,32 +328,13 @@ extern "C" __global__ void qkv_merge_rope_bwd_bf16(const bf16* dq, const bf16* d
 
 __device__ __forceinline__ float sigmoidf_(float g) { return 1.f / (1.f + __expf(-g)); }
 
-// out = silu(gate) · up
-extern "C" __global__ void swiglu_fwd_bf16(const bf16* gate, const bf16* up, bf16* out, long long n) {
-    map_bf16<2, 1>({gate, up}, {out}, n, [](long long, const float (&v)[2][8], float (&o)[1][8], int m) {
-        for (int e = 0; e < m; ++e) o[0][e] = v[0][e] * sigmoidf_(v[0][e]) * v[1][e];
-    });
-}
-
-// dgate = dout·up·σ(g)·(1 + g·(1 − σ(g))), dup = dout·silu(g)
-extern "C" __global__ void swiglu_bwd_bf16(const bf16* gate, const bf16* up, const bf16* dout, bf16* dgate, bf16* dup,
-                                           long long n) {
-    map_bf16<3, 2>({gate, up, dout}, {dgate, dup}, n, [](long long, const float (&v)[3][8], float (&o)[2][8], int m) {
-        for (int e = 0; e < m; ++e) {
-            const float g = v[0][e], u = v[1][e], d = v[2][e], s = sigmoidf_(g);
-            o[0][e] = d * u * s * (1.f + g * (1.f - s));
-            o[1][e] = d * g * s;
-        }
-    });
-}
-
 // SwiGLU on a stacked gate/up projection: out [R, inter] = silu(gate)·up, gate_up [R, 2·inter]
 // holding each row's gate then its up (the MLP's gate and up projections as one GEMM). Rows are
 // not contiguous in both operands, so map_bf16's flat index does not apply: one thread per (row,
 // W consecutive columns), W = 8 when inter is a multiple of 8 and both buffers are aligned (then
-// every row's gate and up start aligned), else W = 1. The arithmetic is swiglu_fwd_bf16's.
+// every row's gate and up start aligned), else W = 1.
 template <int W>
-__device__ __forceinline__ void swiglu_stacked_fwd_rows(const bf16* gate_up, long long rows, int inter, bf16* out) {
+__device__ __forceinline__ void swiglu_fwd_rows(const bf16* gate_up, long long rows, int inter, bf16* out) {
     const int chunks = inter / W;
     GRID_STRIDE(idx, rows * chunks) {
         const long long r = idx / chunks;
@@ -392,18 +348,18 @@ __device__ __forceinline__ void swiglu_stacked_fwd_rows(const bf16* gate_up, lon
     }
 }
 
-extern "C" __global__ void swiglu_stacked_fwd_bf16(const bf16* gate_up, long long rows, int inter, bf16* out) {
+extern "C" __global__ void swiglu_fwd_bf16(const bf16* gate_up, long long rows, int inter, bf16* out) {
     if (inter % 8 == 0 && is_aligned16(gate_up) && is_aligned16(out))
-        swiglu_stacked_fwd_rows<8>(gate_up, rows, inter, out);
+        swiglu_fwd_rows<8>(gate_up, rows, inter, out);
     else
-        swiglu_stacked_fwd_rows<1>(gate_up, rows, inter, out);
+        swiglu_fwd_rows<1>(gate_up, rows, inter, out);
 }
 
 // The backward: dgate_up [R, 2·inter] ← each row's dgate = dout·up·σ(g)·(1 + g·(1 − σ(g))) then
 // dup = dout·silu(g), from gate_up [R, 2·inter] and dout [R, inter]; the layout and the choice of W
-// as in the forward, the arithmetic swiglu_bwd_bf16's.
+// as in the forward.
 template <int W>
-__device__ __forceinline__ void swiglu_stacked_bwd_rows(const bf16* gate_up, const bf16* dout, long long rows, int inter,
+__device__ __forceinline__ void swiglu_bwd_rows(const bf16* gate_up, const bf16* dout, long long rows, int inter,
                                                         bf16* dgate_up) {
     const int chunks = inter / W;
     GRID_STRIDE(idx, rows * chunks) {
@@ -425,12 +381,12 @@ __device__ __forceinline__ void swiglu_stacked_bwd_rows(const bf16* gate_up, con
     }
 }
 
-extern "C" __global__ void swiglu_stacked_bwd_bf16(const bf16* gate_up, const bf16* dout, long long rows, int inter,
+extern "C" __global__ void swiglu_bwd_bf16(const bf16* gate_up, const bf16* dout, long long rows, int inter,
                                                    bf16* dgate_up) {
     if (inter % 8 == 0 && is_aligned16(gate_up) && is_aligned16(dout) && is_aligned16(dgate_up))
-        swiglu_stacked_bwd_rows<8>(gate_up, dout, rows, inter, dgate_up);
+        swiglu_bwd_rows<8>(gate_up, dout, rows, inter, dgate_up);
     else
-        swiglu_stacked_bwd_rows<1>(gate_up, dout, rows, inter, dgate_up);
+        swiglu_bwd_rows<1>(gate_up, dout, rows, inter, dgate_up);
 }
 
 #define SQRT_2_OVER_PI 0.7978845608028654f

@@ -142,55 +142,30 @@ fn rmsnorm_gradients() {
     check_grad("rmsnorm dw", &w, &dw, 100, TOL, &mut |w| dot(&f(&x, w).0, &r));
 }
 
-#[test]
-fn rope_matches_rotate_half_definition_and_inverse_is_its_gradient() {
-    let be = B::new();
-    let mut rng = TestRng(6);
-    let (t, heads, d) = (5, 3, 8);
-    let theta = 10000.0;
-    let pos = [0u32, 1, 7, 2, 30];
-    let x = rng.vec(t * heads * d, 1.0);
-    let r = rng.vec(t * heads * d, 1.0);
-    let f = |x: &[f64]| {
-        let mut y = x.to_vec();
-        be.rope(&mut y, &pos, d, theta, false).unwrap();
-        y
-    };
-    let y = f(&x);
-    // HF: q·cos + rotate_half(q)·sin with cos = cat(cos(f), cos(f)).
+/// Hugging Face's RoPE, as `apply_rotary_pos_emb` writes it, on `x [T, heads, d]`:
+/// `x·cos + rotate_half(x)·sin`, cos and sin of `pos · θ^(−2(i mod d/2)/d)`; `inverse` negates the
+/// angle (the transposed rotation).
+fn rope_reference(x: &[f64], pos: &[u32], d: usize, theta: f64, inverse: bool) -> Vec<f64> {
+    let row = x.len() / pos.len();
+    let sign = if inverse { -1.0 } else { 1.0 };
+    let mut y = vec![0.0; x.len()];
     for (ti, &p) in pos.iter().enumerate() {
-        for h in 0..heads {
-            let base = (ti * heads + h) * d;
+        for base in (ti * row..(ti + 1) * row).step_by(d) {
             for i in 0..d {
-                let freq = (p as f64) * theta.powf(-((2 * (i % (d / 2))) as f64) / d as f64);
+                let angle = sign * (p as f64) * theta.powf(-((2 * (i % (d / 2))) as f64) / d as f64);
                 let rot = if i < d / 2 { -x[base + i + d / 2] } else { x[base + i - d / 2] };
-                let want = x[base + i] * freq.cos() + rot * freq.sin();
-                assert!((y[base + i] - want).abs() < 1e-12);
+                y[base + i] = x[base + i] * angle.cos() + rot * angle.sin();
             }
         }
     }
-    let mut dx = r.clone();
-    be.rope(&mut dx, &pos, d, theta, true).unwrap();
-    check_grad("rope", &x, &dx, 200, TOL, &mut |x| dot(&f(x), &r));
+    y
 }
 
-#[test]
-fn swiglu_gradients() {
-    let be = B::new();
-    let mut rng = TestRng(7);
-    let n = 30;
-    let g = rng.vec(n, 3.0);
-    let u = rng.vec(n, 1.0);
-    let r = rng.vec(n, 1.0);
-    let f = |g: &[f64], u: &[f64]| {
-        let mut o = vec![0.0; n];
-        be.swiglu(&g.to_vec(), &u.to_vec(), &mut o).unwrap();
-        dot(&o, &r)
-    };
-    let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
-    be.swiglu_backward(&g, &u, &r, &mut dg, &mut du).unwrap();
-    check_grad("swiglu dgate", &g, &dg, 100, TOL, &mut |g| f(g, &u));
-    check_grad("swiglu dup", &u, &du, 100, TOL, &mut |u| f(&g, u));
+fn assert_close(got: &[f64], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() < 1e-12, "{what}: element {i}: {g} against {w}");
+    }
 }
 
 /// `[T, a + b + c]` → its three column blocks (row by row).
@@ -208,7 +183,7 @@ fn split_columns(x: &[f64], widths: [usize; 3]) -> [Vec<f64>; 3] {
 }
 
 #[test]
-fn qkv_split_rope_is_split_then_rope_and_its_backward_is_the_gradient() {
+fn qkv_split_rope_is_the_split_then_hf_rope_and_its_backward_is_the_gradient() {
     let be = B::new();
     let mut rng = TestRng(21);
     // GQA (4 query heads on 2 kv heads), multi-head (3 on 3), a head_dim whose half is odd (6).
@@ -224,12 +199,10 @@ fn qkv_split_rope_is_split_then_rope_and_its_backward_is_the_gradient() {
             (q, k, v)
         };
         let (q, k, v) = f(&qkv);
-        // The composition it replaces: split the columns, then rope q and k in place.
-        let [mut wq, mut wk, wv] = split_columns(&qkv, [qd, kd, kd]);
-        be.rope(&mut wq, &pos, d, theta, false).unwrap();
-        be.rope(&mut wk, &pos, d, theta, false).unwrap();
-        assert_eq!(q, wq, "{what}: q");
-        assert_eq!(k, wk, "{what}: k");
+        // The definition: split the columns, then Hugging Face's RoPE on q and k.
+        let [wq, wk, wv] = split_columns(&qkv, [qd, kd, kd]);
+        assert_close(&q, &rope_reference(&wq, &pos, d, theta, false), &format!("{what}: q"));
+        assert_close(&k, &rope_reference(&wk, &pos, d, theta, false), &format!("{what}: k"));
         assert_eq!(v, wv, "{what}: v");
         // With the projection's bias: the split of qkv with the bias added to every row first.
         let bias = rng.vec(qd + 2 * kd, 1.0);
@@ -246,21 +219,20 @@ fn qkv_split_rope_is_split_then_rope_and_its_backward_is_the_gradient() {
             let (q, k, v) = f(x);
             dot(&q, &rq) + dot(&k, &rk) + dot(&v, &rv)
         });
-        // … and it is the inverse rope of dq and dk, then dv, placed as the columns were.
+        // … and it is the inverse rotation of dq and dk, then dv, placed as the columns were.
         let [gq, gk, gv] = split_columns(&dqkv, [qd, kd, kd]);
-        let (mut iq, mut ik) = (rq.clone(), rk.clone());
-        be.rope(&mut iq, &pos, d, theta, true).unwrap();
-        be.rope(&mut ik, &pos, d, theta, true).unwrap();
-        assert_eq!((gq, gk, gv), (iq, ik, rv.clone()), "{what}: backward against the inverse rope");
+        assert_close(&gq, &rope_reference(&rq, &pos, d, theta, true), &format!("{what}: backward dq"));
+        assert_close(&gk, &rope_reference(&rk, &pos, d, theta, true), &format!("{what}: backward dk"));
+        assert_eq!(gv, rv, "{what}: backward dv");
     }
 }
 
 #[test]
-fn swiglu_stacked_is_swiglu_on_the_halves_and_its_backward_is_the_gradient() {
+fn swiglu_on_stacked_rows_is_silu_gate_times_up_and_its_backward_is_the_gradient() {
     let be = B::new();
     let mut rng = TestRng(22);
     for (rows, inter) in [(4usize, 5usize), (1, 1), (3, 16)] {
-        let what = format!("swiglu_stacked {rows}x{inter}");
+        let what = format!("swiglu {rows}x{inter}");
         let mut gate_up = rng.vec(rows * 2 * inter, 1.0);
         // Gates over SiLU's curved range, ups around 1.
         for r in gate_up.chunks_mut(2 * inter) {
@@ -268,22 +240,17 @@ fn swiglu_stacked_is_swiglu_on_the_halves_and_its_backward_is_the_gradient() {
         }
         let f = |gu: &[f64]| {
             let mut o = vec![f64::NAN; rows * inter];
-            be.swiglu_stacked(&gu.to_vec(), inter, &mut o).unwrap();
+            be.swiglu(&gu.to_vec(), inter, &mut o).unwrap();
             o
         };
         let out = f(&gate_up);
         let [g, u, _] = split_columns(&gate_up, [inter, inter, 0]);
-        let mut want = vec![0.0; rows * inter];
-        be.swiglu(&g, &u, &mut want).unwrap();
-        assert_eq!(out, want, "{what}: forward against swiglu on the halves");
+        let want: Vec<f64> = g.iter().zip(&u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+        assert_close(&out, &want, &format!("{what}: forward against silu(gate)·up"));
         let r = rng.vec(rows * inter, 1.0);
         let mut dgu = vec![f64::NAN; gate_up.len()];
-        be.swiglu_stacked_backward(&gate_up, inter, &r, &mut dgu).unwrap();
+        be.swiglu_backward(&gate_up, inter, &r, &mut dgu).unwrap();
         check_grad(&what, &gate_up, &dgu, 200, TOL, &mut |x| dot(&f(x), &r));
-        let (mut dg, mut du) = (vec![0.0; rows * inter], vec![0.0; rows * inter]);
-        be.swiglu_backward(&g, &u, &r, &mut dg, &mut du).unwrap();
-        let [gg, gu, _] = split_columns(&dgu, [inter, inter, 0]);
-        assert_eq!((gg, gu), (dg, du), "{what}: backward against swiglu_backward on the halves");
     }
 }
 
@@ -341,18 +308,22 @@ fn fused_qkv_and_swiglu_ops_reject_bad_lengths() {
         assert_err_names(split, "qkv_split_rope", &says, case);
         assert_err_names(merge, "qkv_merge_rope_backward", &dsays, case);
     }
-    // swiglu_stacked: 3 rows of inter 5.
+    // The bias must be one row of the fused projection.
+    let (mut qb, mut kb, mut vb) = (z(16), z(8), z(8));
+    let short_bias = be.qkv_split_rope(&z(32), Some(&z(15)), pos, d, 1e4, &mut qb, &mut kb, &mut vb);
+    assert_err_names(short_bias, "qkv_split_rope", "bias has 15", "bias one short");
+    // swiglu: 3 rows of inter 5.
     let (gu, inter) = (z(30), 5usize);
-    be.swiglu_stacked(&gu, inter, &mut z(15)).unwrap();
-    be.swiglu_stacked_backward(&gu, inter, &z(15), &mut z(30)).unwrap();
-    assert_err_names(be.swiglu_stacked(&gu, 0, &mut z(15)), "swiglu_stacked", "inter", "inter 0");
-    assert_err_names(be.swiglu_stacked(&z(31), inter, &mut z(15)), "swiglu_stacked", ": gate_up has", "gate_up not whole rows");
-    assert_err_names(be.swiglu_stacked(&gu, 4, &mut z(15)), "swiglu_stacked", ": gate_up has", "gate_up not rows of 2·inter");
-    assert_err_names(be.swiglu_stacked(&gu, inter, &mut z(16)), "swiglu_stacked", ": out has", "out too long");
-    assert_err_names(be.swiglu_stacked_backward(&gu, 0, &z(15), &mut z(30)), "swiglu_stacked_backward", "inter", "inter 0");
-    assert_err_names(be.swiglu_stacked_backward(&z(29), inter, &z(15), &mut z(30)), "swiglu_stacked_backward", ": gate_up has", "gate_up not whole rows");
-    assert_err_names(be.swiglu_stacked_backward(&gu, inter, &z(14), &mut z(30)), "swiglu_stacked_backward", ": dout has", "dout short");
-    assert_err_names(be.swiglu_stacked_backward(&gu, inter, &z(15), &mut z(29)), "swiglu_stacked_backward", " dgate_up has", "dgate_up short");
+    be.swiglu(&gu, inter, &mut z(15)).unwrap();
+    be.swiglu_backward(&gu, inter, &z(15), &mut z(30)).unwrap();
+    assert_err_names(be.swiglu(&gu, 0, &mut z(15)), "swiglu", "inter", "inter 0");
+    assert_err_names(be.swiglu(&z(31), inter, &mut z(15)), "swiglu", ": gate_up has", "gate_up not whole rows");
+    assert_err_names(be.swiglu(&gu, 4, &mut z(15)), "swiglu", ": gate_up has", "gate_up not rows of 2·inter");
+    assert_err_names(be.swiglu(&gu, inter, &mut z(16)), "swiglu", ": out has", "out too long");
+    assert_err_names(be.swiglu_backward(&gu, 0, &z(15), &mut z(30)), "swiglu_backward", "inter", "inter 0");
+    assert_err_names(be.swiglu_backward(&z(29), inter, &z(15), &mut z(30)), "swiglu_backward", ": gate_up has", "gate_up not whole rows");
+    assert_err_names(be.swiglu_backward(&gu, inter, &z(14), &mut z(30)), "swiglu_backward", ": dout has", "dout short");
+    assert_err_names(be.swiglu_backward(&gu, inter, &z(15), &mut z(29)), "swiglu_backward", " dgate_up has", "dgate_up short");
 }
 
 /// Naive attention, written independently from the definition (softmax(QKᵀ/√d + mask)·V).

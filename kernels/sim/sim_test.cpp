@@ -620,16 +620,6 @@ static void test_elementwise(long long rows, int dim) {
     check_ew("add_assign" + sz, {g, u}, 1, n, true, [&](auto& in, auto& out) { ew::add_assign_bf16(out[0], in[1], n); }, {r0});
     for (long long i = 0; i < n; ++i) r0[i] = fb(g[i]) * -0.37;
     check_ew("scale" + sz, {g}, 1, n, true, [&](auto& in, auto& out) { ew::scale_bf16(out[0], -0.37f, n); }, {r0});
-    auto sig = [](double x) { return 1.0 / (1.0 + exp(-x)); };
-    for (long long i = 0; i < n; ++i) r0[i] = fb(g[i]) * sig(fb(g[i])) * fb(u[i]);
-    check_ew("swiglu" + sz, {g, u}, 1, n, false, [&](auto& in, auto& out) { ew::swiglu_fwd_bf16(in[0], in[1], out[0], n); }, {r0});
-    for (long long i = 0; i < n; ++i) {
-        const double x = fb(g[i]), s = sig(x);
-        r0[i] = fb(d[i]) * fb(u[i]) * s * (1 + x * (1 - s));
-        r1[i] = fb(d[i]) * x * s;
-    }
-    check_ew("swiglu_backward" + sz, {g, u, d}, 2, n, false,
-             [&](auto& in, auto& out) { ew::swiglu_bwd_bf16(in[0], in[1], in[2], out[0], out[1], n); }, {r0, r1});
     for (int kind = 0; kind < 2; ++kind) {
         const std::string k = kind == 0 ? " erf" : " tanh";
         auto gelu = [&](double x) { return kind == 0 ? 0.5 * x * (1 + erf(x / sqrt(2.0))) : 0.5 * x * (1 + tanh(sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x))); };
@@ -643,27 +633,101 @@ static void test_elementwise(long long rows, int dim) {
     }
 }
 
-// RoPE at head dims 64 (16-byte path when aligned) and 72 (D/2 = 36: scalar path always).
-static void test_rope(int T, int heads, int head_dim) {
-    const long long n = (long long)T * heads * head_dim;
-    std::vector<bf16> x(n);
-    for (auto& e : x) e = tb(urand(-2, 2));
+// As check_ew, for kernels whose outputs differ in length (out_lens[k] elements each, NaN-filled,
+// so an unwritten element fails): the 16-byte path (every operand aligned) and the scalar path
+// (every operand one element past its alignment) give the same bits and match a double reference.
+static void check_multi(const std::string& name, const std::vector<std::vector<bf16>>& inputs, const std::vector<size_t>& out_lens,
+                        const std::function<void(std::vector<bf16*>&, std::vector<bf16*>&)>& kernel,
+                        const std::vector<std::vector<double>>& ref) {
+    auto run = [&](int off) {
+        std::vector<std::vector<bf16>> in(inputs.size()), out;
+        std::vector<bf16*> ip, op;
+        for (size_t k = 0; k < inputs.size(); ++k) {
+            in[k].assign(off, tb(0.f));
+            in[k].insert(in[k].end(), inputs[k].begin(), inputs[k].end());
+            ip.push_back(in[k].data() + off);
+        }
+        for (size_t len : out_lens) out.emplace_back(len + 8, tb(NAN));
+        for (auto& o : out) op.push_back(o.data() + off);
+        kd_sim::launch({3, 1, 1}, {64, 1, 1}, 0, [&] { kernel(ip, op); });
+        std::vector<std::vector<bf16>> res;
+        for (size_t k = 0; k < out.size(); ++k) res.emplace_back(out[k].begin() + off, out[k].begin() + off + out_lens[k]);
+        return res;
+    };
+    const auto vec = run(0), scal = run(1);
+    for (size_t k = 0; k < out_lens.size(); ++k) {
+        size_t differ = 0;
+        std::vector<double> got(out_lens[k]);
+        for (size_t i = 0; i < out_lens[k]; ++i) {
+            differ += vec[k][i].bits != scal[k][i].bits;
+            got[i] = fb(vec[k][i]);
+        }
+        const std::string what = name + " out" + std::to_string(k);
+        check(what + " (16-byte path where the shape allows)", rel_err(got, ref[k]), 1e-2);
+        check(what + " scalar path: elements differing from the 16-byte path", (double)differ, 0);
+    }
+}
+
+// The fused Q/K/V split with its bias and RoPE (qkv [T, q_dim + 2·kv_dim] + bias → q, k rotated, v) and its
+// backward (dq, dk rotated back, dv → dqkv), GQA, at head dims 64 (16-byte path when aligned), 6
+// and 72 (D/2 not a multiple of 8: scalar always).
+static void test_qkv_rope(int T, int qh, int kvh, int D) {
+    const int half = D / 2;
+    const size_t qd = (size_t)qh * D, kd = (size_t)kvh * D, row = qd + 2 * kd;
+    auto draw = [&](size_t len) { std::vector<bf16> v(len); for (auto& e : v) e = tb(urand(-2, 2)); return v; };
+    const auto qkv = draw(T * row), bias = draw(row), dq = draw(T * qd), dk = draw(T * kd), dv = draw(T * kd);
     std::vector<unsigned> pos(T);
     for (int t = 0; t < T; ++t) pos[t] = (unsigned)(t * 977 % 5000);
     const double theta = 1e6;
-    const int half = head_dim / 2;
-    std::vector<double> ref(n);
-    for (int t = 0; t < T; ++t)
+    std::vector<double> rq(T * qd), rk(T * kd), rv(T * kd), rd(T * row);
+    // The heads of token t at src plus b (null: none), rotated by sign·angle into dst.
+    auto rotate = [&](int t, const bf16* src, const bf16* b, int heads, double sign, double* dst) {
+        auto at = [&](int c) { return (double)fb(src[c]) + (b ? (double)fb(b[c]) : 0.0); };
         for (int h = 0; h < heads; ++h)
             for (int i = 0; i < half; ++i) {
-                const double a = pos[t] * pow(theta, -2.0 * i / head_dim), c = cos(a), s = sin(a);
-                const size_t o = ((size_t)t * heads + h) * head_dim;
-                const double x1 = fb(x[o + i]), x2 = fb(x[o + i + half]);
-                ref[o + i] = x1 * c - x2 * s;
-                ref[o + i + half] = x2 * c + x1 * s;
+                const double a = pos[t] * pow(theta, -2.0 * i / D), c = cos(a), s = sign * sin(a);
+                const double x1 = at(h * D + i), x2 = at(h * D + i + half);
+                dst[h * D + i] = x1 * c - x2 * s;
+                dst[h * D + i + half] = x2 * c + x1 * s;
             }
-    check_ew("rope T=" + std::to_string(T) + " heads=" + std::to_string(heads) + " D=" + std::to_string(head_dim), {x}, 1, n,
-             true, [&](auto& in, auto& out) { ew::rope_bf16(out[0], pos.data(), T, heads, head_dim, theta, 1.0f); }, {ref});
+    };
+    for (int t = 0; t < T; ++t) {
+        rotate(t, &qkv[t * row], &bias[0], qh, 1, &rq[t * qd]);
+        rotate(t, &qkv[t * row + qd], &bias[qd], kvh, 1, &rk[t * kd]);
+        for (size_t c = 0; c < kd; ++c) rv[t * kd + c] = (double)fb(qkv[t * row + qd + kd + c]) + fb(bias[qd + kd + c]);
+        rotate(t, &dq[t * qd], nullptr, qh, -1, &rd[t * row]);
+        rotate(t, &dk[t * kd], nullptr, kvh, -1, &rd[t * row + qd]);
+        for (size_t c = 0; c < kd; ++c) rd[t * row + qd + kd + c] = fb(dv[t * kd + c]);
+    }
+    const std::string sz = " T=" + std::to_string(T) + " heads=" + std::to_string(qh) + "/" + std::to_string(kvh) + " D=" + std::to_string(D);
+    check_multi("qkv_split_rope" + sz, {qkv, bias}, {T * qd, T * kd, T * kd},
+                [&](auto& in, auto& out) { ew::qkv_split_rope_bf16(in[0], in[1], pos.data(), T, qh, kvh, D, theta, out[0], out[1], out[2]); },
+                {rq, rk, rv});
+    check_multi("qkv_merge_rope_bwd" + sz, {dq, dk, dv}, {T * row},
+                [&](auto& in, auto& out) { ew::qkv_merge_rope_bwd_bf16(in[0], in[1], in[2], pos.data(), T, qh, kvh, D, theta, out[0]); },
+                {rd});
+}
+
+// SwiGLU on a stacked gate/up projection [rows, 2·inter] and its backward, at inter 64 (16-byte
+// path when aligned) and 13 (scalar always).
+static void test_swiglu(long long rows, int inter) {
+    const long long n = rows * inter;
+    auto draw = [&](long long len, float lo, float hi) { std::vector<bf16> v(len); for (auto& e : v) e = tb(urand(lo, hi)); return v; };
+    const auto gu = draw(2 * n, -4, 4), d = draw(n, -1, 1);
+    auto sig = [](double x) { return 1.0 / (1.0 + exp(-x)); };
+    std::vector<double> r0(n), r1(2 * n);
+    for (long long r = 0; r < rows; ++r)
+        for (int j = 0; j < inter; ++j) {
+            const double g = fb(gu[r * 2 * inter + j]), u = fb(gu[r * 2 * inter + inter + j]), dd = fb(d[r * inter + j]), s = sig(g);
+            r0[r * inter + j] = g * s * u;
+            r1[r * 2 * inter + j] = dd * u * s * (1 + g * (1 - s));
+            r1[r * 2 * inter + inter + j] = dd * g * s;
+        }
+    const std::string sz = " " + std::to_string(rows) + "x(2*" + std::to_string(inter) + ")";
+    check_multi("swiglu" + sz, {gu}, {(size_t)n},
+                [&](auto& in, auto& out) { ew::swiglu_fwd_bf16(in[0], rows, inter, out[0]); }, {r0});
+    check_multi("swiglu_backward" + sz, {gu, d}, {(size_t)(2 * n)},
+                [&](auto& in, auto& out) { ew::swiglu_bwd_bf16(in[0], in[1], rows, inter, out[0]); }, {r1});
 }
 
 int main(int argc, char** argv) {
@@ -677,8 +741,11 @@ int main(int argc, char** argv) {
     test_elementwise(37, 129);  // 4773 elements: 596 chunks of 8 and a tail of 5; rows straddle chunks
     test_elementwise(3, 64);
     test_elementwise(1, 1);
-    test_rope(5, 3, 64);
-    test_rope(4, 2, 72);
+    test_qkv_rope(5, 4, 2, 64);
+    test_qkv_rope(3, 3, 1, 6);
+    test_qkv_rope(4, 2, 2, 72);
+    test_swiglu(7, 64);
+    test_swiglu(5, 13);
     test_sr_pinned();
     test_adamw(1003, 0, false);
     test_adamw(1003, 3, false);

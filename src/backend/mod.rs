@@ -224,23 +224,12 @@ pub trait Backend: Send + Sync {
     /// LayerNorm forward (the frozen vision tower): `out = (x − mean) · rstd · w + b` per row.
     fn layernorm(&self, x: &Self::Buf, w: &Self::Buf, b: &Self::Buf, eps: f32, out: &mut Self::Buf) -> Result<()>;
 
-    // ---- positions ----
-    /// Rotary embedding in Hugging Face's rotate-half convention, in place on `x [T, heads, head_dim]`,
-    /// angle `pos · theta^(−2i/head_dim)`. `inverse` applies the transposed rotation (the backward).
-    fn rope(
-        &self,
-        x: &mut Self::Buf,
-        positions: &[u32],
-        head_dim: usize,
-        theta: f64,
-        inverse: bool,
-    ) -> Result<()>;
-
+    // ---- positions (RoPE, on the stacked Q/K/V projection) ----
     /// Splits a fused Q/K/V projection `qkv [T, q_dim + 2·kv_dim]` (each row: the queries, then the
     /// keys, then the values) into `q [T, q_dim]`, `k [T, kv_dim]`, `v [T, kv_dim]`, adding the
     /// projection's `bias [q_dim + 2·kv_dim]` when given (so the bias costs no pass of its own) and
-    /// rotating q and k by RoPE on the way (as `rope` does: HF rotate-half, angle
-    /// pos·θ^(−2i/head_dim)). Overwrites q, k, v.
+    /// rotating q and k by RoPE on the way (Hugging Face's rotate-half: the pair (x[i], x[i + D/2])
+    /// of each head by the angle pos·θ^(−2i/head_dim), computed in f64). Overwrites q, k, v.
     #[allow(clippy::too_many_arguments)]
     fn qkv_split_rope(
         &self,
@@ -321,22 +310,10 @@ pub trait Backend: Send + Sync {
     }
 
     // ---- activations ----
-    /// `out = silu(gate) · up`.
-    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
-    /// Writes `dgate`, `dup`.
-    fn swiglu_backward(
-        &self,
-        gate: &Self::Buf,
-        up: &Self::Buf,
-        dout: &Self::Buf,
-        dgate: &mut Self::Buf,
-        dup: &mut Self::Buf,
-    ) -> Result<()>;
-
     /// `out [R, inter] = silu(gate) · up` where `gate_up [R, 2·inter]` holds each row's gate then its up.
-    fn swiglu_stacked(&self, gate_up: &Self::Buf, inter: usize, out: &mut Self::Buf) -> Result<()>;
-    /// The backward of [`Backend::swiglu_stacked`]: overwrites `dgate_up [R, 2·inter]` (each row: dgate then dup).
-    fn swiglu_stacked_backward(&self, gate_up: &Self::Buf, inter: usize, dout: &Self::Buf, dgate_up: &mut Self::Buf) -> Result<()>;
+    fn swiglu(&self, gate_up: &Self::Buf, inter: usize, out: &mut Self::Buf) -> Result<()>;
+    /// The backward of [`Backend::swiglu`]: overwrites `dgate_up [R, 2·inter]` (each row: dgate then dup).
+    fn swiglu_backward(&self, gate_up: &Self::Buf, inter: usize, dout: &Self::Buf, dgate_up: &mut Self::Buf) -> Result<()>;
 
     /// `out = gelu(x)`, exact (erf) or the tanh approximation (`gelu_pytorch_tanh`).
     fn gelu(&self, x: &Self::Buf, out: &mut Self::Buf, kind: GeluKind) -> Result<()>;
@@ -673,10 +650,10 @@ pub fn check_qkv_dims(what: &str, names: [&str; 4], positions: usize, head_dim: 
     Ok(dims)
 }
 
-/// Checks the lengths of [`Backend::swiglu_stacked`] (`stacked`: `gate_up` or `dgate_up`;
+/// Checks the lengths of [`Backend::swiglu`] (`stacked`: `gate_up` or `dgate_up`;
 /// `half`: `out` or `dout`): `inter > 0`, the stacked tensor whole rows of `2·inter`, the other
 /// `R·inter`. Returns R. Every backend runs it first.
-pub fn check_swiglu_stacked(what: &str, stacked_name: &str, stacked: usize, half_name: &str, half: usize, inter: usize) -> Result<usize> {
+pub fn check_swiglu(what: &str, stacked_name: &str, stacked: usize, half_name: &str, half: usize, inter: usize) -> Result<usize> {
     ensure!(inter > 0, "{what}: inter must be positive");
     ensure!(stacked % (2 * inter) == 0, "{what}: {stacked_name} has {stacked} elements, not rows of 2·{inter}");
     let rows = stacked / (2 * inter);

@@ -373,7 +373,7 @@ impl Llm {
         be.rmsnorm(&x_mid, w.get(ids.ln2), c.rms_eps, &mut h2, &mut rstd2)?;
         let gate_up = linear(ids.gate_up, None, &h2, h, 2 * im, None)?;
         let mut act = be.empty(t * im)?;
-        be.swiglu_stacked(&gate_up, im, &mut act)?;
+        be.swiglu(&gate_up, im, &mut act)?;
         let (stream, x_mid) = residual(x_mid)?;
         let x_out = linear(ids.down, None, &act, im, h, Some(stream))?;
         let acts = match (x_in, x_mid) {
@@ -583,7 +583,7 @@ impl Llm {
             let mut dact = be.empty(t * im)?;
             linear_back(&mut grads, ids.down, None, &dx, &a.act, &mut dact, im, h)?;
             let mut dgate_up = be.empty(t * 2 * im)?;
-            be.swiglu_stacked_backward(&a.gate_up, im, &dact, &mut dgate_up)?;
+            be.swiglu_backward(&a.gate_up, im, &dact, &mut dgate_up)?;
             drop(dact);
             let mut dh2 = be.empty(t * h)?;
             linear_back(&mut grads, ids.gate_up, None, &dgate_up, &a.h2, &mut dh2, h, 2 * im)?;

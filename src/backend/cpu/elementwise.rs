@@ -1,11 +1,11 @@
-//! Row-wise and element-wise ops of the CPU backend: bias, embedding, RoPE (alone and fused with
-//! the Q/K/V split), SwiGLU (on two tensors and on a stacked gate/up projection), AdamW.
+//! Row-wise and element-wise ops of the CPU backend: bias, embedding, the Q/K/V split with RoPE,
+//! SwiGLU on a stacked gate/up projection, AdamW.
 
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::{check_len, Elem};
-use crate::backend::{check_qkv_dims, check_swiglu_stacked, AdamWStep, GeluKind};
+use crate::backend::{check_qkv_dims, check_swiglu, AdamWStep, GeluKind};
 
 /// Rows shorter than this are not worth a rayon task each.
 const PAR_MIN_LEN: usize = 1 << 14;
@@ -90,21 +90,9 @@ fn rotate_row_heads<T: Elem>(row: &mut [T], head_dim: usize, cs: &[(T, T)]) {
     }
 }
 
-/// HF rotate-half RoPE: for i < D/2 the pair (x[i], x[i + D/2]) rotates by `pos · θ^(−2i/D)`.
-pub fn rope<T: Elem>(x: &mut [T], positions: &[u32], head_dim: usize, theta: f64, inverse: bool) -> Result<()> {
-    ensure!(head_dim % 2 == 0 && head_dim > 0, "rope: head_dim {head_dim} must be even");
-    let t = positions.len();
-    ensure!(t > 0 && x.len() % (t * head_dim) == 0, "rope: {} elements do not split into {t} tokens of heads × {head_dim}", x.len());
-    let row_len = x.len() / t;
-    let inv_freq = rope_inv_freq(head_dim, theta);
-    x.par_chunks_mut(row_len).zip(positions).for_each(|(row, &pos)| {
-        rotate_row_heads(row, head_dim, &rope_angles::<T>(pos, &inv_freq, inverse));
-    });
-    Ok(())
-}
-
 /// Fused Q/K/V split with RoPE: each row `q | k | v` of `qkv`, plus `bias` when given, is copied
-/// into q, k and v, and q's and k's heads are rotated as [`rope`] rotates them.
+/// into q, k and v, and q's and k's heads are rotated by HF rotate-half RoPE (for i < D/2 the pair
+/// (x[i], x[i + D/2]) by `pos · θ^(−2i/D)`).
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_split_rope<T: Elem>(
     qkv: &[T],
@@ -176,31 +164,6 @@ fn silu<T: Elem>(g: T) -> T {
     g / (T::one() + (-g).exp())
 }
 
-pub fn swiglu<T: Elem>(gate: &[T], up: &[T], out: &mut [T]) -> Result<()> {
-    check_len("swiglu up", up.len(), gate.len())?;
-    check_len("swiglu output", out.len(), gate.len())?;
-    out.par_iter_mut()
-        .with_min_len(PAR_MIN_LEN)
-        .zip(gate.par_iter().zip(up.par_iter()))
-        .for_each(|(o, (&g, &u))| *o = silu(g) * u);
-    Ok(())
-}
-
-pub fn swiglu_backward<T: Elem>(gate: &[T], up: &[T], dout: &[T], dgate: &mut [T], dup: &mut [T]) -> Result<()> {
-    let n = gate.len();
-    check_len("swiglu_backward up", up.len(), n)?;
-    check_len("swiglu_backward gradient", dout.len(), n)?;
-    check_len("swiglu_backward dgate", dgate.len(), n)?;
-    check_len("swiglu_backward dup", dup.len(), n)?;
-    dgate
-        .par_iter_mut()
-        .with_min_len(PAR_MIN_LEN)
-        .zip(dup.par_iter_mut())
-        .enumerate()
-        .for_each(|(i, (dg, du))| (*dg, *du) = swiglu_grads(gate[i], up[i], dout[i]));
-    Ok(())
-}
-
 /// (dgate, dup) of `silu(g) · u` for the output gradient `d`.
 fn swiglu_grads<T: Elem>(g: T, u: T, d: T) -> (T, T) {
     let sig = T::one() / (T::one() + (-g).exp());
@@ -208,9 +171,9 @@ fn swiglu_grads<T: Elem>(g: T, u: T, d: T) -> (T, T) {
     (d * u * sig * (T::one() + g * (T::one() - sig)), d * g * sig)
 }
 
-/// SwiGLU on a stacked projection: `out[r, j] = silu(gate_up[r, j]) · gate_up[r, inter + j]`.
-pub fn swiglu_stacked<T: Elem>(gate_up: &[T], inter: usize, out: &mut [T]) -> Result<()> {
-    check_swiglu_stacked("swiglu_stacked", "gate_up", gate_up.len(), "out", out.len(), inter)?;
+/// SwiGLU on a stacked gate/up projection: `out[r, j] = silu(gate_up[r, j]) · gate_up[r, inter + j]`.
+pub fn swiglu<T: Elem>(gate_up: &[T], inter: usize, out: &mut [T]) -> Result<()> {
+    check_swiglu("swiglu", "gate_up", gate_up.len(), "out", out.len(), inter)?;
     out.par_chunks_mut(inter).zip(gate_up.par_chunks(2 * inter)).for_each(|(o, gu)| {
         let (gate, up) = gu.split_at(inter);
         o.iter_mut().zip(gate.iter().zip(up)).for_each(|(o, (&g, &u))| *o = silu(g) * u);
@@ -218,11 +181,11 @@ pub fn swiglu_stacked<T: Elem>(gate_up: &[T], inter: usize, out: &mut [T]) -> Re
     Ok(())
 }
 
-/// The backward of [`swiglu_stacked`]: each row of `dgate_up` is dgate then dup.
-pub fn swiglu_stacked_backward<T: Elem>(gate_up: &[T], inter: usize, dout: &[T], dgate_up: &mut [T]) -> Result<()> {
-    let what = "swiglu_stacked_backward";
-    let rows = check_swiglu_stacked(what, "gate_up", gate_up.len(), "dout", dout.len(), inter)?;
-    check_len("swiglu_stacked_backward dgate_up", dgate_up.len(), rows * 2 * inter)?;
+/// The backward of [`swiglu`]: each row of `dgate_up` is dgate then dup.
+pub fn swiglu_backward<T: Elem>(gate_up: &[T], inter: usize, dout: &[T], dgate_up: &mut [T]) -> Result<()> {
+    let what = "swiglu_backward";
+    let rows = check_swiglu(what, "gate_up", gate_up.len(), "dout", dout.len(), inter)?;
+    check_len("swiglu_backward dgate_up", dgate_up.len(), rows * 2 * inter)?;
     dgate_up.par_chunks_mut(2 * inter).zip(gate_up.par_chunks(2 * inter)).zip(dout.par_chunks(inter)).for_each(|((dgu, gu), d)| {
         let (dgate, dup) = dgu.split_at_mut(inter);
         let (gate, up) = gu.split_at(inter);

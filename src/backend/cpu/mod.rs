@@ -287,17 +287,6 @@ impl<T: Elem> Backend for CpuBackend<T> {
         norm::layernorm(x, w, b, eps, out)
     }
 
-    fn rope(
-        &self,
-        x: &mut Vec<T>,
-        positions: &[u32],
-        head_dim: usize,
-        theta: f64,
-        inverse: bool,
-    ) -> Result<()> {
-        elementwise::rope(x, positions, head_dim, theta, inverse)
-    }
-
     fn qkv_split_rope(
         &self,
         qkv: &Vec<T>,
@@ -369,27 +358,12 @@ impl<T: Elem> Backend for CpuBackend<T> {
         decode::attention_decode(shape, capacity, slots, lens, q, k_cache, v_cache, out)
     }
 
-    fn swiglu(&self, gate: &Vec<T>, up: &Vec<T>, out: &mut Vec<T>) -> Result<()> {
-        elementwise::swiglu(gate, up, out)
+    fn swiglu(&self, gate_up: &Vec<T>, inter: usize, out: &mut Vec<T>) -> Result<()> {
+        elementwise::swiglu(gate_up, inter, out)
     }
 
-    fn swiglu_backward(
-        &self,
-        gate: &Vec<T>,
-        up: &Vec<T>,
-        dout: &Vec<T>,
-        dgate: &mut Vec<T>,
-        dup: &mut Vec<T>,
-    ) -> Result<()> {
-        elementwise::swiglu_backward(gate, up, dout, dgate, dup)
-    }
-
-    fn swiglu_stacked(&self, gate_up: &Vec<T>, inter: usize, out: &mut Vec<T>) -> Result<()> {
-        elementwise::swiglu_stacked(gate_up, inter, out)
-    }
-
-    fn swiglu_stacked_backward(&self, gate_up: &Vec<T>, inter: usize, dout: &Vec<T>, dgate_up: &mut Vec<T>) -> Result<()> {
-        elementwise::swiglu_stacked_backward(gate_up, inter, dout, dgate_up)
+    fn swiglu_backward(&self, gate_up: &Vec<T>, inter: usize, dout: &Vec<T>, dgate_up: &mut Vec<T>) -> Result<()> {
+        elementwise::swiglu_backward(gate_up, inter, dout, dgate_up)
     }
 
     fn gelu(&self, x: &Vec<T>, out: &mut Vec<T>, kind: GeluKind) -> Result<()> {

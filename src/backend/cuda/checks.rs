@@ -149,14 +149,11 @@ pub fn run_family(be: &CudaBackend, family: &str, seed: u64) -> Result<Vec<Check
         "gemm" => gemm(&mut c),
         "elementwise" => {
             elementwise(&mut c);
-            swiglu_stacked(&mut c);
+            swiglu(&mut c);
         }
         "embedding" => embedding(&mut c),
         "norm" => norm(&mut c),
-        "rope" => {
-            rope(&mut c);
-            qkv_rope(&mut c);
-        }
+        "rope" => qkv_rope(&mut c),
         "attention" => attention(&mut c),
         "attention_decode" => attention_decode(&mut c),
         "cross_entropy" => cross_entropy(&mut c),
@@ -265,14 +262,14 @@ fn memory(c: &mut Ctx) {
     c.case("index arrays are uploaded once per content", |c| {
         // Positions no other check uses, so the cache cannot hold them already.
         let positions: Vec<u32> = (0..37).map(|i| 90_001 + 3 * i).collect();
-        let x = c.rand(37 * 64, -1.0, 1.0);
-        let mut q = c.up(&x)?;
+        let x = c.rand(37 * 3 * 64, -1.0, 1.0);
+        let (mut q, mut k, mut v, mut back) = (c.be.empty(37 * 64)?, c.be.empty(37 * 64)?, c.be.empty(37 * 64)?, c.be.empty(x.len())?);
         let before = c.be.index_uploads();
-        c.be.rope(&mut q, &positions, 64, 10_000.0, false)?;
-        c.be.rope(&mut q, &positions, 64, 10_000.0, true)?;
+        c.be.qkv_split_rope(&c.up(&x)?, None, &positions, 64, 10_000.0, &mut q, &mut k, &mut v)?;
+        c.be.qkv_merge_rope_backward(&q, &k, &v, &positions, 64, 10_000.0, &mut back)?;
         let uploads = c.be.index_uploads() - before;
         ensure!(uploads == 1, "{uploads} uploads of the same positions for two launches");
-        c.cmp_buf("rope then its inverse from cached positions", &q, &x, TOL_BF16)
+        c.cmp_buf("the Q/K/V split with RoPE, then its inverse, from cached positions", &back, &x, TOL_BF16)
     });
     c.case("optimizer state f32", |c| {
         let x: Vec<f32> = (0..513).map(|_| c.uniform(-1.0, 1.0)).collect();
@@ -383,21 +380,6 @@ fn elementwise(c: &mut Ctx) {
         });
     }
     for n in [1usize, 1001, 65_537] {
-        c.case(&format!("swiglu n={n}"), |c| {
-            let (g, u, d) = (c.rand(n, -6.0, 6.0), c.rand(n, -2.0, 2.0), c.rand(n, -1.0, 1.0));
-            let mut want = vec![0.0; n];
-            c.cpu.swiglu(&g, &u, &mut want)?;
-            let (gg, gu, gd) = (c.up(&g)?, c.up(&u)?, c.up(&d)?);
-            let mut out = c.poisoned(n)?;
-            c.be.swiglu(&gg, &gu, &mut out)?;
-            c.cmp_buf(&format!("swiglu n={n}"), &out, &want, TOL_BF16)?;
-            let (mut wg, mut wu) = (vec![0.0; n], vec![0.0; n]);
-            c.cpu.swiglu_backward(&g, &u, &d, &mut wg, &mut wu)?;
-            let (mut dg, mut du) = (c.poisoned(n)?, c.poisoned(n)?);
-            c.be.swiglu_backward(&gg, &gu, &gd, &mut dg, &mut du)?;
-            c.cmp_buf(&format!("swiglu_backward dgate n={n}"), &dg, &wg, TOL_BF16)?;
-            c.cmp_buf(&format!("swiglu_backward dup n={n}"), &du, &wu, TOL_BF16)
-        });
         for kind in [GeluKind::Erf, GeluKind::Tanh] {
             let name = format!("gelu {kind:?} n={n}");
             c.case(&name, |c| {
@@ -418,11 +400,11 @@ fn elementwise(c: &mut Ctx) {
     }
 }
 
-/// `swiglu_stacked` and its backward: inter a multiple of 8 (the 16-byte path) and not (13, 1:
+/// SwiGLU on a stacked gate/up projection and its backward: inter a multiple of 8 (the 16-byte path) and not (13, 1:
 /// the scalar path), outputs poisoned; wrong lengths are errors.
-fn swiglu_stacked(c: &mut Ctx) {
+fn swiglu(c: &mut Ctx) {
     for (rows, inter) in [(1usize, 1usize), (37, 13), (29, 64), (5, 200)] {
-        let name = format!("swiglu_stacked {rows}x(2·{inter})");
+        let name = format!("swiglu {rows}x(2·{inter})");
         c.case(&name, |c| {
             let mut gu = c.rand(rows * 2 * inter, -2.0, 2.0);
             // Gates over SiLU's curved range.
@@ -431,35 +413,35 @@ fn swiglu_stacked(c: &mut Ctx) {
             }
             let d = c.rand(rows * inter, -1.0, 1.0);
             let mut want = vec![0.0; rows * inter];
-            c.cpu.swiglu_stacked(&gu, inter, &mut want)?;
+            c.cpu.swiglu(&gu, inter, &mut want)?;
             let (ggu, gd) = (c.up(&gu)?, c.up(&d)?);
             let mut out = c.poisoned(rows * inter)?;
-            c.be.swiglu_stacked(&ggu, inter, &mut out)?;
+            c.be.swiglu(&ggu, inter, &mut out)?;
             c.cmp_buf(&name, &out, &want, TOL_BF16)?;
             let mut wd = vec![0.0; rows * 2 * inter];
-            c.cpu.swiglu_stacked_backward(&gu, inter, &d, &mut wd)?;
+            c.cpu.swiglu_backward(&gu, inter, &d, &mut wd)?;
             let mut dgu = c.poisoned(rows * 2 * inter)?;
-            c.be.swiglu_stacked_backward(&ggu, inter, &gd, &mut dgu)?;
-            c.cmp_buf(&format!("swiglu_stacked_backward {rows}x(2·{inter})"), &dgu, &wd, TOL_BF16)
+            c.be.swiglu_backward(&ggu, inter, &gd, &mut dgu)?;
+            c.cmp_buf(&format!("swiglu_backward {rows}x(2·{inter})"), &dgu, &wd, TOL_BF16)
         });
     }
-    c.case("swiglu_stacked: bad lengths are errors", |c| {
+    c.case("swiglu: bad lengths are errors", |c| {
         let (gu, d) = (c.be.zeros(30)?, c.be.zeros(15)?);
         let (mut out, mut long, mut dgu, mut short) = (c.be.zeros(15)?, c.be.zeros(16)?, c.be.zeros(30)?, c.be.zeros(29)?);
-        c.be.swiglu_stacked(&gu, 5, &mut out)?;
-        c.be.swiglu_stacked_backward(&gu, 5, &d, &mut dgu)?;
+        c.be.swiglu(&gu, 5, &mut out)?;
+        c.be.swiglu_backward(&gu, 5, &d, &mut dgu)?;
         let errs = [
-            ("inter 0", c.be.swiglu_stacked(&gu, 0, &mut out).err(), "inter"),
-            ("gate_up not rows of 2·inter", c.be.swiglu_stacked(&gu, 4, &mut out).err(), "gate_up"),
-            ("out too long", c.be.swiglu_stacked(&gu, 5, &mut long).err(), "out"),
-            ("backward: dgate_up short", c.be.swiglu_stacked_backward(&gu, 5, &out, &mut short).err(), "dgate_up"),
-            ("backward: dout wrong", c.be.swiglu_stacked_backward(&gu, 5, &long, &mut dgu).err(), "dout"),
+            ("inter 0", c.be.swiglu(&gu, 0, &mut out).err(), "inter"),
+            ("gate_up not rows of 2·inter", c.be.swiglu(&gu, 4, &mut out).err(), "gate_up"),
+            ("out too long", c.be.swiglu(&gu, 5, &mut long).err(), "out"),
+            ("backward: dgate_up short", c.be.swiglu_backward(&gu, 5, &out, &mut short).err(), "dgate_up"),
+            ("backward: dout wrong", c.be.swiglu_backward(&gu, 5, &long, &mut dgu).err(), "dout"),
         ];
         for (case, err, tensor) in errs {
-            let msg = err.map(|e| e.to_string()).ok_or_else(|| anyhow!("swiglu_stacked, {case}: accepted"))?;
-            ensure!(msg.contains("swiglu_stacked") && msg.contains(tensor), "swiglu_stacked, {case}: the error does not name {tensor}: {msg}");
+            let msg = err.map(|e| e.to_string()).ok_or_else(|| anyhow!("swiglu, {case}: accepted"))?;
+            ensure!(msg.contains("swiglu") && msg.contains(tensor), "swiglu, {case}: the error does not name {tensor}: {msg}");
         }
-        c.record("swiglu_stacked: bad lengths are errors", 0.0, 0.0, String::new());
+        c.record("swiglu: bad lengths are errors", 0.0, 0.0, String::new());
         Ok(())
     });
 }
@@ -534,29 +516,12 @@ fn norm(c: &mut Ctx) {
     }
 }
 
-fn rope(c: &mut Ctx) {
-    for (t, heads, hd, theta) in [(1usize, 1usize, 2usize, 10000.0f64), (37, 3, 64, 1e6), (19, 2, 80, 10000.0), (33, 4, 128, 1e6)] {
-        for inverse in [false, true] {
-            let name = format!("rope T={t} heads={heads} head_dim={hd} theta={theta:e} inverse={inverse}");
-            c.case(&name, |c| {
-                let x = c.rand(t * heads * hd, -1.0, 1.0);
-                let pos: Vec<u32> = (0..t).map(|_| c.below(20_000) as u32).collect();
-                let mut want = x.clone();
-                c.cpu.rope(&mut want, &pos, hd, theta, inverse)?;
-                let mut gx = c.up(&x)?;
-                c.be.rope(&mut gx, &pos, hd, theta, inverse)?;
-                c.cmp_buf(&name, &gx, &want, TOL_BF16)
-            });
-        }
-    }
-}
-
 /// The fused Q/K/V split with RoPE and its backward: GQA and multi-head, D/2 a multiple of 8 (the
-/// 16-byte path: head dims 64, 128) and not (2, 6, 72: the scalar path), every output poisoned
+/// 16-byte path: head dims 64, 80, 128) and not (2, 6, 72: the scalar path), every output poisoned
 /// (v an exact copy where there is no bias), with and without the projection's bias; wrong
 /// lengths are errors.
 fn qkv_rope(c: &mut Ctx) {
-    let shapes = [(1usize, 1usize, 1usize, 2usize, 1e4f64), (37, 4, 2, 64, 1e6), (19, 3, 3, 6, 1e4), (23, 6, 2, 72, 1e6), (11, 2, 1, 128, 1e4)];
+    let shapes = [(1usize, 1usize, 1usize, 2usize, 1e4f64), (37, 4, 2, 64, 1e6), (19, 3, 3, 6, 1e4), (23, 6, 2, 72, 1e6), (19, 2, 2, 80, 1e4), (11, 2, 1, 128, 1e4)];
     for (t, qh, kvh, hd, theta) in shapes {
         let name = format!("qkv_split_rope T={t} heads={qh}/{kvh} head_dim={hd} theta={theta:e}");
         c.case(&name, |c| {

@@ -22,8 +22,7 @@
 //! | --- | --- |
 //! | gemm | cublasGemmEx |
 //! | add_bias, bias_grad, add_assign, scale | elementwise.cu |
-//! | embedding, embedding_backward, rope, swiglu(_backward), gelu(_backward) | elementwise.cu |
-//! | qkv_split_rope, qkv_merge_rope_backward, swiglu_stacked(_backward) | elementwise.cu (one launch each) |
+//! | embedding, embedding_backward, qkv_split_rope, qkv_merge_rope_backward, swiglu(_backward), gelu(_backward) | elementwise.cu |
 //! | rmsnorm(_backward), layernorm | norm.cu |
 //! | attention(_backward) | attention.cu (flash forward; backward preprocess + flash backward) |
 //! | attention_decode | decode_attention.cu (split kernel; combine kernel when the positions were split) |

@@ -5,7 +5,7 @@ use anyhow::{bail, ensure, Result};
 
 use super::{bf, check_len, f32p, int, to_bf16_bits, CudaBackend, CudaBuf, CudaSums, DType, KArg};
 use crate::backend::{
-    check_ce_labels, check_kl_rows, check_kl_shape, check_qkv_dims, check_relation_images, check_row_terms, check_swiglu_stacked, AdamWStep, AttnShape, Backend, Divergence, Gemm, GeluKind,
+    check_ce_labels, check_kl_rows, check_kl_shape, check_qkv_dims, check_relation_images, check_row_terms, check_swiglu, AdamWStep, AttnShape, Backend, Divergence, Gemm, GeluKind,
     KlShape, RowTerms, IGNORE_INDEX,
 };
 
@@ -448,23 +448,6 @@ impl Backend for CudaBackend {
         unsafe { self.gpu.launch("norm", "layernorm_fwd_bf16", (int(rows, "rows")? as u32, 1, 1), (256, 1, 1), 0, &mut a) }
     }
 
-    fn rope(&self, x: &mut CudaBuf, positions: &[u32], head_dim: usize, theta: f64, inverse: bool) -> Result<()> {
-        ensure!(head_dim % 2 == 0 && head_dim > 0, "rope: head_dim {head_dim} must be even");
-        let t = positions.len();
-        ensure!(t > 0 && x.len % (t * head_dim) == 0, "rope: {} elements do not split into {t} tokens of heads × {head_dim}", x.len);
-        let heads = x.len / (t * head_dim);
-        if heads == 0 {
-            return Ok(());
-        }
-        let xp = bf(x, "rope input")?;
-        let (_g, pp) = self.upload_idx(positions)?;
-        let (ti, hi, di) = (int(t, "tokens")?, int(heads, "heads")?, int(head_dim, "head_dim")?);
-        let sign: f32 = if inverse { -1.0 } else { 1.0 };
-        let mut a = args![xp, pp, ti, hi, di, theta, sign];
-        // SAFETY: x is T × heads × head_dim; positions T.
-        unsafe { self.launch_1d("elementwise", "rope_bf16", t * head_dim / 2, &mut a) }
-    }
-
     fn qkv_split_rope(
         &self,
         qkv: &CudaBuf,
@@ -552,45 +535,23 @@ impl Backend for CudaBackend {
         super::decode::decode(self, shape, capacity, slots, lens, q, k_cache, v_cache, out, None)
     }
 
-    fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf, out: &mut CudaBuf) -> Result<()> {
-        check_len("swiglu up", up.len, gate.len)?;
-        check_len("swiglu output", out.len, gate.len)?;
-        let (gp, upp, op, n) = (bf(gate, "swiglu gate")?, bf(up, "swiglu up")?, bf(out, "swiglu output")?, gate.len as i64);
-        let mut a = args![gp, upp, op, n];
-        // SAFETY: all hold n values.
-        unsafe { self.launch_1d("elementwise", "swiglu_fwd_bf16", gate.len, &mut a) }
-    }
-
-    fn swiglu_backward(&self, gate: &CudaBuf, up: &CudaBuf, dout: &CudaBuf, dgate: &mut CudaBuf, dup: &mut CudaBuf) -> Result<()> {
-        let n = gate.len;
-        check_len("swiglu_backward up", up.len, n)?;
-        check_len("swiglu_backward gradient", dout.len, n)?;
-        check_len("swiglu_backward dgate", dgate.len, n)?;
-        check_len("swiglu_backward dup", dup.len, n)?;
-        let (gp, upp, dp) = (bf(gate, "swiglu gate")?, bf(up, "swiglu up")?, bf(dout, "swiglu gradient")?);
-        let (dgp, dup_p, nn) = (bf(dgate, "swiglu dgate")?, bf(dup, "swiglu dup")?, n as i64);
-        let mut a = args![gp, upp, dp, dgp, dup_p, nn];
-        // SAFETY: all hold n values.
-        unsafe { self.launch_1d("elementwise", "swiglu_bwd_bf16", n, &mut a) }
-    }
-
-    fn swiglu_stacked(&self, gate_up: &CudaBuf, inter: usize, out: &mut CudaBuf) -> Result<()> {
-        let rows = check_swiglu_stacked("swiglu_stacked", "gate_up", gate_up.len, "out", out.len, inter)?;
-        let (gp, op) = (bf(gate_up, "swiglu_stacked gate_up")?, bf(out, "swiglu_stacked out")?);
-        let (r, ii) = (rows as i64, int(inter, "swiglu_stacked inter")?);
+    fn swiglu(&self, gate_up: &CudaBuf, inter: usize, out: &mut CudaBuf) -> Result<()> {
+        let rows = check_swiglu("swiglu", "gate_up", gate_up.len, "out", out.len, inter)?;
+        let (gp, op) = (bf(gate_up, "swiglu gate_up")?, bf(out, "swiglu out")?);
+        let (r, ii) = (rows as i64, int(inter, "swiglu inter")?);
         let mut a = args![gp, r, ii, op];
         // SAFETY: gate_up holds rows × 2·inter values, out rows × inter.
-        unsafe { self.launch_1d("elementwise", "swiglu_stacked_fwd_bf16", out.len, &mut a) }
+        unsafe { self.launch_1d("elementwise", "swiglu_fwd_bf16", out.len, &mut a) }
     }
 
-    fn swiglu_stacked_backward(&self, gate_up: &CudaBuf, inter: usize, dout: &CudaBuf, dgate_up: &mut CudaBuf) -> Result<()> {
-        let rows = check_swiglu_stacked("swiglu_stacked_backward", "gate_up", gate_up.len, "dout", dout.len, inter)?;
-        check_len("swiglu_stacked_backward dgate_up", dgate_up.len, gate_up.len)?;
-        let (gp, dp, dgp) = (bf(gate_up, "swiglu_stacked gate_up")?, bf(dout, "swiglu_stacked dout")?, bf(dgate_up, "swiglu_stacked dgate_up")?);
-        let (r, ii) = (rows as i64, int(inter, "swiglu_stacked inter")?);
+    fn swiglu_backward(&self, gate_up: &CudaBuf, inter: usize, dout: &CudaBuf, dgate_up: &mut CudaBuf) -> Result<()> {
+        let rows = check_swiglu("swiglu_backward", "gate_up", gate_up.len, "dout", dout.len, inter)?;
+        check_len("swiglu_backward dgate_up", dgate_up.len, gate_up.len)?;
+        let (gp, dp, dgp) = (bf(gate_up, "swiglu gate_up")?, bf(dout, "swiglu dout")?, bf(dgate_up, "swiglu dgate_up")?);
+        let (r, ii) = (rows as i64, int(inter, "swiglu inter")?);
         let mut a = args![gp, dp, r, ii, dgp];
         // SAFETY: gate_up and dgate_up hold rows × 2·inter values, dout rows × inter.
-        unsafe { self.launch_1d("elementwise", "swiglu_stacked_bwd_bf16", dout.len, &mut a) }
+        unsafe { self.launch_1d("elementwise", "swiglu_bwd_bf16", dout.len, &mut a) }
     }
 
     fn gelu(&self, x: &CudaBuf, out: &mut CudaBuf, kind: GeluKind) -> Result<()> {
