@@ -182,7 +182,8 @@ fn check_config(dir: &Path, m: &Mllm, image: u32, dtype: &str) {
 fn check_tensor_names(dir: &Path, m: &Mllm) {
     let src = WeightSource::open(dir).unwrap();
     let names: Vec<&str> = src.names().collect();
-    let expected = m.vision.specs.len() + m.projector.specs.len() + m.llm.specs.len();
+    // Hugging Face tensors, not parameters: a stacked q/k/v or gate/up parameter is written as its parts.
+    let expected: usize = [&m.vision.specs, &m.projector.specs, &m.llm.specs].iter().flat_map(|s| s.iter()).map(|s| s.hf_tensors().len()).sum();
     assert_eq!(names.len(), expected);
     for n in &names {
         assert!(
@@ -196,6 +197,7 @@ fn check_tensor_names(dir: &Path, m: &Mllm) {
     for n in [
         "language_model.model.embed_tokens.weight",
         "language_model.model.layers.1.self_attn.q_proj.weight",
+        "language_model.model.layers.0.mlp.up_proj.weight",
         "language_model.model.norm.weight",
         "vision_tower.vision_model.embeddings.patch_embedding.weight",
         "vision_tower.vision_model.encoder.layers.2.mlp.fc2.bias",
