@@ -226,63 +226,58 @@ __device__ __forceinline__ void add_bias_values(const bf16* p, float (&x)[8]) {
     for (int e = 0; e < W; ++e) x[e] += bv[e];
 }
 
-// The rotation of one token's heads: for each of `heads` heads of head_dim in src, the pairs
-// (x[i], x[i + D/2]), i = i0 .. i0 + W − 1, plus the same columns of `bias` (laid out as one row of
-// src; null: none), rotated by (cf, sf) and written to the same places in dst (which may be src:
-// each head's pairs are read before they are written).
+// One head's pairs (x[i], x[i + D/2]), i = i0 .. i0 + W − 1, of src plus the same columns of
+// `bias` (null: none), rotated by (cf, sf) (or, with `rotate` false, copied) into the same places
+// of dst. src, bias and dst point at the head's first column.
 template <int W>
-__device__ __forceinline__ void rope_rotate_heads(const bf16* src, const bf16* bias, bf16* dst, int heads, int head_dim,
-                                                  int i0, const float (&cf)[W], const float (&sf)[W]) {
-    const int half = head_dim / 2;
-    for (int h = 0; h < heads; h++) {
-        const int c = h * head_dim + i0;
-        const bf16* s1 = src + c;
-        bf16* d1 = dst + c;
-        float x1[8], x2[8], y1[8], y2[8];
-        load_bf16<W>(s1, x1);
-        load_bf16<W>(s1 + half, x2);
-        add_bias_values<W>(bias ? bias + c : nullptr, x1);
-        add_bias_values<W>(bias ? bias + c + half : nullptr, x2);
-        for (int e = 0; e < W; ++e) {
-            y1[e] = x1[e] * cf[e] - x2[e] * sf[e];
-            y2[e] = x2[e] * cf[e] + x1[e] * sf[e];
-        }
-        store_bf16<W>(d1, y1);
-        store_bf16<W>(d1 + half, y2);
+__device__ __forceinline__ void rope_head_pairs(const bf16* src, const bf16* bias, bf16* dst, int half, int i0, bool rotate,
+                                                const float (&cf)[W], const float (&sf)[W]) {
+    float x1[8], x2[8], y1[8], y2[8];
+    load_bf16<W>(src + i0, x1);
+    load_bf16<W>(src + i0 + half, x2);
+    add_bias_values<W>(bias ? bias + i0 : nullptr, x1);
+    add_bias_values<W>(bias ? bias + i0 + half : nullptr, x2);
+    for (int e = 0; e < W; ++e) {
+        y1[e] = rotate ? x1[e] * cf[e] - x2[e] * sf[e] : x1[e];
+        y2[e] = rotate ? x2[e] * cf[e] + x1[e] * sf[e] : x2[e];
     }
+    store_bf16<W>(dst + i0, y1);
+    store_bf16<W>(dst + i0 + half, y2);
 }
 
 // Fused Q/K/V rows with RoPE, both directions. Part p (0 q, 1 k, 2 v) of token t is read at
 // src[p] + t·src_stride[p] and written at dst[p] + t·dst_stride[p]; q has q_heads heads, k and v
 // kv_heads, all of head_dim. bias[p] (null: none) is one row of part p, added to every token's
 // row before q and k are rotated by (cos, sign·sin) of pos·θ^(−2i/D); v is copied.
-// One thread per (token, W consecutive pairs i): the angles are computed once for
-// all q and k heads, and the thread also copies columns i0.., i0 + D/2.. of every v head, so the
-// three parts go in one pass with every column of a row covered exactly once.
+// One thread per (token, head, W consecutive pairs i), the pairs fastest so neighbouring threads
+// touch neighbouring 16-byte pieces: a thread per (token, pairs) looping over the heads gave
+// T·D/16 threads (32 K at 4096 tokens and D = 128, under one wave of 256-thread blocks on 132 SMs:
+// too few loads in flight for a memory-bound pass). A q-head thread rotates its q pairs; a k-head
+// thread rotates its k pairs and copies the same columns of v, so every column is covered once.
+// The angles are recomputed per head (double pow and sincos: cheap next to the memory traffic).
 template <int W>
 __device__ __forceinline__ void qkv_rope_rows(const bf16* const (&src)[3], const long long (&src_stride)[3],
-                                              const bf16* const (&bias)[3], bf16* const (&dst)[3], const long long (&dst_stride)[3], const unsigned* pos,
-                                              int T, int q_heads, int kv_heads, int head_dim, double theta, float sign) {
-    const int half = head_dim / 2, chunks = half / W;
-    const long long n = (long long)T * chunks;
+                                              const bf16* const (&bias)[3], bf16* const (&dst)[3], const long long (&dst_stride)[3],
+                                              const unsigned* pos, int T, int q_heads, int kv_heads, int head_dim, double theta,
+                                              float sign) {
+    const int half = head_dim / 2, chunks = half / W, heads = q_heads + kv_heads;
+    const long long n = (long long)T * heads * chunks;
     GRID_STRIDE(idx, n) {
-        const long long t = idx / chunks;
         const int i0 = (int)(idx % chunks) * W;
+        const int h = (int)((idx / chunks) % heads);
+        const long long t = idx / ((long long)chunks * heads);
         float cf[W], sf[W];
         rope_angles<W>(pos[t], i0, head_dim, theta, sign, cf, sf);
-        rope_rotate_heads<W>(src[0] + t * src_stride[0], bias[0], dst[0] + t * dst_stride[0], q_heads, head_dim, i0, cf, sf);
-        rope_rotate_heads<W>(src[1] + t * src_stride[1], bias[1], dst[1] + t * dst_stride[1], kv_heads, head_dim, i0, cf, sf);
-        const bf16* sv = src[2] + t * src_stride[2] + i0;
-        bf16* dv = dst[2] + t * dst_stride[2] + i0;
-        for (int h = 0; h < kv_heads; h++) {
-            for (int part = 0; part < 2; part++) {  // columns i0.. and i0 + D/2.. of head h
-                const int c = h * head_dim + part * half;
-                float x[8];
-                load_bf16<W>(sv + c, x);
-                add_bias_values<W>(bias[2] ? bias[2] + i0 + c : nullptr, x);
-                store_bf16<W>(dv + c, x);
-            }
-        }
+        // Selected by value, not by a runtime array index, so the arrays stay in registers.
+        const bool is_q = h < q_heads;
+        const long long col = (long long)(is_q ? h : h - q_heads) * head_dim;
+        const bf16* s = is_q ? src[0] + t * src_stride[0] : src[1] + t * src_stride[1];
+        const bf16* b = is_q ? bias[0] : bias[1];
+        bf16* d = is_q ? dst[0] + t * dst_stride[0] : dst[1] + t * dst_stride[1];
+        rope_head_pairs<W>(s + col, b ? b + col : nullptr, d + col, half, i0, true, cf, sf);
+        if (!is_q)
+            rope_head_pairs<W>(src[2] + t * src_stride[2] + col, bias[2] ? bias[2] + col : nullptr,
+                               dst[2] + t * dst_stride[2] + col, half, i0, false, cf, sf);
     }
 }
 

@@ -627,6 +627,7 @@ impl QkvDims {
 /// and its three parts, as the op calls them): one position per token, an even head_dim, q, k and v
 /// whole rows of whole heads, v as long as k, and the fused tensor `T·(q_dim + 2·kv_dim)`. Every
 /// backend runs it first.
+#[allow(clippy::too_many_arguments)]
 pub fn check_qkv_dims(what: &str, names: [&str; 4], positions: usize, head_dim: usize, fused: usize, q: usize, k: usize, v: usize) -> Result<QkvDims> {
     let [fused_name, q_name, k_name, v_name] = names;
     ensure!(head_dim > 0 && head_dim % 2 == 0, "{what}: head_dim {head_dim} must be even and positive");

@@ -475,7 +475,7 @@ impl Backend for CudaBackend {
         let mut a = args![src, bp, pp, ti, qh, kh, di, theta, qp, kp, vp];
         // SAFETY: qkv is T × (q_dim + 2·kv_dim), bias (if not null) q_dim + 2·kv_dim, q T × q_dim,
         // k and v T × kv_dim; positions T.
-        unsafe { self.launch_1d("elementwise", "qkv_split_rope_bf16", dims.t * head_dim / 2, &mut a) }
+        unsafe { self.launch_1d("elementwise", "qkv_split_rope_bf16", dims.t * (dims.q_dim + dims.kv_dim) / 2, &mut a) }
     }
 
     fn qkv_merge_rope_backward(&self, dq: &CudaBuf, dk: &CudaBuf, dv: &CudaBuf, positions: &[u32], head_dim: usize, theta: f64, dqkv: &mut CudaBuf) -> Result<()> {
@@ -488,7 +488,7 @@ impl Backend for CudaBackend {
         int(dims.row(), "dqkv row length")?;
         let mut a = args![dqp, dkp, dvp, pp, ti, qh, kh, di, theta, dst];
         // SAFETY: dqkv is T × (q_dim + 2·kv_dim), dq T × q_dim, dk and dv T × kv_dim; positions T.
-        unsafe { self.launch_1d("elementwise", "qkv_merge_rope_bwd_bf16", dims.t * head_dim / 2, &mut a) }
+        unsafe { self.launch_1d("elementwise", "qkv_merge_rope_bwd_bf16", dims.t * (dims.q_dim + dims.kv_dim) / 2, &mut a) }
     }
 
     fn attention(
