@@ -74,6 +74,9 @@ struct LayerActs<Buf> {
     act: Buf,
 }
 
+/// A block's output, and what its backward needs when the pass keeps it.
+type BlockOutput<Buf> = (Buf, Option<LayerActs<Buf>>);
+
 /// What a block keeps for its backward: everything, or (gradient checkpointing) only its input,
 /// from which the backward recomputes the rest.
 enum SavedBlock<Buf> {
@@ -304,7 +307,7 @@ impl Llm {
         x: B::Buf,
         layout: &SeqLayout,
         keep: bool,
-    ) -> Result<(B::Buf, Option<LayerActs<B::Buf>>)> {
+    ) -> Result<BlockOutput<B::Buf>> {
         let c = &self.cfg;
         let t = layout.tokens();
         self.block(be, w, ids, x, &layout.positions, keep, |q, k, v| {
@@ -335,7 +338,7 @@ impl Llm {
         positions: &[u32],
         keep: bool,
         attend: impl FnOnce(&B::Buf, &B::Buf, &B::Buf) -> Result<(B::Buf, B::Buf)>,
-    ) -> Result<(B::Buf, Option<LayerActs<B::Buf>>)> {
+    ) -> Result<BlockOutput<B::Buf>> {
         let c = &self.cfg;
         let t = positions.len();
         let (h, im, qd, kvd) = (c.hidden, c.intermediate, c.heads * c.head_dim, c.kv_heads * c.head_dim);
